@@ -1,0 +1,76 @@
+"""The `raypose` command line: one subcommand per job, each wired to the module that does the work.
+
+Each module exposes `add_arguments(parser)` and `run(args)`; imports are lazy so that
+`raypose --help` and the light subcommands start fast and never import Ray.
+"""
+
+import argparse
+import importlib
+import sys
+
+# (command path, module, help)
+COMMANDS = [
+    (("data", "synth"), "raypose.synth", "render the synthetic dataset (train.h5, test.h5)"),
+    (("data", "h36m"), "raypose.h36m", "convert a processed Human3.6M tree to raypose HDF5"),
+    (("data", "samples"), "raypose.synth", "write a grid of sample crops from an HDF5 file as PNG"),
+    (("model-summary",), "raypose.model_summary", "print each layer's output shape and the parameter count"),
+    (("train",), "raypose.train", "train on Ray Train (data-parallel workers, CPU or GPU)"),
+    (("tune",), "raypose.tune", "search hyperparameters with Ray Tune + Optuna"),
+    (("evaluate",), "raypose.evaluate", "evaluate the best (or a named) checkpoint on the test split"),
+    (("bench", "train"), "raypose.bench", "measure samples/s: Ray Train loop, plain PyTorch loop, input pipeline"),
+    (("cluster",), "raypose.cluster", "start, stop or describe the local dev cluster (Ray head + S3 server)"),
+    (("demo",), "raypose.demo", "the whole chain on this machine: data, sweep, evaluation"),
+]
+
+
+class _Lazy:
+    """Imports a command's module only when its parser or its run is needed."""
+
+    def __init__(self, module, entry):
+        self.module, self.entry = module, entry
+
+    def __call__(self, *args):
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.entry)(*args)
+
+
+def build_parser(argv=()) -> argparse.ArgumentParser:
+    """All commands are listed; only the one named in argv loads its module for its flags."""
+    parser = argparse.ArgumentParser(prog="raypose", description=__doc__.splitlines()[0])
+    from raypose import __version__
+
+    parser.add_argument("--version", action="version", version=f"raypose {__version__}")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups = {}
+    for path, module, help_text in COMMANDS:
+        subparsers = top
+        if len(path) == 2:
+            if path[0] not in groups:
+                group = top.add_parser(path[0], help=f"{path[0]} commands")
+                groups[path[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
+                                                       required=True)
+            subparsers = groups[path[0]]
+        sub = subparsers.add_parser(path[-1], help=help_text, description=help_text)
+        suffix = "_" + path[-1] if path == ("data", "samples") else ""
+        if list(argv[:len(path)]) == list(path):
+            _Lazy(module, "add_arguments" + suffix)(sub)
+        sub.set_defaults(_run=_Lazy(module, "run" + suffix))
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 2
+    try:
+        return args._run(args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

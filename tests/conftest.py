@@ -1,0 +1,76 @@
+"""Shared fixtures: token auth for Ray without touching ~/.ray, a moto S3 server on loopback, a local
+Ray instance that is always shut down, and a tiny synthetic dataset made once per session."""
+
+import os
+import secrets
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Ray 2.60 turns on token authentication for a local ray.init(). Tests keep it on, with a token of
+# their own in a temp file, so that nothing is written to ~/.ray and auth is exercised for real.
+_AUTH_DIR = Path(tempfile.mkdtemp(prefix="raypose-test-auth-"))
+_TOKEN_PATH = _AUTH_DIR / "auth_token"
+_TOKEN_PATH.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN_PATH)
+os.environ.pop("RAY_AUTH_TOKEN", None)
+# Dummy credentials only; the S3 endpoint is always a loopback moto server.
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A moto S3 server on 127.0.0.1, reached over HTTP; yields its endpoint URL.
+
+    AWS_ENDPOINT_URL is set for the test so that s3fs (and Ray workers, which inherit the
+    driver's environment) find it like any S3-compatible endpoint."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket on the moto server; yields (endpoint, bucket name)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    bucket = "raypose-test"
+    fs.mkdir(bucket)
+    yield s3_server, bucket
+
+
+@pytest.fixture
+def ray_local():
+    """A local Ray instance with 2 CPUs and its dashboard; always shut down."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             log_to_driver=True, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
