@@ -48,8 +48,11 @@ def _check_parents_topological(parents) -> None:
 
 
 def parent_relative(joints: np.ndarray, skeleton: Skeleton = H36M_SKELETON) -> np.ndarray:
-    """R_i = J_i - J_parent(i), with R_root = 0.  joints: (..., J, 3) -> (..., J, 3)."""
-    joints = np.asarray(joints)
+    """R_i = J_i - J_parent(i), with R_root = 0.  joints: (..., J, 3) -> (..., J, 3).
+
+    Works on numpy arrays and on torch tensors (a tensor stays a tensor, on its device)."""
+    if not hasattr(joints, "shape"):  # lists; numpy arrays and torch tensors pass through
+        joints = np.asarray(joints)
     assert joints.shape[-2] == skeleton.num_joints, joints.shape
     parents = np.array(skeleton.parents)
     parent_idx = np.where(parents < 0, np.arange(len(parents)), parents)  # root is its own parent

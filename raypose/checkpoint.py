@@ -1,0 +1,103 @@
+"""Checkpoint format: a directory of plain files, verified by a manifest.
+
+  model.pt        the model's state_dict (tensors only)
+  optimizer.pt    the optimiser's state_dict (tensors and numbers only)
+  config.json     the full raypose config (Config.to_dict())
+  state.json      epoch (1-based, epochs done), stage, which heads exist, the epoch's metrics
+  manifest.json   every other file's name, size and sha256, the config hash, the raypose version
+
+Everything loads with torch.load(weights_only=True) or json: no arbitrary object is unpickled.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from raypose import __version__
+
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+CONFIG_FILE = "config.json"
+STATE_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+PAYLOAD_FILES = (MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, STATE_FILE)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not belong to its manifest/config."""
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def save(directory, model_state: dict, optimizer_state: dict, config: dict, state: dict) -> Path:
+    """Write a checkpoint into directory (created if missing) and its manifest last."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(model_state, d / MODEL_FILE)
+    torch.save(optimizer_state, d / OPTIMIZER_FILE)
+    (d / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
+    (d / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    manifest = {
+        "raypose_version": __version__,
+        "config_sha256": config_hash(config),
+        "files": {name: {"size": (d / name).stat().st_size, "sha256": sha256_file(d / name)}
+                  for name in PAYLOAD_FILES},
+    }
+    (d / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return d
+
+
+def verify(directory) -> dict:
+    """Check every file against the manifest; returns the manifest. Raises CheckpointError."""
+    d = Path(directory)
+    mpath = d / MANIFEST_FILE
+    if not mpath.is_file():
+        raise CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} is missing")
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} is not a raypose manifest") from None
+    for name in PAYLOAD_FILES:
+        p = d / name
+        if name not in files:
+            raise CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} does not list {name}")
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint {d}: {name} is missing")
+        if p.stat().st_size != files[name]["size"] or sha256_file(p) != files[name]["sha256"]:
+            raise CheckpointError(f"checkpoint {d}: {name} does not match its manifest "
+                                  "(sha256 or size differ): the file is corrupt or from another checkpoint")
+    config = json.loads((d / CONFIG_FILE).read_text())
+    if config_hash(config) != manifest.get("config_sha256"):
+        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} does not match the manifest's config hash")
+    return manifest
+
+
+def load(directory, verify_manifest: bool = True, map_location="cpu") -> dict:
+    """Load a checkpoint directory: {'model', 'optimizer', 'config', 'state', 'manifest'}."""
+    d = Path(directory)
+    manifest = verify(d) if verify_manifest else None
+    try:
+        model_state = torch.load(d / MODEL_FILE, map_location=map_location, weights_only=True)
+        optimizer_state = torch.load(d / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {d}: cannot load weights ({type(e).__name__}: {e})") from None
+    return {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "config": json.loads((d / CONFIG_FILE).read_text()),
+        "state": json.loads((d / STATE_FILE).read_text()),
+        "manifest": manifest,
+    }

@@ -1,0 +1,271 @@
+"""The evaluation job: pull the best (or a named) checkpoint from storage, run the test split and
+write the numbers and pictures that decide what to ship.
+
+  raypose evaluate <experiment URI | checkpoint URI> [--data DIR] [--out DIR] [--gpu]
+
+An experiment URI holds best.json (written at the end of a sweep); a checkpoint URI holds
+manifest.json.  The model is rebuilt from the checkpoint's own config.  Outputs (report.json,
+report.md, predictions.npz and PNG figures) go to --out and to a new folder next to the
+checkpoint in storage (<run>/evaluation-<checkpoint>-<UTC time>); nothing is overwritten.
+"""
+
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raypose import checkpoint, storage
+from raypose.config import ConfigError, config_from_dict
+from raypose.dataset import PoseDataset
+from raypose.loop import build_model, predict
+from raypose.metrics import grouped_report, mean_pose_baseline
+from raypose.skeleton import H36M_SKELETON
+
+# PAPER.md's results table (MPJPE mm, Human3.6M), printed beside ours for orientation
+PAPER_RESULTS = {
+    "DconvMP-HML (multi-task, paper)": {"Walking": 77.60, "Discussion": 148.79, "Eating": 104.01,
+                                        "Taking Photo": 189.08, "Walking Dog": 146.59,
+                                        "Greeting": 127.17},
+    "DconvMP (detection-pretrained, paper)": {"Walking": 80.09, "Eating": 103.31,
+                                              "Taking Photo": 190.37},
+}
+
+
+class EvaluationError(RuntimeError):
+    """The URI names neither a finished experiment nor a checkpoint."""
+
+
+def resolve(uri: str) -> dict:
+    """{'kind': 'experiment'|'checkpoint', 'checkpoint': Location, 'best': dict|None}"""
+    loc = storage.parse(uri)
+    fs = storage.filesystem(loc)
+    try:
+        present = fs.exists(loc.path)
+    except Exception as e:
+        raise storage.StorageError(f"{loc.uri} is unreachable: {type(e).__name__}") from None
+    if not present:
+        raise EvaluationError(f"{loc.uri} does not exist")
+    if fs.exists(loc.join(checkpoint.MANIFEST_FILE).path):
+        return {"kind": "checkpoint", "checkpoint": loc, "best": None, "experiment": None}
+    best_loc = loc.join("best.json")
+    if not fs.exists(best_loc.path):
+        names = [Path(p).name for p in fs.ls(loc.path, detail=False)]
+        if any(n.startswith("experiment_state") for n in names) or "train" in names:
+            raise EvaluationError(f"experiment {loc.uri} has no best.json: the sweep has not finished "
+                                  "(continue it with raypose tune --resume), or pass a checkpoint URI")
+        raise EvaluationError(f"{loc.uri} is neither an experiment (no best.json) nor a checkpoint "
+                              f"(no {checkpoint.MANIFEST_FILE})")
+    try:
+        best = json.loads(storage.read_text(best_loc))
+        ckpt_uri = best["checkpoint"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise EvaluationError(f"{best_loc.uri} is not a raypose best.json (no 'checkpoint' key)") from None
+    if not ckpt_uri:
+        raise EvaluationError(f"{best_loc.uri} names no checkpoint")
+    return {"kind": "experiment", "checkpoint": storage.parse(ckpt_uri), "best": best,
+            "experiment": loc}
+
+
+def load_model(local_ckpt: Path, device: torch.device):
+    """Verify the manifest, then rebuild the model from the checkpoint's own config."""
+    loaded = checkpoint.load(local_ckpt)  # verifies sha256 of every file; weights_only=True
+    cfg = config_from_dict(loaded["config"])
+    heads = loaded["state"].get("heads", {"regression": True, "detection": True})
+    stage = "joint" if heads["regression"] and heads["detection"] else (
+        "regression" if heads["regression"] else "detection")
+    model = build_model(cfg, stage)
+    try:
+        model.load_state_dict(loaded["model"])
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {local_ckpt}: weights do not fit the model of its config ({e})") from None
+    return model.to(device).eval(), cfg, loaded
+
+
+def detection_scores(logits: np.ndarray, targets: np.ndarray) -> dict:
+    """Cell accuracy over all (joint, window) indicators, and the share of joints whose most
+    confident window is one that truly contains the joint.  logits, targets: [N, 17, 100]."""
+    cell = float(((logits > 0) == (targets > 0.5)).mean())
+    top = logits.argmax(axis=-1)  # [N, 17]
+    hit = np.take_along_axis(targets, top[..., None], axis=-1)[..., 0] > 0.5
+    has_window = targets.max(axis=-1) > 0.5
+    return {"cell_accuracy": cell,
+            "top_window_accuracy": float(hit[has_window].mean()) if has_window.any() else None}
+
+
+def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
+             use_gpu: bool = False, batch_size: int = 64) -> dict:
+    from raypose import figures
+
+    target = resolve(uri)
+    ckpt_loc = target["checkpoint"]
+    device = torch.device("cuda" if use_gpu else "cpu")
+    if use_gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu was given but no CUDA device is visible; drop --gpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = storage.download_dir(ckpt_loc, Path(tmp) / "checkpoint")
+        model, cfg, loaded = load_model(local, device)
+        data_dir = data_dir or cfg.data.path
+        test = PoseDataset(str(Path(data_dir) / "test.h5"), augment=False)
+        train = PoseDataset(str(Path(data_dir) / "train.h5"), exclude_subjects=cfg.data.val_subjects)
+        study_db = None
+        if target["experiment"] is not None:
+            copy = target["experiment"].join("optuna.db")
+            if storage.exists(copy):
+                study_db = Path(tmp) / "optuna.db"
+                storage.filesystem(copy).get_file(copy.path, str(study_db))
+        out = Path(out_dir or Path("runs") / "evaluation" / Path(ckpt_loc.path).name)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"[raypose] evaluating {ckpt_loc.uri} on {len(test)} test samples", flush=True)
+        with torch.no_grad():
+            pred = predict(model, test, batch_size, device)
+        actions = np.array(test.action_names)[pred["actions"]]
+        report = build_report(pred, actions, test, train, loaded, ckpt_loc, target)
+        np.savez_compressed(out / "predictions.npz", pred_3d=pred["pred_3d"], gt_3d=pred["gt_3d"],
+                            actions=actions, positions=pred["positions"])
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        (out / "report.md").write_text(markdown_report(report))
+        write_figures(figures, out, model, test, pred, report, study_db, target)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    parent = storage.Location(ckpt_loc.scheme, str(Path(ckpt_loc.path).parent))
+    remote = parent.join(f"evaluation-{Path(ckpt_loc.path).name}-{stamp}")
+    storage.upload_dir(str(out), remote)
+    report["outputs"] = {"local": str(out.resolve()), "storage": remote.uri}
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    storage.filesystem(remote).put_file(str(out / "report.json"), remote.join("report.json").path)
+    print(f"[raypose] MPJPE {report['mean_over_actions']['mpjpe']:.1f} mm (mean over actions), "
+          f"P-MPJPE {report['mean_over_actions']['p_mpjpe']:.1f} mm, mean-pose baseline "
+          f"{report['mean_pose_baseline']['mpjpe']:.1f} mm", flush=True)
+    print(f"[raypose] report: {out.resolve() / 'report.md'} and {remote.uri}", flush=True)
+    return report
+
+
+def centre_crops(dataset: PoseDataset, positions: np.ndarray) -> np.ndarray:
+    """The uint8 112 x 112 centre crops the network saw, for figures.  [n, 112, 112, 3]"""
+    import h5py
+
+    with h5py.File(dataset.path, "r") as f:
+        images = np.stack([f["images"][int(dataset.indices[p])] for p in positions])
+    return images[:, 8:120, 8:120]
+
+
+def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
+    if pred["pred_3d"] is None:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {ckpt_loc.uri} has no regression head (a detection-stage checkpoint); "
+            "evaluate a checkpoint from the regression stage")
+    names = list(H36M_SKELETON.names)
+    metrics = grouped_report(pred["pred_3d"], pred["gt_3d"], actions, names)
+    train_poses = train.root_relative_poses()
+    baseline = {"mpjpe": mean_pose_baseline(train_poses, pred["gt_3d"]),
+                "per_action": {a: mean_pose_baseline(train_poses, pred["gt_3d"][actions == a])
+                               for a in sorted(set(actions.tolist()))}}
+    report = {
+        "checkpoint": ckpt_loc.uri,
+        "experiment": target["experiment"].uri if target["experiment"] else None,
+        "trial_id": (target["best"] or {}).get("trial_id"),
+        "epoch": loaded["state"]["epoch"],
+        "stage": loaded["state"]["stage"],
+        "config": loaded["config"],
+        "test_samples": int(len(pred["gt_3d"])),
+        **metrics,
+        "mean_pose_baseline": baseline,
+        "detection": (detection_scores(pred["detection_logits"], pred["detection_targets"])
+                      if pred["detection_logits"] is not None else None),
+        "manifest": {"raypose_version": loaded["manifest"]["raypose_version"],
+                     "config_sha256": loaded["manifest"]["config_sha256"]},
+    }
+    return report
+
+
+def markdown_report(report: dict) -> str:
+    actions = sorted(report["per_action"])
+    lines = [f"# raypose evaluation", "",
+             f"Checkpoint: `{report['checkpoint']}` (epoch {report['epoch']}, {report['stage']} stage)",
+             f"Test samples: {report['test_samples']}", "",
+             "MPJPE in mm (Protocol #1, root-aligned); std over samples in brackets.", "",
+             "| method | " + " | ".join(actions) + " | mean |",
+             "|---|" + "---|" * (len(actions) + 1)]
+    pa = report["per_action"]
+    lines.append("| raypose | " + " | ".join(f"{pa[a]['mpjpe']:.2f} ({pa[a]['std_mpjpe']:.2f})" for a in actions)
+                 + f" | {report['mean_over_actions']['mpjpe']:.2f} |")
+    lines.append("| raypose P-MPJPE | " + " | ".join(f"{pa[a]['p_mpjpe']:.2f}" for a in actions)
+                 + f" | {report['mean_over_actions']['p_mpjpe']:.2f} |")
+    lines.append("| raypose N-MPJPE | " + " | ".join(f"{pa[a]['n_mpjpe']:.2f}" for a in actions)
+                 + f" | {report['mean_over_actions']['n_mpjpe']:.2f} |")
+    bl = report["mean_pose_baseline"]["per_action"]
+    lines.append("| mean-pose baseline | " + " | ".join(f"{bl[a]:.2f}" for a in actions)
+                 + f" | {np.mean([bl[a] for a in actions]):.2f} |")
+    for method, row in PAPER_RESULTS.items():
+        lines.append(f"| {method} | " + " | ".join(f"{row[a]:.2f}" if a in row else "-" for a in actions) + " | - |")
+    lines += ["", "The paper's rows are Human3.6M numbers; they line up with ours only when the test split "
+              "is Human3.6M with the same action names.", "", "## Per joint (mm)", "",
+              "| joint | MPJPE | P-MPJPE | N-MPJPE |", "|---|---|---|---|"]
+    pj = report["per_joint"]
+    for j in pj["mpjpe"]:
+        lines.append(f"| {j} | {pj['mpjpe'][j]:.2f} | {pj['p_mpjpe'][j]:.2f} | {pj['n_mpjpe'][j]:.2f} |")
+    if report["detection"]:
+        d = report["detection"]
+        top = "-" if d["top_window_accuracy"] is None else f"{100 * d['top_window_accuracy']:.1f} %"
+        lines += ["", f"Detection head: cell accuracy {100 * d['cell_accuracy']:.2f} %, "
+                      f"most confident window contains the joint for {top} of joints."]
+    lines += ["", "Figures: skeletons.png, joint_errors.png" +
+              (", sweep_history.png, param_importance.png" if report["experiment"] else ""), ""]
+    return "\n".join(lines)
+
+
+def write_figures(figures, out: Path, model, test, pred, report, study_db, target) -> None:
+    n = min(4, len(pred["positions"]))
+    figures.skeleton_figure(centre_crops(test, pred["positions"][:n]), pred["pred_3d"][:n], pred["gt_3d"][:n], out / "skeletons.png")
+    figures.joint_error_figure(report["per_joint"]["mpjpe"], out / "joint_errors.png")
+    if target["experiment"] is not None:
+        trials, importances = study_history(study_db, (target["best"] or {}).get("study", {}).get("name"))
+        figures.sweep_history_figure(trials, out / "sweep_history.png")
+        figures.param_importance_figure(importances, out / "param_importance.png")
+
+
+def study_history(db: Path | None, study_name: str | None):
+    """(trials, importances) from the sweep's Optuna study copy; empty when there is none."""
+    if db is None or not db.exists():
+        return [], {}
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db}")
+    trials = [{"number": t.number, "value": t.value, "params": t.params, "state": t.state.name}
+              for t in study.trials]
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    importances = {}
+    if len(complete) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError):  # e.g. parameters that never varied
+            importances = {}
+    return trials, importances
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: raypose evaluate / jobs/evaluate.py
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("uri", help="experiment URI (with best.json) or checkpoint URI")
+    parser.add_argument("--data", help="data directory with test.h5 (default: the checkpoint config's)")
+    parser.add_argument("--out", help="local output folder (default: runs/evaluation/<checkpoint>)")
+    parser.add_argument("--gpu", action="store_true", help="run on the GPU")
+    parser.add_argument("--batch-size", type=int, default=64)
+
+
+def run(args) -> int:
+    from raypose.h5schema import DataError
+
+    try:
+        evaluate(args.uri, args.data, args.out, args.gpu, args.batch_size)
+    except (EvaluationError, ConfigError, DataError, storage.StorageError, checkpoint.CheckpointError) as e:
+        print(f"raypose evaluate: error: {e}", file=sys.stderr)
+        return 2
+    return 0

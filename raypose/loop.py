@@ -1,0 +1,180 @@
+"""The per-process training step, shared by the Ray Train workers, the plain PyTorch benchmark
+and the learnability test.  No Ray here: every function takes the rank and world size it needs."""
+
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from raypose.config import Config
+from raypose.dataset import PoseDataset, iterate_batches
+from raypose.losses import multitask_loss
+from raypose.model import LiChanNet, regression_from_pretrained
+from raypose.skeleton import OFFSET_SCALE_MM, from_parent_relative
+
+
+def stage_for_epoch(cfg: Config, epoch: int) -> str:
+    """'joint', or for the pretrain schedule 'detection' then 'regression'.  epoch is 0-based."""
+    if cfg.schedule.kind == "joint":
+        return "joint"
+    return "detection" if epoch < cfg.pretrain_epochs() else "regression"
+
+
+def regression_epochs_done(cfg: Config, epochs_done: int) -> int:
+    """How many epochs the current regression head has trained (ASHA's time axis)."""
+    return max(0, epochs_done - cfg.pretrain_epochs())
+
+
+def build_model(cfg: Config, stage: str) -> LiChanNet:
+    if stage == "joint":
+        return LiChanNet(cfg.model, regression=True, detection=True)
+    if stage == "detection":
+        return LiChanNet(cfg.model, regression=False, detection=True)
+    if stage == "regression":
+        return LiChanNet(cfg.model, regression=True, detection=False)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optim.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay)
+
+
+def switch_to_regression(model: LiChanNet) -> LiChanNet:
+    """Pretrain schedule, between the stages: keep conv1..conv3, fresh regression head."""
+    return regression_from_pretrained(model)
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    """bf16 autocast on GPUs that support it; nothing on CPU (bf16 matmuls are slower there)."""
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torch.device,
+                max_steps: int = 0, on_step=None) -> dict:
+    """One pass over `batches`; returns mean loss parts, samples seen and seconds spent."""
+    model.train()
+    sums = {"loss": 0.0, "regression": 0.0, "detection": 0.0}
+    steps = samples = 0
+    start = time.perf_counter()
+    for batch in batches:
+        batch = to_device(batch, device, cfg.scaling.channels_last)
+        with autocast_for(device, cfg.scaling.amp):
+            outputs = model(batch["image"])
+        loss, parts = multitask_loss(outputs, batch, cfg.loss.detection_weight, stage)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        sums["loss"] += float(loss)
+        for k in ("regression", "detection"):
+            if parts[k] is not None:
+                sums[k] += float(parts[k])
+        steps += 1
+        samples += len(batch["image"])
+        if on_step is not None:
+            on_step(steps, float(loss))
+        if max_steps and steps >= max_steps:
+            break
+    seconds = time.perf_counter() - start
+    means = {f"train_{k}": (v / steps if steps else float("nan")) for k, v in sums.items()}
+    if stage == "detection":
+        means.pop("train_regression")
+    if stage == "regression":
+        means.pop("train_detection")
+    return {**means, "samples": samples, "seconds": seconds, "steps": steps}
+
+
+@torch.no_grad()
+def predict(model, dataset: PoseDataset, batch_size: int, device: torch.device,
+            channels_last: bool = False, rank: int = 0, world_size: int = 1) -> dict:
+    """Root-relative predictions (mm) for this rank's share of the dataset (no augmentation).
+
+    Returns numpy arrays: positions (which samples), pred_3d and gt_3d [n, 17, 3] in mm, actions
+    (indices into dataset.action_names), and detection logits and targets [n, 17, 100] when the
+    model has a detection head."""
+    model.eval()
+    positions = np.arange(rank, len(dataset), world_size)  # strided: every sample once overall
+    preds, gts, dets, det_targets, actions = [], [], [], [], []
+    for start in range(0, len(positions), batch_size):
+        pos = positions[start:start + batch_size]
+        batch = to_device(dataset.get_batch(pos), device, channels_last)
+        outputs = model(batch["image"])
+        gts.append(batch["joints_3d"].float().cpu().numpy())
+        actions.append(batch["action"].cpu().numpy())
+        if "offsets" in outputs:
+            offsets = outputs["offsets"].float() * OFFSET_SCALE_MM  # (B, 17, 3) mm
+            preds.append(from_parent_relative(offsets).cpu().numpy())
+        if "detection_logits" in outputs:
+            dets.append(outputs["detection_logits"].float().cpu().numpy())
+            det_targets.append(batch["detection"].cpu().numpy())
+    cat = (lambda xs: np.concatenate(xs) if xs else None)
+    return {"positions": positions, "pred_3d": cat(preds), "gt_3d": cat(gts),
+            "detection_logits": cat(dets), "detection_targets": cat(det_targets),
+            "actions": cat(actions)}
+
+
+def validate(model, dataset: PoseDataset, batch_size: int, device: torch.device, cfg: Config,
+             rank: int = 0, world_size: int = 1) -> dict:
+    """Validation metrics, reduced across workers when a process group is up (every rank gets the
+    same numbers): val_mpjpe (mm) if the model has a regression head, and val_detection_loss /
+    val_detection_accuracy if it has a detection head."""
+    out = predict(model, dataset, batch_size, device, cfg.scaling.channels_last, rank, world_size)
+    # sums: [mpjpe sum, poses, detection bce sum, detection correct, detection cells]
+    sums = torch.zeros(5, dtype=torch.float64)
+    if out["pred_3d"] is not None:
+        err = np.linalg.norm(out["pred_3d"] - out["gt_3d"], axis=-1).mean(axis=-1)  # (n,)
+        sums[0], sums[1] = float(err.sum()), len(err)
+    if out["detection_logits"] is not None:
+        logits = torch.from_numpy(out["detection_logits"])
+        target = torch.from_numpy(out["detection_targets"])
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        sums[2] = float(bce.sum(dim=(1, 2)).sum())
+        sums[3] = float(((logits > 0).float() == target).float().sum())
+        sums[4] = float(target.numel())
+        sums[1] = max(float(sums[1]), float(len(logits)))
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    metrics = {}
+    if out["pred_3d"] is not None:
+        metrics["val_mpjpe"] = float(sums[0] / max(float(sums[1]), 1.0))
+    if out["detection_logits"] is not None:
+        metrics["val_detection_loss"] = float(sums[2] / max(float(sums[1]), 1.0))
+        metrics["val_detection_accuracy"] = float(sums[3] / max(float(sums[4]), 1.0))
+    return metrics
+
+
+def open_splits(cfg: Config, seed: int | None = None):
+    """(train, validation) datasets from the data directory: validation holds out
+    cfg.data.val_subjects of train.h5; the test split is never touched here."""
+    from pathlib import Path
+
+    path = str(Path(cfg.data.path) / "train.h5")
+    seed = cfg.seed if seed is None else seed
+    train = PoseDataset(path, exclude_subjects=cfg.data.val_subjects, augment=cfg.data.augment,
+                        color_noise=cfg.data.color_noise, flip=cfg.data.flip,
+                        max_samples=cfg.data.max_train_samples, seed=seed)
+    val = PoseDataset(path, subjects=cfg.data.val_subjects, augment=False,
+                      max_samples=cfg.data.max_val_samples, seed=seed)
+    return train, val
+
+
+def epoch_batches(dataset, cfg: Config, epoch: int, rank: int = 0, world_size: int = 1):
+    return iterate_batches(dataset, cfg.data.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
+                           rank=rank, world_size=world_size, drop_last=True)

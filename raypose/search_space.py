@@ -1,0 +1,432 @@
+"""Search-space files (search_spaces/*.yaml): what a sweep searches, and how a trial's values land
+on a Config.  Plain Python: Optuna is only touched through the trial object handed in.
+
+File format
+-----------
+    # search_spaces/default.yaml
+    metric: val_mpjpe          # optional (default val_mpjpe); the reported metric, minimised
+    parameters:                # suggested in file order
+      lrn_alpha:      {distribution: loguniform, low: 1.0e-4, high: 1.0e-1}
+      schedule:       {distribution: categorical, choices: [joint, pretrain]}
+      pretrain_share: {distribution: uniform, low: 0.2, high: 0.6, condition: {schedule: pretrain}}
+      lrn_window:     {distribution: int, low: 3, high: 7, step: 2}
+      optim.name:     {distribution: fixed, value: adam}
+
+Each parameter name is a config key as `--set` takes it: a dotted path (`model.dropout`), a unique
+leaf name (`dropout`) or an alias (`lambda` = loss.detection_weight, `schedule` = schedule.kind).
+
+Distributions and their fields:
+    uniform      low, high                     float in [low, high]; low < high
+    loguniform   low, high                     float, log scale; 0 < low < high
+    int          low, high, [step], [log]      integer in [low, high]; low <= high; step >= 1 divides
+                                               high - low; log: true needs low > 0 and step 1
+    categorical  choices                       one of a non-empty list of distinct values
+    fixed        value                         a constant (not searched, but still applied)
+Any parameter may also carry `condition: {other: value}` or `condition: {other: [v1, v2]}` (several
+entries must all hold): it exists only in trials where `other` took one of those values.  `other`
+must be defined earlier in the file and be categorical or fixed, and the values must be among its
+choices.
+
+Types follow the config key: uniform and loguniform need a float setting, int an int (or float)
+setting, and every choice or fixed value must be a valid value for its setting (strings for
+schedule.kind, numbers for lr ...).  The bounds and choices also pass the config's range checks
+(dropout < 1, lr > 0 ...).  YAML reads `1e-4` as a string; write `1.0e-4`, although numeric
+fields also accept the string form.
+
+load_space() checks all of this and raises SearchSpaceError, naming the file and the key, before a
+cluster is started.  SearchSpace.define_by_run is the define-by-run function that Ray Tune's
+OptunaSearch takes as `space`; SearchSpace.apply puts a trial's values on a Config.
+"""
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from raypose.config import Config, ConfigError, _coerce, _get, resolve_key, set_value
+
+DEFAULT_METRIC = "val_mpjpe"
+MODE = "min"
+TOP_LEVEL_KEYS = ("metric", "parameters")
+# distribution -> (required fields, optional fields); `condition` is allowed everywhere
+FIELDS = {
+    "uniform": (("low", "high"), ()),
+    "loguniform": (("low", "high"), ()),
+    "int": (("low", "high"), ("step", "log")),
+    "categorical": (("choices",), ()),
+    "fixed": (("value",), ()),
+}
+
+
+class SearchSpaceError(ValueError):
+    """A bad search-space file; the message names the file and the key."""
+
+
+def _same(a, b) -> bool:
+    """Equality that does not confuse True with 1."""
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str  # as written in the file
+    key: str  # the dotted config path it sets
+    distribution: str
+    low: float | int | None = None
+    high: float | int | None = None
+    step: int = 1
+    log: bool = False
+    choices: tuple = ()
+    value: object = None
+    condition: tuple = ()  # ((other name, (allowed values, ...)), ...); all must hold
+
+    def active(self, values: dict) -> bool:
+        """Whether this parameter exists, given the values chosen so far."""
+        return all(other in values and any(_same(values[other], v) for v in allowed)
+                   for other, allowed in self.condition)
+
+    def suggest(self, trial):
+        """One value from an optuna Trial (or anything with its suggest_* methods)."""
+        if self.distribution == "uniform":
+            return trial.suggest_float(self.name, self.low, self.high)
+        if self.distribution == "loguniform":
+            return trial.suggest_float(self.name, self.low, self.high, log=True)
+        if self.distribution == "int":
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step, log=self.log)
+        if self.distribution == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        return self.value  # fixed: nothing to search
+
+    def describe(self) -> str:
+        if self.distribution in ("uniform", "loguniform"):
+            text = f"{self.distribution} [{self.low:g}, {self.high:g}]"
+        elif self.distribution == "int":
+            text = f"int [{self.low}, {self.high}]" + (f" step {self.step}" if self.step != 1 else "")
+            text += " log" if self.log else ""
+        elif self.distribution == "categorical":
+            text = "one of " + ", ".join(map(str, self.choices))
+        else:
+            text = f"fixed {self.value}"
+        for other, allowed in self.condition:
+            text += f"; only if {other} in ({', '.join(map(str, allowed))})"
+        return f"{self.name} ({self.key}): {text}"
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: str
+    metric: str
+    parameters: tuple  # of Parameter, in file order
+
+    mode = MODE  # the metric is always minimised
+
+    @property
+    def names(self) -> list:
+        return [p.name for p in self.parameters]
+
+    def suggest(self, trial) -> dict:
+        """Suggest every parameter whose condition holds, in file order: {name: value}.
+
+        trial: an optuna.trial.Trial (define-by-run).  Fixed parameters are in the result too."""
+        values = {}
+        for p in self.parameters:
+            if p.active(values):
+                values[p.name] = p.suggest(trial)
+        return values
+
+    def define_by_run(self, trial) -> dict | None:
+        """The `space` callable for ray.tune.search.optuna.OptunaSearch.
+
+        OptunaSearch records what the trial's suggest_* calls return and merges in the dict this
+        returns: the fixed parameters that exist in this trial (None when there are none)."""
+        values = self.suggest(trial)
+        fixed = {p.name: values[p.name] for p in self.parameters
+                 if p.distribution == "fixed" and p.name in values}
+        return fixed or None
+
+    def apply(self, params: dict, cfg: Config | None = None) -> Config:
+        """A copy of cfg (default: Config()) with a trial's values set, type- and range-checked.
+
+        params: {name: value} as suggest() returns it, or Tune's trial config from OptunaSearch."""
+        unknown = sorted(set(params) - set(self.names))
+        if unknown:
+            raise SearchSpaceError(f"{self.path}: trial parameters {unknown} are not in this "
+                                   f"search space; it has {self.names}")
+        cfg = copy.deepcopy(cfg) if cfg is not None else Config()
+        for p in self.parameters:
+            if p.name in params:
+                try:
+                    set_value(cfg, p.key, params[p.name], f"{self.path}: parameters.{p.name}")
+                except ConfigError as e:
+                    raise SearchSpaceError(str(e)) from None
+        try:
+            return cfg.validate()
+        except ConfigError as e:
+            raise SearchSpaceError(f"{self.path}: trial parameters {params}: {e}") from None
+
+    def to_config_overrides(self, params: dict) -> list:
+        """The same values as `--set KEY=VALUE` strings (dotted keys), e.g. for a job command line."""
+        unknown = sorted(set(params) - set(self.names))
+        if unknown:
+            raise SearchSpaceError(f"{self.path}: trial parameters {unknown} are not in this "
+                                   f"search space; it has {self.names}")
+        return [f"{p.key}={_format_override(params[p.name])}" for p in self.parameters
+                if p.name in params]
+
+    def describe(self) -> str:
+        lines = [f"search space {self.path}: minimise {self.metric}"]
+        lines += ["  " + p.describe() for p in self.parameters]
+        return "\n".join(lines)
+
+
+def _format_override(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a double-quoted YAML scalar: "1" stays a string
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return repr(value)
+
+
+# --- loading and checking --------------------------------------------------------------------
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+
+def _construct_unique_mapping(loader, node, deep=False):
+    seen = []
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise _DuplicateKey(key, key_node.start_mark.line + 1)
+        seen.append(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _construct_unique_mapping)
+
+
+def load_space(path) -> SearchSpace:
+    """Read and check a search-space file; SearchSpaceError names the file and the key."""
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise SearchSpaceError(f"{source}: search-space file does not exist")
+    try:
+        doc = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise SearchSpaceError(f"{source}: line {e.line}: key {e.key!r} appears twice") from None
+    except yaml.YAMLError as e:
+        raise SearchSpaceError(f"{source}: not valid YAML: {e}") from None
+    return parse_space(doc, source)
+
+
+def parse_space(doc, source: str = "<search space>") -> SearchSpace:
+    """Check a search space given as a dict (a parsed file); source names it in errors."""
+    if not isinstance(doc, dict):
+        raise SearchSpaceError(f"{source}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, "
+                               f"got {type(doc).__name__}")
+    for key in doc:
+        if key not in TOP_LEVEL_KEYS:
+            raise SearchSpaceError(f"{source}: unknown top-level key {key!r}; expected "
+                                   f"{', '.join(TOP_LEVEL_KEYS)}")
+    metric = doc.get("metric", DEFAULT_METRIC)
+    if not isinstance(metric, str) or not metric:
+        raise SearchSpaceError(f"{source}: metric must be a metric name such as {DEFAULT_METRIC}, "
+                               f"got {metric!r}")
+    params = doc.get("parameters")
+    if not isinstance(params, dict) or not params:
+        raise SearchSpaceError(f"{source}: parameters must be a non-empty mapping of "
+                               f"name: {{distribution: ...}}, got {params!r}")
+    parsed, keys = [], {}
+    for name, spec in params.items():
+        param = _parse_parameter(name, spec, parsed, params, source)
+        if param.key in keys:
+            raise SearchSpaceError(f"{source}: parameters.{name}: sets {param.key}, as "
+                                   f"parameters.{keys[param.key]} already does")
+        keys[param.key] = name
+        parsed.append(param)
+    return SearchSpace(path=source, metric=metric, parameters=tuple(parsed))
+
+
+def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -> Parameter:
+    where = f"{source}: parameters.{name}"
+    if not isinstance(name, str):
+        raise SearchSpaceError(f"{where}: parameter names must be config keys (strings)")
+
+    def fail(what):
+        return SearchSpaceError(f"{where}: {what}")
+
+    if not isinstance(spec, dict):
+        raise fail(f"expected a mapping like {{distribution: uniform, low: 0.1, high: 0.9}}, "
+                   f"got {spec!r}")
+    kind = spec.get("distribution")
+    if kind not in FIELDS:
+        raise fail(f"unknown distribution {kind!r}; expected one of {', '.join(FIELDS)}")
+    required, optional = FIELDS[kind]
+    allowed = ("distribution", "condition") + required + optional
+    for field in spec:
+        if field not in allowed:
+            raise fail(f"unknown field {field!r} for {kind}; expected {', '.join(allowed)}")
+    missing = [f for f in required if f not in spec]
+    if missing:
+        raise fail(f"{kind} needs {' and '.join(required)}; missing {', '.join(missing)}")
+
+    try:
+        key = resolve_key(Config(), name, where)
+    except ConfigError as e:
+        raise SearchSpaceError(str(e)) from None
+    default = _get(Config(), key)
+    is_float_key = isinstance(default, float)
+    is_int_key = isinstance(default, int) and not isinstance(default, bool)
+    setting = f"{key} is a {type(default).__name__} setting"
+
+    fields = {}
+    if kind in ("uniform", "loguniform"):
+        if not is_float_key:
+            hint = "use distribution: int" if is_int_key else "use categorical or fixed"
+            raise fail(f"{kind} draws floats but {setting}; {hint}")
+        low, high = (_number(spec[f], f, fail) for f in ("low", "high"))
+        if low > high:
+            raise fail(f"{kind} needs low < high, got low={low:g}, high={high:g}")
+        if low == high:
+            raise fail(f"{kind} needs low < high, got low == high == {low:g}; "
+                       f"use distribution: fixed for a constant")
+        if kind == "loguniform" and low <= 0:
+            raise fail(f"loguniform needs low > 0, got {low:g}")
+        fields = dict(low=float(low), high=float(high))
+        _check_range(key, "low", low, fail)
+        _check_range(key, "high", high, fail)
+    elif kind == "int":
+        if not (is_int_key or is_float_key):
+            raise fail(f"int draws integers but {setting}; use categorical or fixed")
+        low, high = (_integer(spec[f], f, fail) for f in ("low", "high"))
+        step = _integer(spec.get("step", 1), "step", fail)
+        log = spec.get("log", False)
+        if not isinstance(log, bool):
+            raise fail(f"log must be true or false, got {log!r}")
+        if low > high:
+            raise fail(f"int needs low <= high, got low={low}, high={high}")
+        if step < 1:
+            raise fail(f"int needs step >= 1, got {step}")
+        if (high - low) % step:
+            raise fail(f"int needs high - low to be a multiple of step, got low={low}, "
+                       f"high={high}, step={step}")
+        if log and low <= 0:
+            raise fail(f"int with log: true needs low > 0, got {low}")
+        if log and step != 1:
+            raise fail(f"int with log: true needs step 1, got {step}")
+        fields = dict(low=low, high=high, step=step, log=log)
+        _check_range(key, "low", low, fail)
+        _check_range(key, "high", high, fail)
+    elif kind == "categorical":
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise fail(f"categorical needs choices: a non-empty list, got {choices!r}")
+        checked = []
+        for i, choice in enumerate(choices):
+            label = f"choices[{i}]"
+            if not isinstance(choice, (bool, int, float, str)):
+                raise fail(f"{label} must be a number, a string or a bool, got {choice!r}")
+            choice = _coerce_for(choice, default, key, f"{where}: {label}", is_float_key)
+            if any(_same(choice, c) for c in checked):
+                raise fail(f"{label} {choice!r} appears twice")
+            _check_range(key, label, choice, fail)
+            checked.append(choice)
+        fields = dict(choices=tuple(checked))
+    else:  # fixed
+        value = _coerce_for(spec["value"], default, key, f"{where}: value", is_float_key)
+        _check_range(key, "value", value, fail)
+        fields = dict(value=value)
+
+    condition = _parse_condition(spec.get("condition"), earlier, all_params, fail)
+    return Parameter(name=name, key=key, distribution=kind, condition=condition, **fields)
+
+
+def _parse_condition(condition, earlier: list, all_params: dict, fail) -> tuple:
+    if condition is None:
+        return ()
+    if not isinstance(condition, dict) or not condition:
+        raise fail(f"condition must be a mapping like {{schedule: pretrain}}, got {condition!r}")
+    by_name = {p.name: p for p in earlier}
+    parsed = []
+    for other, values in condition.items():
+        if other not in by_name:
+            if other in all_params:
+                raise fail(f"condition on {other!r}, which is defined later in the file; "
+                           f"move {other} above this parameter")
+            raise fail(f"condition on unknown parameter {other!r}; defined so far: "
+                       f"{', '.join(by_name) or 'none'}")
+        target = by_name[other]
+        if target.distribution not in ("categorical", "fixed"):
+            raise fail(f"condition on {other!r}, which is {target.distribution}; a condition "
+                       f"needs a categorical or fixed parameter")
+        possible = target.choices if target.distribution == "categorical" else (target.value,)
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise fail(f"condition on {other!r} lists no values")
+        for v in values:
+            if isinstance(v, str) and isinstance(possible[0], float):
+                v = _maybe_float(v)
+            if not any(_same(v, c) for c in possible):
+                raise fail(f"condition value {v!r} for {other!r} is not among its "
+                           f"{'choices' if target.distribution == 'categorical' else 'value'} "
+                           f"{list(possible)}")
+        parsed.append((other, tuple(_maybe_float(v) if isinstance(possible[0], float) else v
+                                    for v in values)))
+    return tuple(parsed)
+
+
+def _maybe_float(value):
+    """YAML 1.1 reads 1e-4 as a string; take it as the number that was meant."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _number(value, field, fail) -> float:
+    value = _maybe_float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise fail(f"{field} must be a finite number, got {value!r}")
+    return value
+
+
+def _integer(value, field, fail) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise fail(f"{field} must be an integer, got {value!r}")
+    return value
+
+
+def _coerce_for(value, default, key, source, is_float_key):
+    """The config's own type check (the same as --set), as a SearchSpaceError."""
+    if is_float_key:
+        value = _maybe_float(value)
+    try:
+        return _coerce(value, default, key, source)
+    except ConfigError as e:
+        raise SearchSpaceError(str(e)) from None
+
+
+def _check_range(key, label, value, fail) -> None:
+    """The config's range checks for one value of one setting (on an otherwise default Config)."""
+    cfg = Config()
+    try:
+        set_value(cfg, key, value, label)
+        cfg.validate()
+    except ConfigError as e:
+        raise fail(f"{label} {value!r} is not a valid {key}: {e}") from None

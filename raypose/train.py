@@ -1,0 +1,327 @@
+"""Data-parallel training on Ray Train (TorchTrainer, Train V2), checkpoints in object storage.
+
+Where Ray plugs in is marked `# Ray:`.  The per-step work is raypose.loop, which has no Ray in it.
+
+Storage layout of a run:  <storage>/<name>/epoch_0001/{model.pt, optimizer.pt, config.json,
+state.json, manifest.json}, ...  plus Ray Train's own state files.  The same --name and --storage
+resume from the latest checkpoint; FailureConfig(max_failures) restarts a lost worker group from it.
+"""
+
+import json
+import os
+import posixpath
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from raypose import checkpoint, storage
+from raypose.config import Config, ConfigError, config_from_dict, load_config
+from raypose.loop import (build_model, build_optimizer, epoch_batches, open_splits,
+                          regression_epochs_done, stage_for_epoch, switch_to_regression,
+                          train_epoch, validate)
+from raypose.metrics import mean_pose_baseline
+
+CHECKPOINT_PREFIX = "epoch_"
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs on each Ray Train worker
+
+
+def _wrap_ddp(model, device, world_size):
+    if world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train_func_per_worker(loop_config: dict) -> None:
+    import ray.train  # Ray: worker-side API
+    import ray.train.torch
+
+    cfg = config_from_dict(loop_config["config"])
+    stop_after = loop_config.get("stop_after_epoch", 0)
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+
+    train_set, val_set = open_splits(cfg)
+    # a model without a regression head predicts nothing better than the mean pose: its
+    # val_mpjpe is reported as this baseline (and ASHA ignores those epochs, see raypose.tune)
+    baseline = mean_pose_baseline(train_set.root_relative_poses(), val_set.root_relative_poses())
+
+    start_epoch = 0
+    resumed = ray.train.get_checkpoint()  # Ray: latest checkpoint after a restart or resume
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            loaded = checkpoint.load(d, map_location="cpu")
+        start_epoch = loaded["state"]["epoch"]
+        model = build_model(cfg, loaded["state"]["stage"])
+        model.load_state_dict(loaded["model"])
+        model.to(device)
+        optimizer = build_optimizer(cfg, model)
+        optimizer.load_state_dict(loaded["optimizer"])
+        if rank == 0:
+            print(f"[raypose] resumed from epoch {start_epoch} ({loaded['state']['stage']} stage)",
+                  flush=True)
+    else:
+        model = build_model(cfg, stage_for_epoch(cfg, 0)).to(device)
+        optimizer = build_optimizer(cfg, model)
+    if cfg.scaling.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = _wrap_ddp(model, device, world_size)
+
+    for epoch in range(start_epoch, cfg.schedule.epochs):
+        stage = stage_for_epoch(cfg, epoch)
+        if stage == "regression" and model.regression is None:
+            # pretrain schedule: drop the detection head, fresh regression head, kept trunk
+            model = switch_to_regression(model)
+            if cfg.scaling.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = build_optimizer(cfg, model)
+            ddp_model = _wrap_ddp(model, device, world_size)
+        batches = epoch_batches(train_set, cfg, epoch, rank, world_size)
+        epoch_start = time.perf_counter()
+        stats = train_epoch(ddp_model, optimizer, batches, cfg, stage, device)
+        val = validate(model, val_set, cfg.data.batch_size, device, cfg, rank, world_size)
+        epochs_done = epoch + 1
+        metrics = {
+            "epoch": epochs_done,
+            "epochs_planned": cfg.schedule.epochs,
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "stage": stage,
+            "regression_epochs": regression_epochs_done(cfg, epochs_done),
+            "has_regression_head": model.regression is not None,
+            **{k: v for k, v in stats.items() if k.startswith("train_")},
+            "samples_per_s": world_size * stats["samples"] / max(stats["seconds"], 1e-9),
+            "val_mean_pose_mpjpe": baseline,
+            **val,
+        }
+        metrics.setdefault("val_mpjpe", baseline)
+        state = {"epoch": epochs_done, "stage": stage, "metrics": metrics,
+                 "heads": {"regression": model.regression is not None,
+                           "detection": model.detection is not None}}
+        if rank == 0:
+            print(f"[raypose] epoch {epochs_done}/{cfg.schedule.epochs} {stage}: "
+                  f"loss {metrics['train_loss']:.4f}  val_mpjpe {metrics['val_mpjpe']:.1f} mm "
+                  f"(mean pose {baseline:.1f})  {metrics['samples_per_s']:.1f} samples/s", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint.save(tmp, model.state_dict(), optimizer.state_dict(), cfg.to_dict(), state)
+                # Ray: one report per epoch; rank 0 carries the checkpoint, uploaded to storage
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=checkpoint_name(epochs_done))
+        else:
+            ray.train.report(metrics, checkpoint=None)  # Ray: every rank reports (a barrier)
+        if stop_after and epochs_done >= stop_after and epochs_done < cfg.schedule.epochs:
+            if rank == 0:
+                print(f"[raypose] stopping after epoch {epochs_done} as asked; the same --name "
+                      "resumes", flush=True)
+            return
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs on the driver
+
+
+def preflight(cfg: Config) -> storage.Location:
+    """Every check that needs no cluster: config ranges, data files and splits, storage.
+    Raises one clear error before Ray starts anything."""
+    from raypose.dataset import PoseDataset
+
+    cfg.validate()
+    train_file = os.path.join(cfg.data.path, "train.h5")
+    # opening the datasets validates the file and both selections (non-empty)
+    PoseDataset(train_file, exclude_subjects=cfg.data.val_subjects)
+    PoseDataset(train_file, subjects=cfg.data.val_subjects)
+    loc = storage.parse(cfg.storage.uri)
+    storage.check_reachable(loc)
+    check_resume_config(cfg, loc.join(cfg.storage.name))
+    return loc
+
+
+def latest_checkpoint(run: storage.Location) -> storage.Location | None:
+    fs = storage.filesystem(run)
+    if not fs.exists(run.path):
+        return None
+    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(run.path, detail=False))
+    names = [n for n in names if n.startswith(CHECKPOINT_PREFIX)]
+    return run.join(names[-1]) if names else None
+
+
+IGNORED_ON_RESUME = ("storage.", "scaling.workers", "scaling.gpu", "scaling.cpus_per_worker",
+                     "schedule.epochs", "data.path")
+
+
+def check_resume_config(cfg: Config, run: storage.Location) -> None:
+    """The same name resumes; refuse when the stored run was trained with another config."""
+    latest = latest_checkpoint(run)
+    if latest is None:
+        return
+    try:
+        stored = json.loads(storage.read_text(latest.join(checkpoint.CONFIG_FILE)))
+    except FileNotFoundError:
+        raise ConfigError(f"run {run.uri} has a checkpoint without {checkpoint.CONFIG_FILE} "
+                          f"({latest.uri}); use another --name") from None
+    ours = _flatten(cfg.to_dict())
+    theirs = _flatten(stored)
+    diff = sorted(k for k in set(ours) | set(theirs)
+                  if ours.get(k) != theirs.get(k) and not k.startswith(IGNORED_ON_RESUME))
+    if diff:
+        details = ", ".join(f"{k}: stored {theirs.get(k)!r} vs now {ours.get(k)!r}" for k in diff)
+        raise ConfigError(f"run {run.uri} exists with another config ({details}); "
+                          "resume with the same settings or use another --name")
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_gpu_available(cfg: Config) -> None:
+    """--gpu needs GPUs in the cluster; checked after connecting, before any worker starts."""
+    import ray
+
+    if cfg.scaling.gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < 1:
+            raise ConfigError("--gpu was given but the Ray cluster has no GPU "
+                              f"(resources: {ray.cluster_resources()}); drop --gpu to train on CPU")
+
+
+def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(),
+                  stop_after_epoch: int = 0):
+    """The TorchTrainer for one run (also used by each Tune trial)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage_path, storage_fs = storage.ray_storage(loc)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(  # Ray: the data-parallel run
+        train_func_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=cfg.storage.max_failures),
+            # keep the best K by val_mpjpe; Ray Train always keeps the latest as well, for resume
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints,
+                                               checkpoint_score_attribute="val_mpjpe",
+                                               checkpoint_score_order="min"),
+            callbacks=list(callbacks),
+            worker_runtime_env={"env_vars": _forwarded_env()},
+        ),
+    )
+
+
+def _forwarded_env() -> dict:
+    """Variables the workers need to reach the same storage. Credentials are not copied here:
+    workers inherit them from the node's environment (or the job's runtime_env), never from a
+    config that could be logged."""
+    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+            if k in os.environ}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    """Connect to RAY_ADDRESS / address if given, else start a local instance (with its
+    dashboard). Token authentication: Ray's own default applies (see README)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs = {"configure_logging": True, "logging_level": "WARNING"}
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+
+
+def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = None):
+    """Checks, then the TorchTrainer; returns Ray's Result."""
+    loc = preflight(cfg)
+    init_ray(address)
+    check_gpu_available(cfg)
+    trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)
+    start = time.perf_counter()
+    result = trainer.fit()
+    metrics = result.metrics or {}
+    print(f"[raypose] run {cfg.storage.name}: {metrics.get('epoch', '?')} epochs, "
+          f"val_mpjpe {metrics.get('val_mpjpe', float('nan')):.1f} mm "
+          f"(mean pose {metrics.get('val_mean_pose_mpjpe', float('nan')):.1f} mm), "
+          f"{time.perf_counter() - start:.0f} s; checkpoints under {loc.join(cfg.storage.name).uri}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: raypose train / jobs/train.py
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--data", help="directory with train.h5 (and test.h5)")
+    parser.add_argument("--storage", help="experiment storage: a path, file://... or s3://bucket/prefix")
+    parser.add_argument("--name", help="run name under --storage; the same name resumes")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--workers", type=int, help="Ray Train workers (data-parallel)")
+    parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
+    parser.add_argument("--schedule", choices=["joint", "pretrain"])
+    parser.add_argument("--config", help="YAML file with config overrides")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set lrn_alpha=0.001 (repeatable)")
+    parser.add_argument("--stop-after-epoch", type=int, default=0, metavar="N",
+                        help="stop this invocation after epoch N; the same --name resumes later")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local instance)")
+
+
+def config_from_args(args) -> Config:
+    flags = []
+    for flag, key in (("data", "data.path"), ("storage", "storage.uri"), ("name", "storage.name"),
+                      ("epochs", "schedule.epochs"), ("workers", "scaling.workers"),
+                      ("gpu", "scaling.gpu"), ("schedule", "schedule.kind")):
+        value = getattr(args, flag)
+        if value is not None:
+            flags.append((flag, key, value))
+    from raypose.config import set_value
+
+    cfg = load_config(args.config, args.overrides)
+    for flag, key, value in flags:
+        set_value(cfg, key, value, f"--{flag}")
+    if args.stop_after_epoch < 0:
+        raise ConfigError(f"--stop-after-epoch must be >= 0, got {args.stop_after_epoch}")
+    return cfg.validate()
+
+
+def run(args) -> int:
+    try:
+        cfg = config_from_args(args)
+        result = run_training(cfg, stop_after_epoch=args.stop_after_epoch, address=args.address)
+    except (ConfigError, storage.StorageError, checkpoint.CheckpointError) as e:
+        print(f"raypose train: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from raypose.h5schema import DataError
+
+        if isinstance(e, DataError):
+            print(f"raypose train: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0 if result.error is None else 1

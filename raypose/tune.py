@@ -1,0 +1,337 @@
+"""Hyperparameter search: Ray Tune driven by Optuna (seeded multivariate TPE, define-by-run),
+each trial a Ray Train run, ASHA early stopping that never judges a trial without a regression head.
+
+Where Ray plugs in is marked `# Ray:`.  Layout of an experiment in storage:
+
+  <storage>/<name>/                     Tune's experiment state and one folder per trial
+                                        (result.json, progress.csv, TensorBoard event files)
+  <storage>/<name>/train/<trial_id>/    that trial's Ray Train run: epoch_NNNN checkpoints
+  <storage>/<name>/optuna.db            a copy of the Optuna study (SQLite), refreshed per trial
+  <storage>/<name>/best.json            the best trial: id, params, config, metric, epoch, checkpoint URI
+
+ASHA and the pretrain schedule: the scheduler's time axis is `regression_epochs`, the number of
+epochs the current regression head has trained. A pretrain trial in its detection stage reports
+regression_epochs = 0 and has_regression_head = False; RegressionStageASHA returns CONTINUE for
+such results, so it is only ever compared with other trials at equal regression training.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from raypose import storage
+from raypose.config import Config, ConfigError, config_from_dict, load_config, set_value
+from raypose.search_space import SearchSpaceError, load_space
+
+METRIC = "val_mpjpe"
+MODE = "min"
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs as one Tune trial (a Tune function): builds and runs a TorchTrainer
+
+
+def train_driver_fn(params: dict, base_config: dict, experiment: str, tensorboard: bool = True):
+    from ray import tune  # Ray: inside a Tune function only ray.tune.*
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raypose.train import build_trainer
+
+    cfg = config_from_dict(base_config)
+    for key, value in params.items():
+        set_value(cfg, key, value, f"trial parameter {key}")
+    cfg.validate()
+    trial_id = tune.get_context().get_trial_id()
+    loc = storage.parse(cfg.storage.uri).join(experiment, "train")
+    cfg.storage.name = f"{experiment}/train/{trial_id}"
+    trainer = build_trainer(cfg, trial_id, loc, callbacks=[TuneReportCallback()])  # Ray: Train V2 in Tune
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+
+
+# ----------------------------------------------------------------------------------------------
+# ASHA that waits for the regression head
+
+
+def make_scheduler(max_epochs: int, grace_period: int = 1, reduction_factor: float = 2):
+    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+
+    class RegressionStageASHA(AsyncHyperBandScheduler):
+        """ASHA on val_mpjpe over `regression_epochs`; results from epochs without a regression
+        head (the detection stage of a pretrain trial) are never judged."""
+
+        def on_trial_result(self, tune_controller, trial, result):
+            if not result.get("has_regression_head", True) or result.get("regression_epochs", 0) < 1:
+                return TrialScheduler.CONTINUE
+            return super().on_trial_result(tune_controller, trial, result)
+
+        def on_trial_complete(self, tune_controller, trial, result):
+            if result and (not result.get("has_regression_head", True)
+                           or result.get("regression_epochs", 0) < 1):
+                self._trial_info.pop(trial.trial_id, None)
+                return
+            super().on_trial_complete(tune_controller, trial, result)
+
+    return RegressionStageASHA(time_attr="regression_epochs", metric=METRIC, mode=MODE,
+                               max_t=max_epochs, grace_period=grace_period,
+                               reduction_factor=reduction_factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs on the driver
+
+
+def default_study_url(loc: storage.Location, name: str) -> str:
+    """SQLite next to a local experiment; for object storage, in a local folder (copied to
+    storage after each trial)."""
+    root = Path(loc.path) if loc.scheme == "file" else Path(os.environ.get(
+        "RAYPOSE_LOCAL_DIR", Path.home() / ".raypose" / "experiments"))
+    return f"sqlite:///{(root / name / 'optuna.db').resolve()}"
+
+
+def _sqlite_path(url: str) -> Path | None:
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
+def make_searcher(space, seed: int, study_url: str, study_name: str):
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+    db = _sqlite_path(study_url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return OptunaSearch(space=space.define_by_run, metric=METRIC, mode=MODE, sampler=sampler,
+                        study_name=study_name, storage=optuna.storages.RDBStorage(study_url))
+
+
+def make_copy_study_callback(study_url: str, target: storage.Location):
+    """A Tune callback that copies the SQLite study into the experiment's storage after each trial,
+    so that evaluation (and a resume on another machine) finds it."""
+    from ray.tune import Callback
+
+    class CopyStudy(Callback):
+        def _copy(self):
+            db = _sqlite_path(study_url)
+            if db is not None and db.exists():
+                fs = storage.filesystem(target)
+                fs.put_file(str(db), target.path)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._copy()
+
+        def on_experiment_end(self, trials, **info):
+            self._copy()
+
+    return CopyStudy()
+
+
+def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int, study_url: str,
+                resume: bool):
+    from ray import tune
+    from ray.tune.logger import TBXLoggerCallback
+
+    loc = storage.parse(cfg.storage.uri)
+    storage_path, storage_fs = storage.ray_storage(loc)
+    trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name)
+    # the Tune function only drives a TorchTrainer; its workers hold the CPUs/GPUs
+    trainable = tune.with_resources(trainable, {"CPU": 0})
+    callbacks = [TBXLoggerCallback(), make_copy_study_callback(study_url, loc.join(name, "optuna.db"))]
+    exp_path = loc.join(name).uri if loc.scheme == "s3" else loc.join(name).path
+    if resume:
+        # Ray: finished trials are kept; unfinished ones restart and their TorchTrainer resumes
+        # from its latest checkpoint (same trial id -> same Train run name)
+        return tune.Tuner.restore(exp_path if storage_fs is None else loc.join(name).path,
+                                  trainable=trainable, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=storage_fs)
+    return tune.Tuner(  # Ray: one trial = one Tune function = one TorchTrainer
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(space, cfg.seed, study_url, name),
+            scheduler=make_scheduler(cfg.schedule.epochs),
+            num_samples=samples,
+            max_concurrent_trials=max_concurrent,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path,
+                                  storage_filesystem=storage_fs, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  verbose=1),
+    )
+
+
+def experiment_exists(loc: storage.Location) -> bool:
+    fs = storage.filesystem(loc)
+    return fs.exists(loc.path) and any("experiment_state" in p for p in fs.ls(loc.path, detail=False))
+
+
+def summarise(result_grid, wall_seconds: float, max_concurrent: int, space_names) -> tuple:
+    """(rows, text): one row per trial, the best trial and the share of wall time in epochs."""
+    rows = []
+    for r in result_grid:
+        df = r.metrics_dataframe
+        if df is None or df.empty:
+            history = []
+        else:
+            history = df.to_dict("records")
+        with_head = [h for h in history if h.get("has_regression_head") and h.get(METRIC) is not None]
+        best = min(with_head, key=lambda h: h[METRIC]) if with_head else None
+        epoch_seconds = float(sum(h.get("epoch_seconds", 0.0) for h in history))
+        params = {k: v for k, v in (r.config or {}).items() if k in space_names}
+        rows.append({
+            "trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
+            "params": params,
+            "epochs": int(max([h.get("epoch", 0) for h in history] or [0])),
+            "best_val_mpjpe": best[METRIC] if best else None,
+            "best_epoch": int(best["epoch"]) if best else None,
+            "checkpoint_path": best.get("checkpoint_path") if best else None,
+            "stopped_early": bool(history) and history[-1].get("epoch", 0) < history[-1].get("epochs_planned", 0),
+            "epoch_seconds": epoch_seconds,
+            "time_total_s": float((r.metrics or {}).get("time_total_s", 0.0)),
+            "error": None if r.error is None else type(r.error).__name__,
+        })
+    total_epoch_seconds = sum(r["epoch_seconds"] for r in rows)
+    share = total_epoch_seconds / max(wall_seconds * max(max_concurrent, 1), 1e-9)
+    lines = [f"{'trial':<10} {'epochs':>6} {'best mm':>9} {'epoch s':>8}  params"]
+    for r in sorted(rows, key=lambda r: (r["best_val_mpjpe"] is None, r["best_val_mpjpe"] or 0)):
+        best = f"{r['best_val_mpjpe']:.1f}" if r["best_val_mpjpe"] is not None else "-"
+        params = " ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items())
+        flag = " (stopped early)" if r["stopped_early"] else ""
+        flag += f" ERROR {r['error']}" if r["error"] else ""
+        lines.append(f"{r['trial_id']:<10} {r['epochs']:>6} {best:>9} {r['epoch_seconds']:>8.1f}  {params}{flag}")
+    lines.append(f"sweep wall time {wall_seconds:.1f} s; time inside training epochs "
+                 f"{total_epoch_seconds:.1f} s summed over trials = {100 * share:.0f} % of "
+                 f"{max_concurrent} concurrent slot(s) x wall time")
+    return rows, "\n".join(lines), share
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def checkpoint_uri(loc: storage.Location, path: str | None) -> str | None:
+    if not path:
+        return None
+    return f"s3://{path}" if loc.scheme == "s3" else path
+
+
+def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurrent: int | None,
+              resume: bool = False, study_url: str | None = None, address: str | None = None) -> dict:
+    from raypose.train import check_gpu_available, init_ray, preflight
+
+    space = load_space(space_path)
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    cfg.storage.name = name
+    # every trial's config must be valid: check the base and the space's extremes up front
+    space.check_against(cfg)
+    loc = preflight(cfg)
+    exp = loc.join(name)
+    if resume and not experiment_exists(exp):
+        raise ConfigError(f"--resume: no sweep named {name!r} under {loc.uri}")
+    if not resume and experiment_exists(exp):
+        raise ConfigError(f"a sweep named {name!r} already exists under {loc.uri}; "
+                          "pass --resume to continue it or choose another --name")
+    study_url = study_url or default_study_url(loc, name)
+    db = _sqlite_path(study_url)
+    if resume and db is not None and not db.exists() and storage.exists(exp.join("optuna.db")):
+        db.parent.mkdir(parents=True, exist_ok=True)
+        storage.filesystem(exp).get_file(exp.join("optuna.db").path, str(db))
+    init_ray(address)
+    check_gpu_available(cfg)
+    import ray
+
+    slots = ray.cluster_resources().get("CPU", 1) // (cfg.scaling.workers * cfg.scaling.cpus_per_worker)
+    if cfg.scaling.gpu:
+        slots = min(slots, ray.cluster_resources().get("GPU", 0) // cfg.scaling.workers)
+    if max_concurrent is None:
+        max_concurrent = max(1, int(slots))
+    print(f"[raypose] sweep {name}: {samples} trials of {cfg.schedule.epochs} epochs, "
+          f"{cfg.scaling.workers} worker(s) each, {max_concurrent} at a time; "
+          f"space {space_path}; Optuna study {study_url}", flush=True)
+    tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume)
+    start = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - start
+    rows, text, share = summarise(grid, wall, max_concurrent, space.names)
+    print(text, flush=True)
+    finished = [r for r in rows if r["best_val_mpjpe"] is not None]
+    if not finished:
+        raise RuntimeError(f"sweep {name}: no trial reached a validation MPJPE; see the trial errors above")
+    best = min(finished, key=lambda r: r["best_val_mpjpe"])
+    best_json = {
+        "experiment": exp.uri,
+        "trial_id": best["trial_id"],
+        "params": best["params"],
+        "config": _trial_config(cfg, best["params"]),
+        "metric": METRIC,
+        "mode": MODE,
+        "value": best["best_val_mpjpe"],
+        "epoch": best["best_epoch"],
+        "checkpoint": checkpoint_uri(loc, best["checkpoint_path"]),
+        "study": {"url": study_url, "name": name, "copy": exp.join("optuna.db").uri},
+        "trials": rows,
+        "wall_seconds": wall,
+        "share_in_epochs": share,
+    }
+    storage.write_text(exp.join("best.json"), json.dumps(best_json, indent=1, default=str))
+    print(f"[raypose] best trial {best['trial_id']}: {METRIC} {best['best_val_mpjpe']:.1f} mm at epoch "
+          f"{best['best_epoch']}; {exp.join('best.json').uri}", flush=True)
+    return best_json
+
+
+def _trial_config(cfg: Config, params: dict) -> dict:
+    trial = config_from_dict(cfg.to_dict())
+    for k, v in params.items():
+        set_value(trial, k, v, f"trial parameter {k}")
+    return trial.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: raypose tune / jobs/tune.py
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--space", required=True, help="search-space YAML (see search_spaces/)")
+    parser.add_argument("--data", required=True, help="directory with train.h5")
+    parser.add_argument("--storage", required=True, help="a path, file://... or s3://bucket/prefix")
+    parser.add_argument("--name", required=True, help="the sweep's name under --storage")
+    parser.add_argument("--samples", type=int, default=8, help="number of trials")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per trial")
+    parser.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial")
+    parser.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
+    parser.add_argument("--max-concurrent", type=int, default=None,
+                        help="trials at a time (default: as many as the cluster's CPUs/GPUs fit)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument("--study-db", default=None,
+                        help="SQLAlchemy URL of the Optuna study (default: SQLite in the experiment's local directory)")
+    parser.add_argument("--config", help="YAML file with base config overrides")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local instance)")
+
+
+def run(args) -> int:
+    from raypose.checkpoint import CheckpointError
+    from raypose.h5schema import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        set_value(cfg, "data.path", args.data, "--data")
+        set_value(cfg, "storage.uri", args.storage, "--storage")
+        if args.epochs is not None:
+            set_value(cfg, "schedule.epochs", args.epochs, "--epochs")
+        if args.workers_per_trial is not None:
+            set_value(cfg, "scaling.workers", args.workers_per_trial, "--workers-per-trial")
+        set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+        cfg.validate()
+        run_sweep(cfg, args.space, args.name, args.samples, args.max_concurrent, args.resume,
+                  args.study_db, args.address)
+    except (ConfigError, SearchSpaceError, DataError, storage.StorageError, CheckpointError) as e:
+        print(f"raypose tune: error: {e}", file=sys.stderr)
+        return 2
+    return 0

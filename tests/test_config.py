@@ -1,0 +1,168 @@
+"""The config tree: defaults <- YAML file <- --set overrides, with errors that name file/flag and key."""
+
+import json
+
+import pytest
+
+from raypose.config import (Config, ConfigError, apply_overrides, config_from_dict, load_config,
+                            resolve_key)
+
+
+def _write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_paper_settings():
+    cfg = load_config()
+    assert (cfg.model.lrn_alpha, cfg.model.lrn_beta, cfg.model.lrn_window) == (0.0025, 0.75, 5)
+    assert cfg.loss.detection_weight == 1.0
+    assert cfg.schedule.kind == "joint" and cfg.scaling.workers == 1
+
+
+def test_yaml_file_then_set_overrides(tmp_path):
+    path = _write(tmp_path, """
+model:
+  lrn_alpha: 0.01
+  dropout: 0.5
+schedule: {kind: pretrain, epochs: 4}
+optim:
+  lr: 1.0e-3
+lambda: 2
+seed: 7
+data:
+  val_subjects: [S7, S8]
+""")
+    cfg = load_config(path, ["lr=1e-4", "model.dropout=0.75", "workers=2", "schedule.pretrain_share=0.25"])
+    assert cfg.model.lrn_alpha == 0.01
+    assert cfg.model.dropout == 0.75  # --set wins over the file
+    assert cfg.schedule.kind == "pretrain" and cfg.schedule.epochs == 4
+    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)  # "1e-4" is a number, not a string
+    assert cfg.loss.detection_weight == 2.0 and isinstance(cfg.loss.detection_weight, float)
+    assert cfg.scaling.workers == 2 and cfg.seed == 7
+    assert cfg.data.val_subjects == ["S7", "S8"]
+    assert cfg.pretrain_epochs() == 1  # round(4 * 0.25)
+
+
+def test_set_parses_yaml_scalars():
+    cfg = apply_overrides(Config(), ["augment=false", "val_subjects=S1,S5", "optim.name=sgd",
+                                     "momentum=0.8"])
+    assert cfg.data.augment is False and cfg.data.val_subjects == ["S1", "S5"]
+    assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.8
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    path = _write(tmp_path, "model:\n  lrn_alfa: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "model.lrn_alfa" in str(err.value)
+
+    path = _write(tmp_path, "learning_rate: 0.1\n", "top.yaml")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "learning_rate" in str(err.value)
+
+
+def test_unknown_key_in_set_names_flag_and_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["model.lrn_gamma=1"])
+    assert "--set" in str(err.value) and "model.lrn_gamma" in str(err.value)
+
+
+def test_ambiguous_leaf_name():
+    # optim.name and storage.name
+    with pytest.raises(ConfigError, match="ambiguous.*optim.name.*storage.name"):
+        load_config(overrides=["name=sgd"])
+
+
+def test_wrong_type_in_yaml(tmp_path):
+    path = _write(tmp_path, "schedule:\n  epochs: ten\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "schedule.epochs expects int" in str(err.value)
+
+    path = _write(tmp_path, "seed: true\n", "bool.yaml")  # a bool is not an int here
+    with pytest.raises(ConfigError, match="seed expects int"):
+        load_config(path)
+
+    path = _write(tmp_path, "model: 3\n", "scalar.yaml")
+    with pytest.raises(ConfigError, match="expected a mapping at model"):
+        load_config(path)
+
+
+def test_wrong_type_in_set():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["epochs=2.5"])
+    assert "--set epochs" in str(err.value) and "schedule.epochs expects int" in str(err.value)
+    with pytest.raises(ConfigError, match="model.lrn_alpha expects float"):
+        load_config(overrides=["lrn_alpha=high"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(overrides=["lrn_alpha"])
+
+
+@pytest.mark.parametrize("source", ["yaml", "set"])
+def test_workers_below_one_names_scaling_workers(tmp_path, source):
+    if source == "yaml":
+        args = (_write(tmp_path, "scaling:\n  workers: 0\n"), ())
+    else:
+        args = (None, ["workers=0"])
+    with pytest.raises(ConfigError) as err:
+        load_config(*args)
+    assert "scaling.workers" in str(err.value) and ">= 1" in str(err.value)
+
+
+def test_range_checks():
+    for override, key in (("lr=0", "optim.lr"), ("dropout=1.0", "model.dropout"),
+                          ("lrn_window=4", "model.lrn_window"), ("schedule=cosine", "schedule.kind"),
+                          ("lambda=-1", "loss.detection_weight"), ("pretrain_share=1.0",
+                                                                  "schedule.pretrain_share")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(overrides=[override])
+    with pytest.raises(ConfigError, match="schedule.epochs must be >= 2 for the pretrain"):
+        load_config(overrides=["schedule=pretrain", "epochs=1"])
+
+
+def test_lambda_alias():
+    assert resolve_key(Config(), "lambda", "--set") == "loss.detection_weight"
+    assert resolve_key(Config(), "schedule", "--set") == "schedule.kind"
+    cfg = load_config(overrides=["lambda=0.3"])
+    assert cfg.loss.detection_weight == 0.3
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    path = _write(tmp_path, "model: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_config_from_dict_round_trip():
+    cfg = load_config(overrides=["lrn_alpha=0.05", "schedule=pretrain", "epochs=6", "lambda=0.5",
+                                 "val_subjects=S6,S7", "storage.uri=s3://bucket/prefix", "gpu=true"])
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+    assert config_from_dict(json.loads(cfg.to_json())) == cfg  # through a checkpoint's config.json
+    assert again is not cfg and again.data.val_subjects is not cfg.data.val_subjects
+
+
+def test_config_from_dict_rejects_foreign_keys():
+    d = Config().to_dict()
+    d["model"]["conv4"] = 1
+    with pytest.raises(ConfigError, match="checkpoint config.*model.conv4"):
+        config_from_dict(d)
+
+
+@pytest.mark.parametrize("kind, epochs, share, expected", [
+    ("joint", 10, 0.5, 0),
+    ("pretrain", 10, 0.5, 5),
+    ("pretrain", 10, 0.26, 3),  # round(2.6)
+    ("pretrain", 2, 0.1, 1),    # at least one detection epoch
+    ("pretrain", 4, 0.9, 3),    # at least one regression epoch
+    ("pretrain", 3, 0.5, 2),    # round(1.5) = 2
+])
+def test_pretrain_epochs(kind, epochs, share, expected):
+    cfg = load_config(overrides=[f"schedule={kind}", f"epochs={epochs}", f"pretrain_share={share}"])
+    assert cfg.pretrain_epochs() == expected
