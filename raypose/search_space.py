@@ -167,6 +167,46 @@ class SearchSpace:
         except ConfigError as e:
             raise SearchSpaceError(f"{self.path}: trial parameters {params}: {e}") from None
 
+    def check_against(self, cfg: Config) -> None:
+        """Check, before any trial runs, that every trial can build a valid config from cfg.
+
+        cfg must be valid itself; then each parameter's extremes (low and high, every choice, the
+        fixed value) are set on a copy of cfg, together with the values its condition needs, and
+        validated: e.g. schedule: pretrain on a base config with schedule.epochs: 1 fails here."""
+        try:
+            copy.deepcopy(cfg).validate()
+        except ConfigError as e:
+            raise SearchSpaceError(f"{self.path}: the base config is not valid: {e}") from None
+        by_name = {p.name: p for p in self.parameters}
+        for p in self.parameters:
+            if p.distribution == "categorical":
+                extremes = [("choice", v) for v in p.choices]
+            elif p.distribution == "fixed":
+                extremes = [("value", p.value)]
+            else:
+                extremes = [("low", p.low), ("high", p.high)]
+            for label, value in extremes:
+                trial = copy.deepcopy(cfg)
+                needs = self._required_values(p, by_name)
+                try:
+                    for name, v in needs.items():
+                        set_value(trial, by_name[name].key, v, f"{self.path}: parameters.{name}")
+                    set_value(trial, p.key, value, f"{self.path}: parameters.{p.name}")
+                    trial.validate()
+                except ConfigError as e:
+                    given = "".join(f" and {n}={v!r}" for n, v in needs.items())
+                    raise SearchSpaceError(f"{self.path}: parameters.{p.name}: {label} {value!r}"
+                                           f"{given} gives an invalid config: {e}") from None
+
+    @staticmethod
+    def _required_values(p: Parameter, by_name: dict) -> dict:
+        """Values of the parameters p's condition (and theirs, recursively) needs: the first allowed."""
+        needs = {}
+        for other, allowed in p.condition:
+            needs.update(SearchSpace._required_values(by_name[other], by_name))
+            needs[other] = allowed[0]
+        return needs
+
     def to_config_overrides(self, params: dict) -> list:
         """The same values as `--set KEY=VALUE` strings (dotted keys), e.g. for a job command line."""
         unknown = sorted(set(params) - set(self.names))
@@ -273,6 +313,8 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
         raise fail(f"expected a mapping like {{distribution: uniform, low: 0.1, high: 0.9}}, "
                    f"got {spec!r}")
     kind = spec.get("distribution")
+    if kind is None:
+        raise fail(f"missing distribution; expected one of {', '.join(FIELDS)}")
     if kind not in FIELDS:
         raise fail(f"unknown distribution {kind!r}; expected one of {', '.join(FIELDS)}")
     required, optional = FIELDS[kind]
@@ -291,7 +333,8 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
     default = _get(Config(), key)
     is_float_key = isinstance(default, float)
     is_int_key = isinstance(default, int) and not isinstance(default, bool)
-    setting = f"{key} is a {type(default).__name__} setting"
+    kind_of_setting = {bool: "a bool", int: "an int", float: "a float", str: "a string", list: "a list"}
+    setting = f"{key} is {kind_of_setting.get(type(default), type(default).__name__)} setting"
 
     fields = {}
     if kind in ("uniform", "loguniform"):
@@ -340,15 +383,15 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
             label = f"choices[{i}]"
             if not isinstance(choice, (bool, int, float, str)):
                 raise fail(f"{label} must be a number, a string or a bool, got {choice!r}")
-            choice = _coerce_for(choice, default, key, f"{where}: {label}", is_float_key)
+            choice = _maybe_float(choice) if is_float_key else choice
+            _check_value(choice, default, key, f"{where}: {label}", label, fail)
             if any(_same(choice, c) for c in checked):
                 raise fail(f"{label} {choice!r} appears twice")
-            _check_range(key, label, choice, fail)
             checked.append(choice)
         fields = dict(choices=tuple(checked))
     else:  # fixed
-        value = _coerce_for(spec["value"], default, key, f"{where}: value", is_float_key)
-        _check_range(key, "value", value, fail)
+        value = _maybe_float(spec["value"]) if is_float_key else spec["value"]
+        _check_value(value, default, key, f"{where}: value", "value", fail)
         fields = dict(value=value)
 
     condition = _parse_condition(spec.get("condition"), earlier, all_params, fail)
@@ -377,15 +420,14 @@ def _parse_condition(condition, earlier: list, all_params: dict, fail) -> tuple:
         values = values if isinstance(values, list) else [values]
         if not values:
             raise fail(f"condition on {other!r} lists no values")
+        if any(isinstance(c, float) for c in possible):
+            values = [_maybe_float(v) for v in values]
         for v in values:
-            if isinstance(v, str) and isinstance(possible[0], float):
-                v = _maybe_float(v)
             if not any(_same(v, c) for c in possible):
                 raise fail(f"condition value {v!r} for {other!r} is not among its "
                            f"{'choices' if target.distribution == 'categorical' else 'value'} "
                            f"{list(possible)}")
-        parsed.append((other, tuple(_maybe_float(v) if isinstance(possible[0], float) else v
-                                    for v in values)))
+        parsed.append((other, tuple(values)))
     return tuple(parsed)
 
 
@@ -412,14 +454,13 @@ def _integer(value, field, fail) -> int:
     return value
 
 
-def _coerce_for(value, default, key, source, is_float_key):
-    """The config's own type check (the same as --set), as a SearchSpaceError."""
-    if is_float_key:
-        value = _maybe_float(value)
+def _check_value(value, default, key, source, label, fail) -> None:
+    """The config's own type check (the same as --set), then its range check."""
     try:
-        return _coerce(value, default, key, source)
+        _coerce(value, default, key, source)
     except ConfigError as e:
         raise SearchSpaceError(str(e)) from None
+    _check_range(key, label, value, fail)
 
 
 def _check_range(key, label, value, fail) -> None:

@@ -74,3 +74,29 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small synthetic dataset (train.h5 with the validation subject S8, test.h5), made once."""
+    from raypose.synth import synthesize
+
+    d = tmp_path_factory.mktemp("tiny_data")
+    synthesize(str(d), 100, 40, seed=0, progress=False)
+    return d
+
+
+def tiny_config(data_dir, storage_uri, name="run", **sets):
+    """A Config sized for tests: small batches, two CPU workers, quick epochs."""
+    from raypose.config import Config, set_value
+
+    cfg = Config()
+    cfg.data.path = str(data_dir)
+    cfg.data.batch_size = 8
+    cfg.storage.uri = str(storage_uri)
+    cfg.storage.name = name
+    cfg.scaling.workers = 2
+    cfg.schedule.epochs = 2
+    for key, value in sets.items():
+        set_value(cfg, key.replace("__", "."), value, "test")
+    return cfg.validate()

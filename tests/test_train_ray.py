@@ -1,0 +1,144 @@
+"""Ray Train integration: real local Ray, real moto S3 server over HTTP, real HDF5 files."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from raypose import checkpoint, storage
+from raypose.config import ConfigError
+from raypose.train import build_trainer, preflight, run_training
+from tests.conftest import tiny_config
+
+
+class EpochRecorder:
+    """A Ray Train UserCallback that appends each reported epoch to a file (it runs in the
+    controller actor, not in the test process)."""
+
+    def __new__(cls, path):
+        import ray.train
+
+        class _Recorder(ray.train.UserCallback):
+            def after_report(self, run_context, metrics, checkpoint):
+                with open(path, "a") as f:
+                    f.write(json.dumps({"epoch": metrics[0]["epoch"], "stage": metrics[0]["stage"]}) + "\n")
+
+        return _Recorder()
+
+
+def recorded(path):
+    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+
+
+def test_two_workers_checkpoints_in_s3(ray_local, tiny_data, s3_bucket):
+    endpoint, bucket = s3_bucket
+    cfg = tiny_config(tiny_data, f"s3://{bucket}/exp", name="s3run")
+    result = run_training(cfg)
+    assert result.error is None
+    assert result.metrics["epoch"] == 2
+    assert result.metrics["val_mpjpe"] > 0
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})  # over HTTP to 127.0.0.1
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/exp/s3run", refresh=True))
+    assert "epoch_0001" in names and "epoch_0002" in names
+    files = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/exp/s3run/epoch_0002"))
+    assert files == sorted(checkpoint.PAYLOAD_FILES + (checkpoint.MANIFEST_FILE,))
+    state = json.loads(fs.cat(f"{bucket}/exp/s3run/epoch_0002/state.json"))
+    assert state["epoch"] == 2 and state["stage"] == "joint"
+    stored_cfg = json.loads(fs.cat(f"{bucket}/exp/s3run/epoch_0002/config.json"))
+    assert stored_cfg["scaling"]["workers"] == 2
+    # no credential ever lands in storage
+    for name in files:
+        assert b"testing" not in fs.cat(f"{bucket}/exp/s3run/epoch_0002/{name}")
+
+
+def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "exp", name="pre", schedule__kind="pretrain",
+                      schedule__epochs=2, schedule__pretrain_share=0.5)
+    log = tmp_path / "epochs.jsonl"
+    trainer = build_trainer(cfg, "pre", preflight(cfg), callbacks=[EpochRecorder(str(log))])
+    result = trainer.fit()
+    assert result.error is None
+    assert [(r["epoch"], r["stage"]) for r in recorded(log)] == [(1, "detection"), (2, "regression")]
+    first = checkpoint.load(tmp_path / "exp" / "pre" / "epoch_0001")
+    second = checkpoint.load(tmp_path / "exp" / "pre" / "epoch_0002")
+    assert first["state"]["heads"] == {"regression": False, "detection": True}
+    assert second["state"]["heads"] == {"regression": True, "detection": False}
+    assert not any(k.startswith("detection.") for k in second["model"])
+    # the regression stage optimised E_r only: no detection loss was reported for it
+    assert "train_detection" not in second["state"]["metrics"]
+    assert "train_regression" not in first["state"]["metrics"]
+    # the detection stage reports the mean-pose baseline as its val_mpjpe (no regression head yet)
+    assert first["state"]["metrics"]["val_mpjpe"] == first["state"]["metrics"]["val_mean_pose_mpjpe"]
+    assert first["state"]["metrics"]["has_regression_head"] is False
+    assert second["state"]["metrics"]["regression_epochs"] == 1
+
+
+def test_stop_and_resume_with_same_name(ray_local, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "exp", name="resume", schedule__epochs=4)
+    log = tmp_path / "epochs.jsonl"
+    first = build_trainer(cfg, "resume", preflight(cfg), callbacks=[EpochRecorder(str(log))],
+                          stop_after_epoch=2).fit()
+    assert first.error is None and first.metrics["epoch"] == 2
+    assert [r["epoch"] for r in recorded(log)] == [1, 2]
+    second = build_trainer(cfg, "resume", preflight(cfg), callbacks=[EpochRecorder(str(log))]).fit()
+    assert second.error is None
+    assert [r["epoch"] for r in recorded(log)] == [1, 2, 3, 4]  # resumed at 3, ended at 4
+    assert second.metrics["epoch"] == 4
+
+
+def test_resume_refuses_another_config(ray_local, tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "exp", name="r2")
+    assert build_trainer(cfg, "r2", preflight(cfg), stop_after_epoch=1).fit().error is None
+    other = tiny_config(tiny_data, tmp_path / "exp", name="r2", lrn_alpha=0.01)
+    with pytest.raises(ConfigError, match="model.lrn_alpha"):
+        preflight(other)
+
+
+def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_data, tmp_path):
+    from ray.util.state import list_actors
+
+    cfg = tiny_config(tiny_data, tmp_path / "exp", name="ft", schedule__epochs=4,
+                      storage__max_failures=2)
+    log = tmp_path / "epochs.jsonl"
+    trainer = build_trainer(cfg, "ft", preflight(cfg), callbacks=[EpochRecorder(str(log))])
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", trainer.fit()))
+    thread.start()
+    deadline = time.time() + 240
+    while not recorded(log) and time.time() < deadline:
+        time.sleep(0.2)
+    assert recorded(log), "no epoch finished in time"
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert len(workers) == 2
+    os.kill(workers[1]["pid"], signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    result = outcome["result"]
+    assert result.error is None
+    epochs = [r["epoch"] for r in recorded(log)]
+    assert epochs[-1] == 4
+    all_workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")])
+    assert len(all_workers) >= 4, "the worker group was not restarted"
+    # the new group resumed from a checkpoint: epoch 1 (done before the kill) never ran again
+    assert epochs.count(1) == 1
+
+
+def test_bad_config_fails_before_ray(tiny_data, tmp_path):
+    import ray
+
+    with pytest.raises(ConfigError, match="scaling.workers"):
+        tiny_config(tiny_data, tmp_path, scaling__workers=0)
+    cfg = tiny_config(tiny_data, "s3://no-such-bucket/x")
+    os.environ["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    try:
+        with pytest.raises(storage.StorageError, match="unreachable"):
+            preflight(cfg)
+    finally:
+        del os.environ["AWS_ENDPOINT_URL"]
+    assert not ray.is_initialized()
