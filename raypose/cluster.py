@@ -288,12 +288,13 @@ def _wait_http(url: str, timeout: float, headers=None, process=None, log=None, w
 
 # --- the three commands -----------------------------------------------------------------------------
 
-def _client_env(dashboard_port: int, gcs_port: int, s3_port: int, bucket: str, token_path: Path) -> dict:
+def _client_env(dashboard_port: int, s3_port: int, bucket: str, token_path: Path) -> dict:
     return {
-        # `ray job submit/status/logs` and JobSubmissionClient read this before RAY_ADDRESS.
+        # `ray job submit|status|logs|stop` and JobSubmissionClient read this before RAY_ADDRESS.
+        # RAY_ADDRESS is left alone: an http:// value makes every ray.init() in the shell fail
+        # (ray/client_builder.py), and a GCS address on 127.0.0.1 is rewritten by Ray to this
+        # machine's outward address, where the dev cluster does not listen.
         "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
-        # ray.init() and `ray status` read this; an http:// value would make ray.init() fail.
-        "RAY_ADDRESS": f"127.0.0.1:{gcs_port}",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(token_path),
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
@@ -317,14 +318,15 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
         down(state_dir)  # stale: its processes are gone; clear leftovers and the state file
 
     # Everything that can be checked is checked before anything starts.
-    num_cpus = os.cpu_count() or 1 if num_cpus is None else num_cpus
+    num_cpus = (os.cpu_count() or 1) if num_cpus is None else num_cpus
     if num_cpus < 1:
         raise ClusterError(f"--num-cpus {num_cpus}: must be at least 1")
     if not bucket or bucket != bucket.lower() or not 3 <= len(bucket) <= 63 or "/" in bucket:
         raise ClusterError(f"--bucket {bucket!r}: an S3 bucket name is 3-63 lowercase characters, "
                            f"without '/'")
     if dashboard_port == s3_port:
-        raise ClusterError(f"--dashboard-port and --s3-port are both {s3_port}; give them different ports")
+        raise ClusterError(f"--dashboard-port and --s3-port are both {s3_port}; "
+                           f"give them different ports")
     if RAY_WORKER_PORTS[0] <= dashboard_port <= RAY_WORKER_PORTS[1]:
         raise ClusterError(f"--dashboard-port {dashboard_port} is inside Ray's worker port range "
                            f"{RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}; choose a port outside it")
@@ -341,10 +343,9 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
     logs = state_dir / "logs"
     logs.mkdir(exist_ok=True)
     token_path = _ensure_token(state_dir)
-    client_env = _client_env(dashboard_port, gcs_port, s3_port, bucket, token_path)
+    client_env = _client_env(dashboard_port, s3_port, bucket, token_path)
     child_env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_VARIABLES}
-    child_env.update({k: v for k, v in client_env.items()
-                      if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")})
+    child_env.update({k: v for k, v in client_env.items() if k != "RAY_API_SERVER_ADDRESS"})
     # Keeps every Ray address on loopback: without it `ray start` swaps 127.0.0.1 for this
     # machine's outward address (a single-node cluster never needs another node to reach it).
     child_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -387,7 +388,8 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
                 raise ClusterError(f"`ray start` did not finish within {timeout:.0f} s; "
                                    f"its log {ray_log}:\n{_tail(ray_log)}")
         if code != 0:
-            raise ClusterError(f"`ray start` failed with code {code}; its log {ray_log}:\n{_tail(ray_log)}")
+            raise ClusterError(f"`ray start` failed with code {code}; "
+                               f"its log {ray_log}:\n{_tail(ray_log)}")
         token = token_path.read_text().strip()
         dashboard = client_env["RAY_API_SERVER_ADDRESS"]
         auth = {"Authorization": f"Bearer {token}"}
@@ -426,13 +428,17 @@ def _create_bucket(endpoint: str, bucket: str) -> None:
     """Creates the bucket over HTTP, as any S3 client would."""
     import s3fs
 
+    # No region_name: s3fs would send it as a LocationConstraint, which us-east-1 rejects.
     fs = s3fs.S3FileSystem(key=LOCAL_S3_CREDENTIAL, secret=LOCAL_S3_CREDENTIAL,
-                           client_kwargs={"endpoint_url": endpoint, "region_name": LOCAL_S3_REGION},
-                           skip_instance_cache=True)
-    if not fs.exists(bucket):
-        fs.mkdir(bucket)
-    if not fs.exists(bucket):
-        raise ClusterError(f"could not create bucket {bucket!r} on {endpoint}")
+                           client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    try:
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        created = fs.exists(bucket)
+    except OSError as e:
+        raise ClusterError(f"--bucket {bucket!r}: could not create it on {endpoint}: {e}") from e
+    if not created:
+        raise ClusterError(f"--bucket {bucket!r}: not found on {endpoint} after creating it")
 
 
 def down(state_dir=None, timeout: float = 10.0) -> list:
@@ -459,9 +465,10 @@ def env(state_dir=None) -> dict:
 
 
 def shell_lines(variables: dict) -> list:
-    """`export` lines for a POSIX shell; RAY_AUTH_TOKEN is unset because it would win over the
-    token file."""
-    return [f"export {k}={shlex.quote(str(v))}" for k, v in variables.items()] + ["unset RAY_AUTH_TOKEN"]
+    """`export` lines for a POSIX shell, then an `unset` of the two variables that would win over
+    them: RAY_AUTH_TOKEN over the token file, AWS_ENDPOINT_URL_S3 over AWS_ENDPOINT_URL."""
+    return ([f"export {k}={shlex.quote(str(v))}" for k, v in variables.items()]
+            + ["unset RAY_AUTH_TOKEN AWS_ENDPOINT_URL_S3"])
 
 
 # --- command line -------------------------------------------------------------------------------------

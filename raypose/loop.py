@@ -79,7 +79,7 @@ def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums["loss"] += float(loss)
+        sums["loss"] += float(loss.detach())
         for k in ("regression", "detection"):
             if parts[k] is not None:
                 sums[k] += float(parts[k])

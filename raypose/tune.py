@@ -117,6 +117,8 @@ def make_copy_study_callback(study_url: str, target: storage.Location):
     class CopyStudy(Callback):
         def _copy(self):
             db = _sqlite_path(study_url)
+            if target.scheme == "file" and db is not None and db.resolve() == Path(target.path).resolve():
+                return  # the study already lives in the experiment's folder
             if db is not None and db.exists():
                 fs = storage.filesystem(target)
                 fs.put_file(str(db), target.path)
@@ -138,8 +140,9 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
     loc = storage.parse(cfg.storage.uri)
     storage_path, storage_fs = storage.ray_storage(loc)
     trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name)
-    # the Tune function only drives a TorchTrainer; its workers hold the CPUs/GPUs
-    trainable = tune.with_resources(trainable, {"CPU": 0})
+    # the Tune function only drives a TorchTrainer, whose workers hold the CPUs/GPUs: it asks for
+    # no CPU (a bundle cannot be empty, so it asks for a little memory instead)
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024**2})
     callbacks = [TBXLoggerCallback(), make_copy_study_callback(study_url, loc.join(name, "optuna.db"))]
     exp_path = loc.join(name).uri if loc.scheme == "s3" else loc.join(name).path
     if resume:

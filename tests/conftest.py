@@ -21,7 +21,10 @@ os.environ.pop("RAY_AUTH_TOKEN", None)
 os.environ["AWS_ACCESS_KEY_ID"] = "testing"
 os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
 os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
-os.environ.pop("AWS_SESSION_TOKEN", None)
+# a shell that loaded `raypose cluster env` must not leak its addresses into the tests
+for _var in ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "RAY_ADDRESS",
+             "RAY_API_SERVER_ADDRESS", "RAYPOSE_STORAGE"):
+    os.environ.pop(_var, None)
 os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
