@@ -4,13 +4,24 @@ write the numbers and pictures that decide what to ship.
   raypose evaluate <experiment URI | checkpoint URI> [--data DIR] [--out DIR] [--gpu]
 
 An experiment URI holds best.json (written at the end of a sweep); a checkpoint URI holds
-manifest.json.  The model is rebuilt from the checkpoint's own config.  Outputs (report.json,
-report.md, predictions.npz and PNG figures) go to --out and to a new folder next to the
-checkpoint in storage (<run>/evaluation-<checkpoint>-<UTC time>); nothing is overwritten.
+manifest.json.  The model is rebuilt from the checkpoint's own config, after every file of the
+checkpoint has been checked against its manifest; weights load with weights_only=True.  Outputs
+(report.json, report.md, predictions.npz and PNG figures) go to --out (default
+runs/evaluation/<folder>) and to a new folder next to the checkpoint in storage
+(<run>/evaluation-<checkpoint>-<UTC time>[-N]); nothing is overwritten: an --out that already
+holds a report is refused, and a storage folder that exists gets the next free -N suffix.
+report.json is uploaded last, so a storage folder with a report.json is complete.
+
+For an experiment, the sweep's history and parameter importances are drawn from the copy of the
+Optuna study next to best.json (<experiment>/optuna.db).  Without that copy the history is drawn
+from the trial rows in best.json and the importance figure carries a note instead of bars; when
+best.json has no trial rows either, sweep_history.png is left out.  report.json's "sweep" entry
+says which source was used and why.
 """
 
 import datetime
 import json
+import posixpath
 import sys
 import tempfile
 from pathlib import Path
@@ -35,8 +46,14 @@ PAPER_RESULTS = {
 }
 
 
+# every file an evaluation writes; an --out holding any of them is refused
+OUTPUT_FILES = ("report.json", "report.md", "predictions.npz", "skeletons.png", "joint_errors.png",
+                "sweep_history.png", "param_importance.png")
+
+
 class EvaluationError(RuntimeError):
-    """The URI names neither a finished experiment nor a checkpoint."""
+    """The URI names neither a finished experiment nor a checkpoint, or an output would
+    overwrite an earlier one."""
 
 
 def resolve(uri: str) -> dict:
@@ -57,6 +74,11 @@ def resolve(uri: str) -> dict:
         if any(n.startswith("experiment_state") for n in names) or "train" in names:
             raise EvaluationError(f"experiment {loc.uri} has no best.json: the sweep has not finished "
                                   "(continue it with raypose tune --resume), or pass a checkpoint URI")
+        checkpoints = sorted(n for n in names if n.startswith("epoch_"))
+        if checkpoints:  # a training run's folder
+            raise EvaluationError(f"{loc.uri} is a training run, not a checkpoint: it holds "
+                                  f"{', '.join(checkpoints)}; pass one of them, e.g. "
+                                  f"{loc.join(checkpoints[-1]).uri}")
         raise EvaluationError(f"{loc.uri} is neither an experiment (no best.json) nor a checkpoint "
                               f"(no {checkpoint.MANIFEST_FILE})")
     try:
@@ -99,49 +121,88 @@ def detection_scores(logits: np.ndarray, targets: np.ndarray) -> dict:
 
 def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
              use_gpu: bool = False, batch_size: int = 64) -> dict:
-    from raypose import figures
-
     target = resolve(uri)
     ckpt_loc = target["checkpoint"]
     device = torch.device("cuda" if use_gpu else "cpu")
     if use_gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu was given but no CUDA device is visible; drop --gpu")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = f"evaluation-{posixpath.basename(ckpt_loc.path)}-{stamp}"
+    out = Path(out_dir) if out_dir else _free_local_dir(Path("runs") / "evaluation" / folder)
+    clash = [n for n in OUTPUT_FILES if (out / n).exists()]
+    if clash:  # checked before any work: an earlier evaluation's outputs are never overwritten
+        raise EvaluationError(f"{out / clash[0]} already exists: --out {out} holds an earlier "
+                              "evaluation; pass another --out (nothing was written)")
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.download_dir(ckpt_loc, Path(tmp) / "checkpoint")
-        model, cfg, loaded = load_model(local, device)
+        try:
+            model, cfg, loaded = load_model(local, device)
+        except checkpoint.CheckpointError as e:  # name the checkpoint in storage, not the temp copy
+            raise checkpoint.CheckpointError(str(e).replace(str(local), ckpt_loc.uri)) from None
+        if not loaded["state"].get("heads", {}).get("regression", True):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {ckpt_loc.uri} has no regression head (a detection-stage checkpoint); "
+                "evaluate a checkpoint from the regression stage")
         data_dir = data_dir or cfg.data.path
         test = PoseDataset(str(Path(data_dir) / "test.h5"), augment=False)
         train = PoseDataset(str(Path(data_dir) / "train.h5"), exclude_subjects=cfg.data.val_subjects)
         study_db = None
         if target["experiment"] is not None:
-            copy = target["experiment"].join("optuna.db")
+            copy = study_copy(target["experiment"])
             if storage.exists(copy):
                 study_db = Path(tmp) / "optuna.db"
                 storage.filesystem(copy).get_file(copy.path, str(study_db))
-        out = Path(out_dir or Path("runs") / "evaluation" / Path(ckpt_loc.path).name)
-        out.mkdir(parents=True, exist_ok=True)
         print(f"[raypose] evaluating {ckpt_loc.uri} on {len(test)} test samples", flush=True)
         with torch.no_grad():
             pred = predict(model, test, batch_size, device)
         actions = np.array(test.action_names)[pred["actions"]]
         report = build_report(pred, actions, test, train, loaded, ckpt_loc, target)
+        out.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(out / "predictions.npz", pred_3d=pred["pred_3d"], gt_3d=pred["gt_3d"],
                             actions=actions, positions=pred["positions"])
-        (out / "report.json").write_text(json.dumps(report, indent=1))
-        (out / "report.md").write_text(markdown_report(report))
-        write_figures(figures, out, model, test, pred, report, study_db, target)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    parent = storage.Location(ckpt_loc.scheme, str(Path(ckpt_loc.path).parent))
-    remote = parent.join(f"evaluation-{Path(ckpt_loc.path).name}-{stamp}")
-    storage.upload_dir(str(out), remote)
+        report["figures"] = write_figures(out, test, pred, report, study_db, target)
+    # the storage folder is chosen just before the upload, so that a folder made meanwhile by
+    # another evaluation of the same checkpoint is not written into
+    parent = storage.Location(ckpt_loc.scheme, posixpath.dirname(ckpt_loc.path))
+    remote = _free_storage_dir(parent, folder)
     report["outputs"] = {"local": str(out.resolve()), "storage": remote.uri}
+    (out / "report.md").write_text(markdown_report(report))
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    storage.filesystem(remote).put_file(str(out / "report.json"), remote.join("report.json").path)
+    written = ["predictions.npz", *report["figures"], "report.md", "report.json"]  # report.json last
+    fs = storage.filesystem(remote)
+    if remote.scheme == "file":
+        Path(remote.path).mkdir(parents=True, exist_ok=True)
+    for name in written:
+        fs.put_file(str(out / name), remote.join(name).path)
     print(f"[raypose] MPJPE {report['mean_over_actions']['mpjpe']:.1f} mm (mean over actions), "
           f"P-MPJPE {report['mean_over_actions']['p_mpjpe']:.1f} mm, mean-pose baseline "
           f"{report['mean_pose_baseline']['mpjpe']:.1f} mm", flush=True)
     print(f"[raypose] report: {out.resolve() / 'report.md'} and {remote.uri}", flush=True)
     return report
+
+
+def study_copy(experiment: storage.Location) -> storage.Location:
+    """Where a sweep keeps the copy of its Optuna study (raypose.tune's CopyStudy callback)."""
+    return experiment.join("optuna.db")
+
+
+def _free_local_dir(base: Path) -> Path:
+    """base, or base-2, base-3 ... whichever does not exist yet."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def _free_storage_dir(parent: storage.Location, name: str) -> storage.Location:
+    """parent/name, or parent/name-2, name-3 ... whichever does not exist in storage yet."""
+    fs = storage.filesystem(parent)
+    candidate, n = parent.join(name), 1
+    while fs.exists(candidate.path):
+        n += 1
+        candidate = parent.join(f"{name}-{n}")
+    return candidate
 
 
 def centre_crops(dataset: PoseDataset, positions: np.ndarray) -> np.ndarray:
@@ -201,9 +262,16 @@ def markdown_report(report: dict) -> str:
     lines.append("| mean-pose baseline | " + " | ".join(f"{bl[a]:.2f}" for a in actions)
                  + f" | {np.mean([bl[a] for a in actions]):.2f} |")
     for method, row in PAPER_RESULTS.items():
-        lines.append(f"| {method} | " + " | ".join(f"{row[a]:.2f}" if a in row else "-" for a in actions) + " | - |")
-    lines += ["", "The paper's rows are Human3.6M numbers; they line up with ours only when the test split "
-              "is Human3.6M with the same action names.", "", "## Per joint (mm)", "",
+        if any(a in row for a in actions):  # Human3.6M test data: the paper's rows line up
+            lines.append(f"| {method} | " + " | ".join(f"{row[a]:.2f}" if a in row else "-" for a in actions)
+                         + " | - |")
+    paper_actions = sorted({a for row in PAPER_RESULTS.values() for a in row})
+    lines += ["", "For reference, the paper's Human3.6M numbers (MPJPE mm, S9/S11):", "",
+              "| method | " + " | ".join(paper_actions) + " |", "|---|" + "---|" * len(paper_actions)]
+    for method, row in PAPER_RESULTS.items():
+        lines.append(f"| {method} | " + " | ".join(f"{row[a]:.2f}" if a in row else "-"
+                                                  for a in paper_actions) + " |")
+    lines += ["", "## Per joint (mm)", "",
               "| joint | MPJPE | P-MPJPE | N-MPJPE |", "|---|---|---|---|"]
     pj = report["per_joint"]
     for j in pj["mpjpe"]:
@@ -213,39 +281,108 @@ def markdown_report(report: dict) -> str:
         top = "-" if d["top_window_accuracy"] is None else f"{100 * d['top_window_accuracy']:.1f} %"
         lines += ["", f"Detection head: cell accuracy {100 * d['cell_accuracy']:.2f} %, "
                       f"most confident window contains the joint for {top} of joints."]
-    lines += ["", "Figures: skeletons.png, joint_errors.png" +
-              (", sweep_history.png, param_importance.png" if report["experiment"] else ""), ""]
+    if report.get("sweep"):
+        sw = report["sweep"]
+        lines += ["", f"Sweep: {report['experiment']}, best trial {report['trial_id']}; "
+                      f"{sw['trials']} trials, history from {sw['history_from'] or 'nowhere'}."]
+        if sw["note"]:
+            lines.append(f"Note: {sw['note']}.")
+    lines += ["", "Figures: " + ", ".join(report.get("figures") or []), ""]
+    if report.get("outputs"):
+        lines += [f"Outputs: {report['outputs']['local']} and {report['outputs']['storage']}", ""]
     return "\n".join(lines)
 
 
-def write_figures(figures, out: Path, model, test, pred, report, study_db, target) -> None:
+def write_figures(out: Path, test, pred, report, study_db, target) -> list:
+    """Draw the figures into out; returns their file names.  For an experiment it also sets
+    report['sweep'] (where the sweep's history came from, and a note when something is missing)."""
+    from raypose import figures
+
     n = min(4, len(pred["positions"]))
-    figures.skeleton_figure(centre_crops(test, pred["positions"][:n]), pred["pred_3d"][:n], pred["gt_3d"][:n], out / "skeletons.png")
-    figures.joint_error_figure(report["per_joint"]["mpjpe"], out / "joint_errors.png")
+    figures.skeleton_figure(centre_crops(test, pred["positions"][:n]), pred["pred_3d"][:n],
+                            pred["gt_3d"][:n], out / "skeletons.png")
+    figures.joint_error_figure(report["per_joint"]["mpjpe"], out / "joint_errors.png",
+                               baseline=report["mean_pose_baseline"]["mpjpe"])
+    names = ["skeletons.png", "joint_errors.png"]
+    report["sweep"] = None
     if target["experiment"] is not None:
-        trials, importances = study_history(study_db, (target["best"] or {}).get("study", {}).get("name"))
-        figures.sweep_history_figure(trials, out / "sweep_history.png")
-        figures.param_importance_figure(importances, out / "param_importance.png")
+        sweep = sweep_history(target["best"] or {}, study_db, study_copy(target["experiment"]))
+        if sweep["trials"]:
+            figures.sweep_history_figure(sweep["trials"], out / "sweep_history.png",
+                                         metric=(target["best"] or {}).get("metric", "val_mpjpe"))
+            names.append("sweep_history.png")
+        figures.param_importance_figure(sweep["importances"], out / "param_importance.png",
+                                        note=None if sweep["importances"] else sweep["note"])
+        names.append("param_importance.png")
+        report["sweep"] = {"study_copy": study_copy(target["experiment"]).uri if study_db else None,
+                           "history_from": sweep["source"], "trials": len(sweep["trials"]),
+                           "note": sweep["note"]}
+    return names
+
+
+def sweep_history(best: dict, study_db: Path | None, copy: storage.Location) -> dict:
+    """{'trials', 'importances', 'source', 'note'} for the sweep figures: from the Optuna study
+    copy when there is one that can be read, else from best.json's trial rows."""
+    import optuna
+    import sqlalchemy.exc
+
+    study_name = (best.get("study") or {}).get("name")
+    if study_db is not None:
+        try:
+            trials, importances = study_history(study_db, study_name)
+        except (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError, KeyError,
+                ValueError, RuntimeError) as e:
+            note = f"the Optuna study copy {copy.uri} could not be read ({type(e).__name__})"
+        else:
+            note = None if importances else ("parameter importances need at least 2 finished "
+                                             "trials whose parameters vary")
+            return {"trials": trials, "importances": importances, "source": "optuna study copy",
+                    "note": note}
+    else:
+        note = f"no copy of the Optuna study at {copy.uri}"
+    trials = trials_from_best(best)
+    if trials:
+        note += "; history drawn from best.json's trial rows, parameter importances not computed"
+    else:
+        note += " and no trial rows in best.json; sweep_history.png not drawn, parameter importances not computed"
+    return {"trials": trials, "importances": {}, "source": "best.json" if trials else None,
+            "note": note}
+
+
+def trials_from_best(best: dict) -> list:
+    """best.json's trial rows (raypose.tune.summarise) in the form sweep_history_figure takes."""
+    trials = []
+    for number, row in enumerate(best.get("trials") or []):
+        value = row.get("best_val_mpjpe")
+        if row.get("error"):
+            state = "FAIL"
+        elif value is None:
+            state = "INCOMPLETE"
+        else:
+            state = "PRUNED" if row.get("stopped_early") else "COMPLETE"
+        trials.append({"number": number, "value": value, "params": row.get("params") or {},
+                       "state": state})
+    return trials
 
 
 def study_history(db: Path | None, study_name: str | None):
-    """(trials, importances) from the sweep's Optuna study copy; empty when there is none."""
+    """(trials, importances) from the sweep's Optuna study copy; empty when there is none.
+    A study copy holding one study is read whatever its name."""
     if db is None or not db.exists():
         return [], {}
     import optuna
 
+    from raypose.figures import param_importances
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{db}")
+    url = f"sqlite:///{db}"
+    names = optuna.study.get_all_study_names(storage=url)
+    if study_name not in names and len(names) == 1:
+        study_name = names[0]
+    study = optuna.load_study(study_name=study_name, storage=url)
     trials = [{"number": t.number, "value": t.value, "params": t.params, "state": t.state.name}
               for t in study.trials]
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    importances = {}
-    if len(complete) >= 2:
-        try:
-            importances = optuna.importance.get_param_importances(study)
-        except (RuntimeError, ValueError):  # e.g. parameters that never varied
-            importances = {}
-    return trials, importances
+    return trials, param_importances(study)
 
 
 # ----------------------------------------------------------------------------------------------

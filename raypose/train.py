@@ -229,12 +229,12 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
                                                checkpoint_score_attribute="val_mpjpe",
                                                checkpoint_score_order="min"),
             callbacks=list(callbacks),
-            worker_runtime_env={"env_vars": _forwarded_env()},
+            worker_runtime_env={"env_vars": forwarded_env()},
         ),
     )
 
 
-def _forwarded_env() -> dict:
+def forwarded_env() -> dict:
     """Variables the workers need to reach the same storage. Credentials are not copied here:
     workers inherit them from the node's environment (or the job's runtime_env), never from a
     config that could be logged."""

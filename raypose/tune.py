@@ -34,12 +34,14 @@ MODE = "min"
 # Runs as one Tune trial (a Tune function): builds and runs a TorchTrainer
 
 
-def train_driver_fn(params: dict, base_config: dict, experiment: str, tensorboard: bool = True):
+def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_env: dict):
     from ray import tune  # Ray: inside a Tune function only ray.tune.*
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raypose.train import build_trainer
 
+    # the driver's storage endpoint (never credentials: those come from the node's environment)
+    os.environ.update(storage_env)
     cfg = config_from_dict(base_config)
     for key, value in params.items():
         set_value(cfg, key, value, f"trial parameter {key}")
@@ -139,7 +141,10 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
 
     loc = storage.parse(cfg.storage.uri)
     storage_path, storage_fs = storage.ray_storage(loc)
-    trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name)
+    from raypose.train import forwarded_env
+
+    trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name,
+                                     storage_env=forwarded_env())
     # the Tune function only drives a TorchTrainer, whose workers hold the CPUs/GPUs: it asks for
     # no CPU (a bundle cannot be empty, so it asks for a little memory instead)
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024**2})

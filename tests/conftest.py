@@ -71,8 +71,12 @@ def ray_local():
     """A local Ray instance with 2 CPUs and its dashboard; always shut down."""
     import ray
 
+    # workers import test helpers (scripted Tune functions) from the tests folder
+    tests_dir = Path(__file__).resolve().parent
+    pythonpath = os.pathsep.join([str(tests_dir.parent), str(tests_dir)])
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True, configure_logging=False)
+             log_to_driver=True, configure_logging=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     try:
         yield ray
     finally:
