@@ -11,6 +11,8 @@ Everything loads with torch.load(weights_only=True) or json: no arbitrary object
 
 import hashlib
 import json
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -89,15 +91,28 @@ def load(directory, verify_manifest: bool = True, map_location="cpu") -> dict:
     """Load a checkpoint directory: {'model', 'optimizer', 'config', 'state', 'manifest'}."""
     d = Path(directory)
     manifest = verify(d) if verify_manifest else None
-    try:
-        model_state = torch.load(d / MODEL_FILE, map_location=map_location, weights_only=True)
-        optimizer_state = torch.load(d / OPTIMIZER_FILE, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {d}: cannot load weights ({type(e).__name__}: {e})") from None
+    weights = {name: _load_weights(d, name, map_location) for name in (MODEL_FILE, OPTIMIZER_FILE)}
     return {
-        "model": model_state,
-        "optimizer": optimizer_state,
+        "model": weights[MODEL_FILE],
+        "optimizer": weights[OPTIMIZER_FILE],
         "config": json.loads((d / CONFIG_FILE).read_text()),
         "state": json.loads((d / STATE_FILE).read_text()),
         "manifest": manifest,
     }
+
+
+def _load_weights(d: Path, name: str, map_location):
+    """torch.load(weights_only=True) of one file; a refusal or failure names the file."""
+    try:
+        return torch.load(d / name, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"checkpoint {d}: cannot load {name} (UnpicklingError: {e})") from None
+        # torch's message spans lines and suggests weights_only=False; keep the one fact that matters
+        found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(e))
+        detail = f" ({found.group(0)})" if found else ""
+        raise CheckpointError(f"checkpoint {d}: {name} holds objects other than tensors{detail}; "
+                              "raypose loads weights with weights_only=True and does not unpickle "
+                              "arbitrary objects") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {d}: cannot load {name} ({type(e).__name__}: {e})") from None

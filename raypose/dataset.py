@@ -89,6 +89,8 @@ def flip_sample(image, joints_2d: np.ndarray, joints_3d: np.ndarray,
 
 def _contiguous_runs(sorted_rows: np.ndarray):
     """(start, stop, offset) for each run of consecutive row numbers in a sorted array."""
+    if len(sorted_rows) == 0:
+        return []
     breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
     starts = np.concatenate(([0], breaks))
     stops = np.concatenate((breaks, [len(sorted_rows)]))
@@ -101,6 +103,11 @@ class PoseDataset(torch.utils.data.Dataset):
     subjects / exclude_subjects / actions: lists of names (None = no filter); the validation split
     is the training file with exclude_subjects=[...] for training and subjects=[...] for validation.
     max_samples > 0 keeps that many rows, evenly spaced over the selection (for smoke runs).
+
+    Attributes: indices (sorted int64 file rows of the selection; a "position" indexes this array),
+    action_names (sorted action strings of the whole file, so train and validation subsets of one
+    file agree), sample_actions (int64 index into action_names per position), joint_names,
+    subjects (those in the selection), info (validate_file's summary).
     """
 
     def __init__(self, path, subjects=None, exclude_subjects=None, actions=None, augment=False,
@@ -116,6 +123,7 @@ class PoseDataset(torch.utils.data.Dataset):
         self.action_names = list(self.info["actions"])
         self._file = None
         self._pid = None
+        self._pose_cache = None
         with h5py.File(self.path, "r") as f:
             subject_of_row = f["subject"].asstr()[:]
             action_of_row = f["action"].asstr()[:]
@@ -141,8 +149,9 @@ class PoseDataset(torch.utils.data.Dataset):
             pick = np.unique(np.linspace(0, len(indices) - 1, int(max_samples)).round().astype(np.int64))
             indices = indices[pick]
         self.indices = indices
-        action_index = {name: i for i, name in enumerate(self.action_names)}
-        self._action_of_row = np.array([action_index[a] for a in action_of_row], dtype=np.int64)
+        names, action_ids = np.unique(action_of_row, return_inverse=True)
+        assert names.tolist() == self.action_names
+        self.sample_actions = action_ids[indices].astype(np.int64)  # per selected sample
         self.subjects = sorted(set(subject_of_row[indices].tolist()))
 
     # process-local file handle -------------------------------------------------------------------
@@ -161,6 +170,7 @@ class PoseDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_file"] = None
         state["_pid"] = None
+        state["_pose_cache"] = None  # re-read in the new process, keeps pickles small
         return state
 
     def __len__(self) -> int:
@@ -173,23 +183,33 @@ class PoseDataset(torch.utils.data.Dataset):
         return {key: value[0] for key, value in batch.items()}
 
     # reading ---------------------------------------------------------------------------------
-    def read_rows(self, rows: np.ndarray, keys=("images", "joints_3d", "joints_2d")) -> dict:
+    def read_rows(self, rows, keys=("images", "joints_3d", "joints_2d")) -> dict:
         """Raw arrays for file rows (any order): sorted, read run by run, then put back in order."""
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
+        runs = _contiguous_runs(rows[order])
         f = self._h5()
-        runs = _contiguous_runs(sorted_rows)
         out = {}
         for key in keys:
             ds = f[key]
-            buf = np.empty((len(rows), *ds.shape[1:]), dtype=ds.dtype)
-            for start, stop, at in runs:
-                ds.read_direct(buf, np.s_[start:stop], np.s_[at:at + stop - start])
+            tail = ds.shape[1:]
+            buf = np.empty((len(rows), *tail), dtype=ds.dtype)
+            file_space = ds.id.get_space()
+            zeros = (0,) * len(tail)
+            for start, stop, at in runs:  # low-level reads: h5py's read_direct costs ~4x more per call
+                count = (stop - start, *tail)
+                file_space.select_hyperslab((start, *zeros), count)
+                ds.id.read(h5py.h5s.create_simple(count), file_space, buf[at:at + stop - start])
             result = np.empty_like(buf)
             result[order] = buf
             out[key] = result
         return out
+
+    def _poses(self) -> dict:
+        """joints_3d and joints_2d of all selected rows, read once per process (~200 bytes/sample)."""
+        if self._pose_cache is None:
+            self._pose_cache = self.read_rows(self.indices, keys=("joints_3d", "joints_2d"))
+        return self._pose_cache
 
     def _augmentation(self, positions: np.ndarray, epoch: int):
         """Per-sample crop offsets (B, 2) as (ox, oy), colour alphas (B, 3) and flip flags (B,)."""
@@ -213,9 +233,11 @@ class PoseDataset(torch.utils.data.Dataset):
         """Batched tensors for positions (indices into self.indices); see the module docstring."""
         positions = np.asarray(positions, dtype=np.int64).reshape(-1)
         if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
-            raise IndexError(f"positions must lie in [0, {len(self)}), got {positions.min()}..{positions.max()}")
+            raise IndexError(f"positions must lie in [0, {len(self)}), "
+                             f"got {positions.min()}..{positions.max()}")
         rows = self.indices[positions]
-        raw = self.read_rows(rows)
+        images = self.read_rows(rows, keys=("images",))["images"]  # (B, 128, 128, 3) uint8
+        poses = self._poses()
         crop_xy, alphas, flips = self._augmentation(positions, epoch)
         b = len(positions)
 
@@ -223,38 +245,38 @@ class PoseDataset(torch.utils.data.Dataset):
         crops = np.empty((b, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
         for k in range(b):
             ox, oy = crop_xy[k]
-            crops[k] = raw["images"][k, oy:oy + CROP_SIZE, ox:ox + CROP_SIZE]
-        joints_2d = raw["joints_2d"] - crop_xy[:, None, :].astype(np.float32)  # (B, 17, 2)
-        joints_3d = raw["joints_3d"].astype(np.float32)  # (B, 17, 3)
+            crops[k] = images[k, oy:oy + CROP_SIZE, ox:ox + CROP_SIZE]
+        joints_2d = poses["joints_2d"][positions] - crop_xy[:, None, :].astype(np.float32)  # (B, 17, 2)
+        joints_3d = poses["joints_3d"][positions].astype(np.float32)  # (B, 17, 3)
         if flips.any():
             crops[flips], joints_2d[flips], joints_3d[flips] = flip_sample(
                 crops[flips], joints_2d[flips], joints_3d[flips], self.skeleton)
 
-        image = torch.from_numpy(crops).float().div_(255.0)  # (B, 112, 112, 3)
-        shift = (self.rgb_eigvec @ (alphas * self.rgb_eigval).T).T  # (B, 3)
-        shift = (shift - IMAGE_MEAN) / IMAGE_STD
-        image = image.mul_(torch.from_numpy(1.0 / IMAGE_STD)).add_(torch.from_numpy(shift[:, None, None, :]))
-        image = image.permute(0, 3, 1, 2).contiguous()  # (B, 3, 112, 112)
+        # (x / 255 + noise - mean) / std as one multiply-add per pixel, in numpy: single-threaded,
+        # so it does not compete with the training step's torch threads
+        noise = (self.rgb_eigvec @ (alphas * self.rgb_eigval).T).T  # (B, 3), [0, 1] scale
+        shift = ((noise - IMAGE_MEAN) / IMAGE_STD).astype(np.float32)  # (B, 3)
+        scale = (1.0 / (255.0 * IMAGE_STD)).astype(np.float32)  # (3,)
+        image = np.empty((b, 3, CROP_SIZE, CROP_SIZE), dtype=np.float32)  # (B, 3, 112, 112)
+        np.multiply(crops.transpose(0, 3, 1, 2), scale[None, :, None, None], out=image)
+        image += shift[:, :, None, None]
 
         offsets = parent_relative(joints_3d, self.skeleton) / OFFSET_SCALE_MM
         return {
-            "image": image,
+            "image": torch.from_numpy(image),
             "offsets": torch.from_numpy(offsets.astype(np.float32)),
             "detection": torch.from_numpy(detection_targets(joints_2d)),
             "joints_3d": torch.from_numpy((joints_3d - joints_3d[:, :1]).astype(np.float32)),
             "joints_2d": torch.from_numpy(joints_2d.astype(np.float32)),
-            "action": torch.from_numpy(self._action_of_row[rows]),
+            "action": torch.from_numpy(self.sample_actions[positions]),
             "row": torch.from_numpy(rows),
         }
 
     def root_relative_poses(self) -> np.ndarray:
         """(N, 17, 3) float64 root-relative joints of the selected rows, mm; reads no image."""
-        joints = self.read_rows(self.indices, keys=("joints_3d",))["joints_3d"].astype(np.float64)
+        joints = self._poses()["joints_3d"].astype(np.float64)
         return joints - joints[:, :1]
 
-    def actions_of(self, positions) -> np.ndarray:
-        """Action indices (into action_names) of positions, without reading the file."""
-        return self._action_of_row[self.indices[np.asarray(positions, dtype=np.int64)]]
 
 
 def shard_positions(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0,

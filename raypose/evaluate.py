@@ -344,7 +344,8 @@ def sweep_history(best: dict, study_db: Path | None, copy: storage.Location) -> 
     if trials:
         note += "; history drawn from best.json's trial rows, parameter importances not computed"
     else:
-        note += " and no trial rows in best.json; sweep_history.png not drawn, parameter importances not computed"
+        note += (" and no trial rows in best.json; sweep_history.png not drawn, parameter "
+                 "importances not computed")
     return {"trials": trials, "importances": {}, "source": "best.json" if trials else None,
             "note": note}
 

@@ -15,8 +15,9 @@ and `raypose data h36m`, read by raypose.dataset.
 
 Joints follow raypose.skeleton.H36M_SKELETON (17 joints, Human3.6M order; the file's `skeleton`
 attribute repeats names, parents and left/right lists). Strings are variable-length UTF-8 (h5py
-`string_dtype('utf-8')`). Every dataset is chunked along the sample axis only (64 rows per chunk,
-uncompressed), so a batch of sorted rows is a few contiguous reads. The mapping from 3D to 2D is not
+`string_dtype('utf-8')`). Every dataset is chunked along the sample axis only and uncompressed
+(64 rows per chunk for images and poses, 1024 for the labels, which readers load whole), so a batch
+of sorted rows is a few contiguous reads. The mapping from 3D to 2D is not
 stored: 2D joints are the projection of the 3D joints into the original image, moved into the crop.
 
 Pixel convention: continuous coordinates with the origin at the top-left corner of the crop. Pixel
@@ -62,7 +63,8 @@ from raypose.skeleton import H36M_SKELETON, Skeleton
 SCHEMA_VERSION = 1
 IMAGE_SIZE = 128
 NUM_JOINTS = 17
-CHUNK_ROWS = 64
+CHUNK_ROWS = 64  # rows per chunk of images and poses (one image chunk: 3 MiB)
+LABEL_CHUNK_ROWS = 1024  # rows per chunk of subject/action/camera/frame (read whole, at open)
 SOURCES = ("synth", "h36m")
 PCA_PIXEL_STRIDE = 4  # colour statistics use every 4th pixel along each axis
 
@@ -178,8 +180,9 @@ class SplitWriter:
         self._file = h5py.File(self._tmp, "w")
         for key in KEYS:
             tail, dtype = ARRAY_KEYS.get(key, ((), _STR))
+            rows = self.chunk_rows if key in ("images",) + POSE_KEYS else LABEL_CHUNK_ROWS
             self._file.create_dataset(key, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype,
-                                      chunks=(self.chunk_rows, *tail))
+                                      chunks=(rows, *tail))
 
     # validation --------------------------------------------------------------------------------
     def _error(self, key: str, what: str) -> DataError:
@@ -214,14 +217,17 @@ class SplitWriter:
                     raise self._error(key, f"expected dtype uint8, got {array.dtype}")
                 if key in POSE_KEYS:
                     if not np.issubdtype(array.dtype, np.floating):
-                        raise self._error(key, f"expected a float dtype (stored as float32), got {array.dtype}")
+                        raise self._error(key, f"expected a float dtype (stored as float32), "
+                                               f"got {array.dtype}")
                     row = _first_nonfinite_row(array)
                     if row >= 0:
                         raise self._error(key, f"NaN or inf in row {row} of the batch; poses must be finite")
                 if key == "frame":
                     if not np.issubdtype(array.dtype, np.integer):
-                        raise self._error(key, f"expected an integer dtype (stored as int32), got {array.dtype}")
-                    if array.size and (array.min() < np.iinfo(np.int32).min or array.max() > np.iinfo(np.int32).max):
+                        raise self._error(key, f"expected an integer dtype (stored as int32), "
+                                               f"got {array.dtype}")
+                    limits = np.iinfo(np.int32)
+                    if array.size and (array.min() < limits.min or array.max() > limits.max):
                         raise self._error(key, "values do not fit int32")
                 out[key] = array.astype(dtype, copy=False)
             lengths[key] = len(out[key])
@@ -328,7 +334,8 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
         if "schema_version" not in attrs:
             raise error("schema_version", f"attribute missing; expected {SCHEMA_VERSION}")
         version = attrs["schema_version"]
-        if np.ndim(version) != 0 or int(version) != SCHEMA_VERSION:
+        version = version.tolist() if isinstance(version, np.ndarray | np.generic) else version
+        if not isinstance(version, int) or version != SCHEMA_VERSION:
             raise error("schema_version", f"expected {SCHEMA_VERSION}, got {version!r}")
         if "skeleton" not in attrs:
             raise error("skeleton", "attribute missing; expected the skeleton as JSON")
