@@ -70,6 +70,14 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, RuntimeError, OSError) as e:
+        # raypose's own errors (DataError, ConfigError, StorageError, ...) already say what was
+        # wrong and where: one line, no traceback. Anything else is a bug and keeps its traceback.
+        if type(e).__module__.startswith("raypose."):
+            command = " ".join(a for a in argv[:2] if not a.startswith("-"))
+            print(f"raypose {command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`raypose cluster up|down|env`: a local dev cluster on 127.0.0.1, so that the submit path is real.
+"""`raypose cluster up|down|env|check`: a local dev cluster on 127.0.0.1, so that the submit path is real.
 
 `up` starts a Ray head (`ray start --head`, dashboard and job server on 127.0.0.1) and a moto S3 server
 (`moto_server -H 127.0.0.1`), creates the bucket, and records what it started in
@@ -15,8 +15,13 @@ Ray gets a temp dir of its own (--temp-dir), so its `ray_current_cluster` file n
 Ray process of the user on the machine, whatever instance it belongs to. It stops the recorded
 processes instead: all of them share one process group (`ray start` runs in a new session), and
 their command lines name the dedicated temp dir.
+
+`check` probes any Ray cluster the way `ray job submit` would reach it (same address and token
+lookup) and prints one line: that it answers, or what is wrong (nothing listening, not a Ray
+dashboard, no token, a refused token) and what to do, where `ray job submit` prints a traceback.
 """
 
+import http.client
 import json
 import os
 import secrets
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -350,6 +356,9 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
     # machine's outward address (a single-node cluster never needs another node to reach it).
     child_env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     child_env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # jobs run `python ...` from the head's PATH: put this interpreter's folder first, so a job
+    # finds raypose's environment even when the virtual environment was not activated
+    child_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), child_env.get("PATH", "")])
 
     started_at = time.time()
     moto_log = logs / "moto_server.log"
@@ -471,11 +480,146 @@ def shell_lines(variables: dict) -> list:
             + ["unset RAY_AUTH_TOKEN AWS_ENDPOINT_URL_S3"])
 
 
+# --- check: can `ray job submit` reach a cluster? ---------------------------------------------------
+
+SUBMIT_ADDRESS_HINT = "give the dashboard's address, http://HEAD:8265"
+TOKEN_HINT = ("set RAY_AUTH_TOKEN_PATH to the cluster's token file (or RAY_AUTH_TOKEN to the token); "
+              "for the dev cluster: eval \"$(raypose cluster env)\"")
+
+
+def _submit_address(address: str | None) -> tuple[str, str]:
+    """(dashboard URL, where it came from), chosen as `ray job submit` chooses it: Ray 2.60's job
+    client takes RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, over --address. Only http(s) URLs are
+    checked: without a scheme Ray takes the address for a GCS one, and ray:// for Ray Client."""
+    given = (address or "").strip()
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            if given and given.rstrip("/") != value.rstrip("/"):
+                raise ClusterError(f"{name}={value} overrides --address {given}: `ray job submit` "
+                                   f"uses the variable first; unset {name} (or set it to the "
+                                   f"address you mean)")
+            source = name
+            break
+    else:
+        value, source = given, "--address"
+    if not value:
+        raise ClusterError("no address to check: pass --address http://HEAD:8265 (the dashboard's "
+                           "address) or set RAY_API_SERVER_ADDRESS")
+    value = value.rstrip("/")
+    if "://" not in value:
+        raise ClusterError(f"{source} {value} has no http://, so `ray job submit` takes it for a GCS "
+                           f"address and asks that for the dashboard's; {SUBMIT_ADDRESS_HINT}")
+    parsed = urllib.parse.urlparse(value)
+    if parsed.scheme not in ("http", "https"):
+        raise ClusterError(f"{source} {value}: `ray job submit` talks HTTP to the dashboard, "
+                           f"not {parsed.scheme}://; {SUBMIT_ADDRESS_HINT}")
+    try:
+        parsed.port
+    except ValueError:
+        raise ClusterError(f"{source} {value}: not a valid port; {SUBMIT_ADDRESS_HINT}") from None
+    if not parsed.hostname:
+        raise ClusterError(f"{source} {value}: no host; {SUBMIT_ADDRESS_HINT}")
+    return value, source
+
+
+def _client_token() -> tuple[str | None, str]:
+    """(token or None, where it came from), found as Ray's client finds it: only with
+    RAY_AUTH_MODE=token, from RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH names (which must
+    then hold it), else ~/.ray/auth_token. Raises ClusterError when token auth is on and none is found."""
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() != "token":
+        return None, "RAY_AUTH_MODE is not token"
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH", "").strip()
+    if path:
+        try:
+            token = Path(path).expanduser().read_text().strip()
+        except OSError as e:
+            raise ClusterError(f"token authentication is on but no token was found: "
+                               f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({e.strerror}); "
+                               f"{TOKEN_HINT}") from None
+        if not token:
+            raise ClusterError(f"token authentication is on but no token was found: "
+                               f"RAY_AUTH_TOKEN_PATH={path} is empty; {TOKEN_HINT}")
+        return token, f"RAY_AUTH_TOKEN_PATH={path}"
+    default = Path.home() / ".ray" / "auth_token"
+    try:
+        token = default.read_text().strip()
+    except OSError:
+        token = ""
+    if token:
+        return token, str(default)
+    raise ClusterError(f"token authentication is on but no token was found: RAY_AUTH_MODE=token, "
+                       f"and neither RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH nor {default} gives one; "
+                       f"{TOKEN_HINT}")
+
+
+def check_submit_target(address: str | None = None, timeout: float = 5.0) -> str:
+    """Whether `ray job submit` can reach the cluster at `address` (default: as the CLI finds it).
+
+    Asks the dashboard's /api/version with the token Ray's client would send. Returns one line
+    saying so; raises ClusterError with one line saying what is wrong and what to do."""
+    url, source = _submit_address(address)
+    token, token_source = _client_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(url + "/api/version", headers=headers)
+    not_ray = (f"something answers at {url} but it is not a Ray dashboard ({{}}): check the host and "
+               f"port ({source}); {SUBMIT_ADDRESS_HINT}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read(65536)
+    except urllib.error.HTTPError as e:
+        text = e.read(300).decode(errors="replace").strip()
+        if e.code == 401 and token is None:
+            raise ClusterError(f"the Ray cluster at {url} requires a token (HTTP 401) but none was "
+                               f"sent: token authentication is off on this side; set "
+                               f"RAY_AUTH_MODE=token and {TOKEN_HINT}") from None
+        if e.code in (401, 403) and "token" in text.lower():
+            raise ClusterError(f"the Ray cluster at {url} refused the token from {token_source} "
+                               f"(HTTP {e.code}: {text.splitlines()[0] if text else e.reason}): "
+                               f"{TOKEN_HINT}") from None
+        raise ClusterError(not_ray.format(f"HTTP {e.code} {e.reason} on /api/version")) from None
+    except urllib.error.URLError as e:
+        reason = e.reason
+        if isinstance(reason, ConnectionRefusedError):
+            raise ClusterError(f"no Ray dashboard answers at {url} (connection refused): is the "
+                               f"cluster up? Start it (`raypose cluster up` for the dev cluster), "
+                               f"or check the host and port ({source}); the dashboard listens on "
+                               f"port {DEFAULT_DASHBOARD_PORT} unless told otherwise") from None
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            raise ClusterError(f"no answer from {url} within {timeout:g} s: check the host, port "
+                               f"({source}) and firewall; {SUBMIT_ADDRESS_HINT}") from None
+        if isinstance(reason, socket.gaierror):
+            raise ClusterError(f"cannot resolve the host of {url} ({reason.strerror}): check "
+                               f"{source}; {SUBMIT_ADDRESS_HINT}") from None
+        raise ClusterError(f"cannot reach {url} ({reason}): check {source}; "
+                           f"{SUBMIT_ADDRESS_HINT}") from None
+    except (socket.timeout, TimeoutError):
+        raise ClusterError(f"no answer from {url} within {timeout:g} s: check the host, port "
+                           f"({source}) and firewall; {SUBMIT_ADDRESS_HINT}") from None
+    except (OSError, ValueError, http.client.HTTPException) as e:  # e.g. a gRPC or other non-HTTP port
+        raise ClusterError(not_ray.format(f"no HTTP answer: {type(e).__name__}")) from None
+    try:
+        version = json.loads(body)["ray_version"]
+    except (ValueError, KeyError, TypeError):
+        raise ClusterError(not_ray.format("/api/version gave no ray_version")) from None
+    auth = f"with the token from {token_source}" if token else "without a token"
+    return f"the Ray {version} cluster at {url} accepts job submissions {auth}"
+
+
 # --- command line -------------------------------------------------------------------------------------
 
 def add_arguments(parser):
-    parser.add_argument("action", choices=["up", "down", "env"],
-                        help="up: start Ray head + S3 server; down: stop them; env: print shell exports")
+    parser.add_argument("action", choices=["up", "down", "env", "check"],
+                        help="up: start Ray head + S3 server; down: stop them; env: print shell "
+                             "exports; check: can `ray job submit` reach a cluster (any cluster, "
+                             "not only the dev one) with the token it would send?")
+    parser.add_argument("--address", default=None,
+                        help="check: the dashboard URL, http://HEAD:8265 (default: "
+                             "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, which `ray job submit` "
+                             "prefers to its own --address)")
     parser.add_argument("--state-dir", default=None,
                         help="where the state file, token and logs live "
                              "(default: $RAYPOSE_STATE_DIR or ~/.raypose/dev-cluster)")
@@ -524,6 +668,8 @@ def run(args):
             else:
                 print(f"the dev cluster in {state_dir} was no longer running; removed its state")
             print("# in shells that loaded its variables: unset " + " ".join(state["env"]))
+        elif args.action == "check":
+            print(check_submit_target(args.address))
         else:
             print("\n".join(shell_lines(env(state_dir))))
         return 0

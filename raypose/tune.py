@@ -99,6 +99,25 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
+def check_no_stale_study(study_url: str, name: str) -> None:
+    """A new sweep must not silently continue an Optuna study of the same name left in the
+    database by an earlier sweep (Ray's OptunaSearch loads an existing study)."""
+    db = _sqlite_path(study_url)
+    if db is not None and not db.exists():
+        return
+    import optuna
+
+    try:
+        names = [s.study_name for s in optuna.study.get_all_study_summaries(storage=study_url)]
+    except Exception as e:  # an unreachable or corrupt database
+        raise ConfigError(f"--study-db {study_url}: cannot open the Optuna database "
+                          f"({type(e).__name__}: {e})") from None
+    if name in names:
+        raise ConfigError(f"the Optuna database {study_url} already holds a study named {name!r} "
+                          "from an earlier sweep; pass --resume to continue that sweep, another "
+                          "--name, or another --study-db")
+
+
 def make_searcher(space, seed: int, study_url: str, study_name: str):
     import optuna
     from ray.tune.search.optuna import OptunaSearch
@@ -248,6 +267,8 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurr
     if resume and db is not None and not db.exists() and storage.exists(exp.join("optuna.db")):
         db.parent.mkdir(parents=True, exist_ok=True)
         storage.filesystem(exp).get_file(exp.join("optuna.db").path, str(db))
+    if not resume:
+        check_no_stale_study(study_url, name)
     init_ray(address)
     check_gpu_available(cfg)
     import ray
