@@ -17,7 +17,8 @@ def _write(tmp_path, text, name="run.yaml"):
 def test_defaults_are_the_paper_settings():
     cfg = load_config()
     assert (cfg.model.lrn_alpha, cfg.model.lrn_beta, cfg.model.lrn_window) == (0.0025, 0.75, 5)
-    assert cfg.loss.detection_weight == 1.0
+    # lambda is not the paper's 1: E_d sums 1700 terms against E_r's 51 (README, "The network")
+    assert cfg.loss.detection_weight == 1.0e-4
     assert cfg.schedule.kind == "joint" and cfg.scaling.workers == 1
 
 
