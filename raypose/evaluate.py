@@ -22,7 +22,6 @@ says which source was used and why.
 import datetime
 import json
 import posixpath
-import sys
 import tempfile
 from pathlib import Path
 
@@ -245,7 +244,7 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
 
 def markdown_report(report: dict) -> str:
     actions = sorted(report["per_action"])
-    lines = [f"# raypose evaluation", "",
+    lines = ["# raypose evaluation", "",
              f"Checkpoint: `{report['checkpoint']}` (epoch {report['epoch']}, {report['stage']} stage)",
              f"Test samples: {report['test_samples']}", "",
              "MPJPE in mm (Protocol #1, root-aligned); std over samples in brackets.", "",
@@ -399,11 +398,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from raypose.h5schema import DataError
-
-    try:
-        evaluate(args.uri, args.data, args.out, args.gpu, args.batch_size)
-    except (EvaluationError, ConfigError, DataError, storage.StorageError, checkpoint.CheckpointError) as e:
-        print(f"raypose evaluate: error: {e}", file=sys.stderr)
-        return 2
+    # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
+    evaluate(args.uri, args.data, args.out, args.gpu, args.batch_size)
     return 0

@@ -248,7 +248,6 @@ def forward_kinematics(body: dict, a: dict):
     j[:, 8] = j[:, 7] + _apply(chest, up * L["thorax"])
     j[:, 9] = j[:, 8] + _apply(head, _unit([0, 0.9, 0.45]) * L["neck"])
     j[:, 10] = j[:, 9] + _apply(head, _unit([0, 1.0, -0.25]) * L["head"])
-    prims = []
     hands, feet = [], []
     for side, sign, (hip, knee, foot), (shoulder, elbow, wrist) in (
             ("l", 1.0, (4, 5, 6), (11, 12, 13)), ("r", -1.0, (1, 2, 3), (14, 15, 16))):
@@ -443,7 +442,7 @@ def render_scenes(scenes: dict, bodies: list, rng: np.random.Generator) -> dict:
     """Poses, cameras and rendered crops for a batch of scenes (vectorised over the batch)."""
     n = len(scenes["phase"])
     joints = np.zeros((n, 17, 3))
-    ends = radii = slots = None
+    ends = radii = None
     # angles per action, bodies per subject: fill row blocks, then transform all at once
     angles = {k: np.zeros(n) for k in ANGLE_KEYS}
     for ai, action in enumerate(ACTIONS):
@@ -461,7 +460,6 @@ def render_scenes(scenes: dict, bodies: list, rng: np.random.Generator) -> dict:
             ends = np.zeros((n, *e.shape[1:]))
             radii = np.zeros((n, len(r)))
             colours = np.zeros((n, len(r), 3), dtype=np.float32)
-            slots = s
         joints[rows], ends[rows], radii[rows] = j, e, r
         colours[rows] = body["colours"][s]
     # body frame (x left, y up, z forward) -> camera (x right, y down, z forward): a half turn

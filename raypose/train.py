@@ -10,11 +10,9 @@ resume from the latest checkpoint; FailureConfig(max_failures) restarts a lost w
 import json
 import os
 import posixpath
-import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 from raypose import checkpoint, storage
@@ -311,17 +309,8 @@ def config_from_args(args) -> Config:
 
 
 def run(args) -> int:
-    try:
-        cfg = config_from_args(args)
-        result = run_training(cfg, stop_after_epoch=args.stop_after_epoch, address=args.address)
-    except (ConfigError, storage.StorageError, checkpoint.CheckpointError) as e:
-        print(f"raypose train: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:
-        from raypose.h5schema import DataError
-
-        if isinstance(e, DataError):
-            print(f"raypose train: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    # raypose's errors (config, data, storage, checkpoint) reach raypose.cli.main, which prints
+    # them as one line and exits 2
+    cfg = config_from_args(args)
+    result = run_training(cfg, stop_after_epoch=args.stop_after_epoch, address=args.address)
     return 0 if result.error is None else 1

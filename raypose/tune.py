@@ -17,14 +17,12 @@ such results, so it is only ever compared with other trials at equal regression 
 
 import json
 import os
-import shutil
-import sys
 import time
 from pathlib import Path
 
 from raypose import storage
 from raypose.config import Config, ConfigError, config_from_dict, load_config, set_value
-from raypose.search_space import SearchSpaceError, load_space
+from raypose.search_space import load_space
 
 METRIC = "val_mpjpe"
 MODE = "min"
@@ -343,24 +341,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from raypose.checkpoint import CheckpointError
-    from raypose.h5schema import DataError
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        set_value(cfg, "data.path", args.data, "--data")
-        set_value(cfg, "storage.uri", args.storage, "--storage")
-        if args.epochs is not None:
-            set_value(cfg, "schedule.epochs", args.epochs, "--epochs")
-        if args.workers_per_trial is not None:
-            set_value(cfg, "scaling.workers", args.workers_per_trial, "--workers-per-trial")
-        set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
-        if args.max_concurrent is not None and args.max_concurrent < 1:
-            raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-        cfg.validate()
-        run_sweep(cfg, args.space, args.name, args.samples, args.max_concurrent, args.resume,
-                  args.study_db, args.address)
-    except (ConfigError, SearchSpaceError, DataError, storage.StorageError, CheckpointError) as e:
-        print(f"raypose tune: error: {e}", file=sys.stderr)
-        return 2
+    # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
+    cfg = load_config(args.config, args.overrides)
+    set_value(cfg, "data.path", args.data, "--data")
+    set_value(cfg, "storage.uri", args.storage, "--storage")
+    if args.epochs is not None:
+        set_value(cfg, "schedule.epochs", args.epochs, "--epochs")
+    if args.workers_per_trial is not None:
+        set_value(cfg, "scaling.workers", args.workers_per_trial, "--workers-per-trial")
+    set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    cfg.validate()
+    run_sweep(cfg, args.space, args.name, args.samples, args.max_concurrent, args.resume,
+              args.study_db, args.address)
     return 0

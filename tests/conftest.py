@@ -31,9 +31,16 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port outside Ray's worker port range (a server there would collide with
+    a Ray worker started later)."""
+    from raypose.cluster import RAY_WORKER_PORTS
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not RAY_WORKER_PORTS[0] <= port <= RAY_WORKER_PORTS[1]:
+            return port
 
 
 @pytest.fixture

@@ -18,17 +18,11 @@ import pytest
 from raypose import cluster
 from raypose.cli import main
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    """A free loopback port outside Ray's worker port range."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not cluster.RAY_WORKER_PORTS[0] <= port <= cluster.RAY_WORKER_PORTS[1]:
-            return port
 
 
 def running(record) -> bool:

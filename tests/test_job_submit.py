@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import pytest
 
 from raypose import cluster
 
+from tests.conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "raypose-e2e"
 # Generous fail-safes; on 2 shared cores the sweep takes about 1-2 min, the evaluation under 1 min.
@@ -40,14 +41,6 @@ EVALUATE_TIMEOUT_S = 240
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def free_port() -> int:
-    """A free loopback port outside Ray's worker port range."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not cluster.RAY_WORKER_PORTS[0] <= port <= cluster.RAY_WORKER_PORTS[1]:
-            return port
 
 
 class ProcessWatch:

@@ -7,7 +7,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from raypose import checkpoint, storage
 from raypose.config import ConfigError

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from raypose.tune import make_scheduler, run_sweep
 from tests.conftest import tiny_config
