@@ -113,7 +113,9 @@ def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_data, tmp_path):
     while not recorded(log) and time.time() < deadline:
         time.sleep(0.2)
     assert recorded(log), "no epoch finished in time"
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    address = ray_local.get_runtime_context().gcs_address  # this test's instance, not another one
+    workers = list_actors(address=address,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2
     os.kill(workers[1]["pid"], signal.SIGKILL)
     thread.join(timeout=300)
@@ -122,7 +124,7 @@ def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_data, tmp_path):
     assert result.error is None
     epochs = [r["epoch"] for r in recorded(log)]
     assert epochs[-1] == 4
-    all_workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")])
+    all_workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")])
     assert len(all_workers) >= 4, "the worker group was not restarted"
     # the new group resumed from a checkpoint: epoch 1 (done before the kill) never ran again
     assert epochs.count(1) == 1
@@ -141,3 +143,14 @@ def test_bad_config_fails_before_ray(tiny_data, tmp_path):
     finally:
         del os.environ["AWS_ENDPOINT_URL"]
     assert not ray.is_initialized()
+
+
+def test_gpu_flag_without_gpu_fails_before_workers(ray_local, tiny_data, tmp_path):
+    from ray.util.state import list_actors
+
+    cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__gpu=True)
+    with pytest.raises(ConfigError, match="--gpu was given but the Ray cluster has no GPU"):
+        run_training(cfg)
+    address = ray_local.get_runtime_context().gcs_address
+    assert list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")]) == []
+    assert not (tmp_path / "exp" / "gpu").exists()  # nothing was written for the run
