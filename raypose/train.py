@@ -134,10 +134,13 @@ def train_func_per_worker(loop_config: dict) -> None:
 
 def preflight(cfg: Config) -> storage.Location:
     """Every check that needs no cluster: config ranges, data files and splits, storage.
-    Raises one clear error before Ray starts anything."""
+    Raises one clear error before Ray starts anything. Makes cfg.data.path absolute."""
     from raypose.dataset import PoseDataset
 
     cfg.validate()
+    # workers (and Tune trials, which run in their own folders) see the driver's data by an
+    # absolute path
+    cfg.data.path = os.path.abspath(cfg.data.path)
     train_file = os.path.join(cfg.data.path, "train.h5")
     # opening the datasets validates the file and both selections (non-empty)
     PoseDataset(train_file, exclude_subjects=cfg.data.val_subjects)
