@@ -19,7 +19,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--storage", default=None,
                         help="experiment storage (default: <root>/experiments; s3://... works too)")
     parser.add_argument("--samples", type=int, default=4, help="trials in the sweep")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per trial")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per trial")
     parser.add_argument("--train", type=int, default=1500, help="synthetic training samples")
     parser.add_argument("--test", type=int, default=300, help="synthetic test samples")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers per trial")
@@ -43,7 +43,7 @@ def run(args) -> int:
         set_value(cfg, "storage.uri", args.storage or str(root / "experiments"), "--storage")
         set_value(cfg, "schedule.epochs", args.epochs, "--epochs")
         set_value(cfg, "scaling.workers", args.workers, "--workers")
-        cfg.data.batch_size = 32
+        cfg.data.batch_size = 16  # per worker: more steps in the few epochs a demo has
         cfg.validate()
         name = "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         print(f"[raypose demo] 2/3 sweep {name}: {args.samples} trials x {args.epochs} epochs, "

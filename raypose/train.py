@@ -134,7 +134,8 @@ def train_func_per_worker(loop_config: dict) -> None:
 
 def preflight(cfg: Config) -> storage.Location:
     """Every check that needs no cluster: config ranges, data files and splits, storage.
-    Raises one clear error before Ray starts anything. Makes cfg.data.path absolute."""
+    Raises one clear error before Ray starts anything. Makes the data path and a local
+    storage path absolute."""
     from raypose.dataset import PoseDataset
 
     cfg.validate()
@@ -146,6 +147,7 @@ def preflight(cfg: Config) -> storage.Location:
     PoseDataset(train_file, exclude_subjects=cfg.data.val_subjects)
     PoseDataset(train_file, subjects=cfg.data.val_subjects)
     loc = storage.parse(cfg.storage.uri)
+    cfg.storage.uri = loc.uri  # absolute too, for the same reason as the data path
     storage.check_reachable(loc)
     check_resume_config(cfg, loc.join(cfg.storage.name))
     return loc

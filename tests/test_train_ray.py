@@ -156,9 +156,11 @@ def test_gpu_flag_without_gpu_fails_before_workers(ray_local, tiny_data, tmp_pat
     assert not (tmp_path / "exp" / "gpu").exists()  # nothing was written for the run
 
 
-def test_relative_data_path_reaches_workers_as_absolute(tiny_data, tmp_path, monkeypatch):
+def test_relative_paths_reach_workers_as_absolute(tiny_data, tmp_path, monkeypatch):
     # Tune runs each trial in its own folder: a path relative to the driver would not resolve there
     monkeypatch.chdir(tiny_data.parent)
-    cfg = tiny_config(tiny_data.name, tmp_path / "exp")
+    (tiny_data.parent / "rel-exp").mkdir(exist_ok=True)
+    cfg = tiny_config(tiny_data.name, "rel-exp")
     preflight(cfg)
     assert cfg.data.path == str(tiny_data)
+    assert cfg.storage.uri == str(tiny_data.parent / "rel-exp")
