@@ -62,12 +62,9 @@ class ClusterError(RuntimeError):
 
 
 def _psutil():
-    """psutil: installed on its own, or the copy Ray vendors (importing ray puts it on sys.path)."""
-    try:
-        import psutil
-    except ImportError:
-        import ray  # noqa: F401  (adds ray/thirdparty_files to sys.path)
-        import psutil
+    """psutil, imported when needed (a dependency of raypose)."""
+    import psutil
+
     return psutil
 
 
