@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         # raypose's own errors (DataError, ConfigError, StorageError, ...) already say what was
         # wrong and where: one line, no traceback. Anything else is a bug and keeps its traceback.
         if type(e).__module__.startswith("raypose."):
-            command = " ".join(a for a in argv[:2] if not a.startswith("-"))
+            command = " ".join(c for c in (args.command, getattr(args, "subcommand", None)) if c)
             print(f"raypose {command}: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -5,6 +5,7 @@ import os
 import secrets
 import socket
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,10 @@ def s3_server(monkeypatch):
     try:
         yield endpoint
     finally:
+        # moto keeps its buckets in the process, across servers: reset them for the next test
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"))
         server.stop()
 
 
@@ -68,7 +73,7 @@ def s3_bucket(s3_server):
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
-    bucket = "raypose-test"
+    bucket = f"raypose-test-{uuid.uuid4().hex[:8]}"  # fresh even if a reset was missed
     fs.mkdir(bucket)
     yield s3_server, bucket
 
