@@ -11,7 +11,7 @@ import torch.distributed as dist
 from raypose.config import Config
 from raypose.dataset import PoseDataset, iterate_batches
 from raypose.losses import multitask_loss
-from raypose.model import LiChanNet, regression_from_pretrained
+from raypose.model import LiChanNet
 from raypose.skeleton import OFFSET_SCALE_MM, from_parent_relative
 
 
@@ -43,11 +43,6 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
         return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                            weight_decay=cfg.optim.weight_decay)
-
-
-def switch_to_regression(model: LiChanNet) -> LiChanNet:
-    """Pretrain schedule, between the stages: keep conv1..conv3, fresh regression head."""
-    return regression_from_pretrained(model)
 
 
 def autocast_for(device: torch.device, enabled: bool):

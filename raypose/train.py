@@ -18,9 +18,10 @@ import torch
 from raypose import checkpoint, storage
 from raypose.config import Config, ConfigError, config_from_dict, load_config
 from raypose.loop import (build_model, build_optimizer, epoch_batches, open_splits,
-                          regression_epochs_done, stage_for_epoch, switch_to_regression,
+                          regression_epochs_done, stage_for_epoch,
                           train_epoch, validate)
 from raypose.metrics import mean_pose_baseline
+from raypose.model import regression_from_pretrained
 
 CHECKPOINT_PREFIX = "epoch_"
 
@@ -84,7 +85,7 @@ def train_func_per_worker(loop_config: dict) -> None:
         stage = stage_for_epoch(cfg, epoch)
         if stage == "regression" and model.regression is None:
             # pretrain schedule: drop the detection head, fresh regression head, kept trunk
-            model = switch_to_regression(model)
+            model = regression_from_pretrained(model)
             if cfg.scaling.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             optimizer = build_optimizer(cfg, model)

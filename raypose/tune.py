@@ -293,7 +293,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurr
         "experiment": exp.uri,
         "trial_id": best["trial_id"],
         "params": best["params"],
-        "config": _trial_config(cfg, best["params"]),
+        "config": space.apply(best["params"], cfg).to_dict(),
         "metric": METRIC,
         "mode": MODE,
         "value": best["best_val_mpjpe"],
@@ -308,13 +308,6 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurr
     print(f"[raypose] best trial {best['trial_id']}: {METRIC} {best['best_val_mpjpe']:.1f} mm at epoch "
           f"{best['best_epoch']}; {exp.join('best.json').uri}", flush=True)
     return best_json
-
-
-def _trial_config(cfg: Config, params: dict) -> dict:
-    trial = config_from_dict(cfg.to_dict())
-    for k, v in params.items():
-        set_value(trial, k, v, f"trial parameter {k}")
-    return trial.to_dict()
 
 
 # ----------------------------------------------------------------------------------------------
