@@ -8,11 +8,15 @@ z forward), and rendered straight into the 128 x 128 crop of a square box around
 The body is drawn as capsules (limbs, torso, pelvis, shoulders, neck, feet) and spheres (head, nose,
 hands) with a per-pixel depth buffer, so nearer parts cover farther ones; radii shrink with
 distance; shading falls with the surface's slant (a tube looks round) and with depth relative to the
-pelvis (nearer is brighter), which carries the depth cues a CNN needs. Colours follow one rule for
-every subject: left limbs are warm (red to orange), right limbs are cool (cyan to blue), legs darker
-than arms, the torso another hue, a skin-toned head with a dark nose on the face's front. So left and
-right, and front and back, can be told apart, and a mirrored sample is a different sample. The
-background is a random texture (stripes or checks, blotches, noise) in random colours.
+pelvis (nearer is brighter), which carries the depth cues a CNN needs. Each subject has two limb
+colours, one warm (red to orange) and one cool (cyan to blue), legs darker than arms, the torso
+another hue, a skin-toned head with a dark nose on the face's front. Which side wears the warm
+colour is drawn per sample (`sides_swapped`, probability 1/2), so colour says which limbs belong
+together but not which side is left: left and right are told apart by the face and the depth order,
+as in real images. This is what makes the left/right flip augmentation honest: a mirrored sample
+looks like an unmirrored sample of the mirrored pose (with a fixed left-warm rule, a flipped image
+would show a labelled left side in cool colours, which never occurs at test). The background is a
+random texture (stripes or checks, blotches, noise) in random colours.
 
 Subjects: the train split uses S1 S5 S6 S7 S8, the test split S9 S11 (each subject its own body
 proportions, limb widths and colours), and the two splits draw from different random streams.
@@ -57,6 +61,8 @@ RADIUS_MM = {
 
 # Colour slots of a body; primitives index into them.
 TORSO, SKIN, LEFT_ARM, RIGHT_ARM, LEFT_LEG, RIGHT_LEG, SHOES, NOSE = range(8)
+# the slot each slot takes when a sample's sides are swapped (warm limbs on the right)
+SWAPPED_SLOTS = np.array([TORSO, SKIN, RIGHT_ARM, LEFT_ARM, RIGHT_LEG, LEFT_LEG, SHOES, NOSE])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,6 +441,7 @@ def sample_scenes(rng: np.random.Generator, bodies: list, n: int) -> dict:
         "margin": rng.uniform(0.2, 0.35, n),  # box side = (1 + margin) * larger joint extent
         "jitter": rng.uniform(-0.04, 0.04, (n, 2)),  # box centre shift, share of the side
         "gain": rng.uniform(0.8, 1.15, n),  # overall brightness of the body
+        "sides_swapped": rng.random(n) < 0.5,  # warm limbs on the right instead of the left
     }
 
 
@@ -461,7 +468,8 @@ def render_scenes(scenes: dict, bodies: list, rng: np.random.Generator) -> dict:
             radii = np.zeros((n, len(r)))
             colours = np.zeros((n, len(r), 3), dtype=np.float32)
         joints[rows], ends[rows], radii[rows] = j, e, r
-        colours[rows] = body["colours"][s]
+        slots = np.where(scenes["sides_swapped"][rows, None], SWAPPED_SLOTS[s], s)  # (rows, P)
+        colours[rows] = body["colours"][slots]
     # body frame (x left, y up, z forward) -> camera (x right, y down, z forward): a half turn
     # about x (a proper rotation: no mirror), after the yaw; then the camera's tilt and position
     to_camera = _rot("x", scenes["pitch"]) @ np.diag([1.0, -1.0, -1.0]) @ _rot("y", scenes["yaw"])

@@ -1,5 +1,5 @@
-"""The synthetic renderer: depth order, depth cues, left/right colours, and a small generated
-dataset that follows the schema, keeps its joints inside the crop and has disjoint splits."""
+"""The synthetic renderer: depth order, depth cues, side colours that survive a flip, and a small
+generated dataset that follows the schema, keeps its joints inside the crop and has disjoint splits."""
 
 import h5py
 import numpy as np
@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from raypose import cli, synth
+from raypose.dataset import flip_sample
 from raypose.h5schema import validate_file
 
 # a camera whose crop is the image itself around the principal point: crop pixel (64, 64) is the
@@ -61,29 +62,66 @@ def test_depth_cues_shading_and_size():
     assert image[64, 64].mean() > 1.5 * image[64, 64 + 24].mean() > 0
 
 
-def standing_scenes(yaws):
+def standing_scenes(yaws, swapped=None):
     n = len(yaws)
     return {"subject": np.zeros(n, int), "action": np.full(n, synth.ACTIONS.index("walk")),
             "phase": np.zeros(n), "camera": np.zeros(n, int), "yaw": np.array(yaws),
             "pitch": np.zeros(n), "distance": np.full(n, 4000.0), "offset_x": np.zeros(n),
             "offset_y": np.zeros(n), "margin": np.full(n, 0.25), "jitter": np.zeros((n, 2)),
-            "gain": np.ones(n)}
+            "gain": np.ones(n),
+            "sides_swapped": np.zeros(n, bool) if swapped is None else np.asarray(swapped)}
 
 
-def test_left_is_warm_right_is_cool_and_chirality_is_kept():
+def upper_arm_colour(image, j2, shoulder, elbow):
+    """(r, b) mean of the 3 x 3 pixels at the middle of the upper arm."""
+    x, y = ((j2[shoulder] + j2[elbow]) / 2).astype(int)
+    r, _, b = image[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).astype(float).mean(axis=0)
+    return r, b
+
+
+def test_side_colours_follow_sides_swapped_and_chirality_is_kept():
     bodies = [synth.make_body("S1", seed=0)]
-    out = synth.render_scenes(standing_scenes([0.0, np.pi]), bodies, np.random.default_rng(0))
+    out = synth.render_scenes(standing_scenes([0.0, np.pi, 0.0, np.pi], [False, False, True, True]),
+                              bodies, np.random.default_rng(0))
     j2 = out["joints_2d"]
     # facing the camera (yaw 0): the subject's left shoulder appears on the image's right
     assert j2[0, 11, 0] > j2[0, 14, 0] + 10
     assert j2[1, 11, 0] < j2[1, 14, 0] - 10  # seen from behind: on the left
     assert out["joints_3d"][0, 11, 0] > out["joints_3d"][0, 14, 0]  # camera x: right
-    for k in range(2):
-        image = out["images"][k].astype(float)
-        for shoulder, elbow, warm in ((11, 12, True), (14, 15, False)):
-            x, y = ((j2[k, shoulder] + j2[k, elbow]) / 2).astype(int)
-            r, _, b = image[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).mean(axis=0)
+    for k in range(4):
+        left_warm = k < 2  # the first two keep the warm colour on the left, the last two swap
+        for shoulder, elbow, warm in ((11, 12, left_warm), (14, 15, not left_warm)):
+            r, b = upper_arm_colour(out["images"][k], j2[k], shoulder, elbow)
             assert (r > b + 40) if warm else (b > r + 40), (k, shoulder, r, b)
+
+
+def test_flipped_sample_looks_like_an_unflipped_one():
+    """The flip augmentation mirrors the image and swaps left and right labels. It is honest only
+    if what a labelled side looks like does not change under it: the share of samples whose
+    labelled left upper arm is warm must be the same with and without the flip (it was 78 % vs
+    5 % when left was always warm). 400 samples; the binomial standard deviation of a share near
+    1/2 is 2.5 points, so 10 points is a 4-sigma tolerance for a fixed seed."""
+    rng = np.random.default_rng(11)
+    bodies = [synth.make_body(s, seed=0) for s in synth.TRAIN_SUBJECTS]
+    scenes = synth.sample_scenes(rng, bodies, 400)
+    out = synth.render_scenes(scenes, bodies, rng)
+    images, j2, j3 = out["images"], out["joints_2d"], out["joints_3d"]
+    flipped, f2, _ = flip_sample(images, j2, j3)
+
+    def warm_share(imgs, joints):
+        left, right = [], []
+        for k in range(len(imgs)):
+            for side, (shoulder, elbow) in ((left, (11, 12)), (right, (14, 15))):
+                r, b = upper_arm_colour(imgs[k], joints[k], shoulder, elbow)
+                if abs(r - b) > 40:  # the arm is visible there (not covered by the torso)
+                    side.append(r > b)
+        return np.mean(left), np.mean(right), len(left)
+
+    left, right, seen = warm_share(images, j2)
+    left_f, right_f, seen_f = warm_share(flipped, f2)
+    assert seen > 200 and seen_f > 200
+    assert 0.4 < left < 0.6 and 0.4 < right < 0.6
+    assert abs(left - left_f) < 0.10 and abs(right - right_f) < 0.10, (left, left_f, right, right_f)
 
 
 @pytest.fixture(scope="module")
