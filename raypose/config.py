@@ -112,7 +112,7 @@ class Config:
                            "must be >= 2 for the pretrain schedule (one epoch per stage at least)"))
         for ok, key, what in checks:
             if not ok:
-                raise ConfigError(f"{key} {what}; got {_get(self, key)!r}")
+                raise ConfigError(f"{key} {what}; got {get_value(self, key)!r}")
         return self
 
     def pretrain_epochs(self) -> int:
@@ -137,7 +137,8 @@ def _leaf_paths(obj, prefix=""):
             yield path
 
 
-def _get(obj, path):
+def get_value(obj, path: str):
+    """The value at a dotted config path."""
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
@@ -192,7 +193,7 @@ def set_value(obj, key: str, value, source: str):
     """Set one (possibly dotted) key with type checking; returns obj."""
     path = resolve_key(obj, key, source)
     parent_path, _, leaf = path.rpartition(".")
-    parent = _get(obj, parent_path) if parent_path else obj
+    parent = get_value(obj, parent_path) if parent_path else obj
     setattr(parent, leaf, _coerce(value, getattr(parent, leaf), path, source))
     return obj
 
@@ -230,7 +231,7 @@ def apply_mapping(obj, mapping: dict, source: str, prefix: str = ""):
     for key, value in mapping.items():
         path = f"{prefix}{key}"
         try:
-            sub = _get(obj, path)
+            sub = get_value(obj, path)
         except AttributeError:
             sub = None
         if dataclasses.is_dataclass(sub):

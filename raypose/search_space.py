@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from raypose.config import Config, ConfigError, _coerce, _get, resolve_key, set_value
+from raypose.config import Config, ConfigError, _coerce, get_value, resolve_key, set_value
 
 DEFAULT_METRIC = "val_mpjpe"
 MODE = "min"
@@ -330,7 +330,7 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
         key = resolve_key(Config(), name, where)
     except ConfigError as e:
         raise SearchSpaceError(str(e)) from None
-    default = _get(Config(), key)
+    default = get_value(Config(), key)
     is_float_key = isinstance(default, float)
     is_int_key = isinstance(default, int) and not isinstance(default, bool)
     kind_of_setting = {bool: "a bool", int: "an int", float: "a float", str: "a string", list: "a list"}

@@ -9,23 +9,34 @@ Where Ray plugs in is marked `# Ray:`.  Layout of an experiment in storage:
   <storage>/<name>/optuna.db            a copy of the Optuna study (SQLite), refreshed per trial
   <storage>/<name>/best.json            the best trial: id, params, config, metric, epoch, checkpoint URI
 
-ASHA and the pretrain schedule: the scheduler's time axis is `regression_epochs`, the number of
-epochs the current regression head has trained. A pretrain trial in its detection stage reports
-regression_epochs = 0 and has_regression_head = False; RegressionStageASHA returns CONTINUE for
-such results, so it is only ever compared with other trials at equal regression training.
+How trials are compared. Every trial reports, per epoch, `best_val_mpjpe`: the best validation
+MPJPE its regression head has reached so far. ASHA (on the `epoch` axis, so trials are compared at
+equal training compute), Optuna (each epoch as an intermediate value; the trial's value is the
+last one) and best.json all use that one number. A pretrain trial's detection stage has no
+regression head: its results are never judged by ASHA nor told to Optuna, so a pretrain trial is
+first compared at the first rung it reaches with a head, against joint trials of the same epoch.
+Trials that ASHA stops are recorded in the Optuna study as PRUNED, with their value.
+
+Every sweep's first trial runs the paper's settings (lrn_alpha 0.0025, lrn_beta 0.75, lambda 1,
+joint schedule, the default optimiser) on the parameters the space searches, so every sweep says
+how far its best trial beats them.
 """
 
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 from raypose import storage
-from raypose.config import Config, ConfigError, config_from_dict, load_config, set_value
+from raypose.config import Config, ConfigError, config_from_dict, get_value, load_config, set_value
 from raypose.search_space import load_space
 
-METRIC = "val_mpjpe"
+METRIC = "best_val_mpjpe"  # the best val_mpjpe a trial has reached so far, with a regression head
 MODE = "min"
+# The paper's settings (PAPER.md), by config key; everything else keeps the base config's default
+PAPER_SETTINGS = {"model.lrn_alpha": 0.0025, "model.lrn_beta": 0.75,
+                  "loss.detection_weight": 1.0, "schedule.kind": "joint"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -57,28 +68,129 @@ def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_en
 # ASHA that waits for the regression head
 
 
+def judged(result: dict) -> bool:
+    """Whether a result can be compared with others: only with a regression head."""
+    return bool(result.get("has_regression_head", True)) and result.get(METRIC) is not None
+
+
 def make_scheduler(max_epochs: int, grace_period: int = 1, reduction_factor: float = 2):
     from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
     class RegressionStageASHA(AsyncHyperBandScheduler):
-        """ASHA on val_mpjpe over `regression_epochs`; results from epochs without a regression
-        head (the detection stage of a pretrain trial) are never judged."""
+        """ASHA on best_val_mpjpe over epochs; results without a regression head (the detection
+        stage of a pretrain trial) are never judged. ASHA judges a trial at the highest rung it has
+        passed and not yet been recorded at, so a pretrain trial whose head appears at epoch 4 is
+        first compared at rung 4, with the joint trials' results at epoch 4."""
 
         def on_trial_result(self, tune_controller, trial, result):
-            if not result.get("has_regression_head", True) or result.get("regression_epochs", 0) < 1:
+            if not judged(result):
                 return TrialScheduler.CONTINUE
             return super().on_trial_result(tune_controller, trial, result)
 
         def on_trial_complete(self, tune_controller, trial, result):
-            if result and (not result.get("has_regression_head", True)
-                           or result.get("regression_epochs", 0) < 1):
+            if result and not judged(result):
                 self._trial_info.pop(trial.trial_id, None)
                 return
             super().on_trial_complete(tune_controller, trial, result)
 
-    return RegressionStageASHA(time_attr="regression_epochs", metric=METRIC, mode=MODE,
-                               max_t=max_epochs, grace_period=grace_period,
-                               reduction_factor=reduction_factor)
+    return RegressionStageASHA(time_attr="epoch", metric=METRIC, mode=MODE, max_t=max_epochs,
+                               grace_period=grace_period, reduction_factor=reduction_factor)
+
+
+def trial_state(result: dict | None, error: bool) -> str:
+    """COMPLETE (ran every planned epoch), PRUNED (stopped early by ASHA) or ERROR."""
+    if error:
+        return "ERROR"
+    if result and result.get("epoch", 0) >= result.get("epochs_planned", 0) and judged(result):
+        return "COMPLETE"
+    return "PRUNED"
+
+
+def make_searcher(space, seed: int, study_url: str, study_name: str, points_to_evaluate=(),
+                  concurrent: bool = False, samples: int = 8):
+    """OptunaSearch with a seeded multivariate TPE (constant liar when trials run at once, so
+    concurrent trials do not all sample the same region) on a define-by-run space."""
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class RegressionStageOptunaSearch(OptunaSearch):
+        """Tells the study what ASHA and best.json see: best_val_mpjpe per epoch with a regression
+        head as intermediate values, COMPLETE with that value for a trial that ran every epoch,
+        PRUNED for one ASHA stopped (Optuna records its last intermediate value as its value)."""
+
+        def __init__(self, *args, **kwargs):
+            self._reported_epochs = {}  # trial id -> epochs told to Optuna (saved with the searcher)
+            super().__init__(*args, **kwargs)
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            if trial_id in self._completed_trials or not judged(result):
+                return
+            epoch = int(result["epoch"])
+            reported = self._reported_epochs.setdefault(trial_id, set())
+            if epoch not in reported:
+                self._ot_trials[trial_id].report(float(result[METRIC]), epoch)
+                reported.add(epoch)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            if trial_id in self._completed_trials:
+                return
+            state = trial_state(result, error)
+            ot_trial = self._ot_trials[trial_id]
+            if result and not error and judged(result):
+                # Tune hands the last result (the one ASHA stopped on, or the final one) only here
+                self.on_trial_result(trial_id, result)
+            try:
+                if state == "COMPLETE":
+                    self._ot_study.tell(ot_trial, float(result[METRIC]), state=TrialState.COMPLETE)
+                else:
+                    self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED if state == "PRUNED"
+                                        else TrialState.FAIL)
+            finally:
+                self._completed_trials.add(trial_id)
+
+    sampler = optuna.samplers.TPESampler(
+        seed=seed, multivariate=True, group=True, constant_liar=concurrent,
+        # TPE's default of 10 random trials first would leave a small sweep with no model-based
+        # trial at all
+        n_startup_trials=min(10, max(3, samples // 3)))
+    db = _sqlite_path(study_url)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return RegressionStageOptunaSearch(
+        space=space.define_by_run, metric=METRIC, mode=MODE, sampler=sampler, study_name=study_name,
+        storage=optuna.storages.RDBStorage(study_url), points_to_evaluate=list(points_to_evaluate) or None)
+
+
+def paper_defaults_point(space, cfg: Config) -> tuple:
+    """(point, missing): the enqueued first trial, in the space's own parameter names.
+
+    Each searched parameter takes the paper's value (PAPER_SETTINGS) or else the base config's
+    value, where that value lies in the parameter's range and its condition holds; the rest are
+    left to the sampler. `missing` lists the paper's settings the space cannot express (a paper
+    key that is not searched and whose base value differs), so a report can say the trial is not
+    exactly the paper's."""
+    point = {}
+    searched = set()
+    for p in space.parameters:
+        if p.distribution == "fixed" or not p.active(point):
+            continue
+        searched.add(p.key)
+        value = PAPER_SETTINGS.get(p.key, get_value(cfg, p.key))
+        if _in_range(p, value):
+            point[p.name] = value
+    missing = sorted(k for k, v in PAPER_SETTINGS.items() if k not in searched and get_value(cfg, k) != v)
+    return point, missing
+
+
+def _in_range(p, value) -> bool:
+    if p.distribution == "categorical":
+        return value in p.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if p.distribution == "int":
+        return isinstance(value, int) and p.low <= value <= p.high and (value - p.low) % p.step == 0
+    return p.low <= value <= p.high
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,18 +228,6 @@ def check_no_stale_study(study_url: str, name: str) -> None:
                           "--name, or another --study-db")
 
 
-def make_searcher(space, seed: int, study_url: str, study_name: str):
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
-    db = _sqlite_path(study_url)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return OptunaSearch(space=space.define_by_run, metric=METRIC, mode=MODE, sampler=sampler,
-                        study_name=study_name, storage=optuna.storages.RDBStorage(study_url))
-
-
 def make_copy_study_callback(study_url: str, target: storage.Location):
     """A Tune callback that copies the SQLite study into the experiment's storage after each trial,
     so that evaluation (and a resume on another machine) finds it."""
@@ -152,7 +252,7 @@ def make_copy_study_callback(study_url: str, target: storage.Location):
 
 
 def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int, study_url: str,
-                resume: bool):
+                resume: bool, paper_point: dict | None = None):
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
 
@@ -176,7 +276,9 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
     return tune.Tuner(  # Ray: one trial = one Tune function = one TorchTrainer
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(space, cfg.seed, study_url, name),
+            search_alg=make_searcher(space, cfg.seed, study_url, name,
+                                     points_to_evaluate=[paper_point] if paper_point else (),
+                                     concurrent=max_concurrent > 1, samples=samples),
             scheduler=make_scheduler(cfg.schedule.epochs),
             num_samples=samples,
             max_concurrent_trials=max_concurrent,
@@ -193,44 +295,71 @@ def experiment_exists(loc: storage.Location) -> bool:
     return fs.exists(loc.path) and any("experiment_state" in p for p in fs.ls(loc.path, detail=False))
 
 
-def summarise(result_grid, wall_seconds: float, max_concurrent: int, space_names) -> tuple:
-    """(rows, text): one row per trial, the best trial and the share of wall time in epochs."""
+HISTORY_KEYS = ("epoch", "val_mpjpe", "stage", "has_regression_head")
+
+
+def summarise(result_grid, wall_seconds: float, max_concurrent: int, space_names,
+              paper_point: dict | None = None) -> tuple:
+    """(rows, text, share): one row per trial (with its per-epoch history), a table for people,
+    and the share of the sweep's slot time spent inside training epochs."""
     rows = []
     for r in result_grid:
         df = r.metrics_dataframe
-        if df is None or df.empty:
-            history = []
-        else:
-            history = df.to_dict("records")
-        with_head = [h for h in history if h.get("has_regression_head") and h.get(METRIC) is not None]
-        best = min(with_head, key=lambda h: h[METRIC]) if with_head else None
-        epoch_seconds = float(sum(h.get("epoch_seconds", 0.0) for h in history))
+        history = [] if df is None or df.empty else df.to_dict("records")
+        with_head = [h for h in history if judged(h) and h.get("val_mpjpe") is not None]
+        best = min(with_head, key=lambda h: h["val_mpjpe"]) if with_head else None
         params = {k: v for k, v in (r.config or {}).items() if k in space_names}
+        stages = {h.get("stage") for h in history}
+        startup = [h["startup_seconds"] for h in history[:1] if h.get("startup_seconds") is not None]
         rows.append({
             "trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
             "params": params,
+            "state": trial_state(history[-1] if history else None, r.error is not None),
+            "schedule": "joint" if "joint" in stages or not stages else "pretrain",
+            "is_paper_defaults": bool(paper_point) and all(
+                params.get(k) == v for k, v in paper_point.items()),
             "epochs": int(max([h.get("epoch", 0) for h in history] or [0])),
-            "best_val_mpjpe": best[METRIC] if best else None,
+            "best_val_mpjpe": best["val_mpjpe"] if best else None,
             "best_epoch": int(best["epoch"]) if best else None,
             "checkpoint_path": best.get("checkpoint_path") if best else None,
             "stopped_early": bool(history) and history[-1].get("epoch", 0) < history[-1].get("epochs_planned", 0),
-            "epoch_seconds": epoch_seconds,
+            "epoch_seconds": float(sum(h.get("epoch_seconds", 0.0) for h in history)),
+            "startup_seconds": startup[0] if startup else None,
+            "val_mean_pose_mpjpe": _plain(history[-1].get("val_mean_pose_mpjpe")) if history else None,
             "time_total_s": float((r.metrics or {}).get("time_total_s", 0.0)),
             "error": None if r.error is None else type(r.error).__name__,
+            "history": [{k: (None if k == "val_mpjpe" and not judged(h) else _plain(h.get(k)))
+                         for k in HISTORY_KEYS} for h in history],
         })
+    paper_rows = [r for r in rows if r["is_paper_defaults"]]
+    for extra in paper_rows[1:]:  # only the enqueued (first) one is the paper's trial
+        extra["is_paper_defaults"] = False
     total_epoch_seconds = sum(r["epoch_seconds"] for r in rows)
     share = total_epoch_seconds / max(wall_seconds * max(max_concurrent, 1), 1e-9)
-    lines = [f"{'trial':<10} {'epochs':>6} {'best mm':>9} {'epoch s':>8}  params"]
+    lines = [f"{'trial':<10} {'state':<8} {'epochs':>6} {'best mm':>9} {'epoch s':>8}  params"]
     for r in sorted(rows, key=lambda r: (r["best_val_mpjpe"] is None, r["best_val_mpjpe"] or 0)):
         best = f"{r['best_val_mpjpe']:.1f}" if r["best_val_mpjpe"] is not None else "-"
         params = " ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items())
-        flag = " (stopped early)" if r["stopped_early"] else ""
+        flag = " (paper settings)" if r["is_paper_defaults"] else ""
         flag += f" ERROR {r['error']}" if r["error"] else ""
-        lines.append(f"{r['trial_id']:<10} {r['epochs']:>6} {best:>9} {r['epoch_seconds']:>8.1f}  {params}{flag}")
+        lines.append(f"{r['trial_id']:<10} {r['state']:<8} {r['epochs']:>6} {best:>9} "
+                     f"{r['epoch_seconds']:>8.1f}  {params}{flag}")
+    startups = sorted(r["startup_seconds"] for r in rows if r["startup_seconds"] is not None)
     lines.append(f"sweep wall time {wall_seconds:.1f} s; time inside training epochs "
                  f"{total_epoch_seconds:.1f} s summed over trials = {100 * share:.0f} % of "
-                 f"{max_concurrent} concurrent slot(s) x wall time")
+                 f"{max_concurrent} concurrent slot(s) x wall time"
+                 + (f"; median start to first training step {statistics.median(startups):.1f} s"
+                    if startups else ""))
     return rows, "\n".join(lines), share
+
+
+def _plain(value):
+    """numpy scalars and NaN from a metrics dataframe as JSON-friendly Python values."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 def _fmt(v):
@@ -279,24 +408,31 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurr
     print(f"[raypose] sweep {name}: {samples} trials of {cfg.schedule.epochs} epochs, "
           f"{cfg.scaling.workers} worker(s) each, {max_concurrent} at a time; "
           f"space {space_path}; Optuna study {study_url}", flush=True)
-    tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume)
+    paper_point, paper_missing = paper_defaults_point(space, cfg)
+    tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point)
     start = time.perf_counter()
     grid = tuner.fit()
     wall = time.perf_counter() - start
-    rows, text, share = summarise(grid, wall, max_concurrent, space.names)
+    rows, text, share = summarise(grid, wall, max_concurrent, space.names, paper_point)
     print(text, flush=True)
     finished = [r for r in rows if r["best_val_mpjpe"] is not None]
     if not finished:
         raise RuntimeError(f"sweep {name}: no trial reached a validation MPJPE; see the trial errors above")
     best = min(finished, key=lambda r: r["best_val_mpjpe"])
+    paper = next((r for r in rows if r["is_paper_defaults"]), None)
+    baselines = [r["val_mean_pose_mpjpe"] for r in rows if r["val_mean_pose_mpjpe"] is not None]
     best_json = {
         "experiment": exp.uri,
         "trial_id": best["trial_id"],
         "params": best["params"],
         "config": space.apply(best["params"], cfg).to_dict(),
-        "metric": METRIC,
+        "metric": "val_mpjpe",  # the best value a trial reached (METRIC is its running minimum)
         "mode": MODE,
         "value": best["best_val_mpjpe"],
+        "val_mean_pose_mpjpe": baselines[0] if baselines else None,
+        "paper_defaults": None if paper is None else {
+            "trial_id": paper["trial_id"], "params": paper["params"], "value": paper["best_val_mpjpe"],
+            "state": paper["state"], "not_searched": paper_missing},
         "epoch": best["best_epoch"],
         "checkpoint": checkpoint_uri(loc, best["checkpoint_path"]),
         "study": {"url": study_url, "name": name, "copy": exp.join("optuna.db").uri},
@@ -305,8 +441,14 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurr
         "share_in_epochs": share,
     }
     storage.write_text(exp.join("best.json"), json.dumps(best_json, indent=1, default=str))
-    print(f"[raypose] best trial {best['trial_id']}: {METRIC} {best['best_val_mpjpe']:.1f} mm at epoch "
-          f"{best['best_epoch']}; {exp.join('best.json').uri}", flush=True)
+    versus = ""
+    if paper is not None and paper["best_val_mpjpe"]:
+        versus += f", {best['best_val_mpjpe'] / paper['best_val_mpjpe']:.2f}x the paper settings' " \
+                  f"{paper['best_val_mpjpe']:.1f} mm"
+    if baselines:
+        versus += f", {best['best_val_mpjpe'] / baselines[0]:.2f}x the mean pose's {baselines[0]:.1f} mm"
+    print(f"[raypose] best trial {best['trial_id']}: val_mpjpe {best['best_val_mpjpe']:.1f} mm at epoch "
+          f"{best['best_epoch']}{versus}; {exp.join('best.json').uri}", flush=True)
     return best_json
 
 
