@@ -41,8 +41,8 @@ def test_default_and_smoke_spaces_load():
     share = next(p for p in default.parameters if p.name == "pretrain_share")
     assert share.condition == (("schedule", ("pretrain",)),)
 
-    smoke = load_space(SMOKE)
-    assert smoke.names == ["schedule", "pretrain_share", "lr"]
+    smoke = load_space(SMOKE)  # the demo's space: the mission's five parameters
+    assert smoke.names == ["lrn_alpha", "lrn_beta", "schedule", "lambda", "pretrain_share", "lr"]
     assert "pretrain_share (schedule.pretrain_share)" in smoke.describe()
 
 
