@@ -45,9 +45,27 @@ PAPER_RESULTS = {
 }
 
 
+# Human3.6M's action names come in several spellings: "Taking Photo" (the paper), "TakingPhoto"
+# (the directory names raypose.h36m reads), "Photo" / "WalkDog" (the original video files)
+ACTION_ALIASES = {"photo": "takingphoto", "walkdog": "walkingdog"}
+
+
+def action_key(name: str) -> str:
+    """The spelling-independent key of an action name: 'Taking Photo', 'TakingPhoto', 'taking_photo'
+    and 'Photo' all give 'takingphoto'."""
+    key = "".join(c for c in str(name).lower() if c.isalnum())
+    return ACTION_ALIASES.get(key, key)
+
+
+def paper_value(row: dict, action: str):
+    """The paper's number for one of our actions, whatever the spelling; None where it has none."""
+    by_key = {action_key(a): v for a, v in row.items()}
+    return by_key.get(action_key(action))
+
+
 # every file an evaluation writes; an --out holding any of them is refused
 OUTPUT_FILES = ("report.json", "report.md", "predictions.npz", "skeletons.png", "joint_errors.png",
-                "sweep_history.png", "param_importance.png")
+                "sweep_history.png", "param_importance.png", "learning_curves.png")
 
 
 class EvaluationError(RuntimeError):
@@ -80,15 +98,27 @@ def resolve(uri: str) -> dict:
                                   f"{loc.join(checkpoints[-1]).uri}")
         raise EvaluationError(f"{loc.uri} is neither an experiment (no best.json) nor a checkpoint "
                               f"(no {checkpoint.MANIFEST_FILE})")
+    best = read_best_json(best_loc)
     try:
-        best = json.loads(storage.read_text(best_loc))
         ckpt_uri = best["checkpoint"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (KeyError, TypeError):
         raise EvaluationError(f"{best_loc.uri} is not a raypose best.json (no 'checkpoint' key)") from None
     if not ckpt_uri:
         raise EvaluationError(f"{best_loc.uri} names no checkpoint")
     return {"kind": "experiment", "checkpoint": storage.parse(ckpt_uri), "best": best,
             "experiment": loc}
+
+
+def read_best_json(best_loc: storage.Location):
+    """The parsed best.json; an EvaluationError naming the file when it is not JSON."""
+    try:
+        return json.loads(storage.read_text(best_loc))
+    except json.JSONDecodeError as e:
+        raise EvaluationError(f"{best_loc.uri} is not JSON ({e.msg} at line {e.lineno}); a sweep "
+                              "writes best.json when it finishes") from None
+    except UnicodeDecodeError:
+        raise EvaluationError(f"{best_loc.uri} is not JSON (not UTF-8 text); a sweep writes "
+                              "best.json when it finishes") from None
 
 
 def load_model(local_ckpt: Path, device: torch.device):
@@ -145,12 +175,7 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
         data_dir = data_dir or cfg.data.path
         test = PoseDataset(str(Path(data_dir) / "test.h5"), augment=False)
         train = PoseDataset(str(Path(data_dir) / "train.h5"), exclude_subjects=cfg.data.val_subjects)
-        study_db = None
-        if target["experiment"] is not None:
-            copy = study_copy(target["experiment"])
-            if storage.exists(copy):
-                study_db = Path(tmp) / "optuna.db"
-                storage.filesystem(copy).get_file(copy.path, str(study_db))
+        study_db = fetch_study_copy(target["experiment"], Path(tmp)) if target["experiment"] else None
         print(f"[raypose] evaluating {ckpt_loc.uri} on {len(test)} test samples", flush=True)
         with torch.no_grad():
             pred = predict(model, test, batch_size, device)
@@ -167,22 +192,43 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
     report["outputs"] = {"local": str(out.resolve()), "storage": remote.uri}
     (out / "report.md").write_text(markdown_report(report))
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    written = ["predictions.npz", *report["figures"], "report.md", "report.json"]  # report.json last
-    fs = storage.filesystem(remote)
-    if remote.scheme == "file":
-        Path(remote.path).mkdir(parents=True, exist_ok=True)
-    for name in written:
-        fs.put_file(str(out / name), remote.join(name).path)
-    print(f"[raypose] MPJPE {report['mean_over_actions']['mpjpe']:.1f} mm (mean over actions), "
-          f"P-MPJPE {report['mean_over_actions']['p_mpjpe']:.1f} mm, mean-pose baseline "
-          f"{report['mean_pose_baseline']['mpjpe']:.1f} mm", flush=True)
+    upload_outputs(out, ["predictions.npz", *report["figures"], "report.md", "report.json"], remote)
+    print(summary_line(report), flush=True)
     print(f"[raypose] report: {out.resolve() / 'report.md'} and {remote.uri}", flush=True)
     return report
+
+
+def summary_line(report: dict) -> str:
+    """The one-line result: model and mean-pose baseline side by side, both as means over actions
+    (each action weighted equally, as PAPER.md's tables are)."""
+    mean = report["mean_over_actions"]
+    return (f"[raypose] mean over actions: MPJPE {mean['mpjpe']:.1f} mm, P-MPJPE {mean['p_mpjpe']:.1f} mm; "
+            f"mean-pose baseline MPJPE {report['mean_pose_baseline']['mean_over_actions']:.1f} mm")
 
 
 def study_copy(experiment: storage.Location) -> storage.Location:
     """Where a sweep keeps the copy of its Optuna study (raypose.tune's CopyStudy callback)."""
     return experiment.join("optuna.db")
+
+
+def fetch_study_copy(experiment: storage.Location, local_dir: Path) -> Path | None:
+    """The experiment's Optuna study copy, downloaded into local_dir; None when there is none."""
+    copy = study_copy(experiment)
+    if not storage.exists(copy):
+        return None
+    local = Path(local_dir) / "optuna.db"
+    storage.filesystem(copy).get_file(copy.path, str(local))
+    return local
+
+
+def upload_outputs(out: Path, names, remote: storage.Location) -> None:
+    """Copy out/<name> for each name, in order, into the storage folder remote.  Callers put the
+    file that marks a complete folder (report.json) last."""
+    fs = storage.filesystem(remote)
+    if remote.scheme == "file":
+        Path(remote.path).mkdir(parents=True, exist_ok=True)
+    for name in names:
+        fs.put_file(str(out / name), remote.join(name).path)
 
 
 def _free_local_dir(base: Path) -> Path:
@@ -224,6 +270,8 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
     baseline = {"mpjpe": mean_pose_baseline(train_poses, pred["gt_3d"]),
                 "per_action": {a: mean_pose_baseline(train_poses, pred["gt_3d"][actions == a])
                                for a in sorted(set(actions.tolist()))}}
+    # the same weighting as metrics' mean_over_actions: each action counts once
+    baseline["mean_over_actions"] = float(np.mean(list(baseline["per_action"].values())))
     report = {
         "checkpoint": ckpt_loc.uri,
         "experiment": target["experiment"].uri if target["experiment"] else None,
@@ -259,10 +307,11 @@ def markdown_report(report: dict) -> str:
                  + f" | {report['mean_over_actions']['n_mpjpe']:.2f} |")
     bl = report["mean_pose_baseline"]["per_action"]
     lines.append("| mean-pose baseline | " + " | ".join(f"{bl[a]:.2f}" for a in actions)
-                 + f" | {np.mean([bl[a] for a in actions]):.2f} |")
+                 + f" | {report['mean_pose_baseline']['mean_over_actions']:.2f} |")
     for method, row in PAPER_RESULTS.items():
-        if any(a in row for a in actions):  # Human3.6M test data: the paper's rows line up
-            lines.append(f"| {method} | " + " | ".join(f"{row[a]:.2f}" if a in row else "-" for a in actions)
+        values = [paper_value(row, a) for a in actions]
+        if any(v is not None for v in values):  # Human3.6M test data: the paper's rows line up
+            lines.append(f"| {method} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values)
                          + " | - |")
     paper_actions = sorted({a for row in PAPER_RESULTS.values() for a in row})
     lines += ["", "For reference, the paper's Human3.6M numbers (MPJPE mm, S9/S11):", "",
@@ -286,6 +335,12 @@ def markdown_report(report: dict) -> str:
                       f"{sw['trials']} trials, history from {sw['history_from'] or 'nowhere'}."]
         if sw["note"]:
             lines.append(f"Note: {sw['note']}.")
+        if sw.get("report_note"):
+            lines.append(f"Note: {sw['report_note']}.")
+    if report.get("sweep_report"):
+        from raypose import report as sweep_report
+
+        lines += ["", "## Sweep report", "", sweep_report.markdown_section(report["sweep_report"], level=3)]
     lines += ["", "Figures: " + ", ".join(report.get("figures") or []), ""]
     if report.get("outputs"):
         lines += [f"Outputs: {report['outputs']['local']} and {report['outputs']['storage']}", ""]
@@ -303,7 +358,7 @@ def write_figures(out: Path, test, pred, report, study_db, target) -> list:
     figures.joint_error_figure(report["per_joint"]["mpjpe"], out / "joint_errors.png",
                                baseline=report["mean_pose_baseline"]["mpjpe"])
     names = ["skeletons.png", "joint_errors.png"]
-    report["sweep"] = None
+    report["sweep"] = report["sweep_report"] = None
     if target["experiment"] is not None:
         sweep = sweep_history(target["best"] or {}, study_db, study_copy(target["experiment"]))
         if sweep["trials"]:
@@ -315,7 +370,23 @@ def write_figures(out: Path, test, pred, report, study_db, target) -> list:
         names.append("param_importance.png")
         report["sweep"] = {"study_copy": study_copy(target["experiment"]).uri if study_db else None,
                            "history_from": sweep["source"], "trials": len(sweep["trials"]),
-                           "note": sweep["note"]}
+                           "note": sweep["note"], "report_note": None}
+        # the sweep report's sections (raypose report), drawn from the same best.json and study
+        from raypose import report as sweep_report
+
+        best = target["best"] or {}
+        try:
+            sweep_report.check_best(best, target["experiment"].join("best.json").uri)
+        except sweep_report.SweepReportError as e:
+            report["sweep"]["report_note"] = f"sweep report left out: {e}"
+            report["sweep_report"] = None
+        else:
+            summary = sweep_report.summarise(best, target["experiment"].uri, sweep["importances"],
+                                             sweep["note"])
+            curves = sweep_report.write_learning_curves(out, summary)
+            summary["figures"] = curves + ["param_importance.png"]
+            names[2:2] = curves
+            report["sweep_report"] = summary
     return names
 
 
@@ -349,17 +420,31 @@ def sweep_history(best: dict, study_db: Path | None, copy: storage.Location) -> 
             "note": note}
 
 
+TRIAL_STATES = ("COMPLETE", "PRUNED", "ERROR")
+
+
+def trial_state(row: dict) -> str:
+    """COMPLETE, PRUNED or ERROR: a best.json trial row's own 'state', or, in files written before
+    rows carried one, read off its 'error' and 'stopped_early'."""
+    state = str(row.get("state") or "").upper()
+    if state in TRIAL_STATES:
+        return state
+    if row.get("error"):
+        return "ERROR"
+    return "PRUNED" if row.get("stopped_early") else "COMPLETE"
+
+
 def trials_from_best(best: dict) -> list:
-    """best.json's trial rows (raypose.tune.summarise) in the form sweep_history_figure takes."""
+    """best.json's trial rows (raypose.tune.summarise) in the form sweep_history_figure takes
+    (Optuna's state names: FAIL for an error, INCOMPLETE for a trial that reported nothing)."""
     trials = []
     for number, row in enumerate(best.get("trials") or []):
         value = row.get("best_val_mpjpe")
-        if row.get("error"):
+        state = trial_state(row)
+        if state == "ERROR":
             state = "FAIL"
         elif value is None:
             state = "INCOMPLETE"
-        else:
-            state = "PRUNED" if row.get("stopped_early") else "COMPLETE"
         trials.append({"number": number, "value": value, "params": row.get("params") or {},
                        "state": state})
     return trials

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from raypose.skeleton import H36M_SKELETON, Skeleton
 
@@ -236,3 +236,106 @@ def param_importances(study) -> dict:
         return dict(optuna.importance.get_param_importances(study))
     except (ValueError, RuntimeError):
         return {}
+
+
+SCHEDULE_COLOURS = {"joint": "tab:blue", "pretrain": "tab:orange"}
+OTHER_SCHEDULE_COLOUR = "tab:gray"
+BEST_COLOUR, PAPER_COLOUR = "tab:green", "tab:purple"
+
+
+def learning_curves_figure(curves: list, out_path, baseline: float | None = None,
+                           metric: str = "val_mpjpe", note: str | None = None) -> Path:
+    """Every trial's validation error per epoch in one plot.
+
+    curves: [{'trial_id': str, 'schedule': 'joint' | 'pretrain' | None, 'state': 'COMPLETE' |
+    'PRUNED' | 'ERROR', 'epochs': [int], 'values': [float], 'is_best': bool,
+    'is_paper_defaults': bool}], only the epochs that have a value (a pretrain trial's detection
+    stage has none); a trial without any is counted in the title.  Colour says the schedule; a
+    pruned trial is thin and dashed and ends with an x; the best trial and the paper-defaults trial
+    are drawn thick, over the others, and labelled.
+    baseline: the mean-pose baseline (mm), a horizontal line; note: a line of text under the plot
+    (e.g. that only each trial's best epoch is known)."""
+    fig = _new_figure(8.0, 5.0)
+    ax = fig.add_subplot()
+    drawn = [c for c in curves if len(c.get("values") or [])]
+    # highlighted trials last, so that they lie on top
+    drawn.sort(key=lambda c: (bool(c.get("is_best")) or bool(c.get("is_paper_defaults"))))
+    all_values = []
+    for c in drawn:
+        epochs = np.asarray(c["epochs"], dtype=np.float64)
+        values = np.asarray(c["values"], dtype=np.float64)
+        all_values.extend(values.tolist())
+        colour = SCHEDULE_COLOURS.get(c.get("schedule"), OTHER_SCHEDULE_COLOUR)
+        state = _state_name(c.get("state", "COMPLETE"))
+        highlighted = c.get("is_best") or c.get("is_paper_defaults")
+        style = {"PRUNED": ("--", 1.0, 0.75), "ERROR": (":", 1.0, 0.75)}.get(state, ("-", 1.5, 0.85))
+        ls, lw, alpha = style
+        if highlighted:
+            lw, alpha = 3.2, 1.0
+            edge = BEST_COLOUR if c.get("is_best") else PAPER_COLOUR
+            # a wide band in the highlight colour under the schedule-coloured line
+            ax.plot(epochs, values, color=edge, lw=lw + 8, alpha=0.4, ls="-",
+                    solid_capstyle="round", marker="o" if len(values) == 1 else None, ms=16, zorder=4)
+        ax.plot(epochs, values, color=colour, ls=ls, lw=lw, alpha=alpha, zorder=5 if highlighted else 2,
+                marker="o" if len(values) == 1 else None, ms=4)
+        end = "x" if state in ("PRUNED", "ERROR") else "o"
+        ax.plot(epochs[-1:], values[-1:], marker=end, color=colour, ms=8 if end == "x" else 4,
+                mew=2, ls="none", zorder=6 if highlighted else 3)
+        if highlighted:
+            what = ("best = paper defaults" if c.get("is_best") and c.get("is_paper_defaults")
+                    else "best" if c.get("is_best") else "paper defaults")
+            low = int(np.argmin(values))
+            ax.annotate(f"{what}: {c['trial_id']} ({values[low]:.1f} mm)",
+                        xy=(epochs[low], values[low]),
+                        xytext=(-12, -20 if c.get("is_best") else 16), textcoords="offset points",
+                        ha="right", va="center", fontsize=8.5, fontweight="bold",
+                        color=BEST_COLOUR if c.get("is_best") else PAPER_COLOUR,
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.9,
+                              "ec": BEST_COLOUR if c.get("is_best") else PAPER_COLOUR},
+                        arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.8}, zorder=7)
+    if baseline is not None:
+        ax.axhline(float(baseline), color="0.35", ls="-.", lw=1.2, zorder=1)
+        all_values.append(float(baseline))
+    if not drawn:
+        ax.text(0.5, 0.5, "no trial reported a validation error per epoch", ha="center",
+                va="center", transform=ax.transAxes, fontsize=11)
+    else:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=SCHEDULE_COLOURS["joint"], lw=2, label="joint"),
+                   Line2D([], [], color=SCHEDULE_COLOURS["pretrain"], lw=2, label="pretrain"),
+                   Line2D([], [], color="0.3", lw=1.5, marker="o", ms=4, label="complete"),
+                   Line2D([], [], color="0.3", lw=1.0, ls="--", marker="x", ms=7, mew=2,
+                          label="pruned (stopped early)"),
+                   Line2D([], [], color=BEST_COLOUR, lw=9, alpha=0.4, label="best trial")]
+        if any(c.get("is_paper_defaults") for c in drawn):
+            handles.append(Line2D([], [], color=PAPER_COLOUR, lw=9, alpha=0.4, label="paper defaults"))
+        if baseline is not None:
+            handles.append(Line2D([], [], color="0.35", ls="-.", lw=1.2,
+                                  label=f"mean-pose baseline ({float(baseline):.1f} mm)"))
+        ax.legend(handles=handles, fontsize=8, loc="upper right", framealpha=0.9)
+        low, high = min(all_values), max(all_values)
+        # room under the lowest curve for the best trial's label
+        if low > 0 and high / low > 4:  # early epochs far above the rest: keep the end readable
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda v, _: f"{v:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.set_ylim(bottom=low / 1.3)
+        else:
+            ax.set_ylim(bottom=max(low - 0.12 * (high - low or high or 1.0), 0))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (mm, lower is better)")
+    schedules = [c.get("schedule") for c in drawn]
+    pruned = sum(_state_name(c.get("state", "COMPLETE")) == "PRUNED" for c in drawn)
+    title = (f"validation MPJPE per epoch: {len(drawn)} trials ({schedules.count('joint')} joint, "
+             f"{schedules.count('pretrain')} pretrain), {pruned} pruned")
+    if len(curves) > len(drawn):
+        title += f"; {len(curves) - len(drawn)} without a value not drawn"
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=8, color="0.3", ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    return _save(fig, out_path)

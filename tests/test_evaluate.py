@@ -31,7 +31,7 @@ RUN = f"{BUCKET}/exp/evalrun"  # the training run's folder (s3fs paths carry no 
 CKPT = f"{RUN}/epoch_0002"
 FIRST = f"{RUN}/epoch_0001"
 BASE_FILES = {"report.json", "report.md", "predictions.npz", "skeletons.png", "joint_errors.png"}
-SWEEP_FILES = {"sweep_history.png", "param_importance.png"}
+SWEEP_FILES = {"sweep_history.png", "param_importance.png", "learning_curves.png"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,9 +274,10 @@ def test_report_numbers_equal_raypose_metrics(s3, trained, evaluated, tiny_data,
     train_poses = train.root_relative_poses()
 
     def expected(pred, gt, actions):
+        per_action = {a: mean_pose_baseline(train_poses, gt[actions == a]) for a in set(actions)}
         return grouped_report(pred, gt, actions, names), {
-            "mpjpe": mean_pose_baseline(train_poses, gt),
-            "per_action": {a: mean_pose_baseline(train_poses, gt[actions == a]) for a in set(actions)}}
+            "mpjpe": mean_pose_baseline(train_poses, gt), "per_action": per_action,
+            "mean_over_actions": float(np.mean(list(per_action.values())))}
 
     def compare(metrics, baseline):
         for key in ("per_action", "per_joint", "mean_over_actions", "overall"):
@@ -421,8 +422,10 @@ def test_pickled_objects_are_never_loaded(s3, trained, tmp_path):
 # Experiments: best.json, with and without the Optuna study copy; unfinished sweeps
 
 
-def write_best(fs, experiment: str, with_trials: bool = True) -> dict:
-    """A best.json as raypose.tune.run_sweep writes it, pointing at the trained checkpoint."""
+def write_best(fs, experiment: str, with_trials: bool = True, newer_keys: bool = False) -> dict:
+    """A best.json as raypose.tune.run_sweep writes it, pointing at the trained checkpoint;
+    newer_keys adds what later sweeps write (trial states, schedules, per-epoch histories, the
+    paper-defaults trial and the validation mean-pose baseline)."""
     config = json.loads(fs.cat(f"{CKPT}/config.json"))
     state = json.loads(fs.cat(f"{CKPT}/state.json"))
     params = {"lrn_alpha": 0.0025, "lr": 3e-4, "schedule": "joint"}
@@ -449,6 +452,17 @@ def write_best(fs, experiment: str, with_trials: bool = True) -> dict:
                   "copy": f"s3://{experiment}/optuna.db"},
         "trials": rows if with_trials else [], "wall_seconds": 30.0, "share_in_epochs": 0.6,
     }
+    if newer_keys:
+        histories = {"t0": [400.0, state["metrics"]["val_mpjpe"]], "t1": [480.0], "t2": [390.0, 350.0],
+                     "t3": []}
+        for row in rows:
+            row.update(state={"t1": "PRUNED", "t3": "ERROR"}.get(row["trial_id"], "COMPLETE"),
+                       schedule=row["params"]["schedule"], is_paper_defaults=row["trial_id"] == "t2",
+                       history=[{"epoch": e + 1, "val_mpjpe": v, "stage": "joint",
+                                 "has_regression_head": True}
+                                for e, v in enumerate(histories[row["trial_id"]])])
+        best["val_mean_pose_mpjpe"] = 500.0
+        best["paper_defaults"] = {"trial_id": "t2", "params": rows[2]["params"], "value": 350.0}
     fs.pipe(f"{experiment}/best.json", json.dumps(best, indent=1).encode())
     fs.pipe(f"{experiment}/experiment_state-2026-01-01_00-00-00.json", b"{}")
     return best
@@ -492,7 +506,7 @@ def test_experiment_with_study_copy(s3, trained, evaluated, tmp_path):
     import ray
 
     experiment = f"{BUCKET}/sweeps/swept"
-    best = write_best(s3, experiment)
+    best = write_best(s3, experiment, newer_keys=True)
     make_study(tmp_path / "optuna.db", "swept")
     s3.put_file(str(tmp_path / "optuna.db"), f"{experiment}/optuna.db")
     earlier = evaluated[0]["outputs"]["storage"][len("s3://"):]
@@ -505,8 +519,22 @@ def test_experiment_with_study_copy(s3, trained, evaluated, tmp_path):
     assert report["experiment"] == f"s3://{experiment}" and report["trial_id"] == best["trial_id"]
     assert report["checkpoint"] == f"s3://{CKPT}"
     assert report["sweep"] == {"study_copy": f"s3://{experiment}/optuna.db",
-                               "history_from": "optuna study copy", "trials": 8, "note": None}
+                               "history_from": "optuna study copy", "trials": 8, "note": None,
+                               "report_note": None}
     check_experiment_outputs(s3, report, out, SWEEP_FILES)
+    # the sweep report's sections (raypose report) inside report.md and report.json
+    sweep = report["sweep_report"]
+    assert sweep["notes"] == [] and set(sweep["importances"]) == {"lrn_alpha", "lr", "schedule"}
+    assert sweep["best_vs_paper"]["ratio_best_to_paper"] == pytest.approx(best["value"] / 350.0)
+    assert sweep["best_vs_paper"]["ratio_best_to_baseline"] == pytest.approx(best["value"] / 500.0)
+    assert sweep["equal_epochs"]["rows"][1]["joint"] == {
+        "best": min(best["value"], 350.0), "median": (best["value"] + 350.0) / 2, "count": 2}
+    md = (out / "report.md").read_text()
+    for text in ("## Sweep report", "### Joint vs pretrain at equal epochs",
+                 "### Best trial vs paper defaults",
+                 "### Settings to use", "raypose train --set", "### Trials", "| t3 | ERROR: RayTaskError |",
+                 "![learning curves](learning_curves.png)"):
+        assert text in md, text
     # the same checkpoint's earlier evaluation and the experiment folder are untouched
     assert report["outputs"]["storage"] != f"s3://{earlier}"
     assert snapshot(s3, earlier) == earlier_files
@@ -533,6 +561,10 @@ def test_experiment_without_study_copy(s3, trained, tmp_path):
     assert sweep["note"] in (out / "report.md").read_text()
     check_experiment_outputs(s3, report, out, SWEEP_FILES)
     assert [t["state"] for t in evaluate.trials_from_best(best)] == ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"]
+    # an older best.json: the sweep report's sections are there, and say what they lacked
+    notes = " ".join(report["sweep_report"]["notes"])
+    assert "no per-epoch 'history'" in notes and "no 'paper_defaults'" in notes
+    assert "### Notes" in (out / "report.md").read_text()
 
 
 def test_sweep_figures_without_any_history(tmp_path):
@@ -571,6 +603,9 @@ def test_experiment_figures_follow_the_sweep_source(evaluated, tiny_data, tmp_pa
     assert names == ["skeletons.png", "joint_errors.png", "param_importance.png"]
     assert sorted(p.name for p in fig_dir.iterdir()) == sorted(names)
     assert partial["sweep"]["history_from"] is None and "not drawn" in partial["sweep"]["note"]
+    assert partial["sweep_report"] is None
+    assert partial["sweep"]["report_note"].startswith("sweep report left out: ")
+    assert "best.json has no 'trial_id' key" in partial["sweep"]["report_note"]
     check_png((fig_dir / "param_importance.png").read_bytes(), "param_importance.png with a note")
 
 
@@ -595,9 +630,64 @@ def test_training_run_folder_points_at_its_checkpoints(s3, trained, tmp_path):
                    "epoch_0001", f"s3://{CKPT}")
 
 
+# ----------------------------------------------------------------------------------------------
+# The paper's rows and the one-line summary
+
+
+def _report_for_markdown(per_action: dict, baseline_per_action: dict, overall_baseline: float) -> dict:
+    """The part of a report that markdown_report and summary_line read, for given per-action numbers."""
+    pa = {a: {"mpjpe": v, "p_mpjpe": v / 2, "n_mpjpe": v * 0.9, "std_mpjpe": 1.0, "count": 1}
+          for a, v in per_action.items()}
+    mean = {k: float(np.mean([row[k] for row in pa.values()])) for k in ("mpjpe", "p_mpjpe", "n_mpjpe")}
+    return {"checkpoint": "s3://b/run/epoch_0001", "epoch": 1, "stage": "joint", "test_samples": len(pa),
+            "per_action": pa, "mean_over_actions": mean,
+            "per_joint": {k: {"Hip": 1.0} for k in ("mpjpe", "p_mpjpe", "n_mpjpe")},
+            "mean_pose_baseline": {
+                "mpjpe": overall_baseline, "per_action": baseline_per_action,
+                "mean_over_actions": float(np.mean(list(baseline_per_action.values())))},
+            "detection": None}
+
+
+def test_paper_rows_match_the_converters_action_names():
+    """raypose.h36m names actions after their directories (TakingPhoto, WalkingDog); the paper's
+    table writes "Taking Photo", "Walking Dog".  Both spellings, and the original "Photo" and
+    "WalkDog", find the paper's number."""
+    multi_task = evaluate.PAPER_RESULTS["DconvMP-HML (multi-task, paper)"]
+    pretrained = evaluate.PAPER_RESULTS["DconvMP (detection-pretrained, paper)"]
+    for name in ("TakingPhoto", "Taking Photo", "takingphoto", "Photo"):
+        assert evaluate.paper_value(multi_task, name) == 189.08
+    for name in ("WalkingDog", "WalkDog", "Walking Dog"):
+        assert evaluate.paper_value(multi_task, name) == 146.59
+    assert evaluate.paper_value(multi_task, "Walking") == 77.60
+    assert evaluate.paper_value(pretrained, "WalkingDog") is None
+    assert evaluate.paper_value(multi_task, "Sitting") is None
+
+    actions = {"TakingPhoto": 150.0, "Walking": 80.0, "WalkingDog": 120.0}
+    md = evaluate.markdown_report(_report_for_markdown(actions, dict(actions), 100.0))
+    header = next(line for line in md.splitlines() if line.startswith("| method | TakingPhoto"))
+    assert header == "| method | TakingPhoto | Walking | WalkingDog | mean |"
+    assert "| DconvMP-HML (multi-task, paper) | 189.08 | 77.60 | 146.59 | - |" in md
+    assert "| DconvMP (detection-pretrained, paper) | 190.37 | 80.09 | - | - |" in md
+
+
+def test_summary_line_compares_means_over_actions():
+    """Two actions of unequal size: the model's mean over actions stands beside the baseline's
+    mean over actions (each action once), not beside the sample-weighted baseline."""
+    report = _report_for_markdown({"Walking": 100.0, "Eating": 200.0}, {"Walking": 300.0, "Eating": 500.0},
+                                  overall_baseline=320.0)  # e.g. 9 Walking samples to 1 Eating
+    line = evaluate.summary_line(report)
+    assert "mean over actions: MPJPE 150.0 mm" in line
+    assert "mean-pose baseline MPJPE 400.0 mm" in line and "320.0" not in line
+    md = evaluate.markdown_report(report)
+    assert "| mean-pose baseline | 500.00 | 300.00 | 400.00 |" in md
+
+
 def test_missing_uri_and_bad_best_json(s3, tmp_path):
     expect_refusal(s3, f"s3://{BUCKET}/nothing/here", EvaluationError, tmp_path,
                    f"s3://{BUCKET}/nothing/here", "does not exist")
     s3.pipe(f"{BUCKET}/badbest/best.json", b'{"experiment": "x"}')
     expect_refusal(s3, f"s3://{BUCKET}/badbest", EvaluationError, tmp_path,
                    f"s3://{BUCKET}/badbest/best.json", "'checkpoint'")
+    s3.pipe(f"{BUCKET}/notjson/best.json", b'{"experiment": ')
+    expect_refusal(s3, f"s3://{BUCKET}/notjson", EvaluationError, tmp_path,
+                   f"s3://{BUCKET}/notjson/best.json", "is not JSON")

@@ -7,8 +7,8 @@ import optuna
 import pytest
 from PIL import Image
 
-from raypose.figures import (joint_error_figure, param_importance_figure, param_importances,
-                             skeleton_figure, sweep_history_figure)
+from raypose.figures import (joint_error_figure, learning_curves_figure, param_importance_figure,
+                             param_importances, skeleton_figure, sweep_history_figure)
 from raypose.skeleton import H36M_SKELETON
 
 # a standing pose in camera coordinates (mm): x right, y down, z forward
@@ -127,3 +127,28 @@ def test_param_importances_from_a_study(tmp_path):
         importances = param_importances(study)
     assert set(importances) == {"x", "y"} and importances["x"] > importances["y"]
     _check_png(param_importance_figure(importances, tmp_path / "importance.png"))
+
+
+def _curve(trial_id, schedule, state, epochs, values, best=False, paper=False):
+    return {"trial_id": trial_id, "schedule": schedule, "state": state, "epochs": epochs, "values": values,
+            "is_best": best, "is_paper_defaults": paper}
+
+
+def test_learning_curves_figure(tmp_path):
+    curves = [_curve("t0", "joint", "COMPLETE", [1, 2, 3, 4], [300, 260, 240, 230], paper=True),
+              _curve("t1", "joint", "COMPLETE", [1, 2, 3, 4], [280, 220, 200, 190], best=True),
+              _curve("t2", "joint", "PRUNED", [1, 2], [320, 310]),
+              _curve("t4", "pretrain", "COMPLETE", [2, 3, 4], [270, 230, 210]),
+              _curve("t6", "pretrain", "PRUNED", [2], [330]),
+              _curve("t7", "pretrain", "ERROR", [], [])]
+    out = learning_curves_figure(curves, tmp_path / "curves.png", baseline=250.0)
+    _check_png(out, min_colours=200)
+    # the best trial is also the paper-defaults one; no baseline; early epochs far above the rest
+    curves = [_curve("t0", "pretrain", "COMPLETE", [2, 3, 4], [2000, 300, 200], best=True, paper=True),
+              _curve("t1", None, "COMPLETE", [1, 2], [900, 250])]
+    _check_png(learning_curves_figure(curves, tmp_path / "log.png", note="drawn at the best epoch only"))
+
+
+def test_learning_curves_figure_with_nothing_to_draw(tmp_path):
+    out = learning_curves_figure([_curve("t7", "joint", "ERROR", [], [])], tmp_path / "none.png")
+    _check_png(out, min_std=5.0, min_colours=10)
