@@ -10,7 +10,8 @@ hands) with a per-pixel depth buffer, so nearer parts cover farther ones; radii 
 distance; shading falls with the surface's slant (a tube looks round) and with depth relative to the
 pelvis (nearer is brighter), which carries the depth cues a CNN needs. Each subject has two limb
 colours, one warm (red to orange) and one cool (cyan to blue), legs darker than arms, the torso
-another hue, a skin-toned head with a dark nose on the face's front. Which side wears the warm
+another hue with a pale panel on the shirt's front, a skin-toned face with a dark nose and hair on
+the back and top of the head, so front and back look different. Which side wears the warm
 colour is drawn per sample (`sides_swapped`, probability 1/2), so colour says which limbs belong
 together but not which side is left: left and right are told apart by the face and the depth order,
 as in real images. This is what makes the left/right flip augmentation honest: a mirrored sample
@@ -60,9 +61,10 @@ RADIUS_MM = {
 }
 
 # Colour slots of a body; primitives index into them.
-TORSO, SKIN, LEFT_ARM, RIGHT_ARM, LEFT_LEG, RIGHT_LEG, SHOES, NOSE = range(8)
+TORSO, SKIN, LEFT_ARM, RIGHT_ARM, LEFT_LEG, RIGHT_LEG, SHOES, NOSE, HAIR, SHIRT_FRONT = range(10)
 # the slot each slot takes when a sample's sides are swapped (warm limbs on the right)
-SWAPPED_SLOTS = np.array([TORSO, SKIN, RIGHT_ARM, LEFT_ARM, RIGHT_LEG, LEFT_LEG, SHOES, NOSE])
+SWAPPED_SLOTS = np.array([TORSO, SKIN, RIGHT_ARM, LEFT_ARM, RIGHT_LEG, LEFT_LEG, SHOES, NOSE, HAIR,
+                          SHIRT_FRONT])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,9 +119,12 @@ def make_body(subject: str, seed: int) -> dict:
     girth = rng.uniform(0.85, 1.2)  # slim to heavy
     radii = {k: v * scale * girth * rng.uniform(0.92, 1.08) for k, v in RADIUS_MM.items()}
     radii["head"] = RADIUS_MM["head"] * scale * rng.uniform(0.93, 1.07)
-    colours = np.zeros((8, 3))
+    colours = np.zeros((10, 3))
     torso_hue = rng.choice([rng.uniform(60, 160), rng.uniform(260, 330)])
     colours[TORSO] = _hsv(torso_hue, rng.uniform(0.3, 0.8), rng.uniform(0.55, 0.9))
+    # the shirt's front panel: the torso's hue, pale; the back has none
+    colours[SHIRT_FRONT] = _hsv(torso_hue, rng.uniform(0.05, 0.2), rng.uniform(0.9, 1.0))
+    colours[HAIR] = _hsv(rng.uniform(20, 40), rng.uniform(0.3, 0.7), rng.uniform(0.08, 0.35))
     skin = np.array([(0.96, 0.80, 0.69), (0.87, 0.67, 0.52), (0.72, 0.52, 0.36), (0.50, 0.34, 0.22)])
     colours[SKIN] = np.clip(skin[rng.integers(len(skin))] * rng.uniform(0.92, 1.05, 3), 0, 1)
     warm, cool = rng.uniform(0, 35), rng.uniform(190, 235)
@@ -272,6 +277,13 @@ def forward_kinematics(body: dict, a: dict):
         hands.append(j[:, wrist] + _apply(forearm, down * 0.3 * R["hand"]))
     head_centre = 0.5 * (j[:, 9] + j[:, 10]) + _apply(head, [0, 0, -0.35 * R["head"]])
     nose = head_centre + _apply(head, _unit([0, -0.15, 1]) * 0.95 * R["head"])
+    # front and back look different, as on a person: hair covers the back and top of the head
+    # (a sphere set back from the head's, so the face shows in front), and the shirt has a pale
+    # front panel (a capsule set forward in the chest, hidden inside it from behind)
+    hair = head_centre + _apply(head, [0, 0.12 * R["head"], -0.22 * R["head"]])
+    panel_forward = _apply(chest, [0, 0, 0.45 * R["chest"]])
+    panel = (0.5 * (j[:, 0] + j[:, 7]) + panel_forward, j[:, 8] + panel_forward
+             + _apply(chest, down * 0.45 * R["chest"]))
     P = [  # (start, end, radius, colour slot)
         (j[:, 1], j[:, 2], R["thigh"], RIGHT_LEG), (j[:, 2], j[:, 3], R["shin"], RIGHT_LEG),
         (j[:, 4], j[:, 5], R["thigh"], LEFT_LEG), (j[:, 5], j[:, 6], R["shin"], LEFT_LEG),
@@ -280,6 +292,7 @@ def forward_kinematics(body: dict, a: dict):
         (j[:, 7], j[:, 8] + _apply(chest, down * 0.3 * R["chest"]), R["chest"], TORSO),
         (j[:, 11], j[:, 14], R["shoulders"], TORSO), (j[:, 8], j[:, 9], R["neck"], SKIN),
         (head_centre, head_centre, R["head"], SKIN), (nose, nose, R["nose"], NOSE),
+        (hair, hair, 0.97 * R["head"], HAIR), (*panel, 0.6 * R["chest"], SHIRT_FRONT),
         (j[:, 11], j[:, 12], R["upper_arm"], LEFT_ARM), (j[:, 12], j[:, 13], R["forearm"], LEFT_ARM),
         (j[:, 14], j[:, 15], R["upper_arm"], RIGHT_ARM), (j[:, 15], j[:, 16], R["forearm"], RIGHT_ARM),
         (hands[0], hands[0], R["hand"], SKIN), (hands[1], hands[1], R["hand"], SKIN),

@@ -61,11 +61,13 @@ def train_func_per_worker(loop_config: dict) -> None:
     baseline = mean_pose_baseline(train_set.root_relative_poses(), val_set.root_relative_poses())
 
     start_epoch = 0
+    best_val = float("inf")  # best val_mpjpe with a regression head so far (the sweep's metric)
     resumed = ray.train.get_checkpoint()  # Ray: latest checkpoint after a restart or resume
     if resumed is not None:
         with resumed.as_directory() as d:
             loaded = checkpoint.load(d, map_location="cpu")
         start_epoch = loaded["state"]["epoch"]
+        best_val = loaded["state"].get("best_val_mpjpe_with_head") or best_val
         model = build_model(cfg, loaded["state"]["stage"])
         model.load_state_dict(loaded["model"])
         model.to(device)
@@ -83,6 +85,10 @@ def train_func_per_worker(loop_config: dict) -> None:
 
     for epoch in range(start_epoch, cfg.schedule.epochs):
         stage = stage_for_epoch(cfg, epoch)
+        if stage == "detection" and model.detection is None:
+            # a resumed pretrain run whose regression stage began under another --epochs: the
+            # detection head is gone, so the run stays in its regression stage
+            stage = "regression"
         if stage == "regression" and model.regression is None:
             # pretrain schedule: drop the detection head, fresh regression head, kept trunk
             model = regression_from_pretrained(model)
@@ -108,7 +114,12 @@ def train_func_per_worker(loop_config: dict) -> None:
             **val,
         }
         metrics.setdefault("val_mpjpe", baseline)
+        if model.regression is not None:
+            best_val = min(best_val, metrics["val_mpjpe"])
+        # the sweep's metric (raypose.tune): the best so far with a head, the baseline before one
+        metrics["best_val_mpjpe"] = best_val if best_val < float("inf") else baseline
         state = {"epoch": epochs_done, "stage": stage, "metrics": metrics,
+                 "best_val_mpjpe_with_head": best_val if best_val < float("inf") else None,
                  "heads": {"regression": model.regression is not None,
                            "detection": model.detection is not None}}
         if rank == 0:

@@ -51,7 +51,21 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     assert set(kinds) == {"joint", "pretrain"}  # seed 0 draws both
     for t in study.trials:
         assert ("pretrain_share" in t.params) == (t.params["schedule"] == "pretrain")
-    assert all(t.state.name == "COMPLETE" for t in study.trials)
+    # the first trial is the enqueued paper settings; ASHA's stops are PRUNED, never FAIL
+    first = min(study.trials, key=lambda t: t.number)
+    assert first.params == {"lrn_alpha": 0.0025, "lrn_beta": 0.75, "schedule": "joint",
+                            "lambda": 1.0, "lr": 3e-4}
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    paper = stored_best["paper_defaults"]
+    assert paper["params"] == first.params and paper["not_searched"] == []
+    rows = {r["trial_id"]: r for r in stored_best["trials"]}
+    assert rows[paper["trial_id"]]["is_paper_defaults"]
+    assert sum(r["is_paper_defaults"] for r in rows.values()) == 1
+    for t in study.trials:  # Optuna's value is the one best.json holds for that trial
+        row = next(r for r in rows.values() if r["params"] == t.params)
+        assert t.value == pytest.approx(row["best_val_mpjpe"])
+        assert row["state"] == t.state.name
+    assert stored_best["value"] == min(r["best_val_mpjpe"] for r in rows.values())
     assert 0 < best["share_in_epochs"] <= 1
 
 
