@@ -164,7 +164,7 @@ def latest_checkpoint(run: storage.Location) -> storage.Location | None:
 
 
 IGNORED_ON_RESUME = ("storage.", "scaling.workers", "scaling.gpu", "scaling.cpus_per_worker",
-                     "schedule.epochs", "data.path")
+                     "scaling.compile", "schedule.epochs", "data.path")
 
 
 def check_resume_config(cfg: Config, run: storage.Location) -> None:
