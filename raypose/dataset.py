@@ -207,14 +207,17 @@ def augment_batch(raw: dict, aug: Augmentation, channels_last: bool = False) -> 
     steps = const["steps"]  # 0..111
     rows = offsets[:, 1:2] + steps  # (B, 112)
     cols = offsets[:, 0:1] + torch.where(flips[:, None], CROP_SIZE - 1 - steps, steps)  # (B, 112)
+    # index of each crop pixel among the batch's B * 128 * 128 RGB pixels: one index_select of
+    # 3-byte rows is ~3x faster than indexing with three index tensors
     batch_index = torch.arange(b, device=device)[:, None, None]
-    crops = images[batch_index, rows[:, :, None], cols[:, None, :]]  # (B, 112, 112, 3) uint8
+    pixel = (batch_index * IMAGE_SIZE + rows[:, :, None]) * IMAGE_SIZE + cols[:, None, :]  # (B, 112, 112)
+    crops = images.reshape(-1, 3).index_select(0, pixel.reshape(-1)).view(b, CROP_SIZE, CROP_SIZE, 3)
 
-    # (x / 255 + noise - mean) / std as one multiply-add per pixel
+    # (x / 255 + noise - mean) / std as one fused multiply-add per pixel
     noise = (alphas * const["eigval"]) @ const["eigvec"].T  # (B, 3): eigvec @ (alpha * eigval)
     shift = (noise - const["mean"]) / const["std"]  # (B, 3)
     scale = 1.0 / (255.0 * const["std"])  # (3,)
-    image = crops.to(torch.float32) * scale + shift[:, None, None, :]  # (B, 112, 112, 3)
+    image = torch.addcmul(shift[:, None, None, :], crops.to(torch.float32), scale)  # (B, 112, 112, 3)
     image = image.permute(0, 3, 1, 2)  # (B, 3, 112, 112), channels_last strides
     if not channels_last:
         image = image.contiguous()
