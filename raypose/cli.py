@@ -17,7 +17,7 @@ COMMANDS = [
     (("train",), "raypose.train", "train on Ray Train (data-parallel workers, CPU or GPU)"),
     (("tune",), "raypose.tune", "search hyperparameters with Ray Tune + Optuna"),
     (("evaluate",), "raypose.evaluate", "evaluate the best (or a named) checkpoint on the test split"),
-    (("bench", "train"), "raypose.bench", "measure samples/s: Ray Train loop, plain PyTorch loop, input pipeline"),
+    (("bench", "train"), "raypose.bench", "measure samples/s: host feed, device augmentation, plain PyTorch loop, Ray Train loop"),
     (("cluster",), "raypose.cluster", "start, stop or describe the local dev cluster (Ray head + S3 server)"),
     (("demo",), "raypose.demo", "the whole chain on this machine: data, sweep, evaluation"),
 ]
