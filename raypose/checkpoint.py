@@ -43,19 +43,56 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
+class _HashingWriter:
+    """A binary file that hashes what is written to it, so that a file of a few hundred MB is
+    not read back to hash it."""
+
+    def __init__(self, path):
+        self._file = open(path, "wb")
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self._hash.update(data)
+        self.size += len(memoryview(data))
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+    def entry(self) -> dict:
+        return {"size": self.size, "sha256": self._hash.hexdigest()}
+
+
+def _write(path: Path, save_into) -> dict:
+    with _HashingWriter(path) as f:
+        save_into(f)
+    entry = f.entry()
+    assert entry["size"] == path.stat().st_size, path
+    return entry
+
+
 def save(directory, model_state: dict, optimizer_state: dict, config: dict, state: dict) -> Path:
     """Write a checkpoint into directory (created if missing) and its manifest last."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    torch.save(model_state, d / MODEL_FILE)
-    torch.save(optimizer_state, d / OPTIMIZER_FILE)
-    (d / CONFIG_FILE).write_text(json.dumps(config, indent=1, sort_keys=True))
-    (d / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    texts = {CONFIG_FILE: json.dumps(config, indent=1, sort_keys=True).encode(),
+             STATE_FILE: json.dumps(state, indent=1, sort_keys=True).encode()}
+    files = {
+        MODEL_FILE: _write(d / MODEL_FILE, lambda f: torch.save(model_state, f)),
+        OPTIMIZER_FILE: _write(d / OPTIMIZER_FILE, lambda f: torch.save(optimizer_state, f)),
+        **{name: _write(d / name, lambda f, text=text: f.write(text)) for name, text in texts.items()},
+    }
     manifest = {
         "raypose_version": __version__,
         "config_sha256": config_hash(config),
-        "files": {name: {"size": (d / name).stat().st_size, "sha256": sha256_file(d / name)}
-                  for name in PAYLOAD_FILES},
+        "files": files,
     }
     (d / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return d

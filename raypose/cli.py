@@ -18,7 +18,7 @@ COMMANDS = [
     (("tune",), "raypose.tune", "search hyperparameters with Ray Tune + Optuna"),
     (("evaluate",), "raypose.evaluate", "evaluate the best (or a named) checkpoint on the test split"),
     (("report",), "raypose.report", "report what a sweep found: learning curves, joint vs pretrain, best settings"),
-    (("bench", "train"), "raypose.bench", "measure samples/s: Ray Train loop, plain PyTorch loop, input pipeline"),
+    (("bench", "train"), "raypose.bench", "measure samples/s: host feed, device augmentation, plain PyTorch loop, Ray Train loop"),
     (("cluster",), "raypose.cluster", "start, stop or describe the local dev cluster (Ray head + S3 server)"),
     (("demo",), "raypose.demo", "the whole chain on this machine: data, sweep, evaluation"),
 ]

@@ -60,6 +60,7 @@ class ScalingConfig:
     cpus_per_worker: int = 1
     channels_last: bool = True
     amp: bool = True  # mixed precision where the device supports it (bf16 on GPUs that have it)
+    compile: bool = False  # torch.compile the training model (raypose bench train measures both)
 
 
 @dataclass
@@ -68,6 +69,9 @@ class StorageConfig:
     name: str = "raypose"  # the run's name under uri; the same name resumes
     max_failures: int = 2  # worker-group restarts from the latest checkpoint
     keep_checkpoints: int = 2
+    # a checkpoint every this many epochs, and always at the last epoch and at the best val_mpjpe
+    # so far; uploaded in the background while training goes on
+    checkpoint_every: int = 1
 
 
 @dataclass
@@ -106,6 +110,7 @@ class Config:
             (0.0 <= self.model.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
             (self.storage.max_failures >= 0, "storage.max_failures", "must be >= 0"),
             (self.storage.keep_checkpoints >= 1, "storage.keep_checkpoints", "must be >= 1"),
+            (self.storage.checkpoint_every >= 1, "storage.checkpoint_every", "must be >= 1"),
         ]
         if self.schedule.kind == "pretrain":
             checks.append((self.schedule.epochs >= 2, "schedule.epochs",

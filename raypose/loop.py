@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from raypose.config import Config
-from raypose.dataset import PoseDataset, iterate_batches
+from raypose.dataset import PoseDataset, batch_chunks, device_batches, iterate_batches
 from raypose.losses import multitask_loss
 from raypose.model import LiChanNet
 from raypose.skeleton import OFFSET_SCALE_MM, from_parent_relative
@@ -52,40 +52,44 @@ def autocast_for(device: torch.device, enabled: bool):
     return nullcontext()
 
 
-def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if channels_last:
-        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
-    return out
+def maybe_compile(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """torch.compile(model) when cfg.scaling.compile; the module that trains, while the uncompiled
+    one keeps the parameters (state_dict, checkpoints)."""
+    return torch.compile(model) if cfg.scaling.compile else model
 
 
 def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torch.device,
-                max_steps: int = 0, on_step=None) -> dict:
-    """One pass over `batches`; returns mean loss parts, samples seen and seconds spent."""
+                max_steps: int = 0, world_size: int = 1) -> dict:
+    """One pass over `batches` (training tensors already on device); returns the mean loss parts
+    over all ranks, the samples this rank saw and the seconds spent.
+
+    The step loop never waits for the device: loss sums stay on it and are read (and, with a
+    process group of world_size > 1, all-reduced) once, after the last step."""
     model.train()
-    sums = {"loss": 0.0, "regression": 0.0, "detection": 0.0}
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, regression, detection
+    zero = torch.zeros((), device=device)
     steps = samples = 0
     start = time.perf_counter()
     for batch in batches:
-        batch = to_device(batch, device, cfg.scaling.channels_last)
         with autocast_for(device, cfg.scaling.amp):
             outputs = model(batch["image"])
         loss, parts = multitask_loss(outputs, batch, cfg.loss.detection_weight, stage)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums["loss"] += float(loss.detach())
-        for k in ("regression", "detection"):
-            if parts[k] is not None:
-                sums[k] += float(parts[k])
+        sums += torch.stack([loss.detach(),
+                             zero if parts["regression"] is None else parts["regression"],
+                             zero if parts["detection"] is None else parts["detection"]])
         steps += 1
         samples += len(batch["image"])
-        if on_step is not None:
-            on_step(steps, float(loss))
         if max_steps and steps >= max_steps:
             break
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)  # every rank takes the same number of steps
+    totals = sums.tolist()  # the one wait for the device in this epoch
     seconds = time.perf_counter() - start
-    means = {f"train_{k}": (v / steps if steps else float("nan")) for k, v in sums.items()}
+    means = {f"train_{k}": (v / (steps * world_size) if steps else float("nan"))
+             for k, v in zip(("loss", "regression", "detection"), totals)}
     if stage == "detection":
         means.pop("train_regression")
     if stage == "regression":
@@ -98,28 +102,26 @@ def predict(model, dataset: PoseDataset, batch_size: int, device: torch.device,
             channels_last: bool = False, rank: int = 0, world_size: int = 1) -> dict:
     """Root-relative predictions (mm) for this rank's share of the dataset (no augmentation).
 
-    Returns numpy arrays: positions (which samples), pred_3d and gt_3d [n, 17, 3] in mm, actions
-    (indices into dataset.action_names), and detection logits and targets [n, 17, 100] when the
-    model has a detection head."""
+    Rank r takes the r-th of world_size contiguous slices (every sample once overall, read as
+    contiguous runs). Returns numpy arrays: positions (which samples), pred_3d and gt_3d [n, 17, 3]
+    in mm, actions (indices into dataset.action_names), and detection logits and targets
+    [n, 17, 100] when the model has a detection head."""
     model.eval()
-    positions = np.arange(rank, len(dataset), world_size)  # strided: every sample once overall
-    preds, gts, dets, det_targets, actions = [], [], [], [], []
-    for start in range(0, len(positions), batch_size):
-        pos = positions[start:start + batch_size]
-        batch = to_device(dataset.get_batch(pos), device, channels_last)
+    positions = np.array_split(np.arange(len(dataset)), world_size)[rank]
+    parts = {k: [] for k in ("gt_3d", "actions", "pred_3d", "detection_logits", "detection_targets")}
+    for batch in device_batches(dataset, batch_chunks(positions, batch_size), device=device,
+                                channels_last=channels_last):
         outputs = model(batch["image"])
-        gts.append(batch["joints_3d"].float().cpu().numpy())
-        actions.append(batch["action"].cpu().numpy())
+        parts["gt_3d"].append(batch["joints_3d"])
+        parts["actions"].append(batch["action"])
         if "offsets" in outputs:
             offsets = outputs["offsets"].float() * OFFSET_SCALE_MM  # (B, 17, 3) mm
-            preds.append(from_parent_relative(offsets).cpu().numpy())
+            parts["pred_3d"].append(from_parent_relative(offsets))
         if "detection_logits" in outputs:
-            dets.append(outputs["detection_logits"].float().cpu().numpy())
-            det_targets.append(batch["detection"].cpu().numpy())
-    cat = (lambda xs: np.concatenate(xs) if xs else None)
-    return {"positions": positions, "pred_3d": cat(preds), "gt_3d": cat(gts),
-            "detection_logits": cat(dets), "detection_targets": cat(det_targets),
-            "actions": cat(actions)}
+            parts["detection_logits"].append(outputs["detection_logits"].float())
+            parts["detection_targets"].append(batch["detection"])
+    out = {k: torch.cat(v).cpu().numpy() if v else None for k, v in parts.items()}  # one copy
+    return {"positions": positions, **out}
 
 
 def validate(model, dataset: PoseDataset, batch_size: int, device: torch.device, cfg: Config,
@@ -155,21 +157,25 @@ def validate(model, dataset: PoseDataset, batch_size: int, device: torch.device,
     return metrics
 
 
-def open_splits(cfg: Config, seed: int | None = None):
+def open_splits(cfg: Config, seed: int | None = None, info: dict | None = None):
     """(train, validation) datasets from the data directory: validation holds out
-    cfg.data.val_subjects of train.h5; the test split is never touched here."""
+    cfg.data.val_subjects of train.h5; the test split is never touched here. info: train.h5's
+    validate_file summary when the caller has validated it (None validates it here)."""
     from pathlib import Path
 
     path = str(Path(cfg.data.path) / "train.h5")
     seed = cfg.seed if seed is None else seed
     train = PoseDataset(path, exclude_subjects=cfg.data.val_subjects, augment=cfg.data.augment,
                         color_noise=cfg.data.color_noise, flip=cfg.data.flip,
-                        max_samples=cfg.data.max_train_samples, seed=seed)
+                        max_samples=cfg.data.max_train_samples, seed=seed, info=info)
     val = PoseDataset(path, subjects=cfg.data.val_subjects, augment=False,
-                      max_samples=cfg.data.max_val_samples, seed=seed)
+                      max_samples=cfg.data.max_val_samples, seed=seed, info=info or train.info)
     return train, val
 
 
-def epoch_batches(dataset, cfg: Config, epoch: int, rank: int = 0, world_size: int = 1):
+def epoch_batches(dataset, cfg: Config, epoch: int, rank: int = 0, world_size: int = 1,
+                  device: torch.device | None = None):
+    """This rank's training batches of one epoch, on device, read ahead in a background thread."""
     return iterate_batches(dataset, cfg.data.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                           rank=rank, world_size=world_size, drop_last=True)
+                           rank=rank, world_size=world_size, drop_last=True, device=device,
+                           channels_last=cfg.scaling.channels_last)

@@ -7,6 +7,7 @@ state.json, manifest.json}, ...  plus Ray Train's own state files.  The same --n
 resume from the latest checkpoint; FailureConfig(max_failures) restarts a lost worker group from it.
 """
 
+import functools
 import json
 import os
 import posixpath
@@ -17,9 +18,8 @@ import torch
 
 from raypose import checkpoint, storage
 from raypose.config import Config, ConfigError, config_from_dict, load_config
-from raypose.loop import (build_model, build_optimizer, epoch_batches, open_splits,
-                          regression_epochs_done, stage_for_epoch,
-                          train_epoch, validate)
+from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
+                          regression_epochs_done, stage_for_epoch, train_epoch, validate)
 from raypose.metrics import mean_pose_baseline
 from raypose.model import regression_from_pretrained
 
@@ -48,6 +48,7 @@ def train_func_per_worker(loop_config: dict) -> None:
 
     cfg = config_from_dict(loop_config["config"])
     stop_after = loop_config.get("stop_after_epoch", 0)
+    data = loop_config["data"]  # validated on the driver: the file's summary and the baseline
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -55,10 +56,10 @@ def train_func_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
-    train_set, val_set = open_splits(cfg)
+    train_set, val_set = open_splits(cfg, info=data["info"])
     # a model without a regression head predicts nothing better than the mean pose: its
     # val_mpjpe is reported as this baseline (and ASHA ignores those epochs, see raypose.tune)
-    baseline = mean_pose_baseline(train_set.root_relative_poses(), val_set.root_relative_poses())
+    baseline = data["baseline"]
 
     start_epoch = 0
     best_val = float("inf")  # best val_mpjpe with a regression head so far (the sweep's metric)
@@ -81,7 +82,9 @@ def train_func_per_worker(loop_config: dict) -> None:
         optimizer = build_optimizer(cfg, model)
     if cfg.scaling.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    ddp_model = _wrap_ddp(model, device, world_size)
+    train_model = maybe_compile(_wrap_ddp(model, device, world_size), cfg)
+    startup_seconds = None
+    upload = _upload_manifest_last(ctx.get_storage())
 
     for epoch in range(start_epoch, cfg.schedule.epochs):
         stage = stage_for_epoch(cfg, epoch)
@@ -95,10 +98,13 @@ def train_func_per_worker(loop_config: dict) -> None:
             if cfg.scaling.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             optimizer = build_optimizer(cfg, model)
-            ddp_model = _wrap_ddp(model, device, world_size)
-        batches = epoch_batches(train_set, cfg, epoch, rank, world_size)
+            train_model = maybe_compile(_wrap_ddp(model, device, world_size), cfg)
+        batches = epoch_batches(train_set, cfg, epoch, rank, world_size, device)
+        if startup_seconds is None:
+            # wall clock from the TorchTrainer's creation (on the driver) to the first step
+            startup_seconds = time.time() - loop_config["trainer_created_at"]
         epoch_start = time.perf_counter()
-        stats = train_epoch(ddp_model, optimizer, batches, cfg, stage, device)
+        stats = train_epoch(train_model, optimizer, batches, cfg, stage, device, world_size=world_size)
         val = validate(model, val_set, cfg.data.batch_size, device, cfg, rank, world_size)
         epochs_done = epoch + 1
         metrics = {
@@ -111,13 +117,19 @@ def train_func_per_worker(loop_config: dict) -> None:
             **{k: v for k, v in stats.items() if k.startswith("train_")},
             "samples_per_s": world_size * stats["samples"] / max(stats["seconds"], 1e-9),
             "val_mean_pose_mpjpe": baseline,
+            "startup_seconds": startup_seconds,
             **val,
         }
         metrics.setdefault("val_mpjpe", baseline)
-        if model.regression is not None:
-            best_val = min(best_val, metrics["val_mpjpe"])
+        # every rank computes the same decision from all-reduced metrics; only epochs with a
+        # regression head count (a detection stage's val_mpjpe is the mean-pose baseline)
+        is_best = model.regression is not None and metrics["val_mpjpe"] < best_val
+        if is_best:
+            best_val = metrics["val_mpjpe"]
         # the sweep's metric (raypose.tune): the best so far with a head, the baseline before one
         metrics["best_val_mpjpe"] = best_val if best_val < float("inf") else baseline
+        save = (is_best or epochs_done % cfg.storage.checkpoint_every == 0
+                or epochs_done == cfg.schedule.epochs or epochs_done == stop_after)
         state = {"epoch": epochs_done, "stage": stage, "metrics": metrics,
                  "best_val_mpjpe_with_head": best_val if best_val < float("inf") else None,
                  "heads": {"regression": model.regression is not None,
@@ -126,11 +138,16 @@ def train_func_per_worker(loop_config: dict) -> None:
             print(f"[raypose] epoch {epochs_done}/{cfg.schedule.epochs} {stage}: "
                   f"loss {metrics['train_loss']:.4f}  val_mpjpe {metrics['val_mpjpe']:.1f} mm "
                   f"(mean pose {baseline:.1f})  {metrics['samples_per_s']:.1f} samples/s", flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint.save(tmp, model.state_dict(), optimizer.state_dict(), cfg.to_dict(), state)
-                # Ray: one report per epoch; rank 0 carries the checkpoint, uploaded to storage
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=checkpoint_name(epochs_done))
+        if rank == 0 and save:
+            # written here, uploaded by Ray in a background thread while the next epoch trains;
+            # Ray deletes the local folder once it is uploaded
+            tmp = tempfile.mkdtemp(prefix="raypose-checkpoint-")
+            checkpoint.save(tmp, model.state_dict(), optimizer.state_dict(), cfg.to_dict(), state)
+            # Ray: one report per epoch; rank 0 carries the checkpoint
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_name(epochs_done),
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                             checkpoint_upload_fn=upload)
         else:
             ray.train.report(metrics, checkpoint=None)  # Ray: every rank reports (a barrier)
         if stop_after and epochs_done >= stop_after and epochs_done < cfg.schedule.epochs:
@@ -138,6 +155,26 @@ def train_func_per_worker(loop_config: dict) -> None:
                 print(f"[raypose] stopping after epoch {epochs_done} as asked; the same --name "
                       "resumes", flush=True)
             return
+
+
+def _upload_manifest_last(storage_context):
+    """A checkpoint_upload_fn for ray.train.report: copies the payload files into the run's
+    storage first and manifest.json last, so that a checkpoint with a manifest is complete."""
+
+    def upload(local, dir_name: str):
+        import pyarrow.fs
+        import ray.train
+
+        fs = storage_context.storage_filesystem
+        target = storage_context.build_checkpoint_path_from_name(dir_name)
+        fs.create_dir(target)
+        for name in (*checkpoint.PAYLOAD_FILES, checkpoint.MANIFEST_FILE):
+            pyarrow.fs.copy_files(os.path.join(local.path, name), posixpath.join(target, name),
+                                  source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
+        return ray.train.Checkpoint(path=target, filesystem=fs)
+
+    return upload
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,21 +185,44 @@ def preflight(cfg: Config) -> storage.Location:
     """Every check that needs no cluster: config ranges, data files and splits, storage.
     Raises one clear error before Ray starts anything. Makes the data path and a local
     storage path absolute."""
-    from raypose.dataset import PoseDataset
-
     cfg.validate()
     # workers (and Tune trials, which run in their own folders) see the driver's data by an
     # absolute path
     cfg.data.path = os.path.abspath(cfg.data.path)
-    train_file = os.path.join(cfg.data.path, "train.h5")
-    # opening the datasets validates the file and both selections (non-empty)
-    PoseDataset(train_file, exclude_subjects=cfg.data.val_subjects)
-    PoseDataset(train_file, subjects=cfg.data.val_subjects)
+    prepare_data(cfg)  # validates the file and both selections (non-empty)
     loc = storage.parse(cfg.storage.uri)
     cfg.storage.uri = loc.uri  # absolute too, for the same reason as the data path
     storage.check_reachable(loc)
     check_resume_config(cfg, loc.join(cfg.storage.name))
     return loc
+
+
+def prepare_data(cfg: Config) -> dict:
+    """What every worker needs from the data and the driver can compute once: train.h5's
+    validate_file summary (workers then skip validating it) and the mean-pose baseline on the
+    validation subjects. Remembered per file version, so preflight and build_trainer read the
+    file once."""
+    train_file = os.path.join(os.path.abspath(cfg.data.path), "train.h5")
+    try:
+        stat = os.stat(train_file)
+    except OSError:
+        stat = None
+    if stat is None:  # let the dataset raise its one clear DataError
+        return _prepare_data(train_file, None, None, tuple(cfg.data.val_subjects),
+                             cfg.data.max_train_samples, cfg.data.max_val_samples)
+    return _prepare_data(train_file, stat.st_mtime_ns, stat.st_size, tuple(cfg.data.val_subjects),
+                         cfg.data.max_train_samples, cfg.data.max_val_samples)
+
+
+@functools.lru_cache(maxsize=4)
+def _prepare_data(train_file, mtime_ns, size, val_subjects, max_train, max_val) -> dict:
+    from raypose.dataset import PoseDataset
+
+    train = PoseDataset(train_file, exclude_subjects=list(val_subjects), max_samples=max_train)
+    val = PoseDataset(train_file, subjects=list(val_subjects), max_samples=max_val, info=train.info)
+    info = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in train.info.items()}
+    return {"info": info,
+            "baseline": mean_pose_baseline(train.root_relative_poses(), val.root_relative_poses())}
 
 
 def latest_checkpoint(run: storage.Location) -> storage.Location | None:
@@ -175,7 +235,7 @@ def latest_checkpoint(run: storage.Location) -> storage.Location | None:
 
 
 IGNORED_ON_RESUME = ("storage.", "scaling.workers", "scaling.gpu", "scaling.cpus_per_worker",
-                     "schedule.epochs", "data.path")
+                     "scaling.compile", "schedule.epochs", "data.path")
 
 
 def check_resume_config(cfg: Config, run: storage.Location) -> None:
@@ -220,8 +280,11 @@ def check_gpu_available(cfg: Config) -> None:
 
 
 def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(),
-                  stop_after_epoch: int = 0):
-    """The TorchTrainer for one run (also used by each Tune trial)."""
+                  stop_after_epoch: int = 0, created_at: float | None = None):
+    """The TorchTrainer for one run (also used by each Tune trial).
+
+    created_at: time.time() when the caller started the run (default: now); workers report
+    startup_seconds, the wall time from it to their first training step."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -231,7 +294,9 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
         resources["GPU"] = 1
     return TorchTrainer(  # Ray: the data-parallel run
         train_func_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch},
+        train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch,
+                           "data": prepare_data(cfg),
+                           "trainer_created_at": time.time() if created_at is None else created_at},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(

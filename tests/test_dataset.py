@@ -1,5 +1,6 @@
 """PoseDataset: targets, augmentation, flip, sharding, bad input and pickling, on tiny hand-made
-files whose pixels encode their own coordinates."""
+files whose pixels encode their own coordinates; the device path against a numpy reference; crops
+that keep every joint on synthetic and converted Human3.6M data."""
 
 import pickle
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from raypose.dataset import (IMAGE_MEAN, IMAGE_STD, PoseDataset, detection_targets, flip_sample,
+from raypose.dataset import (CENTRE_OFFSET, CROP_SIZE, IMAGE_MEAN, IMAGE_STD, MAX_OFFSET,
+                             PoseDataset, augmentation_draws, detection_targets, epoch_order,
                              iterate_batches, shard_positions)
 from raypose.h5schema import KEYS, DataError, write_split
 from raypose.skeleton import H36M_SKELETON, OFFSET_SCALE_MM, parent_relative
@@ -55,6 +57,89 @@ def pixels(image: torch.Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# the numpy reference of a training batch: per-sample loops, written for reading, not for speed.
+# Training uses raypose.dataset.augment_batch (torch, on the device); the two must agree.
+
+
+def flip_sample(image, joints_2d, joints_3d, skeleton=H36M_SKELETON):
+    """Left/right mirror: image (..., H, W, C) or None; joints_2d x -> W - x; joints_3d x -> -x;
+    left and right joints swapped. W is the crop width when image is None."""
+    perm = skeleton.flip_permutation()
+    width = 112 if image is None else image.shape[-2]
+    j2 = np.array(joints_2d, dtype=np.float32)[..., perm, :]
+    j2[..., 0] = width - j2[..., 0]
+    j3 = np.array(joints_3d, dtype=np.float32)[..., perm, :]
+    j3[..., 0] = -j3[..., 0]
+    return (None if image is None else image[..., ::-1, :]), j2, j3
+
+
+def reference_crop_offset(joints_2d, u):
+    """One sample's (ox, oy): uniform over the offsets that keep every joint in the crop, else
+    the middle of the closest ones."""
+    offset = []
+    for axis in range(2):
+        lo = min(max(int(np.floor(joints_2d[:, axis].max())) - 111, 0), 16)
+        hi = min(max(int(np.floor(joints_2d[:, axis].min())), 0), 16)
+        if lo <= hi:
+            offset.append(lo + min(int(np.floor(u[axis] * (hi - lo + 1))), hi - lo))
+        else:
+            offset.append((lo + hi) // 2)
+    return np.array(offset)
+
+
+def reference_normals(u):
+    """Box-Muller, as the library draws them: (4,) uniforms -> (3,) standard normals."""
+    r1, r2 = np.sqrt(-2 * np.log(u[0])), np.sqrt(-2 * np.log(u[2]))
+    return np.array([r1 * np.cos(2 * np.pi * u[1]), r1 * np.sin(2 * np.pi * u[1]),
+                     r2 * np.cos(2 * np.pi * u[3])])
+
+
+def reference_batch(ds: PoseDataset, positions, epoch: int) -> dict:
+    aug = ds.augmentation
+    positions = np.asarray(positions)
+    rows = ds.indices[positions]
+    with h5py.File(ds.path, "r") as f:
+        images = np.stack([f["images"][r] for r in rows])
+        joints_2d_box = np.stack([f["joints_2d"][r] for r in rows])
+        joints_3d_all = np.stack([f["joints_3d"][r] for r in rows])
+    draws = augmentation_draws(ds.seed, epoch, positions).astype(np.float64)
+    out = {k: [] for k in ("image", "offsets", "detection", "joints_3d", "joints_2d")}
+    for k in range(len(positions)):
+        if aug.augment:
+            ox, oy = reference_crop_offset(joints_2d_box[k], draws[k, 0:2])
+            flip = aug.flip and draws[k, 2] < 0.5
+            alpha = reference_normals(draws[k, 3:7]) * aug.color_noise
+        else:
+            ox = oy = 8
+            flip, alpha = False, np.zeros(3)
+        crop = images[k, oy:oy + 112, ox:ox + 112]
+        j2 = joints_2d_box[k] - np.float32([ox, oy])
+        j3 = joints_3d_all[k]
+        if flip:
+            crop, j2, j3 = flip_sample(crop, j2, j3)
+        noise = aug.rgb_eigvec @ (alpha * aug.rgb_eigval)  # (3,) on the [0, 1] scale
+        image = (crop / 255.0 + noise - IMAGE_MEAN) / IMAGE_STD  # (112, 112, 3)
+        out["image"].append(image.transpose(2, 0, 1))
+        out["offsets"].append(parent_relative(j3.astype(np.float64)) / OFFSET_SCALE_MM)
+        out["detection"].append(reference_detection_targets(j2))
+        out["joints_3d"].append(j3 - j3[0])  # float32 mm, as the batch holds them
+        out["joints_2d"].append(j2)
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def reference_detection_targets(joints_2d):
+    """(17, 2) crop pixels -> (17, 100): window (r, c) covers [10c, 10c + 30) x [10r, 10r + 30)."""
+    h = np.zeros((17, 100), np.float32)
+    for j, (x, y) in enumerate(joints_2d):
+        if not (0 <= x < 112 and 0 <= y < 112):
+            continue
+        for r in range(10):
+            for c in range(10):
+                h[j, 10 * r + c] = 10 * c <= x < 10 * c + 30 and 10 * r <= y < 10 * r + 30
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
 # pure functions
 
 
@@ -68,7 +153,7 @@ def test_detection_targets_hand_computed():
     joints[0, 5] = (112.0, 50.0)  # right of the crop, though window 9 reaches 120: nothing
     joints[0, 6] = (50.0, 130.0)  # below the crop
     joints[0, 7] = (55.0, 55.0)  # the usual 3 x 3 block: columns and rows 3, 4, 5
-    h = detection_targets(joints)
+    h = detection_targets(joints).numpy()
     assert h.shape == (1, 17, 100) and h.dtype == np.float32
     lit = [sorted(np.flatnonzero(h[0, j]).tolist()) for j in range(7)]
     assert lit[0] == [2, 3, 4, 12, 13, 14]
@@ -81,6 +166,7 @@ def test_detection_targets_hand_computed():
 
 
 def test_flip_swaps_left_right_and_mirrors_x():
+    # the reference's mirror, by hand; the device path must then agree with the reference
     image = np.arange(2 * 4 * 3).reshape(2, 4, 3)
     j2 = np.zeros((17, 2), np.float32)
     j3 = np.zeros((17, 3), np.float32)
@@ -116,7 +202,32 @@ def test_shards_equal_and_disjoint():
     assert len(set(np.concatenate(dropped))) == 9
     np.testing.assert_array_equal(shard_positions(10, True, 1, 0), shard_positions(10, True, 1, 0))
     assert not np.array_equal(shard_positions(10, True, 1, 0), shard_positions(10, True, 1, 1))
-    np.testing.assert_array_equal(shard_positions(5, False, 1, 0, 1, 2), [1, 3, 0])
+    # contiguous slices of the epoch's order, the padding wrapping around to its start
+    np.testing.assert_array_equal(shard_positions(5, False, 1, 0, 1, 2), [3, 4, 0])
+
+
+def test_epoch_order_shuffles_blocks_and_within_buffers():
+    order = epoch_order(1000, True, seed=3, epoch=2, block=10, buffer_blocks=4)
+    assert sorted(order.tolist()) == list(range(1000))
+    np.testing.assert_array_equal(order, epoch_order(1000, True, 3, 2, 10, 4))
+    assert not np.array_equal(order, epoch_order(1000, True, 3, 3, 10, 4))
+    # each run of 40 positions holds exactly 4 whole blocks of 10: read as at most 4 runs
+    for start in range(0, 1000, 40):
+        blocks = np.unique(order[start:start + 40] // 10)
+        assert len(blocks) == 4 and sorted(order[start:start + 40].tolist()) == sorted(
+            (blocks[:, None] * 10 + np.arange(10)).ravel().tolist())
+    assert np.mean(np.abs(np.diff(order[:40])) == 1) < 0.3  # shuffled inside the buffer
+    np.testing.assert_array_equal(epoch_order(7, False, 0, 0), np.arange(7))
+
+
+def test_draws_are_a_function_of_seed_epoch_position():
+    a = augmentation_draws(1, 2, [5, 9, 100])
+    assert a.shape == (3, 7) and a.dtype == np.float32 and (a > 0).all() and (a < 1).all()
+    np.testing.assert_array_equal(augmentation_draws(1, 2, [100, 5])[0], a[2])
+    assert not np.array_equal(augmentation_draws(1, 3, [5]), a[:1])
+    assert not np.array_equal(augmentation_draws(2, 2, [5]), a[:1])
+    many = augmentation_draws(0, 0, np.arange(20000))
+    assert abs(many.mean() - 0.5) < 0.01 and abs(many.std() - np.sqrt(1 / 12)) < 0.01
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +318,96 @@ def test_augmentation_flip_and_colour_noise(data_file):
     assert np.ptp(shift.reshape(-1, 3), axis=0).max() < 1e-3
     assert 0.05 < np.abs(shift[0, 0]).max() < 60  # on the 0..255 scale
     assert not np.allclose(shift[0, 0], (pixels(noisy["image"][1]) - pixels(plain["image"][1]))[0, 0])
+
+
+def test_device_path_matches_the_numpy_reference(data_file):
+    path, _ = data_file
+    positions = np.array([7, 0, 11, 3, 3, 5, 9, 1])
+    for augment, noise, flip, seed, epoch in [(True, 0.1, True, 4, 2), (True, 0.3, True, 9, 0),
+                                              (True, 0.1, False, 1, 5), (False, 0.1, True, 0, 0)]:
+        ds = PoseDataset(path, augment=augment, color_noise=noise, flip=flip, seed=seed)
+        expected = reference_batch(ds, positions, epoch)
+        for channels_last in (False, True):
+            batch = ds.get_batch(positions, epoch=epoch, channels_last=channels_last)
+            assert batch["image"].is_contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            for key, value in expected.items():
+                np.testing.assert_allclose(batch[key].numpy(), value, atol=1e-5, rtol=0,
+                                           err_msg=f"{key} (augment={augment}, flip={flip})")
+        np.testing.assert_array_equal(batch["row"].numpy(), ds.indices[positions])
+        if augment and flip:
+            assert 0 < (batch["joints_2d"][:, 1, 0] != torch.from_numpy(
+                reference_batch(PoseDataset(path, augment=True, flip=False, seed=seed),
+                                positions, epoch)["joints_2d"][:, 1, 0])).sum()
+    # the threaded, windowed reader gives the same batches as one get_batch per chunk
+    ds = PoseDataset(path, augment=True, seed=2)
+    for prefetch in (0, 2):
+        batches = list(iterate_batches(ds, 5, shuffle=True, seed=2, epoch=1, prefetch=prefetch))
+        order = shard_positions(N, True, 2, 1)
+        for k, batch in enumerate(batches):
+            single = ds.get_batch(order[5 * k:5 * k + 5], epoch=1)
+            for key in single:
+                torch.testing.assert_close(batch[key], single[key])
+
+
+def share_of_crops_losing_a_joint(ds: PoseDataset, epochs: int) -> float:
+    lost = total = 0
+    for epoch in range(epochs):
+        for batch in iterate_batches(ds, 64, shuffle=True, seed=0, epoch=epoch, prefetch=0):
+            j2 = batch["joints_2d"]
+            inside = ((j2 >= 0) & (j2 < CROP_SIZE)).all(dim=-1).all(dim=-1)  # (B,)
+            lost += int((~inside).sum())
+            total += len(inside)
+    return lost / total
+
+
+def share_losing_with_any_offset(ds: PoseDataset) -> float:
+    """The share a crop drawn uniformly from 0..16 on each axis (the old rule) would lose."""
+    j2 = ds._poses()["joints_2d"]  # (N, 17, 2), 128 box
+    offsets = np.arange(MAX_OFFSET + 1)
+    keep = [((j2[..., a, None] >= offsets) & (j2[..., a, None] < offsets + CROP_SIZE)).all(axis=1)
+            for a in range(2)]  # (N, 17 offsets) per axis
+    return 1 - float((keep[0].mean(axis=1) * keep[1].mean(axis=1)).mean())
+
+
+def test_training_crops_keep_every_joint_synthetic(tiny_data):
+    ds = PoseDataset(tiny_data / "train.h5", augment=True, seed=0)
+    share = share_of_crops_losing_a_joint(ds, epochs=10)
+    assert share <= 0.01, (share, share_losing_with_any_offset(ds))
+    val = PoseDataset(tiny_data / "train.h5", subjects=["S8"])  # the centre crop, as in validation
+    assert share_of_crops_losing_a_joint(val, epochs=1) <= 0.01
+
+
+def test_training_crops_keep_every_joint_h36m(tmp_path):
+    from raypose.h36m import convert
+    from tests.test_h36m import CAM_A, CAM_B, write_sequence
+
+    root = tmp_path / "processed"
+    shifts = [(0, 0), (-50, -30), (20, 15), (-10, 25), (35, -20), (5, 5)]
+    write_sequence(root, "S1", "Walking-1",
+                   [(CAM_A if i % 2 else CAM_B, i + 1, shift, 120) for i, shift in enumerate(shifts)])
+    write_sequence(root, "S9", "Directions-2", [(CAM_A, 1, (0, 0), 150)])
+    result = convert(root, tmp_path / "out", progress=False)
+    ds = PoseDataset(result["train"], augment=True, seed=0)
+    assert share_losing_with_any_offset(ds) > 0.2  # what a crop anywhere in the box would lose
+    assert share_of_crops_losing_a_joint(ds, epochs=100) <= 0.01
+
+
+def test_crop_offsets_by_hand():
+    from raypose.dataset import crop_offsets
+
+    joints = torch.zeros((4, 17, 2))
+    joints[0] = torch.tensor([10.5, 20.0])  # everything at one point: 0..10 in x, 0..16 in y
+    joints[0, 1] = torch.tensor([115.2, 30.0])  # x reaches 115.2: ox >= 4
+    joints[1, :, 0], joints[1, :, 1] = 3.0, 60.0
+    joints[1, 1, 0] = 125.0  # x spans 3..125 (> 112): no offset keeps both, the middle (14 + 3) // 2
+    joints[2, :] = torch.tensor([-5.0, 130.0])  # outside the box: the nearest offsets, 0 and 16
+    joints[3, :] = 64.0  # centred: any offset
+    low = crop_offsets(joints, torch.full((4, 2), 1e-6))
+    high = crop_offsets(joints, torch.full((4, 2), 1 - 1e-6))
+    assert low.tolist() == [[4, 0], [8, 0], [0, 16], [0, 0]]
+    assert high.tolist() == [[10, 16], [8, 16], [0, 16], [16, 16]]
+    assert low.dtype == torch.int64
 
 
 def test_filters_and_helpers(data_file):

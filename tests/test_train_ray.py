@@ -23,8 +23,13 @@ class EpochRecorder:
 
         class _Recorder(ray.train.UserCallback):
             def after_report(self, run_context, metrics, checkpoint):
+                # metrics: one dict per rank
                 with open(path, "a") as f:
-                    f.write(json.dumps({"epoch": metrics[0]["epoch"], "stage": metrics[0]["stage"]}) + "\n")
+                    f.write(json.dumps({"epoch": metrics[0]["epoch"], "stage": metrics[0]["stage"],
+                                        "checkpoint": checkpoint is not None,
+                                        "val_mpjpe": metrics[0]["val_mpjpe"],
+                                        "startup_seconds": metrics[0]["startup_seconds"],
+                                        "train_loss": [m["train_loss"] for m in metrics]}) + "\n")
 
         return _Recorder()
 
@@ -79,7 +84,8 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
 
 
 def test_stop_and_resume_with_same_name(ray_local, tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path / "exp", name="resume", schedule__epochs=4)
+    cfg = tiny_config(tiny_data, tmp_path / "exp", name="resume", schedule__epochs=5,
+                      storage__checkpoint_every=3)
     log = tmp_path / "epochs.jsonl"
     first = build_trainer(cfg, "resume", preflight(cfg), callbacks=[EpochRecorder(str(log))],
                           stop_after_epoch=2).fit()
@@ -87,8 +93,17 @@ def test_stop_and_resume_with_same_name(ray_local, tiny_data, tmp_path):
     assert [r["epoch"] for r in recorded(log)] == [1, 2]
     second = build_trainer(cfg, "resume", preflight(cfg), callbacks=[EpochRecorder(str(log))]).fit()
     assert second.error is None
-    assert [r["epoch"] for r in recorded(log)] == [1, 2, 3, 4]  # resumed at 3, ended at 4
-    assert second.metrics["epoch"] == 4
+    epochs = recorded(log)
+    assert [r["epoch"] for r in epochs] == [1, 2, 3, 4, 5]  # resumed at 3, ended at 5
+    assert second.metrics["epoch"] == 5
+    # checkpoints: every 3rd epoch, at a pause, at the end, and wherever val_mpjpe was the best so far
+    best = float("inf")
+    for r in epochs:
+        assert r["checkpoint"] == (r["val_mpjpe"] < best or r["epoch"] in (2, 3, 5)), epochs
+        best = min(best, r["val_mpjpe"])
+    # train losses are averaged over both workers: every rank reports the same numbers
+    assert all(len(r["train_loss"]) == 2 and r["train_loss"][0] == r["train_loss"][1] for r in epochs)
+    assert all(0 < r["startup_seconds"] < 300 for r in epochs)
 
 
 def test_resume_refuses_another_config(ray_local, tiny_data, tmp_path):
