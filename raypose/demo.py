@@ -25,8 +25,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--storage", default=None,
                         help="experiment storage (default: <root>/experiments; s3://... works too)")
     parser.add_argument("--samples", type=int, default=6, help="trials in the sweep")
-    parser.add_argument("--epochs", type=int, default=5, help="epochs per trial (at most)")
-    parser.add_argument("--train", type=int, default=2500, help="synthetic training samples")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per trial (at most)")
+    parser.add_argument("--train", type=int, default=2000, help="synthetic training samples")
     parser.add_argument("--test", type=int, default=300, help="synthetic test samples")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
     parser.add_argument("--max-concurrent", type=int, default=None,

@@ -280,11 +280,13 @@ def check_gpu_available(cfg: Config) -> None:
 
 
 def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(),
-                  stop_after_epoch: int = 0, created_at: float | None = None):
+                  stop_after_epoch: int = 0, created_at: float | None = None,
+                  data: dict | None = None):
     """The TorchTrainer for one run (also used by each Tune trial).
 
     created_at: time.time() when the caller started the run (default: now); workers report
-    startup_seconds, the wall time from it to their first training step."""
+    startup_seconds, the wall time from it to their first training step. data: prepare_data's
+    result when the caller has it already (a sweep computes it once on its driver)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -295,7 +297,7 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     return TorchTrainer(  # Ray: the data-parallel run
         train_func_per_worker,
         train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch,
-                           "data": prepare_data(cfg),
+                           "data": prepare_data(cfg) if data is None else data,
                            "trainer_created_at": time.time() if created_at is None else created_at},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.gpu,
                                      resources_per_worker=resources),

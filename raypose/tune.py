@@ -43,7 +43,9 @@ PAPER_SETTINGS = {"model.lrn_alpha": 0.0025, "model.lrn_beta": 0.75,
 # Runs as one Tune trial (a Tune function): builds and runs a TorchTrainer
 
 
-def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_env: dict):
+def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_env: dict,
+                    data: dict):
+    started = time.time()  # the trial's start, for the workers' startup_seconds
     from ray import tune  # Ray: inside a Tune function only ray.tune.*
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -58,7 +60,10 @@ def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_en
     trial_id = tune.get_context().get_trial_id()
     loc = storage.parse(cfg.storage.uri).join(experiment, "train")
     cfg.storage.name = f"{experiment}/train/{trial_id}"
-    trainer = build_trainer(cfg, trial_id, loc, callbacks=[TuneReportCallback()])  # Ray: Train V2 in Tune
+    trainer = build_trainer(cfg, trial_id, loc, callbacks=[TuneReportCallback()],  # Ray: Train V2 in Tune
+                            created_at=started,
+                            # the driver's data summary holds unless the trial changed the data
+                            data=data if cfg.to_dict()["data"] == base_config["data"] else None)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -258,10 +263,11 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
 
     loc = storage.parse(cfg.storage.uri)
     storage_path, storage_fs = storage.ray_storage(loc)
-    from raypose.train import forwarded_env
+    from raypose.train import forwarded_env, prepare_data
 
+    # the data are validated and the baseline computed once, here, for every trial's workers
     trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name,
-                                     storage_env=forwarded_env())
+                                     storage_env=forwarded_env(), data=prepare_data(cfg))
     # the Tune function only drives a TorchTrainer, whose workers hold the CPUs/GPUs: it asks for
     # no CPU (a bundle cannot be empty, so it asks for a little memory instead)
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024**2})
