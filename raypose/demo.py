@@ -6,8 +6,8 @@ schedule with pretrain_share, lr), the paper's settings first,  3. evaluation of
 checkpoint on the test split.  Prints the best trial, its test MPJPE against the mean-pose
 baseline and the paper-settings trial, and where the report is.
 
-The defaults fit a 2-core machine in about 10 minutes; `--samples 16 --epochs 8 --train 4000`
-is the longer run README describes.
+The defaults are sized for a 2-core machine (README gives the measured time); --samples,
+--epochs and --train make the sweep longer.
 """
 
 import datetime
