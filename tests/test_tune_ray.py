@@ -40,7 +40,8 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     assert len(events) == 4, events  # one TensorBoard event file per trial
 
     # the Optuna study (SQLite, local; a copy in storage): pretrain_share only on pretrain trials
-    local_db = tmp_path / "local" / "sweep4" / "optuna.db"
+    local_db = Path(best["study"]["url"][len("sqlite:///"):])
+    assert local_db.parent.parent == tmp_path / "local" and local_db.parent.name.endswith("-sweep4")
     assert local_db.exists()
     assert fs.exists(f"{exp}/optuna.db")
     study = optuna.load_study(study_name="sweep4", storage=f"sqlite:///{local_db}")
