@@ -3,8 +3,9 @@
 Where Ray plugs in is marked `# Ray:`.  The per-step work is raypose.loop, which has no Ray in it.
 
 Storage layout of a run:  <storage>/<name>/epoch_0001/{model.pt, optimizer.pt, config.json,
-state.json, manifest.json}, ...  plus Ray Train's own state files.  The same --name and --storage
-resume from the latest checkpoint; FailureConfig(max_failures) restarts a lost worker group from it.
+state.json, manifest.json}, ...  plus Ray Train's own record of finished checkpoints
+(checkpoint_manager_snapshot.json).  The same --name and --storage resume from the latest checkpoint
+in that record; FailureConfig(max_failures) restarts a lost worker group from it.
 """
 
 import functools
@@ -24,6 +25,10 @@ from raypose.metrics import mean_pose_baseline
 from raypose.model import regression_from_pretrained
 
 CHECKPOINT_PREFIX = "epoch_"
+# Checkpoints are ranked by `checkpoint_score` (lower is better): val_mpjpe once a regression head
+# exists; before that (the detection stage of a pretrain run) val_mpjpe is only the mean-pose
+# baseline, so those checkpoints score this instead and are the first that retention drops.
+NO_REGRESSION_HEAD_SCORE = 1.0e9
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -119,6 +124,7 @@ def train_func_per_worker(loop_config: dict) -> None:
             "val_mean_pose_mpjpe": baseline,
             "startup_seconds": startup_seconds,
             **val,
+            "checkpoint_score": val["val_mpjpe"] if model.regression is not None else NO_REGRESSION_HEAD_SCORE,
         }
         metrics.setdefault("val_mpjpe", baseline)
         # every rank computes the same decision from all-reduced metrics; only epochs with a
@@ -226,12 +232,26 @@ def _prepare_data(train_file, mtime_ns, size, val_subjects, max_train, max_val) 
 
 
 def latest_checkpoint(run: storage.Location) -> storage.Location | None:
-    fs = storage.filesystem(run)
-    if not fs.exists(run.path):
+    """The checkpoint Ray Train resumes this run from: the latest one in Ray Train's own record of
+    finished checkpoints. A folder that an interrupted upload left behind is not in the record and
+    never counts; None when the record does not exist (Ray Train starts from scratch then)."""
+    from ray.train import Result  # Ray: reads the run's checkpoint record, needs no cluster
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+
+    record = run.join(CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    if not storage.exists(record):
+        return None  # no checkpoint of this run ever finished
+    path, fs = storage.ray_storage(run)
+    try:
+        result = Result.from_path(path, storage_filesystem=fs)
+    except CheckpointManagerInitializationError as e:
+        reason = str(e).split(". ")[0].strip()
+        raise ConfigError(f"run {run.uri}: Ray Train cannot resume from its checkpoint record "
+                          f"{record.uri} ({reason}); use another --name") from None
+    if result.checkpoint is None:
         return None
-    names = sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(run.path, detail=False))
-    names = [n for n in names if n.startswith(CHECKPOINT_PREFIX)]
-    return run.join(names[-1]) if names else None
+    return run.join(posixpath.basename(result.checkpoint.path.rstrip("/")))
 
 
 IGNORED_ON_RESUME = ("storage.", "scaling.workers", "scaling.gpu", "scaling.cpus_per_worker",
@@ -306,9 +326,10 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
             storage_path=storage_path,
             storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.storage.max_failures),
-            # keep the best K by val_mpjpe; Ray Train always keeps the latest as well, for resume
+            # keep the best K by checkpoint_score (val_mpjpe with a regression head, see
+            # NO_REGRESSION_HEAD_SCORE); Ray Train always keeps the latest as well, for resume
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints,
-                                               checkpoint_score_attribute="val_mpjpe",
+                                               checkpoint_score_attribute="checkpoint_score",
                                                checkpoint_score_order="min"),
             callbacks=list(callbacks),
             worker_runtime_env={"env_vars": forwarded_env()},
@@ -396,5 +417,6 @@ def run(args) -> int:
     # raypose's errors (config, data, storage, checkpoint) reach raypose.cli.main, which prints
     # them as one line and exits 2
     cfg = config_from_args(args)
-    result = run_training(cfg, stop_after_epoch=args.stop_after_epoch, address=args.address)
-    return 0 if result.error is None else 1
+    # a failed run raises from TorchTrainer.fit (Train V2), so reaching here means it finished
+    run_training(cfg, stop_after_epoch=args.stop_after_epoch, address=args.address)
+    return 0

@@ -6,7 +6,9 @@ Where Ray plugs in is marked `# Ray:`.  Layout of an experiment in storage:
   <storage>/<name>/                     Tune's experiment state and one folder per trial
                                         (result.json, progress.csv, TensorBoard event files)
   <storage>/<name>/train/<trial_id>/    that trial's Ray Train run: epoch_NNNN checkpoints
-  <storage>/<name>/optuna.db            a copy of the Optuna study (SQLite), refreshed per trial
+  <storage>/<name>/sweep.json           the settings the sweep started with (what --resume keeps)
+  <storage>/<name>/optuna.db            the Optuna study (SQLite): the study itself for local
+                                        storage, a copy refreshed per trial for object storage
   <storage>/<name>/best.json            the best trial: id, params, config, metric, epoch, checkpoint URI
 
 How trials are compared. Every trial reports, per epoch, `best_val_mpjpe`: the best validation
@@ -22,6 +24,7 @@ joint schedule, the default optimiser) on the parameters the space searches, so 
 how far its best trial beats them.
 """
 
+import hashlib
 import json
 import os
 import statistics
@@ -64,9 +67,7 @@ def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_en
                             created_at=started,
                             # the driver's data summary holds unless the trial changed the data
                             data=data if cfg.to_dict()["data"] == base_config["data"] else None)
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    trainer.fit()  # Train V2 raises TrainingFailedError on failure, which fails this trial
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,11 +204,18 @@ def _in_range(p, value) -> bool:
 
 
 def default_study_url(loc: storage.Location, name: str) -> str:
-    """SQLite next to a local experiment; for object storage, in a local folder (copied to
-    storage after each trial)."""
-    root = Path(loc.path) if loc.scheme == "file" else Path(os.environ.get(
-        "RAYPOSE_LOCAL_DIR", Path.home() / ".raypose" / "experiments"))
-    return f"sqlite:///{(root / name / 'optuna.db').resolve()}"
+    """The Optuna study of the experiment <loc>/<name> unless --study-db names another: inside the
+    experiment folder for local storage; for object storage, a local cache of this one experiment,
+    keyed by its full URI and S3 endpoint, so that two sweeps of the same name in two buckets (or
+    two prefixes, or two endpoints) never share a study. The cache is copied to
+    <storage>/<name>/optuna.db after each trial and seeded from that copy on resume."""
+    exp = loc.join(name)
+    if loc.scheme == "file":
+        return f"sqlite:///{Path(exp.path) / 'optuna.db'}"
+    root = Path(os.environ.get("RAYPOSE_LOCAL_DIR") or Path.home() / ".raypose" / "experiments")
+    key = hashlib.sha256(f"{storage.endpoint_url() or ''} {exp.uri}".encode()).hexdigest()[:12]
+    folder = root / f"{key}-{name.replace('/', '_')}"
+    return f"sqlite:///{(folder / 'optuna.db').resolve()}"
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -228,9 +236,27 @@ def check_no_stale_study(study_url: str, name: str) -> None:
         raise ConfigError(f"--study-db {study_url}: cannot open the Optuna database "
                           f"({type(e).__name__}: {e})") from None
     if name in names:
+        gone = f" (or delete {db} if that sweep is gone)" if db is not None else ""
         raise ConfigError(f"the Optuna database {study_url} already holds a study named {name!r} "
                           "from an earlier sweep; pass --resume to continue that sweep, another "
-                          "--name, or another --study-db")
+                          f"--name, or another --study-db{gone}")
+
+
+def copy_study(db: Path, target: storage.Location) -> None:
+    """Upload a consistent snapshot of the SQLite study (sqlite3's backup API: a trial may be
+    writing to it at this moment) to target."""
+    import sqlite3
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        snapshot = Path(tmp) / db.name
+        source, copy = sqlite3.connect(f"file:{db}?mode=ro", uri=True), sqlite3.connect(snapshot)
+        try:
+            source.backup(copy)
+        finally:
+            source.close()
+            copy.close()
+        storage.filesystem(target).put_file(str(snapshot), target.path)
 
 
 def make_copy_study_callback(study_url: str, target: storage.Location):
@@ -244,10 +270,12 @@ def make_copy_study_callback(study_url: str, target: storage.Location):
             if target.scheme == "file" and db is not None and db.resolve() == Path(target.path).resolve():
                 return  # the study already lives in the experiment's folder
             if db is not None and db.exists():
-                fs = storage.filesystem(target)
-                fs.put_file(str(db), target.path)
+                copy_study(db, target)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
+            self._copy()
+
+        def on_trial_error(self, iteration, trials, trial, **info):
             self._copy()
 
         def on_experiment_end(self, trials, **info):
@@ -378,12 +406,97 @@ def checkpoint_uri(loc: storage.Location, path: str | None) -> str | None:
     return f"s3://{path}" if loc.scheme == "s3" else path
 
 
-def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurrent: int | None,
+SWEEP_RECORD = "sweep.json"
+DEFAULT_SAMPLES = 8
+# what a resumed sweep takes from this invocation (for trials that start or restart): where the
+# data is, storage settings of each trial's run, and the trial's workers; everything else stays
+# as the sweep started, since Tune restores its searcher, scheduler and trial count
+APPLIED_ON_RESUME = ("data.path", "storage.", "scaling.")
+
+
+def sweep_record(cfg: Config, space_path: str, samples: int, max_concurrent: int, study_url: str) -> dict:
+    """The settings a sweep starts with, stored as <storage>/<name>/sweep.json."""
+    return {"samples": samples, "max_concurrent": max_concurrent, "study_url": study_url,
+            "space": str(space_path),
+            "space_sha256": hashlib.sha256(Path(space_path).read_bytes()).hexdigest(),
+            "config": cfg.to_dict()}
+
+
+def resume_settings(exp: storage.Location, cfg: Config, space_path: str, samples: int | None,
+                    max_concurrent: int | None, study_url: str | None) -> dict:
+    """The stored settings a resumed sweep keeps. Raises one ConfigError that names every flag
+    asking for something a resume cannot apply (None means the flag was not given)."""
+    from raypose.train import _flatten
+
+    try:
+        stored = json.loads(storage.read_text(exp.join(SWEEP_RECORD)))
+    except FileNotFoundError:
+        stored = None
+    given = {"--samples": samples, "--max-concurrent": max_concurrent, "--study-db": study_url}
+    if stored is None:
+        refused = [f"{flag} {value}" for flag, value in given.items() if value is not None]
+        if refused:
+            raise ConfigError(f"--resume cannot apply {', '.join(refused)}: {exp.uri} has no "
+                              f"{SWEEP_RECORD}, so the sweep keeps the settings Tune saved; drop "
+                              "those flags or start a new sweep with another --name")
+        return {"samples": None, "max_concurrent": None, "study_url": None}
+    refused = [f"{flag} {value} (the sweep has {stored[key]})"
+               for (flag, value), key in zip(given.items(), ("samples", "max_concurrent", "study_url"))
+               if value is not None and value != stored[key]]
+    if hashlib.sha256(Path(space_path).read_bytes()).hexdigest() != stored["space_sha256"]:
+        refused.append(f"--space {space_path} (differs from the space the sweep started with, "
+                       f"{stored['space']})")
+    ours, theirs = _flatten(cfg.to_dict()), _flatten(stored["config"])
+    refused += [f"{k} {ours.get(k)!r} (the sweep has {theirs.get(k)!r})"
+                for k in sorted(set(ours) | set(theirs))
+                if ours.get(k) != theirs.get(k) and not k.startswith(APPLIED_ON_RESUME)]
+    if refused:
+        raise ConfigError(f"--resume cannot apply {'; '.join(refused)}: a resumed sweep keeps its "
+                          "trial count, concurrency, search space, Optuna study and base config; "
+                          "drop those flags or start a new sweep with another --name")
+    return {k: stored[k] for k in ("samples", "max_concurrent", "study_url")}
+
+
+def seed_study(study_url: str, exp: storage.Location) -> None:
+    """On resume: a SQLite study missing on this machine is restored from the experiment's copy."""
+    db = _sqlite_path(study_url)
+    copy = exp.join("optuna.db")
+    if db is None or db.exists() or not storage.exists(copy):
+        return
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        storage.filesystem(exp).get_file(copy.path, str(db))
+    except OSError as e:
+        raise ConfigError(f"--resume: the sweep's Optuna study {study_url} is missing here and "
+                          f"cannot be restored from {copy.uri} ({e.strerror or e}); resume on the "
+                          "machine that started the sweep") from None
+
+
+def existing_checkpoint(loc: storage.Location, rows: list) -> dict:
+    """The best of summarise's trial rows whose best checkpoint exists in storage (its manifest
+    is there): best.json never names a checkpoint that retention or anything else deleted. A
+    better trial passed over for that reason gets one printed line."""
+    from raypose.checkpoint import MANIFEST_FILE
+
+    for row in sorted(rows, key=lambda r: r["best_val_mpjpe"]):
+        uri = checkpoint_uri(loc, row["checkpoint_path"])
+        if uri and storage.exists(storage.parse(uri).join(MANIFEST_FILE)):
+            return row
+        print(f"[raypose] trial {row['trial_id']}: its best checkpoint ({uri}) is not in storage; "
+              "best.json names the next trial", flush=True)
+    raise RuntimeError("no trial's best checkpoint is in storage (with a regression head); "
+                       "see the trial errors above")
+
+
+def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_concurrent: int | None,
               resume: bool = False, study_url: str | None = None, address: str | None = None) -> dict:
+    """A new sweep, or with resume=True the interrupted sweep <storage>/<name>. samples,
+    max_concurrent and study_url: None means the default for a new sweep, the stored value on
+    resume (where any other value is refused)."""
     from raypose.train import check_gpu_available, init_ray, preflight
 
     space = load_space(space_path)
-    if samples < 1:
+    if samples is not None and samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
     cfg.storage.name = name
     # every trial's config must be valid: check the base and the space's extremes up front
@@ -395,12 +508,14 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurr
     if not resume and experiment_exists(exp):
         raise ConfigError(f"a sweep named {name!r} already exists under {loc.uri}; "
                           "pass --resume to continue it or choose another --name")
-    study_url = study_url or default_study_url(loc, name)
-    db = _sqlite_path(study_url)
-    if resume and db is not None and not db.exists() and storage.exists(exp.join("optuna.db")):
-        db.parent.mkdir(parents=True, exist_ok=True)
-        storage.filesystem(exp).get_file(exp.join("optuna.db").path, str(db))
-    if not resume:
+    if resume:
+        stored = resume_settings(exp, cfg, space_path, samples, max_concurrent, study_url)
+        samples, max_concurrent = stored["samples"], stored["max_concurrent"]
+        study_url = stored["study_url"] or study_url or default_study_url(loc, name)
+        seed_study(study_url, exp)
+    else:
+        samples = samples or DEFAULT_SAMPLES
+        study_url = study_url or default_study_url(loc, name)
         check_no_stale_study(study_url, name)
     init_ray(address)
     check_gpu_available(cfg)
@@ -409,11 +524,21 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurr
     slots = ray.cluster_resources().get("CPU", 1) // (cfg.scaling.workers * cfg.scaling.cpus_per_worker)
     if cfg.scaling.gpu:
         slots = min(slots, ray.cluster_resources().get("GPU", 0) // cfg.scaling.workers)
-    if max_concurrent is None:
-        max_concurrent = max(1, int(slots))
-    print(f"[raypose] sweep {name}: {samples} trials of {cfg.schedule.epochs} epochs, "
-          f"{cfg.scaling.workers} worker(s) each, {max_concurrent} at a time; "
-          f"space {space_path}; Optuna study {study_url}", flush=True)
+    if resume:
+        print(f"[raypose] resuming sweep {name} under {loc.uri}: keeps its "
+              f"{samples or 'saved number of'} trials, {max_concurrent or 'its saved number'} at a "
+              f"time, search space, base config and Optuna study {study_url}; applies "
+              f"data.path, storage.* and scaling.* ({cfg.scaling.workers} worker(s) per trial) to "
+              "trials that start or restart", flush=True)
+        max_concurrent = max_concurrent or max(1, int(slots))  # for the summary's time share
+    else:
+        if max_concurrent is None:
+            max_concurrent = max(1, int(slots))
+        print(f"[raypose] sweep {name}: {samples} trials of {cfg.schedule.epochs} epochs, "
+              f"{cfg.scaling.workers} worker(s) each, {max_concurrent} at a time; "
+              f"space {space_path}; Optuna study {study_url}", flush=True)
+        storage.write_text(exp.join(SWEEP_RECORD), json.dumps(
+            sweep_record(cfg, space_path, samples, max_concurrent, study_url), indent=1))
     paper_point, paper_missing = paper_defaults_point(space, cfg)
     tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point)
     start = time.perf_counter()
@@ -424,7 +549,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int, max_concurr
     finished = [r for r in rows if r["best_val_mpjpe"] is not None]
     if not finished:
         raise RuntimeError(f"sweep {name}: no trial reached a validation MPJPE; see the trial errors above")
-    best = min(finished, key=lambda r: r["best_val_mpjpe"])
+    best = existing_checkpoint(loc, finished)
     paper = next((r for r in rows if r["is_paper_defaults"]), None)
     baselines = [r["val_mean_pose_mpjpe"] for r in rows if r["val_mean_pose_mpjpe"] is not None]
     best_json = {
@@ -467,15 +592,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="directory with train.h5")
     parser.add_argument("--storage", required=True, help="a path, file://... or s3://bucket/prefix")
     parser.add_argument("--name", required=True, help="the sweep's name under --storage")
-    parser.add_argument("--samples", type=int, default=8, help="number of trials")
+    parser.add_argument("--samples", type=int, default=None,
+                        help=f"number of trials (default {DEFAULT_SAMPLES}; a resume keeps the sweep's own)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial")
     parser.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial")
     parser.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
     parser.add_argument("--max-concurrent", type=int, default=None,
-                        help="trials at a time (default: as many as the cluster's CPUs/GPUs fit)")
+                        help="trials at a time (default: as many as the cluster's CPUs/GPUs fit; "
+                        "a resume keeps the sweep's own)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     parser.add_argument("--study-db", default=None,
-                        help="SQLAlchemy URL of the Optuna study (default: SQLite in the experiment's local directory)")
+                        help="SQLAlchemy URL of the Optuna study (default: SQLite in the experiment "
+                        "folder, or for S3 a local cache of this experiment; a resume keeps the sweep's own)")
     parser.add_argument("--config", help="YAML file with base config overrides")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local instance)")

@@ -42,13 +42,12 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     assert len(events) == 4, events  # one TensorBoard event file per trial
 
     # the Optuna study (SQLite, local; a copy in storage): pretrain_share only on pretrain trials
-    local_db = tmp_path / "local" / "sweep4" / "optuna.db"
+    local_db = Path(best["study"]["url"][len("sqlite:///"):])
+    assert local_db.parent.parent == tmp_path / "local" and local_db.parent.name.endswith("-sweep4")
     assert local_db.exists()
     assert fs.exists(f"{exp}/optuna.db")
     study = optuna.load_study(study_name="sweep4", storage=f"sqlite:///{local_db}")
     assert len(study.trials) == 4
-    kinds = [t.params["schedule"] for t in study.trials]
-    assert set(kinds) == {"joint", "pretrain"}  # seed 0 draws both
     for t in study.trials:
         assert ("pretrain_share" in t.params) == (t.params["schedule"] == "pretrain")
     # the first trial is the enqueued paper settings; ASHA's stops are PRUNED, never FAIL
