@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from raypose import checkpoint, storage
 from raypose.config import ConfigError
@@ -110,7 +111,9 @@ def test_resume_refuses_what_it_cannot_apply_before_ray(tiny_data, s3_bucket, tm
         assert part in message, message
 
     other_space = tmp_path / "space.yaml"
-    other_space.write_text(Path(SMOKE).read_text().replace("1.0e-3", "2.0e-3"))
+    doc = yaml.safe_load(Path(SMOKE).read_text())
+    doc["parameters"]["lr"]["high"] *= 1.5  # another range for one parameter
+    other_space.write_text(yaml.safe_dump(doc))
     with pytest.raises(ConfigError, match=r"--space .* \(differs from the space the sweep started with"):
         run_sweep(tiny_config(tiny_data, f"s3://{bucket}/sweeps"), str(other_space), "s1",
                   samples=None, max_concurrent=None, resume=True)

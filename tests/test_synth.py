@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from raypose import cli, synth
-from raypose.dataset import flip_sample
+from raypose.skeleton import H36M_SKELETON
 from raypose.h5schema import validate_file
 
 # a camera whose crop is the image itself around the principal point: crop pixel (64, 64) is the
@@ -105,8 +105,12 @@ def test_flipped_sample_looks_like_an_unflipped_one():
     bodies = [synth.make_body(s, seed=0) for s in synth.TRAIN_SUBJECTS]
     scenes = synth.sample_scenes(rng, bodies, 400)
     out = synth.render_scenes(scenes, bodies, rng)
-    images, j2, j3 = out["images"], out["joints_2d"], out["joints_3d"]
-    flipped, f2, _ = flip_sample(images, j2, j3)
+    images, j2 = out["images"], out["joints_2d"]
+    # the flip augmentation (raypose.dataset.augment_batch): columns reversed, x -> W - x, and
+    # left and right joints swapped
+    flipped = images[:, :, ::-1]
+    f2 = j2[:, H36M_SKELETON.flip_permutation()].copy()
+    f2[..., 0] = images.shape[2] - f2[..., 0]
 
     def warm_share(imgs, joints):
         left, right = [], []
