@@ -113,7 +113,7 @@ def test_resume_refuses_what_it_cannot_apply_before_ray(tiny_data, s3_bucket, tm
     other_space = tmp_path / "space.yaml"
     doc = yaml.safe_load(Path(SMOKE).read_text())
     doc["parameters"]["lr"]["high"] *= 1.5  # another range for one parameter
-    other_space.write_text(yaml.safe_dump(doc))
+    other_space.write_text(yaml.safe_dump(doc, sort_keys=False))
     with pytest.raises(ConfigError, match=r"--space .* \(differs from the space the sweep started with"):
         run_sweep(tiny_config(tiny_data, f"s3://{bucket}/sweeps"), str(other_space), "s1",
                   samples=None, max_concurrent=None, resume=True)
