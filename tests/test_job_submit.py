@@ -387,7 +387,7 @@ def test_sweep_then_evaluation_submitted_as_jobs_write_their_results_to_s3(dev_c
 
     evaluate_output = submit_and_wait(env, "e2e-evaluate", ["python", "jobs/evaluate.py", experiment],
                                       EVALUATE_TIMEOUT_S)
-    assert "[raypose] MPJPE" in evaluate_output
+    assert "[raypose] mean over actions: MPJPE" in evaluate_output
 
     evaluations = fs.glob(f"{BUCKET}/sweeps/e2e/train/*/evaluation-*")
     assert len(evaluations) == 1, evaluations
