@@ -124,6 +124,7 @@ def test_resume_refuses_what_it_cannot_apply_before_ray(tiny_data, s3_bucket, tm
 # Ray: retention, the checkpoint record and two sweeps of one name
 
 
+@pytest.mark.slow
 def test_retention_keeps_regression_checkpoints_and_resume_reads_the_record(ray_local, tiny_data, s3_bucket):
     from ray.train import Result
 
@@ -155,6 +156,7 @@ def test_retention_keeps_regression_checkpoints_and_resume_reads_the_record(ray_
     assert not fs.exists(f"{run}/epoch_0001")
 
 
+@pytest.mark.slow
 def test_same_sweep_name_in_two_buckets(ray_local, tiny_data, s3_server, tmp_path, monkeypatch):
     import optuna
 

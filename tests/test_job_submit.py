@@ -364,6 +364,7 @@ def test_a_failed_job_fails_the_test_with_its_status_and_logs(dev_cluster):
     assert "failed" in message.lower()
 
 
+@pytest.mark.slow
 def test_sweep_then_evaluation_submitted_as_jobs_write_their_results_to_s3(dev_cluster, tiny_data):
     variables = dev_cluster["env"]
     env = client_env(variables)

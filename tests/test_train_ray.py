@@ -114,6 +114,7 @@ def test_resume_refuses_another_config(ray_local, tiny_data, tmp_path):
         preflight(other)
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_data, tmp_path):
     from ray.util.state import list_actors
 

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
 
 
+@pytest.mark.slow
 def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     import optuna
     import s3fs
@@ -79,6 +80,7 @@ def _experiment_state(exp_dir: Path):
     return {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in data["trial_data"]}
 
 
+@pytest.mark.slow
 def test_resume_after_driver_killed(ray_local, tiny_data, tmp_path):
     """The sweep's driver dies after a trial has finished; --resume completes the sweep without
     running the finished trial again."""
