@@ -1,6 +1,7 @@
 """The network learns 3D pose from the synthetic renderer, without Ray: a short, fixed training run
 on a few hundred samples must bring the validation MPJPE clearly below the mean-pose baseline."""
 
+import pytest
 import torch
 
 from raypose.config import Config
@@ -12,6 +13,7 @@ from raypose.synth import synthesize
 STEPS = 125  # x 32 samples: ~10 passes over the 400 training samples, ~1-2 min on 2 CPU cores
 
 
+@pytest.mark.slow
 def test_validation_mpjpe_falls_below_mean_pose(tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -83,6 +83,7 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     assert second["state"]["metrics"]["regression_epochs"] == 1
 
 
+@pytest.mark.slow
 def test_stop_and_resume_with_same_name(ray_local, tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "exp", name="resume", schedule__epochs=5,
                       storage__checkpoint_every=3)
