@@ -11,7 +11,6 @@ The defaults are sized for a 2-core machine (README gives the measured time); --
 """
 
 import datetime
-import sys
 import time
 from pathlib import Path
 
@@ -85,7 +84,7 @@ def run(args) -> int:
         versus_paper = (f"; on validation {best['value']:.1f} mm against the paper settings' "
                         f"{paper['value']:.1f} mm ({best['value'] / paper['value']:.2f}x)")
     print(f"[raypose demo] done in {time.perf_counter() - start:.0f} s. Best trial {best['trial_id']} "
-          f"({', '.join(f'{k}={tune._fmt(v)}' for k, v in best['params'].items())})", flush=True)
+          f"({', '.join(f'{k}={tune.format_value(v)}' for k, v in best['params'].items())})", flush=True)
     print(f"[raypose demo] test MPJPE {test:.1f} mm vs mean-pose baseline {baseline:.1f} mm "
           f"({test / baseline:.2f}x, means over actions){versus_paper}", flush=True)
     print(f"[raypose demo] report: {report['outputs']['local']}/report.md", flush=True)

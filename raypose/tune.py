@@ -373,7 +373,7 @@ def summarise(result_grid, wall_seconds: float, max_concurrent: int, space_names
     lines = [f"{'trial':<10} {'state':<8} {'epochs':>6} {'best mm':>9} {'epoch s':>8}  params"]
     for r in sorted(rows, key=lambda r: (r["best_val_mpjpe"] is None, r["best_val_mpjpe"] or 0)):
         best = f"{r['best_val_mpjpe']:.1f}" if r["best_val_mpjpe"] is not None else "-"
-        params = " ".join(f"{k}={_fmt(v)}" for k, v in r["params"].items())
+        params = " ".join(f"{k}={format_value(v)}" for k, v in r["params"].items())
         flag = " (paper settings)" if r["is_paper_defaults"] else ""
         flag += f" ERROR {r['error']}" if r["error"] else ""
         lines.append(f"{r['trial_id']:<10} {r['state']:<8} {r['epochs']:>6} {best:>9} "
@@ -396,7 +396,7 @@ def _plain(value):
     return value
 
 
-def _fmt(v):
+def format_value(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
