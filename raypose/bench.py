@@ -182,7 +182,7 @@ def run(args) -> int:
     device = pick_device(args.device)
     threads = args.threads or os.cpu_count()
     cfg = Config()
-    cfg.data.path = args.data
+    cfg.data.path = str(Path(args.data).resolve())  # Ray Train workers run in another folder
     cfg.data.batch_size = args.batch_size
     apply_overrides(cfg, args.overrides)
     cfg.validate()
