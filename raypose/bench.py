@@ -194,7 +194,7 @@ def run(args) -> int:
     if not args.no_ray:
         from raypose.train import init_ray
 
-        init_ray(num_cpus=threads)
+        init_ray(num_cpus=threads, command="bench")
     compiled = config_from_dict(cfg.to_dict())
     compiled.scaling.compile = True
     amp = device.type == "cuda" and cfg.scaling.amp and torch.cuda.is_bf16_supported()

@@ -6,6 +6,7 @@ Each module exposes `add_arguments(parser)` and `run(args)`; imports are lazy so
 
 import argparse
 import importlib
+import os
 import sys
 
 # (command path, module, help)
@@ -22,6 +23,9 @@ COMMANDS = [
     (("cluster",), "raypose.cluster", "start, stop or describe the local dev cluster (Ray head + S3 server)"),
     (("demo",), "raypose.demo", "the whole chain on this machine: data, sweep, evaluation"),
 ]
+
+# commands that start or reach Ray: their Ray output goes to a log file unless --verbose
+VERBOSE_COMMANDS = {("train",), ("tune",), ("demo",), ("bench", "train")}
 
 
 class _Lazy:
@@ -55,6 +59,10 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
         suffix = "_" + path[-1] if path == ("data", "samples") else ""
         if list(argv[:len(path)]) == list(path):
             _Lazy(module, "add_arguments" + suffix)(sub)
+        if path in VERBOSE_COMMANDS:
+            sub.add_argument("--verbose", action="store_true",
+                             help="also show Ray's and Tune's own log lines (always in the log file "
+                                  "whose path is printed)")
         sub.set_defaults(_run=_Lazy(module, "run" + suffix))
     return parser
 
@@ -66,6 +74,8 @@ def main(argv=None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
+    if getattr(args, "verbose", False):
+        os.environ["RAYPOSE_VERBOSE"] = "1"  # read by raypose.console, also in nested calls
     try:
         return args._run(args) or 0
     except KeyboardInterrupt:

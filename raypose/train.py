@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from raypose import checkpoint, storage
+from raypose import checkpoint, console, storage
 from raypose.config import Config, ConfigError, config_from_dict, load_config
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
                           regression_epochs_done, stage_for_epoch, train_epoch, validate)
@@ -345,28 +345,35 @@ def forwarded_env() -> dict:
             if k in os.environ}
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None):
+def init_ray(address: str | None = None, num_cpus: int | None = None, command: str = "raypose"):
     """Connect to RAY_ADDRESS / address if given, else start a local instance (with its
-    dashboard). Token authentication: Ray's own default applies (see README)."""
+    dashboard). Token authentication: Ray's own default applies (see README). Ray's own output
+    goes to the log file of raypose.console from here on."""
     import ray
 
     if ray.is_initialized():
         return
-    kwargs = {"configure_logging": True, "logging_level": "WARNING"}
+    console.open_log(command)
+    console.route_loggers()
+    # Ray's own logging setup would add a stderr handler again; console.route_loggers has
+    # already sent its loggers to the log file
+    kwargs = {"configure_logging": console.verbose(), "logging_level": "INFO" if console.verbose() else "WARNING"}
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    console.route_ray_output(command)
 
 
 def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = None):
     """Checks, then the TorchTrainer; returns Ray's Result."""
     loc = preflight(cfg)
-    init_ray(address)
+    init_ray(address, command="train")
     check_gpu_available(cfg)
     trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)
     start = time.perf_counter()
-    result = trainer.fit()
+    with console.quiet():
+        result = trainer.fit()
     metrics = result.metrics or {}
     print(f"[raypose] run {cfg.storage.name}: {metrics.get('epoch', '?')} epochs, "
           f"val_mpjpe {metrics.get('val_mpjpe', float('nan')):.1f} mm "

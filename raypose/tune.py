@@ -31,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from raypose import storage
+from raypose import console, storage
 from raypose.config import Config, ConfigError, config_from_dict, get_value, load_config, set_value
 from raypose.search_space import load_space
 
@@ -299,7 +299,8 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
     # the Tune function only drives a TorchTrainer, whose workers hold the CPUs/GPUs: it asks for
     # no CPU (a bundle cannot be empty, so it asks for a little memory instead)
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024**2})
-    callbacks = [TBXLoggerCallback(), make_copy_study_callback(study_url, loc.join(name, "optuna.db"))]
+    callbacks = [TBXLoggerCallback(), make_copy_study_callback(study_url, loc.join(name, "optuna.db")),
+                 console.make_sweep_callback(samples, cfg.schedule.epochs, METRIC, judged, space.names)]
     exp_path = loc.join(name).uri if loc.scheme == "s3" else loc.join(name).path
     if resume:
         # Ray: finished trials are kept; unfinished ones restart and their TorchTrainer resumes
@@ -320,7 +321,9 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
         run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                   storage_filesystem=storage_fs, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  verbose=1),
+                                  # Tune's status tables go to the log file; the sweep's own lines
+                                  # come from console.make_sweep_callback
+                                  verbose=1 if console.verbose() else 0),
     )
 
 
@@ -517,7 +520,8 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         samples = samples or DEFAULT_SAMPLES
         study_url = study_url or default_study_url(loc, name)
         check_no_stale_study(study_url, name)
-    init_ray(address)
+    console.sweep_mode()
+    init_ray(address, command="tune")
     check_gpu_available(cfg)
     import ray
 
@@ -540,9 +544,10 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         storage.write_text(exp.join(SWEEP_RECORD), json.dumps(
             sweep_record(cfg, space_path, samples, max_concurrent, study_url), indent=1))
     paper_point, paper_missing = paper_defaults_point(space, cfg)
-    tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point)
     start = time.perf_counter()
-    grid = tuner.fit()
+    with console.quiet():  # Optuna's and Tune's own lines go to the log file
+        tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point)
+        grid = tuner.fit()
     wall = time.perf_counter() - start
     rows, text, share = summarise(grid, wall, max_concurrent, space.names, paper_point)
     print(text, flush=True)

@@ -29,6 +29,8 @@ for _var in ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "RA
 os.environ.pop("AWS_PROFILE", None)
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+# raypose.console writes its log files under here, not under ~/.raypose
+os.environ["RAYPOSE_LOG_DIR"] = str(_AUTH_DIR / "logs")
 
 
 def free_port() -> int:

@@ -1,0 +1,330 @@
+"""What a person sees while raypose runs, and where everything else goes.
+
+The terminal gets raypose's own lines, each once: one line per epoch (per trial in a sweep), one
+line per finished trial and a sweep progress bar with the best value so far and an estimate of
+the time left. Ray's and Tune's own records (worker output other than raypose's lines, Train's
+controller messages, warnings, Tune's status tables) go to a log file whose path is printed when
+Ray starts. `--verbose` (or RAYPOSE_VERBOSE=1, which jobs/ read) shows them on the terminal too.
+
+Where the log goes: $RAYPOSE_LOG_DIR, else ~/.raypose/logs, one file per command run.
+"""
+
+import contextlib
+import datetime
+import io
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+VERBOSE_ENV = "RAYPOSE_VERBOSE"
+PREFIX = "[raypose]"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "no")
+
+
+class _State:
+    log_file = None
+    log_path: Path | None = None
+    echo_worker_lines = True  # a sweep prints its own per-trial lines instead
+    printed: set = set()
+    lock = threading.Lock()
+    terminal = None  # the real stdout while quiet() sends everything else to the log
+
+
+def say(line: str) -> None:
+    """One of raypose's own lines, to the terminal even inside quiet()."""
+    print(line, file=_State.terminal or sys.stdout, flush=True)
+
+
+class _LogStream(io.TextIOBase):
+    """A stdout/stderr stand-in that writes whole lines to the log file."""
+
+    def __init__(self, label: str):
+        self.label, self.pending = label, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                write_log(f"({self.label}) {line}")
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def quiet():
+    """While Ray Train or Tune runs in this process, whatever they print (Tune's experiment
+    banner and tables, the raylet's warnings) goes to the log file; raypose's own lines still
+    reach the terminal through say(). With --verbose nothing is redirected."""
+    if verbose() or _State.log_file is None or _State.terminal is not None:
+        yield
+        return
+    _State.terminal = sys.stdout
+    route_loggers()
+    try:
+        with contextlib.redirect_stdout(_LogStream("stdout")), contextlib.redirect_stderr(_LogStream("stderr")):
+            yield
+    finally:
+        _State.terminal = None
+
+
+def log_path() -> Path | None:
+    return _State.log_path
+
+
+def open_log(command: str) -> Path:
+    """The run's log file (created once per process)."""
+    if _State.log_file is None:
+        folder = Path(os.environ.get("RAYPOSE_LOG_DIR") or Path.home() / ".raypose" / "logs")
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        _State.log_path = folder / f"{command}-{stamp}-{os.getpid()}.log"
+        _State.log_file = open(_State.log_path, "a", buffering=1, encoding="utf-8")
+    return _State.log_path
+
+
+def write_log(line: str) -> None:
+    if _State.log_file is not None:
+        with _State.lock:
+            _State.log_file.write(line.rstrip("\n") + "\n")
+
+
+def sweep_mode() -> None:
+    """In a sweep the driver prints each trial's epochs from Tune's results; the workers' own
+    epoch lines would repeat them without saying which trial they belong to."""
+    _State.echo_worker_lines = False
+
+
+def _file_handler() -> logging.Handler:
+    handler = logging.StreamHandler(_State.log_file)
+    handler.raypose = True
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
+def _has_ours(logger) -> bool:
+    return any(getattr(h, "raypose", False) for h in logger.handlers)
+
+
+def route_loggers() -> None:
+    """Ray's, Tune's and Optuna's loggers write to the log file (and, unless verbose, nowhere
+    else). Called before ray.init, whose own warnings would otherwise reach the terminal, and
+    again whenever Ray or Optuna may have set up loggers of their own since.
+
+    The file handler sits on the root logger and the libraries' loggers pass their records up
+    to it: ray.init clears the "ray" logger's handlers (setup_component_logger in
+    ray/_private/ray_logging), and a logger left with no handler on its way up would print
+    through Python's last-resort stderr handler."""
+    if _State.log_file is None:
+        return
+    tops = ("ray", "py.warnings", "optuna")
+    if verbose():
+        # Ray's and Optuna's own handlers stay; the log file gets a copy
+        for name in tops:
+            if not _has_ours(logging.getLogger(name)):
+                logging.getLogger(name).addHandler(_file_handler())
+        return
+    if "optuna" in sys.modules:
+        sys.modules["optuna"].logging.disable_default_handler()
+    root = logging.getLogger()
+    if not _has_ours(root):
+        root.addHandler(_file_handler())
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    for name in list(tops) + [n for n in list(logging.root.manager.loggerDict)
+                              if n.startswith(tuple(t + "." for t in tops))]:
+        logger = logging.getLogger(name)
+        if isinstance(logger, logging.PlaceHolder):
+            continue
+        # Ray installs its own stderr handlers at import and in ray.init
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)
+                           or getattr(h, "raypose", False)]
+        if name in tops:
+            logger.propagate = True
+        elif not logger.propagate and not _has_ours(logger):
+            logger.addHandler(_file_handler())
+    logging.captureWarnings(True)
+
+
+def route_ray_output(command: str) -> None:
+    """Call right after ray.init: Ray's loggers and the workers' forwarded output go to the log
+    file; raypose's lines from the workers are printed once. With --verbose, Ray's own printing
+    stays as it is and the log file gets a copy."""
+    path = open_log(command)
+    route_loggers()
+    _replace_worker_printer()
+    print(f"{PREFIX} Ray's own log lines: {path}" + ("" if verbose() else " (--verbose shows them here)"),
+          flush=True)
+
+
+def _replace_worker_printer() -> None:
+    """Ray prints the workers' stdout/stderr through one handler of a dispatcher (private API of
+    Ray 2.x: ray._private.ray_logging.global_worker_stdstream_dispatcher). If it is not there,
+    Ray's printing stays unchanged and only its loggers are routed."""
+    try:
+        from ray._private import ray_logging
+    except ImportError:
+        return
+    dispatcher = getattr(ray_logging, "global_worker_stdstream_dispatcher", None)
+    if dispatcher is None or not hasattr(dispatcher, "remove_handler"):
+        return
+    original = [h for n, h in dispatcher.handlers if n == "ray_print_logs"]
+    if not verbose():
+        dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("raypose")
+    dispatcher.add_handler("raypose", _on_worker_lines)
+    _State.original_printer = original[0] if original else None
+
+
+def _on_worker_lines(data: dict) -> None:
+    who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
+    for line in data.get("lines", []):
+        write_log(f"{who} {line}")
+        if verbose() or not _State.echo_worker_lines or not line.startswith(PREFIX):
+            continue
+        # a line reaches the driver once per process that printed it; raypose's lines carry
+        # their epoch, so an identical line is a repeat
+        with _State.lock:
+            if line in _State.printed:
+                continue
+            _State.printed.add(line)
+        say(line)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sweep's lines: per epoch, per trial, and a progress bar
+
+
+def bar(done: int, total: int, width: int = 20) -> str:
+    filled = int(round(width * done / max(total, 1)))
+    return "[" + "#" * filled + "-" * (width - filled) + "]"
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class SweepProgressState:
+    """The bookkeeping behind the sweep's lines; plain Python, so tests can drive it directly."""
+
+    def __init__(self, total_trials: int, max_epochs: int, metric: str, judged, out=None,
+                 clock=time.monotonic):
+        self.total, self.max_epochs, self.metric, self.judged = total_trials, max_epochs, metric, judged
+        self.out, self.clock = out, clock
+        self.start = clock()
+        self.numbers: dict = {}  # trial id -> 1-based number in start order
+        self.epochs: dict = {}  # trial id -> epochs finished
+        self.finished: dict = {}  # trial id -> epochs it ran
+        self.best = None  # (value, trial id)
+
+    def _print(self, line: str) -> None:
+        if self.out is not None:
+            print(line, file=self.out, flush=True)
+        else:
+            say(line)
+
+    def number(self, trial_id: str) -> int:
+        if trial_id not in self.numbers:
+            self.numbers[trial_id] = len(self.numbers) + 1
+        return self.numbers[trial_id]
+
+    def started(self, trial_id: str, params: dict) -> None:
+        n = self.number(trial_id)
+        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        self._print(f"{PREFIX} trial {n}/{self.total} {trial_id} started: {shown}")
+
+    def result(self, trial_id: str, result: dict) -> None:
+        epoch = int(result.get("epoch", 0))
+        if epoch <= self.epochs.get(trial_id, 0):
+            return  # a repeated report (a restored trial re-reporting) prints nothing new
+        self.epochs[trial_id] = epoch
+        value = result.get("val_mpjpe")
+        judged = self.judged(result)
+        if judged and value is not None and (self.best is None or value < self.best[0]):
+            self.best = (value, trial_id)
+        val = f"val_mpjpe {value:.1f} mm" if judged and value is not None else "no regression head yet"
+        base = result.get("val_mean_pose_mpjpe")
+        self._print(f"{PREFIX} trial {self.number(trial_id)}/{self.total} {trial_id} epoch "
+                    f"{epoch}/{result.get('epochs_planned', self.max_epochs)} {result.get('stage', '')}: "
+                    f"loss {result.get('train_loss', float('nan')):.4f}  {val}"
+                    + (f" (mean pose {base:.1f})" if base is not None else "")
+                    + f"  {result.get('samples_per_s', 0.0):.1f} samples/s")
+
+    def ended(self, trial_id: str, how: str, best_value=None) -> None:
+        epochs = self.epochs.get(trial_id, 0)
+        self.finished[trial_id] = epochs
+        best = f", best val_mpjpe {best_value:.1f} mm" if best_value is not None else ""
+        self._print(f"{PREFIX} trial {self.number(trial_id)}/{self.total} {trial_id} {how} after "
+                    f"{epochs} epoch(s){best}")
+        self._print(self.progress_line())
+
+    def seconds_left(self) -> float | None:
+        """Epochs still to run at the rate epochs have finished so far. A trial not yet finished
+        is expected to run as many epochs as the finished ones did on average (early stopping
+        included), or all of them while none has finished."""
+        elapsed = self.clock() - self.start
+        done = sum(self.epochs.values())
+        if done == 0:
+            return None
+        per_trial = (sum(self.finished.values()) / len(self.finished)) if self.finished else self.max_epochs
+        running = [t for t in self.epochs if t not in self.finished]
+        pending = self.total - len(self.finished) - len(running)
+        left = sum(max(per_trial - self.epochs[t], 0.5) for t in running) + pending * per_trial
+        return left * elapsed / done
+
+    def progress_line(self) -> str:
+        done = len(self.finished)
+        running = len([t for t in self.epochs if t not in self.finished])
+        best = (f"best val_mpjpe {self.best[0]:.1f} mm (trial {self.number(self.best[1])})"
+                if self.best else "no judged result yet")
+        left = self.seconds_left()
+        eta = "" if done == self.total else (
+            f" · about {duration(left)} left" if left is not None else "")
+        return (f"{PREFIX} sweep {bar(done, self.total)} {done}/{self.total} trials done · "
+                f"{running} running · {best} · {duration(self.clock() - self.start)} so far{eta}")
+
+
+def make_sweep_callback(total_trials: int, max_epochs: int, metric: str, judged, space_names):
+    """A Tune callback (runs in the sweep's driver process) that prints the sweep's lines."""
+    from ray.tune import Callback
+
+    state = SweepProgressState(total_trials, max_epochs, metric, judged)
+
+    class SweepProgress(Callback):
+        def setup(self, **info):
+            state.start = state.clock()  # a resumed sweep estimates from its own restart
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            state.started(trial.trial_id, {k: v for k, v in (trial.config or {}).items()
+                                           if k in space_names})
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            state.result(trial.trial_id, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            stopped = int(last.get("epoch", 0)) < int(last.get("epochs_planned", max_epochs))
+            best = last.get(metric) if judged(last) else None
+            state.ended(trial.trial_id, "stopped early" if stopped else "finished", best)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            where = getattr(trial, "error_file", None) or getattr(trial, "path", None) or ""
+            state.ended(trial.trial_id, "FAILED" + (f" (error: {where})" if where else ""))
+
+    return SweepProgress()
