@@ -88,10 +88,12 @@ def _is_input_error(e: BaseException) -> bool:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if not hasattr(args, "_run"):
         parser.error("no command given; `raypose --help` lists them")
     command = "raypose " + " ".join(c for c in (args.command, getattr(args, "subcommand", None)) if c)
+    if unknown:  # argparse would blame `raypose`; name the command the flag was given to
+        parser.exit(2, f"{command}: error: unrecognized arguments: {' '.join(unknown)}\n")
     debug = os.environ.get("RAYPOSE_DEBUG") == "1"
     try:
         return args._run(args) or 0

@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from raypose import checkpoint, storage, validate
+from raypose import checkpoint, storage
+from raypose import validate as inputs  # raypose.loop.validate is the validation epoch
 from raypose.config import Config, ConfigError, config_from_dict, load_config
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
                           regression_epochs_done, stage_for_epoch, train_epoch, validate)
@@ -354,7 +355,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
 
     if ray.is_initialized():
         return
-    address = validate.ray_address_from(address)
+    address = inputs.ray_address_from(address)
     kwargs = {"configure_logging": True, "logging_level": "WARNING"}
     if address:
         ray.init(address=address, **kwargs)
@@ -409,7 +410,7 @@ def config_from_args(args) -> Config:
     from raypose.config import set_value
 
     if args.name is not None:
-        validate.check_name(args.name, "--name")
+        inputs.check_name(args.name, "--name")
     if args.stop_after_epoch < 0:
         raise ConfigError(f"--stop-after-epoch must be >= 0, got {args.stop_after_epoch}")
     sources = {}
@@ -420,7 +421,8 @@ def config_from_args(args) -> Config:
             set_value(cfg, key, value, f"--{flag}")
             sources[key] = f"--{flag.replace('_', '-')}"
     cfg.validate(sources)
-    validate.existing_dir(cfg.data.path, sources.get("data.path", "data.path"), "data folder")
+    inputs.existing_dir(cfg.data.path, sources.get("data.path", "data.path"), "data folder")
+    inputs.storage_location(cfg.storage.uri, sources.get("storage.uri", "storage.uri"))
     return cfg
 
 
@@ -428,7 +430,7 @@ def run(args) -> int:
     # raypose's errors (config, data, storage, checkpoint) reach raypose.cli.main, which prints
     # them as one line and exits 2
     cfg = config_from_args(args)
-    validate.ray_address_from(args.address)  # before any data is read or storage made
+    inputs.ray_address_from(args.address)  # before any data is read or storage made
     # a failed run raises from TorchTrainer.fit (Train V2), so reaching here means it finished
     run_training(cfg, stop_after_epoch=args.stop_after_epoch, address=args.address)
     return 0

@@ -628,6 +628,7 @@ def run(args) -> int:
     set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
     cfg.validate(sources)
     validate.existing_dir(args.data, "--data", "data folder")
+    validate.storage_location(args.storage, "--storage")
     validate.ray_address_from(args.address)  # before any data is read or storage made
     run_sweep(cfg, args.space, args.name, args.samples, args.max_concurrent, args.resume,
               args.study_db, args.address)

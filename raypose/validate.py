@@ -87,7 +87,7 @@ def existing_file(path, where: str, what: str = "file") -> Path:
     if not p.exists():
         raise InputError(f"{where} {path}: no such {what}")
     if p.is_dir():
-        raise InputError(f"{where} {path}: is a folder, expected a {what}")
+        raise InputError(f"{where} {path}: is a folder; expected the {what}")
     if not os.access(p, os.R_OK):
         raise InputError(f"{where} {path}: the {what} is not readable (permissions)")
     return p
@@ -120,6 +120,19 @@ def output_dir(path, where: str) -> Path:
     return p
 
 
+def storage_location(uri, where: str):
+    """The storage Location of a --storage value; a local one must be a folder or absent."""
+    from raypose import storage
+
+    try:
+        loc = storage.parse(uri)
+    except storage.StorageError as e:
+        raise InputError(f"{where}: {e}") from None
+    if loc.scheme == "file":
+        output_dir(loc.path, where)
+    return loc
+
+
 def refuse_existing(paths, where: str, force: bool) -> None:
     """Outputs that exist are refused unless --force; a folder is never taken for a file."""
     for p in map(Path, paths):
@@ -133,6 +146,8 @@ def refuse_existing(paths, where: str, force: bool) -> None:
 def output_file(path, where: str, force: bool, suffixes=()) -> Path:
     """A file to write: its folder can be made, it is not a folder, and it exists only with --force."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{where} {path}: is a folder; expected the file to write")
     if suffixes and p.suffix.lower() not in suffixes:
         raise InputError(f"{where} {path}: expected a file name ending in {' or '.join(suffixes)}")
     output_dir(p.parent if str(p.parent) else ".", where)
@@ -188,15 +203,39 @@ def ray_address(address, where: str):
     var, default = RAY_CONNECT_TIMEOUT
     timeout = env_seconds(var, default)
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            answer = _grpc_greeting(sock)
     except socket.timeout:
-        raise InputError(f"{where} {text}: nothing answered on {host}:{port} within {timeout:g} s "
-                         f"({var}); is the Ray cluster up?") from None
+        raise InputError(f"{where} {text}: {host}:{port} did not answer within {timeout:g} s "
+                         f"({var}); is this the Ray head's GCS port (6379) or Ray Client "
+                         "port (10001)?") from None
     except OSError as e:
         raise InputError(f"{where} {text}: cannot reach {host}:{port} ({e.strerror or type(e).__name__}, "
                          f"waited up to {timeout:g} s, {var}); is the Ray cluster up?") from None
+    if answer is not None:
+        raise InputError(f"{where} {text}: {host}:{port} {answer}; is this the Ray head's GCS "
+                         "port (6379) or Ray Client port (10001)?")
     return address
+
+
+# The HTTP/2 client preface and an empty SETTINGS frame: a gRPC server (the GCS and the Ray Client
+# server are both gRPC) answers with its own SETTINGS frame (type 0x4).  Without this, a port that
+# accepts connections but is not Ray makes ray.init wait for minutes.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _grpc_greeting(sock) -> str | None:
+    """None when the peer speaks gRPC (HTTP/2); else what it did.  Raises socket.timeout when it
+    says nothing within the socket's timeout.  Skipped when Ray runs with TLS (RAY_USE_TLS)."""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    sock.sendall(_HTTP2_PREFACE)
+    head = sock.recv(9)
+    if not head:
+        return "closed the connection without answering"
+    if len(head) < 4 or head[3] != 0x4:
+        return "answered, but not as a gRPC server"
+    return None
 
 
 def ray_address_from(flag_value, flag: str = "--address"):
