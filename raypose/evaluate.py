@@ -216,6 +216,29 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
     return report
 
 
+def summary_line(report: dict) -> str:
+    """The one-line result: model and mean-pose baseline side by side, both as means over actions
+    (each action weighted equally, as PAPER.md's tables are)."""
+    mean = report["mean_over_actions"]
+    return (f"[raypose] mean over actions: MPJPE {mean['mpjpe']:.1f} mm, P-MPJPE {mean['p_mpjpe']:.1f} mm; "
+            f"mean-pose baseline MPJPE {report['mean_pose_baseline']['mean_over_actions']:.1f} mm")
+
+
+def study_copy(experiment: storage.Location) -> storage.Location:
+    """Where a sweep keeps the copy of its Optuna study (raypose.tune's CopyStudy callback)."""
+    return experiment.join("optuna.db")
+
+
+def fetch_study_copy(experiment: storage.Location, local_dir: Path) -> Path | None:
+    """The experiment's Optuna study copy, downloaded into local_dir; None when there is none."""
+    copy = study_copy(experiment)
+    if not storage.exists(copy):
+        return None
+    local = Path(local_dir) / "optuna.db"
+    storage.filesystem(copy).get_file(copy.path, str(local))
+    return local
+
+
 def upload_outputs(out: Path, names, remote: storage.Location) -> None:
     """Copy out/<name> for each name, in order, into the storage folder remote.  Callers put the
     file that marks a complete folder (report.json) last."""
