@@ -500,3 +500,29 @@ def test_config_refuses_non_finite_floats(value):
     with pytest.raises(ConfigError, match=r"--set lrn_beta=.*finite"):
         load_config(None, [f"lrn_beta={value}"])
     assert math.isfinite(load_config(None, ["lrn_beta=0.5"]).model.lrn_beta)
+
+
+def test_staged_folder_replaces_a_report_and_keeps_other_files(tmp_path):
+    """What `evaluate --force` and `report --force` write through: the new report's files replace
+    the old ones, an old figure the new report does not draw goes, unrelated files stay, and a
+    failure leaves the folder exactly as it was, with no temporary folder behind."""
+    from raypose.validate import staged_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old")
+    (out / "sweep_history.png").write_text("old figure")
+    (out / "notes.txt").write_text("mine")
+    owned = ("report.json", "report.md", "sweep_history.png")
+    before = snapshot(str(tmp_path))
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_folder(out, owned) as stage:
+            (stage / "report.json").write_text("half")
+            raise RuntimeError("boom")
+    assert snapshot(str(tmp_path)) == before
+    with staged_folder(out, owned) as stage:
+        (stage / "report.json").write_text("new")
+        (stage / "report.md").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "report.json": "new", "report.md": "new", "notes.txt": "mine"}
