@@ -90,9 +90,11 @@ def filesystem(loc: Location, check: bool = False) -> fsspec.AbstractFileSystem:
         connect, read, attempts = t["connect"], t["read"], t["attempts"]
         if check:
             connect, read, attempts = min(connect, t["check"]), t["check"], 1
+        # "standard" mode counts the first try in total_max_attempts (legacy mode did not)
+        retries = {"total_max_attempts": attempts, "mode": "standard"}
         fs = s3fs.S3FileSystem(client_kwargs=client_kwargs,
                                config_kwargs={"connect_timeout": connect, "read_timeout": read,
-                                              "retries": {"total_max_attempts": attempts, "mode": "standard"}},
+                                              "retries": retries},
                                skip_instance_cache=True)
         # s3fs retries timeouts itself too (5 times, with back-off) on top of botocore's attempts
         fs.retries = attempts

@@ -91,7 +91,12 @@ def workspace(tmp_path_factory):
     # imported here, not timed in the cases: torch, h5py, botocore and Ray's Python modules (which
     # train's resume check imports without starting anything) take seconds to import
     import ray.train  # noqa: F401
-    import raypose.bench, raypose.demo, raypose.evaluate, raypose.report, raypose.train, raypose.tune  # noqa: E401,F401
+    import raypose.bench  # noqa: F401
+    import raypose.demo  # noqa: F401
+    import raypose.evaluate  # noqa: F401
+    import raypose.report  # noqa: F401
+    import raypose.train  # noqa: F401
+    import raypose.tune  # noqa: F401
 
     root = tmp_path_factory.mktemp("bad_input")
     p = {"root": str(root)}
