@@ -183,7 +183,11 @@ def run(args) -> int:
         validate.positive(value, flag)
     if args.warmup < 0:
         raise validate.InputError(f"--warmup must be >= 0, got {args.warmup}")
-    validate.output_dir(args.data, "--data")
+    data = validate.output_dir(args.data, "--data")
+    if not (data / "train.h5").exists() and (data / "test.h5").exists():
+        # rendering a set would replace that test.h5
+        raise validate.InputError(f"--data {args.data}: holds test.h5 but no train.h5; give a "
+                                  "folder with both, or one without either for a rendered set")
     if not args.no_ray:
         validate.ray_address_from(None)
     device = pick_device(args.device)

@@ -147,6 +147,9 @@ def workspace(tmp_path_factory):
     (half / "train.h5").write_bytes((data / "train.h5").read_bytes())
     p["half_root"] = str(root / "half-demo")
     p["h36m_root"] = str(root / "h36m"); (root / "h36m").mkdir()
+    test_only = root / "test-only"; test_only.mkdir()
+    (test_only / "test.h5").write_bytes((data / "test.h5").read_bytes())
+    p["test_only"] = str(test_only)
     silent = SilentServer()
     p["silent"] = f"127.0.0.1:{silent.port}"
     p["closed"] = f"127.0.0.1:{closed_port()}"
@@ -309,6 +312,7 @@ CASES = [
     # bench train
     ("bench-repeats-zero", ["bench", "train", "--data", "{data}", "--repeats", "0"], "--repeats", {}),
     ("bench-data-is-file", ["bench", "train", "--data", "{file}"], "--data", {}),
+    ("bench-data-half-dataset", ["bench", "train", "--data", "{test_only}"], "--data", {}),
     ("bench-device-tpu", ["bench", "train", "--data", "{data}", "--device", "tpu"], "--device", {}),
     ("bench-batch-zero", ["bench", "train", "--data", "{data}", "--batch-size", "0"], "--batch-size", {}),
     ("bench-lr-inf", ["bench", "train", "--data", "{data}", "--set", "lr=inf"], "--set lr=inf", {}),
