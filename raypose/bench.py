@@ -15,7 +15,6 @@ the cost of running the step in a Ray Train worker, and Ray's start-up per run i
 """
 
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -176,16 +175,29 @@ def _ratio(name: str, a: list, b: list) -> str:
 def run(args) -> int:
     import os
 
-    if args.repeats < 1 or args.steps < 1:
-        print("raypose bench train: error: --repeats and --steps must be >= 1", file=sys.stderr)
-        return 2
+    from raypose import validate
+
+    # every flag is checked before data is rendered or Ray started
+    for flag, value in (("--repeats", args.repeats), ("--steps", args.steps),
+                        ("--threads", args.threads)):
+        validate.positive(value, flag)
+    if args.warmup < 0:
+        raise validate.InputError(f"--warmup must be >= 0, got {args.warmup}")
+    data = validate.output_dir(args.data, "--data")
+    if not (data / "train.h5").exists() and (data / "test.h5").exists():
+        # rendering a set would replace that test.h5
+        raise validate.InputError(f"--data {args.data}: holds test.h5 but no train.h5; give a "
+                                  "folder with both, or one without either for a rendered set")
+    if not args.no_ray:
+        validate.ray_address_from(None)
     device = pick_device(args.device)
     threads = args.threads or os.cpu_count()
     cfg = Config()
     cfg.data.path = str(Path(args.data).resolve())  # Ray Train workers run in another folder
     cfg.data.batch_size = args.batch_size
-    apply_overrides(cfg, args.overrides)
-    cfg.validate()
+    sources = {"data.batch_size": "--batch-size"}
+    apply_overrides(cfg, args.overrides, sources=sources)
+    cfg.validate(sources)
     if not (Path(args.data) / "train.h5").exists():
         from raypose.synth import synthesize
 

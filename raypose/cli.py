@@ -2,12 +2,18 @@
 
 Each module exposes `add_arguments(parser)` and `run(args)`; imports are lazy so that
 `raypose --help` and the light subcommands start fast and never import Ray.
+
+The error contract: bad input gives one line on stderr, `raypose <command>: error: ...`, naming
+the flag, key or file, and exit code 2 (argparse's own usage errors too).  Any other failure gives
+one line and exit code 1.  RAYPOSE_DEBUG=1 adds the traceback.
 """
 
 import argparse
 import importlib
 import os
+import re
 import sys
+import traceback
 
 # (command path, module, help)
 COMMANDS = [
@@ -28,6 +34,19 @@ COMMANDS = [
 VERBOSE_COMMANDS = {("train",), ("tune",), ("demo",), ("bench", "train")}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse without the usage block on errors: one line naming the flag, exit code 2.
+    Subparsers inherit the class (argparse makes them with type(parent))."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def one_line(text) -> str:
+    """A message on one line: parsers and libraries sometimes put newlines in theirs."""
+    return re.sub(r"\s*\n\s*", "; ", str(text).strip())
+
+
 class _Lazy:
     """Imports a command's module only when its parser or its run is needed."""
 
@@ -41,7 +60,7 @@ class _Lazy:
 
 def build_parser(argv=()) -> argparse.ArgumentParser:
     """All commands are listed; only the one named in argv loads its module for its flags."""
-    parser = argparse.ArgumentParser(prog="raypose", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="raypose", description=__doc__.splitlines()[0])
     from raypose import __version__
 
     parser.add_argument("--version", action="version", version=f"raypose {__version__}")
@@ -67,28 +86,38 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     return parser
 
 
+def _is_input_error(e: BaseException) -> bool:
+    # raypose's own errors (DataError, ConfigError, StorageError, InputError, ...) say what was
+    # wrong and where; anything else is a failure of the run or a bug
+    return isinstance(e, (ValueError, RuntimeError, OSError)) and type(e).__module__.startswith("raypose.")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if not hasattr(args, "_run"):
-        parser.print_help()
-        return 2
+        parser.error("no command given; `raypose --help` lists them")
+    command = "raypose " + " ".join(c for c in (args.command, getattr(args, "subcommand", None)) if c)
+    if unknown:  # argparse would blame `raypose`; name the command the flag was given to
+        parser.exit(2, f"{command}: error: unrecognized arguments: {' '.join(unknown)}\n")
+    debug = os.environ.get("RAYPOSE_DEBUG") == "1"
     if getattr(args, "verbose", False):
         os.environ["RAYPOSE_VERBOSE"] = "1"  # read by raypose.console, also in nested calls
     try:
         return args._run(args) or 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError) as e:
-        # raypose's own errors (DataError, ConfigError, StorageError, ...) already say what was
-        # wrong and where: one line, no traceback. Anything else is a bug and keeps its traceback.
-        if type(e).__module__.startswith("raypose."):
-            command = " ".join(c for c in (args.command, getattr(args, "subcommand", None)) if c)
-            print(f"raypose {command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        if _is_input_error(e):
+            print(f"{command}: error: {one_line(e)}", file=sys.stderr)
             return 2
-        raise
+        hint = "" if debug else " (RAYPOSE_DEBUG=1 shows the traceback)"
+        print(f"{command}: failed: {type(e).__name__}: {one_line(e)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

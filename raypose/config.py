@@ -7,8 +7,8 @@ checkpoint.  Keys are dotted paths (`model.lrn_alpha`) or, where unambiguous, ba
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
@@ -16,7 +16,16 @@ from raypose.model import ModelConfig
 
 
 class ConfigError(ValueError):
-    """A bad setting; the message names the file or flag and the key."""
+    """A bad setting; the message names the file or flag and the key (`key`, when known)."""
+
+    def __init__(self, message, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+# Upper bounds that catch typos (a width of 1e6 is 6.5e9 weights in fcr1 alone), not taste.
+MAX_WIDTH = 65536
+MAX_LRN_WINDOW = 95  # a window wider than twice the 48 x 48 LRN map adds nothing
 
 
 @dataclass
@@ -91,33 +100,63 @@ class Config:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
-    def validate(self) -> "Config":
-        """Range checks that need no file system and no cluster."""
-        checks = [
+    def validate(self, sources: dict | None = None) -> "Config":
+        """Type-independent range checks that need no file system and no cluster.
+
+        sources: {dotted key: where it was set ("--epochs", "--set lr", "config file F")}; the
+        error names that source, so the user reads the flag or file they typed."""
+        from raypose.validate import NAME_PATTERN, NAME_RULE
+
+        checks = []
+        # NaN and inf pass every comparison below the wrong way (or crash training later)
+        for path in _leaf_paths(self):
+            value = get_value(self, path)
+            if isinstance(value, float):
+                checks.append((math.isfinite(value), path, "must be a finite number"))
+        name = self.storage.name
+        checks += [
             (self.scaling.workers >= 1, "scaling.workers", "must be >= 1"),
             (self.scaling.cpus_per_worker >= 1, "scaling.cpus_per_worker", "must be >= 1"),
             (self.schedule.epochs >= 1, "schedule.epochs", "must be >= 1"),
             (self.schedule.kind in ("joint", "pretrain"), "schedule.kind", "must be joint or pretrain"),
             (0.0 < self.schedule.pretrain_share < 1.0, "schedule.pretrain_share", "must be in (0, 1)"),
+            (self.data.path != "", "data.path", "must name a folder"),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
+            (self.data.color_noise >= 0, "data.color_noise", "must be >= 0"),
+            (self.data.max_train_samples >= 0, "data.max_train_samples", "must be >= 0 (0 = all)"),
+            (self.data.max_val_samples >= 0, "data.max_val_samples", "must be >= 0 (0 = all)"),
+            (len(self.data.val_subjects) >= 1 and all(isinstance(s, str) and s.strip()
+                                                      for s in self.data.val_subjects),
+             "data.val_subjects", "must list at least one subject, e.g. S8"),
             (self.optim.name in ("adam", "sgd"), "optim.name", "must be adam or sgd"),
             (self.optim.lr > 0, "optim.lr", "must be > 0"),
+            (0.0 <= self.optim.momentum < 1.0, "optim.momentum", "must be in [0, 1)"),
+            (self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
             (self.loss.detection_weight >= 0, "loss.detection_weight", "must be >= 0"),
             (self.model.lrn_alpha >= 0, "model.lrn_alpha", "must be >= 0"),
             (self.model.lrn_beta >= 0, "model.lrn_beta", "must be >= 0"),
-            (self.model.lrn_window >= 1 and self.model.lrn_window % 2 == 1, "model.lrn_window",
-             "must be an odd positive integer"),
+            (1 <= self.model.lrn_window <= MAX_LRN_WINDOW and self.model.lrn_window % 2 == 1,
+             "model.lrn_window", f"must be an odd integer in [1, {MAX_LRN_WINDOW}]"),
             (0.0 <= self.model.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
+            (1 <= self.model.fc1_width <= MAX_WIDTH, "model.fc1_width", f"must be in [1, {MAX_WIDTH}]"),
+            (1 <= self.model.fc2_width <= MAX_WIDTH, "model.fc2_width", f"must be in [1, {MAX_WIDTH}]"),
+            (self.storage.uri != "", "storage.uri", "must be a path, file://... or s3://bucket/prefix"),
+            (bool(NAME_PATTERN.fullmatch(name)) and ".." not in name, "storage.name",
+             f"must be {NAME_RULE}"),
             (self.storage.max_failures >= 0, "storage.max_failures", "must be >= 0"),
             (self.storage.keep_checkpoints >= 1, "storage.keep_checkpoints", "must be >= 1"),
             (self.storage.checkpoint_every >= 1, "storage.checkpoint_every", "must be >= 1"),
+            # numpy's and torch's generators take seeds in [0, 2**32)
+            (0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)"),
         ]
         if self.schedule.kind == "pretrain":
             checks.append((self.schedule.epochs >= 2, "schedule.epochs",
                            "must be >= 2 for the pretrain schedule (one epoch per stage at least)"))
         for ok, key, what in checks:
             if not ok:
-                raise ConfigError(f"{key} {what}; got {get_value(self, key)!r}")
+                source = (sources or {}).get(key)
+                prefix = f"{source}: " if source else ""
+                raise ConfigError(f"{prefix}{key} {what}; got {get_value(self, key)!r}", key=key)
         return self
 
     def pretrain_epochs(self) -> int:
@@ -203,8 +242,9 @@ def set_value(obj, key: str, value, source: str):
     return obj
 
 
-def apply_overrides(obj, overrides, source: str = "--set"):
-    """Apply `key=value` strings; values are parsed as YAML scalars (1e-3, true, joint)."""
+def apply_overrides(obj, overrides, source: str = "--set", sources: dict | None = None):
+    """Apply `key=value` strings; values are parsed as YAML scalars (1e-3, true, joint).
+    sources, when given, records {dotted key: "--set KEY"} for Config.validate's messages."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{source}: expected KEY=VALUE, got {item!r}")
@@ -216,6 +256,8 @@ def apply_overrides(obj, overrides, source: str = "--set"):
         if isinstance(value, float) is False and isinstance(value, str) and _looks_like_float(raw):
             value = float(raw)
         set_value(obj, key.strip(), value, f"{source} {key.strip()}")
+        if sources is not None:
+            sources[resolve_key(obj, key.strip(), source)] = f"{source} {item}"
     return obj
 
 
@@ -228,8 +270,9 @@ def _looks_like_float(raw: str) -> bool:
         return False
 
 
-def apply_mapping(obj, mapping: dict, source: str, prefix: str = ""):
-    """Apply a nested dict (a YAML file's content) with the same checks as --set."""
+def apply_mapping(obj, mapping: dict, source: str, prefix: str = "", sources: dict | None = None):
+    """Apply a nested dict (a YAML file's content) with the same checks as --set.
+    sources, when given, records {dotted key: source} for Config.validate's messages."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{source}: expected a mapping at {prefix or 'the top level'}, "
                           f"got {type(mapping).__name__}")
@@ -240,26 +283,27 @@ def apply_mapping(obj, mapping: dict, source: str, prefix: str = ""):
         except AttributeError:
             sub = None
         if dataclasses.is_dataclass(sub):
-            apply_mapping(obj, value, source, path + ".")
+            apply_mapping(obj, value, source, path + ".", sources)
         else:
             set_value(obj, path, value, f"{source}: key {path}")
+            if sources is not None:
+                sources[resolve_key(obj, path, source)] = f"{source}: key {path}"
     return obj
 
 
-def load_config(path=None, overrides=(), base: Config | None = None) -> Config:
-    """Defaults <- YAML file <- --set overrides, validated."""
+def load_config(path=None, overrides=(), base: Config | None = None,
+                sources: dict | None = None) -> Config:
+    """Defaults <- YAML file <- --set overrides, validated.  sources (filled in when given) maps
+    each key set here to where it was set, for the caller's own later validate()."""
+    from raypose.validate import read_yaml
+
     cfg = base if base is not None else Config()
+    sources = {} if sources is None else sources
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            mapping = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        apply_mapping(cfg, mapping, str(path))
-    apply_overrides(cfg, overrides)
-    return cfg.validate()
+        mapping = read_yaml(path, "config file", ConfigError) or {}
+        apply_mapping(cfg, mapping, f"config file {path}", sources=sources)
+    apply_overrides(cfg, overrides, sources=sources)
+    return cfg.validate(sources)
 
 
 def config_from_dict(d: dict) -> Config:

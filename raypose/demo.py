@@ -48,7 +48,28 @@ def demo_config(args, data: Path) -> Config:
     set_value(cfg, "scaling.workers", args.workers, "--workers")
     # small batches: more steps in the few epochs a demo has
     set_value(cfg, "data.batch_size", args.batch_size, "--batch-size")
-    return cfg.validate()
+    return cfg.validate({"data.path": "--root", "storage.uri": "--storage",
+                         "schedule.epochs": "--epochs", "scaling.workers": "--workers",
+                         "data.batch_size": "--batch-size"})
+
+
+def check_inputs(args, cfg: Config) -> None:
+    """The demo's paths and the Ray address, checked before any data is rendered."""
+    from raypose import storage, validate
+
+    validate.output_dir(args.root, "--root")
+    data = Path(args.root) / "data"
+    validate.output_dir(data, "--root")
+    present = [n for n in ("train.h5", "test.h5") if (data / n).exists()]
+    if len(present) == 1:  # rendering would replace the one that is there
+        raise validate.InputError(f"--root {args.root}: {data / present[0]} exists without its "
+                                  "other split; remove it or use another --root")
+    loc = storage.parse(cfg.storage.uri)
+    if loc.scheme == "s3":
+        storage.check_reachable(loc, create=False)
+    else:
+        validate.output_dir(loc.path, "--storage")
+    validate.ray_address_from(None)
 
 
 def run(args) -> int:
@@ -57,9 +78,10 @@ def run(args) -> int:
 
     start = time.perf_counter()
     data = Path(args.root) / "data"
-    # every flag and the search space are checked before any data is rendered
+    # every flag, path and the search space are checked before any data is rendered
     cfg = demo_config(args, data)
     load_space(args.space).check_against(cfg)
+    check_inputs(args, cfg)
     if not ((data / "train.h5").exists() and (data / "test.h5").exists()):
         print(f"[raypose demo] 1/3 rendering synthetic data into {data}", flush=True)
         synth.synthesize(str(data), args.train, args.test, seed=0)

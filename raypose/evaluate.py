@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raypose import checkpoint, storage
+from raypose import checkpoint, storage, validate
 from raypose.config import ConfigError, config_from_dict
 from raypose.dataset import PoseDataset
 from raypose.loop import build_model, predict
@@ -148,20 +148,36 @@ def detection_scores(logits: np.ndarray, targets: np.ndarray) -> dict:
             "top_window_accuracy": float(hit[has_window].mean()) if has_window.any() else None}
 
 
+def check_inputs(uri: str, data_dir: str | None, out_dir: str | None, use_gpu: bool,
+                 batch_size: int, force: bool = False) -> None:
+    """Every check on the command's own input that needs no checkpoint, run before any download:
+    the flags, the kinds of the paths, an earlier report in --out, and that storage answers."""
+    validate.positive(batch_size, "--batch-size")
+    if use_gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu was given but no CUDA device is visible; drop --gpu")
+    if data_dir is not None:
+        validate.existing_dir(data_dir, "--data", "data folder")
+    if out_dir is not None:
+        out = validate.output_dir(out_dir, "--out")
+        clash = [n for n in OUTPUT_FILES if (out / n).exists()]
+        if clash and not force:  # an earlier evaluation's outputs are never overwritten silently
+            raise EvaluationError(f"{out / clash[0]} already exists: --out {out} holds an earlier "
+                                  "evaluation; pass another --out, or --force to replace it "
+                                  "(nothing was written)")
+    loc = storage.parse(uri)
+    if loc.scheme == "s3":
+        storage.check_reachable(loc, create=False)
+
+
 def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
-             use_gpu: bool = False, batch_size: int = 64) -> dict:
+             use_gpu: bool = False, batch_size: int = 64, force: bool = False) -> dict:
+    check_inputs(uri, data_dir, out_dir, use_gpu, batch_size, force)
     target = resolve(uri)
     ckpt_loc = target["checkpoint"]
     device = torch.device("cuda" if use_gpu else "cpu")
-    if use_gpu and not torch.cuda.is_available():
-        raise ConfigError("--gpu was given but no CUDA device is visible; drop --gpu")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = f"evaluation-{posixpath.basename(ckpt_loc.path)}-{stamp}"
     out = Path(out_dir) if out_dir else _free_local_dir(Path("runs") / "evaluation" / folder)
-    clash = [n for n in OUTPUT_FILES if (out / n).exists()]
-    if clash:  # checked before any work: an earlier evaluation's outputs are never overwritten
-        raise EvaluationError(f"{out / clash[0]} already exists: --out {out} holds an earlier "
-                              "evaluation; pass another --out (nothing was written)")
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.download_dir(ckpt_loc, Path(tmp) / "checkpoint")
         try:
@@ -181,17 +197,19 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
             pred = predict(model, test, batch_size, device)
         actions = np.array(test.action_names)[pred["actions"]]
         report = build_report(pred, actions, test, train, loaded, ckpt_loc, target)
-        out.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(out / "predictions.npz", pred_3d=pred["pred_3d"], gt_3d=pred["gt_3d"],
-                            actions=actions, positions=pred["positions"])
-        report["figures"] = write_figures(out, test, pred, report, study_db, target)
-    # the storage folder is chosen just before the upload, so that a folder made meanwhile by
-    # another evaluation of the same checkpoint is not written into
-    parent = storage.Location(ckpt_loc.scheme, posixpath.dirname(ckpt_loc.path))
-    remote = _free_storage_dir(parent, folder)
-    report["outputs"] = {"local": str(out.resolve()), "storage": remote.uri}
-    (out / "report.md").write_text(markdown_report(report))
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+        # written into a folder beside --out and renamed into it file by file at the end, so a
+        # failed evaluation leaves --out as it was and --force never mixes two reports
+        with validate.staged_folder(out, OUTPUT_FILES) as stage:
+            np.savez_compressed(stage / "predictions.npz", pred_3d=pred["pred_3d"],
+                                gt_3d=pred["gt_3d"], actions=actions, positions=pred["positions"])
+            report["figures"] = write_figures(stage, test, pred, report, study_db, target)
+            # the storage folder is chosen just before the upload, so that a folder made meanwhile
+            # by another evaluation of the same checkpoint is not written into
+            parent = storage.Location(ckpt_loc.scheme, posixpath.dirname(ckpt_loc.path))
+            remote = _free_storage_dir(parent, folder)
+            report["outputs"] = {"local": str(out.resolve()), "storage": remote.uri}
+            (stage / "report.md").write_text(markdown_report(report))
+            (stage / "report.json").write_text(json.dumps(report, indent=1))
     upload_outputs(out, ["predictions.npz", *report["figures"], "report.md", "report.json"], remote)
     print(summary_line(report), flush=True)
     print(f"[raypose] report: {out.resolve() / 'report.md'} and {remote.uri}", flush=True)
@@ -480,9 +498,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", help="local output folder (default: runs/evaluation/<checkpoint>)")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--force", action="store_true",
+                        help="replace the report in --out if it holds one (default: refuse)")
 
 
 def run(args) -> int:
     # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
-    evaluate(args.uri, args.data, args.out, args.gpu, args.batch_size)
+    evaluate(args.uri, args.data, args.out, args.gpu, args.batch_size, args.force)
     return 0

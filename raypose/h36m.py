@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from raypose.h5schema import DataError, SplitWriter
+from raypose.validate import InputError, existing_dir, output_dir, refuse_existing
 
 H36M_17_OF_32 = [0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 15, 17, 18, 19, 25, 26, 27]
 SPLITS = {"train": ("S1", "S5", "S6", "S7", "S8"), "test": ("S9", "S11")}
@@ -214,11 +215,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin", type=float, default=0.2,
                         help="box side = (1 + margin) x the joints' larger extent (default 0.2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help="replace train.h5 and test.h5 if --out holds them (default: refuse)")
 
 
 def run(args) -> int:
+    # checked before anything is read or written; an existing dataset is replaced only with
+    # --force, and then by rename once both splits are complete (convert)
     if not 0 <= args.margin <= 2:
-        raise SystemExit(f"raypose data h36m: --margin must lie in [0, 2], got {args.margin}")
+        raise InputError(f"--margin must lie in [0, 2], got {args.margin}")
+    existing_dir(args.root, "--root", "processed Human3.6M folder")
+    out = output_dir(args.out, "--out")
+    refuse_existing([out / "train.h5", out / "test.h5"], "--out", args.force)
     result = convert(args.root, args.out, progress=not args.no_progress, margin=args.margin)
     for split in SPLITS:
         if result[split]:

@@ -329,73 +329,80 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
         raise DataError(f"{name}: is a directory, expected an HDF5 split file")
     if not h5py.is_hdf5(path):
         raise DataError(f"{name}: not an HDF5 file (expected raypose schema v{SCHEMA_VERSION})")
-    with h5py.File(path, "r") as f:
-        attrs = f.attrs
-        if "schema_version" not in attrs:
-            raise error("schema_version", f"attribute missing; expected {SCHEMA_VERSION}")
-        version = attrs["schema_version"]
-        version = version.tolist() if isinstance(version, np.ndarray | np.generic) else version
-        if not isinstance(version, int) or version != SCHEMA_VERSION:
-            raise error("schema_version", f"expected {SCHEMA_VERSION}, got {version!r}")
-        if "skeleton" not in attrs:
-            raise error("skeleton", "attribute missing; expected the skeleton as JSON")
-        try:
-            skeleton = json.loads(attrs["skeleton"])
-            joint_names = list(skeleton["names"])
-            parents = list(skeleton["parents"])
-        except (TypeError, ValueError, KeyError) as exc:
-            raise error("skeleton", f"expected JSON with names/parents/joints_left/joints_right ({exc})")
-        if len(joint_names) != NUM_JOINTS or len(parents) != NUM_JOINTS:
-            raise error("skeleton", f"expected {NUM_JOINTS} joints, got {len(joint_names)}")
-        source = attrs.get("source")
-        if source is None:
-            raise error("source", f"attribute missing; expected one of {SOURCES}")
-        source = source.decode() if isinstance(source, bytes) else str(source)
-        colour = {}
-        for key, shape in (("rgb_mean", (3,)), ("rgb_eigval", (3,)), ("rgb_eigvec", (3, 3))):
-            if key not in attrs:
-                raise error(key, f"attribute missing; expected float array of shape {shape}")
-            value = np.asarray(attrs[key])
-            if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
-                raise error(key, f"attribute: expected float array of shape {shape}, "
-                                 f"got {value.dtype} {value.shape}")
-            colour[key] = value.astype(np.float32)
+    # a truncated or damaged file passes is_hdf5 (its superblock is intact) and fails on open or
+    # on the first read with h5py's OSError: one DataError naming the file instead
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = f.attrs
+            if "schema_version" not in attrs:
+                raise error("schema_version", f"attribute missing; expected {SCHEMA_VERSION}")
+            version = attrs["schema_version"]
+            version = version.tolist() if isinstance(version, np.ndarray | np.generic) else version
+            if not isinstance(version, int) or version != SCHEMA_VERSION:
+                raise error("schema_version", f"expected {SCHEMA_VERSION}, got {version!r}")
+            if "skeleton" not in attrs:
+                raise error("skeleton", "attribute missing; expected the skeleton as JSON")
+            try:
+                skeleton = json.loads(attrs["skeleton"])
+                joint_names = list(skeleton["names"])
+                parents = list(skeleton["parents"])
+            except (TypeError, ValueError, KeyError) as exc:
+                raise error("skeleton", f"expected JSON with names/parents/joints_left/joints_right ({exc})")
+            if len(joint_names) != NUM_JOINTS or len(parents) != NUM_JOINTS:
+                raise error("skeleton", f"expected {NUM_JOINTS} joints, got {len(joint_names)}")
+            source = attrs.get("source")
+            if source is None:
+                raise error("source", f"attribute missing; expected one of {SOURCES}")
+            source = source.decode() if isinstance(source, bytes) else str(source)
+            colour = {}
+            for key, shape in (("rgb_mean", (3,)), ("rgb_eigval", (3,)), ("rgb_eigvec", (3, 3))):
+                if key not in attrs:
+                    raise error(key, f"attribute missing; expected float array of shape {shape}")
+                value = np.asarray(attrs[key])
+                if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
+                    raise error(key, f"attribute: expected float array of shape {shape}, "
+                                     f"got {value.dtype} {value.shape}")
+                colour[key] = value.astype(np.float32)
 
-        n = None
-        for key in KEYS:
-            if key not in f:
-                raise error(key, f"dataset missing; expected shape {_expected_shape(key)}")
-            ds = f[key]
-            if not isinstance(ds, h5py.Dataset):
-                raise error(key, "expected a dataset, found a group")
-            if key in STRING_KEYS:
-                if ds.ndim != 1:
-                    raise error(key, f"expected shape (N,), got {ds.shape}")
-                if h5py.check_string_dtype(ds.dtype) is None:
-                    raise error(key, f"expected variable-length UTF-8 strings, got dtype {ds.dtype}")
-            else:
-                tail, dtype = ARRAY_KEYS[key]
-                if ds.ndim != 1 + len(tail) or ds.shape[1:] != tail:
-                    raise error(key, f"expected shape {_expected_shape(key)}, got {ds.shape}")
-                if ds.dtype != dtype:
-                    raise error(key, f"expected dtype {dtype}, got {ds.dtype}")
-            if n is None:
-                n = ds.shape[0]
-            elif ds.shape[0] != n:
-                raise error(key, f"expected {n} rows like 'images', got {ds.shape[0]}")
-        if n == 0:
-            raise error("images", "file is empty (0 samples); expected at least 1 row")
-        if check_values:
-            rows = 1 << 16
-            for key in POSE_KEYS:
+            n = None
+            for key in KEYS:
+                if key not in f:
+                    raise error(key, f"dataset missing; expected shape {_expected_shape(key)}")
                 ds = f[key]
-                for start in range(0, n, rows):
-                    row = _first_nonfinite_row(ds[start:start + rows])
-                    if row >= 0:
-                        raise error(key, f"NaN or inf in row {start + row}; poses must be finite")
-        return {
-            "path": str(path), "n": int(n), "source": source, "schema_version": int(version),
-            "joint_names": joint_names,
-            "subjects": _unique_strings(f["subject"]), "actions": _unique_strings(f["action"]),
-            "cameras": _unique_strings(f["camera"]), **colour,
-        }
+                if not isinstance(ds, h5py.Dataset):
+                    raise error(key, "expected a dataset, found a group")
+                if key in STRING_KEYS:
+                    if ds.ndim != 1:
+                        raise error(key, f"expected shape (N,), got {ds.shape}")
+                    if h5py.check_string_dtype(ds.dtype) is None:
+                        raise error(key, f"expected variable-length UTF-8 strings, got dtype {ds.dtype}")
+                else:
+                    tail, dtype = ARRAY_KEYS[key]
+                    if ds.ndim != 1 + len(tail) or ds.shape[1:] != tail:
+                        raise error(key, f"expected shape {_expected_shape(key)}, got {ds.shape}")
+                    if ds.dtype != dtype:
+                        raise error(key, f"expected dtype {dtype}, got {ds.dtype}")
+                if n is None:
+                    n = ds.shape[0]
+                elif ds.shape[0] != n:
+                    raise error(key, f"expected {n} rows like 'images', got {ds.shape[0]}")
+            if n == 0:
+                raise error("images", "file is empty (0 samples); expected at least 1 row")
+            if check_values:
+                rows = 1 << 16
+                for key in POSE_KEYS:
+                    ds = f[key]
+                    for start in range(0, n, rows):
+                        row = _first_nonfinite_row(ds[start:start + rows])
+                        if row >= 0:
+                            raise error(key, f"NaN or inf in row {start + row}; poses must be finite")
+            return {
+                "path": str(path), "n": int(n), "source": source, "schema_version": int(version),
+                "joint_names": joint_names,
+                "subjects": _unique_strings(f["subject"]), "actions": _unique_strings(f["action"]),
+                "cameras": _unique_strings(f["camera"]), **colour,
+            }
+    except OSError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{name}: cannot be read as HDF5 ({reason}); the file is truncated or "
+                        "damaged, write it again") from None

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from raypose import evaluate, storage
+from raypose import evaluate, storage, validate
 from raypose.config import Config, ConfigError, resolve_key
 from raypose.evaluate import TRIAL_STATES, trial_state
 
@@ -452,32 +452,39 @@ def write_learning_curves(out: Path, summary: dict) -> list:
     return ["learning_curves.png"]
 
 
-def sweep_report(uri: str, out_dir: str | None = None) -> dict:
+def sweep_report(uri: str, out_dir: str | None = None, force: bool = False) -> dict:
+    # the command's own input first: --out's kind, an earlier report there, storage answering
+    if out_dir is not None:
+        checked = validate.output_dir(out_dir, "--out")
+        clash = [n for n in OUTPUT_FILES if (checked / n).exists()]
+        if clash and not force:  # an earlier report is never overwritten silently
+            raise SweepReportError(f"{checked / clash[0]} already exists: --out {checked} holds an "
+                                   "earlier report; pass another --out, or --force to replace it "
+                                   "(nothing was written)")
+    if storage.parse(uri).scheme == "s3":
+        storage.check_reachable(storage.parse(uri), create=False)
     experiment, best = read_best(uri)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = f"sweep-report-{stamp}"
     name = posixpath.basename(experiment.path.rstrip("/")) or "experiment"
     out = (Path(out_dir) if out_dir
            else evaluate._free_local_dir(Path("runs") / "sweep-report" / f"{name}-{stamp}"))
-    clash = [n for n in OUTPUT_FILES if (out / n).exists()]
-    if clash:  # checked before any work: an earlier report is never overwritten
-        raise SweepReportError(f"{out / clash[0]} already exists: --out {out} holds an earlier "
-                               "report; pass another --out (nothing was written)")
     with tempfile.TemporaryDirectory() as tmp:
         study_db = evaluate.fetch_study_copy(experiment, Path(tmp))
         sweep = evaluate.sweep_history(best, study_db, evaluate.study_copy(experiment))
     summary = summarise(best, experiment.uri, sweep["importances"], sweep["note"])
-    out.mkdir(parents=True, exist_ok=True)
     from raypose.figures import param_importance_figure
 
-    figures = write_learning_curves(out, summary)
-    param_importance_figure(sweep["importances"], out / "param_importance.png",
-                            note=None if sweep["importances"] else sweep["note"])
-    summary["figures"] = figures + ["param_importance.png"]
-    remote = evaluate._free_storage_dir(experiment, folder)
-    summary["outputs"] = {"local": str(out.resolve()), "storage": remote.uri}
-    (out / "sweep_report.md").write_text(markdown_report(summary))
-    (out / "sweep_report.json").write_text(json.dumps(summary, indent=1))
+    # written beside --out and renamed into it at the end: a failure leaves --out as it was
+    with validate.staged_folder(out, OUTPUT_FILES) as stage:
+        figures = write_learning_curves(stage, summary)
+        param_importance_figure(sweep["importances"], stage / "param_importance.png",
+                                note=None if sweep["importances"] else sweep["note"])
+        summary["figures"] = figures + ["param_importance.png"]
+        remote = evaluate._free_storage_dir(experiment, folder)
+        summary["outputs"] = {"local": str(out.resolve()), "storage": remote.uri}
+        (stage / "sweep_report.md").write_text(markdown_report(summary))
+        (stage / "sweep_report.json").write_text(json.dumps(summary, indent=1))
     evaluate.upload_outputs(out, [*summary["figures"], "sweep_report.md", "sweep_report.json"], remote)
     print(f"[raypose] {summary['equal_epochs']['answer']}", flush=True)
     bp = summary["best_vs_paper"]
@@ -495,9 +502,11 @@ def sweep_report(uri: str, out_dir: str | None = None) -> dict:
 def add_arguments(parser) -> None:
     parser.add_argument("uri", help="experiment URI: the sweep's folder holding best.json")
     parser.add_argument("--out", help="local output folder (default: runs/sweep-report/<experiment>-<time>)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace the report in --out if it holds one (default: refuse)")
 
 
 def run(args) -> int:
     # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
-    sweep_report(args.uri, args.out)
+    sweep_report(args.uri, args.out, args.force)
     return 0

@@ -4,7 +4,8 @@ on a Config.  Plain Python: Optuna is only touched through the trial object hand
 File format
 -----------
     # search_spaces/default.yaml
-    metric: val_mpjpe          # optional (default val_mpjpe); the reported metric, minimised
+    metric: val_mpjpe          # optional (default val_mpjpe, or best_val_mpjpe: the same
+                               # ranking); any other name is refused
     parameters:                # suggested in file order
       lrn_alpha:      {distribution: loguniform, low: 1.0e-4, high: 1.0e-1}
       schedule:       {distribution: categorical, choices: [joint, pretrain]}
@@ -42,13 +43,16 @@ import copy
 import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
 from raypose.config import Config, ConfigError, _coerce, get_value, resolve_key, set_value
 
 DEFAULT_METRIC = "val_mpjpe"
+# What a sweep can rank trials by: every trial reports val_mpjpe per epoch and its running best,
+# best_val_mpjpe, which is what ASHA, Optuna and best.json use; a metric outside these would be
+# accepted by Tune and silently never reported.
+REPORTED_METRICS = ("val_mpjpe", "best_val_mpjpe")
 MODE = "min"
 TOP_LEVEL_KEYS = ("metric", "parameters")
 # distribution -> (required fields, optional fields); `condition` is allowed everywhere
@@ -260,16 +264,13 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
 
 def load_space(path) -> SearchSpace:
     """Read and check a search-space file; SearchSpaceError names the file and the key."""
+    from raypose.validate import read_yaml
+
     source = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise SearchSpaceError(f"{source}: search-space file does not exist")
     try:
-        doc = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
+        doc = read_yaml(path, "search-space file", SearchSpaceError, loader=_UniqueKeyLoader)
     except _DuplicateKey as e:
         raise SearchSpaceError(f"{source}: line {e.line}: key {e.key!r} appears twice") from None
-    except yaml.YAMLError as e:
-        raise SearchSpaceError(f"{source}: not valid YAML: {e}") from None
     return parse_space(doc, source)
 
 
@@ -283,9 +284,9 @@ def parse_space(doc, source: str = "<search space>") -> SearchSpace:
             raise SearchSpaceError(f"{source}: unknown top-level key {key!r}; expected "
                                    f"{', '.join(TOP_LEVEL_KEYS)}")
     metric = doc.get("metric", DEFAULT_METRIC)
-    if not isinstance(metric, str) or not metric:
-        raise SearchSpaceError(f"{source}: metric must be a metric name such as {DEFAULT_METRIC}, "
-                               f"got {metric!r}")
+    if metric not in REPORTED_METRICS:
+        raise SearchSpaceError(f"{source}: metric {metric!r} is not one a trial reports for ranking; "
+                               f"expected one of {', '.join(REPORTED_METRICS)}")
     params = doc.get("parameters")
     if not isinstance(params, dict) or not params:
         raise SearchSpaceError(f"{source}: parameters must be a non-empty mapping of "

@@ -4,6 +4,12 @@ S3 goes through s3fs and works with any S3-compatible endpoint (AWS, MinIO, Ceph
 endpoint and credentials come from the standard AWS variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE); they are never taken
 from flags, never passed around explicitly and never written to logs, configs or checkpoints.
+
+Every wait on an endpoint is bounded (seconds, from the environment; README lists them):
+RAYPOSE_S3_CONNECT_TIMEOUT (5) to open a connection, RAYPOSE_S3_READ_TIMEOUT (60) for an answer
+to arrive, RAYPOSE_S3_ATTEMPTS (2) tries per request, and RAYPOSE_S3_CHECK_TIMEOUT (10) for the
+one-try reachability check every command makes before it starts, so that an endpoint that
+accepts connections but never answers fails in seconds, with one line.
 """
 
 import os
@@ -51,19 +57,48 @@ def endpoint_url() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
-def filesystem(loc: Location) -> fsspec.AbstractFileSystem:
-    """The fsspec filesystem for a location. s3fs reads credentials from the environment."""
+def endpoint_text() -> str:
+    """The endpoint for messages, without any user:password@ part."""
+    url = endpoint_url()
+    if not url:
+        return "the default AWS endpoint"
+    parsed = urlparse(url)
+    host = parsed.hostname or url
+    return f"{parsed.scheme}://{host}" + (f":{parsed.port}" if parsed.port else "")
+
+
+def timeouts() -> dict:
+    """{'connect', 'read', 'check'} seconds and 'attempts', from the environment."""
+    from raypose.validate import env_count, env_seconds
+
+    return {"connect": env_seconds("RAYPOSE_S3_CONNECT_TIMEOUT", 5.0),
+            "read": env_seconds("RAYPOSE_S3_READ_TIMEOUT", 60.0),
+            "check": env_seconds("RAYPOSE_S3_CHECK_TIMEOUT", 10.0),
+            "attempts": env_count("RAYPOSE_S3_ATTEMPTS", 2)}
+
+
+def filesystem(loc: Location, check: bool = False) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem for a location. s3fs reads credentials from the environment.
+    check=True: one try, bounded by RAYPOSE_S3_CHECK_TIMEOUT, for check_reachable."""
     if loc.scheme == "s3":
         import s3fs
 
         client_kwargs = {}
         if endpoint_url():
             client_kwargs["endpoint_url"] = endpoint_url()
-        # Retries are kept short so that an unreachable endpoint fails in seconds, not minutes.
-        return s3fs.S3FileSystem(client_kwargs=client_kwargs,
-                                 config_kwargs={"connect_timeout": 5, "read_timeout": 60,
-                                                "retries": {"max_attempts": 2}},
-                                 skip_instance_cache=True)
+        t = timeouts()
+        connect, read, attempts = t["connect"], t["read"], t["attempts"]
+        if check:
+            connect, read, attempts = min(connect, t["check"]), t["check"], 1
+        # "standard" mode counts the first try in total_max_attempts (legacy mode did not)
+        retries = {"total_max_attempts": attempts, "mode": "standard"}
+        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs,
+                               config_kwargs={"connect_timeout": connect, "read_timeout": read,
+                                              "retries": retries},
+                               skip_instance_cache=True)
+        # s3fs retries timeouts itself too (5 times, with back-off) on top of botocore's attempts
+        fs.retries = attempts
+        return fs
     return fsspec.filesystem("file")
 
 
@@ -79,18 +114,22 @@ def ray_storage(loc: Location):
 
 def check_reachable(loc: Location, create: bool = True) -> None:
     """Fail early, with one clear message, when storage cannot be used."""
-    fs = filesystem(loc)
     if loc.scheme == "file":
+        p = Path(loc.path)
         try:
+            if p.exists() and not p.is_dir():
+                raise StorageError(f"storage path {loc.path} is a file, expected a folder")
             if create:
-                Path(loc.path).mkdir(parents=True, exist_ok=True)
-            elif not Path(loc.path).exists():
+                p.mkdir(parents=True, exist_ok=True)
+            elif not p.exists():
                 raise StorageError(f"storage path {loc.path} does not exist")
         except OSError as e:
             raise StorageError(f"storage path {loc.path} is not writable: {e.strerror}") from None
         return
+    fs = filesystem(loc, check=True)
     bucket = loc.path.split("/", 1)[0]
-    where = f" at endpoint {endpoint_url()}" if endpoint_url() else ""
+    where = f" at endpoint {endpoint_text()}"
+    t = timeouts()
     try:
         fs.ls(bucket, refresh=True)
     except FileNotFoundError:
@@ -99,7 +138,16 @@ def check_reachable(loc: Location, create: bool = True) -> None:
         raise StorageError(f"storage {loc.uri}: access to bucket {bucket!r} denied{where}; check "
                            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
     except Exception as e:  # connection refused, DNS, timeouts: botocore raises many kinds
-        raise StorageError(f"storage {loc.uri} is unreachable{where}: {type(e).__name__}; check "
+        kind = type(e).__name__
+        if "ReadTimeout" in kind or "Timeout" in kind and "Connect" not in kind:
+            what = (f"accepted the connection but did not answer within {t['check']:g} s "
+                    "(RAYPOSE_S3_CHECK_TIMEOUT)")
+        elif "ConnectTimeout" in kind:
+            what = (f"did not accept a connection within {min(t['connect'], t['check']):g} s "
+                    "(RAYPOSE_S3_CONNECT_TIMEOUT)")
+        else:
+            what = f"is unreachable ({kind})"
+        raise StorageError(f"storage {loc.uri}: the endpoint {endpoint_text()} {what}; check "
                            "AWS_ENDPOINT_URL and the network") from None
 
 

@@ -34,6 +34,8 @@ import numpy as np
 
 from raypose.h5schema import SplitWriter, validate_file
 from raypose.skeleton import H36M_SKELETON
+from raypose.validate import (InputError, existing_file, output_dir, output_file, refuse_existing,
+                              replace_atomically)
 
 IMAGE_SIZE = 128
 TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8")
@@ -560,7 +562,10 @@ def synthesize(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 0, p
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -572,9 +577,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test", type=_positive_int, default=200, help="test samples (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--force", action="store_true",
+                        help="replace train.h5 and test.h5 if --out holds them (default: refuse)")
 
 
 def run(args) -> int:
+    # everything is checked before the first image is rendered; an existing dataset is replaced
+    # only with --force, and then file by file by rename (SplitWriter), never half-written
+    if not 0 <= args.seed < 2**32:
+        raise InputError(f"--seed must be in [0, 2**32), got {args.seed}")
+    out = output_dir(args.out, "--out")
+    refuse_existing([out / "train.h5", out / "test.h5"], "--out", args.force)
     result = synthesize(args.out, args.train, args.test, args.seed, progress=not args.no_progress)
     print(f"wrote {result['train']} ({result['n_train']} samples) and {result['test']} "
           f"({result['n_test']} samples) in {result['seconds']:.1f} s: "
@@ -588,6 +601,7 @@ def add_arguments_samples(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=_positive_int, default=16, help="number of samples (default 16)")
     parser.add_argument("--skeleton", action="store_true", help="draw the 2D skeleton on each crop")
     parser.add_argument("--scale", type=_positive_int, default=2, help="upscaling of each crop (default 2)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
 
 
 def sample_grid(path, n: int = 16, skeleton: bool = False, scale: int = 2):
@@ -622,10 +636,16 @@ def sample_grid(path, n: int = 16, skeleton: bool = False, scale: int = 2):
     return sheet
 
 
+MAX_SCALE = 16  # 16 x 128 px per crop is already a 2048 px tile
+
+
 def run_samples(args) -> int:
+    existing_file(args.data, "--data", "HDF5 file")
+    out = output_file(args.out, "--out", args.force, suffixes=(".png",))
+    if args.scale > MAX_SCALE:
+        raise InputError(f"--scale must be at most {MAX_SCALE}, got {args.scale}")
     sheet = sample_grid(args.data, args.n, args.skeleton, args.scale)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    with replace_atomically(out) as tmp:
+        sheet.save(tmp, format="PNG")
     print(f"wrote {out} ({args.n} samples of {args.data})")
     return 0

@@ -18,6 +18,7 @@ import time
 import torch
 
 from raypose import checkpoint, console, storage
+from raypose import validate as inputs  # raypose.loop.validate is the validation epoch
 from raypose.config import Config, ConfigError, config_from_dict, load_config
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
                           regression_epochs_done, stage_for_epoch, train_epoch, validate)
@@ -347,19 +348,22 @@ def forwarded_env() -> dict:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, command: str = "raypose"):
     """Connect to RAY_ADDRESS / address if given, else start a local instance (with its
-    dashboard). Token authentication: Ray's own default applies (see README). Ray's own output
-    goes to the log file of raypose.console from here on."""
+    dashboard). Token authentication: Ray's own default applies (see README).  An address is
+    checked first (its form, and that something answers there within
+    RAYPOSE_RAY_CONNECT_TIMEOUT), so a wrong one fails in one line instead of hanging in ray.init.
+    Ray's own output goes to the log file of raypose.console from then on."""
     import ray
 
     if ray.is_initialized():
         return
+    address = inputs.ray_address_from(address)
     console.open_log(command)
     console.route_loggers()
     # Ray's own logging setup would add a stderr handler again; console.route_loggers has
     # already sent its loggers to the log file
     kwargs = {"configure_logging": console.verbose(), "logging_level": "INFO" if console.verbose() else "WARNING"}
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+    if address:
+        ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     console.route_ray_output(command)
@@ -402,28 +406,38 @@ def add_arguments(parser) -> None:
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local instance)")
 
 
+FLAG_KEYS = (("data", "data.path"), ("storage", "storage.uri"), ("name", "storage.name"),
+             ("epochs", "schedule.epochs"), ("workers", "scaling.workers"),
+             ("gpu", "scaling.gpu"), ("schedule", "schedule.kind"))
+
+
 def config_from_args(args) -> Config:
-    flags = []
-    for flag, key in (("data", "data.path"), ("storage", "storage.uri"), ("name", "storage.name"),
-                      ("epochs", "schedule.epochs"), ("workers", "scaling.workers"),
-                      ("gpu", "scaling.gpu"), ("schedule", "schedule.kind")):
-        value = getattr(args, flag)
-        if value is not None:
-            flags.append((flag, key, value))
+    """The run's config from --config, --set and the flags; every error names what the user typed
+    (the flag, `--set KEY=VALUE` or the config file)."""
     from raypose.config import set_value
 
-    cfg = load_config(args.config, args.overrides)
-    for flag, key, value in flags:
-        set_value(cfg, key, value, f"--{flag}")
+    if args.name is not None:
+        inputs.check_name(args.name, "--name")
     if args.stop_after_epoch < 0:
         raise ConfigError(f"--stop-after-epoch must be >= 0, got {args.stop_after_epoch}")
-    return cfg.validate()
+    sources = {}
+    cfg = load_config(args.config, args.overrides, sources=sources)
+    for flag, key in FLAG_KEYS:
+        value = getattr(args, flag)
+        if value is not None:
+            set_value(cfg, key, value, f"--{flag}")
+            sources[key] = f"--{flag.replace('_', '-')}"
+    cfg.validate(sources)
+    inputs.existing_dir(cfg.data.path, sources.get("data.path", "data.path"), "data folder")
+    inputs.storage_location(cfg.storage.uri, sources.get("storage.uri", "storage.uri"))
+    return cfg
 
 
 def run(args) -> int:
     # raypose's errors (config, data, storage, checkpoint) reach raypose.cli.main, which prints
     # them as one line and exits 2
     cfg = config_from_args(args)
+    inputs.ray_address_from(args.address)  # before any data is read or storage made
     # a failed run raises from TorchTrainer.fit (Train V2), so reaching here means it finished
     run_training(cfg, stop_after_epoch=args.stop_after_epoch, address=args.address)
     return 0

@@ -31,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from raypose import console, storage
+from raypose import console, storage, validate
 from raypose.config import Config, ConfigError, config_from_dict, get_value, load_config, set_value
 from raypose.search_space import load_space
 
@@ -616,17 +616,25 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
-    cfg = load_config(args.config, args.overrides)
+    validate.check_name(args.name, "--name")
+    validate.positive(args.samples, "--samples")
+    validate.positive(args.max_concurrent, "--max-concurrent")
+    sources = {}
+    cfg = load_config(args.config, args.overrides, sources=sources)
     set_value(cfg, "data.path", args.data, "--data")
     set_value(cfg, "storage.uri", args.storage, "--storage")
+    sources.update({"data.path": "--data", "storage.uri": "--storage"})
     if args.epochs is not None:
         set_value(cfg, "schedule.epochs", args.epochs, "--epochs")
+        sources["schedule.epochs"] = "--epochs"
     if args.workers_per_trial is not None:
         set_value(cfg, "scaling.workers", args.workers_per_trial, "--workers-per-trial")
+        sources["scaling.workers"] = "--workers-per-trial"
     set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
-    if args.max_concurrent is not None and args.max_concurrent < 1:
-        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
-    cfg.validate()
+    cfg.validate(sources)
+    validate.existing_dir(args.data, "--data", "data folder")
+    validate.storage_location(args.storage, "--storage")
+    validate.ray_address_from(args.address)  # before any data is read or storage made
     run_sweep(cfg, args.space, args.name, args.samples, args.max_concurrent, args.resume,
               args.study_db, args.address)
     return 0

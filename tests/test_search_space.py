@@ -141,7 +141,10 @@ def test_missing_or_empty_parameters(tmp_path):
     path.write_text("metric: val_mpjpe\n")
     assert _error(path).startswith(f"{path}: parameters must be a non-empty mapping")
     path.write_text("metric: [a]\nparameters: {lr: {distribution: fixed, value: 0.1}}\n")
-    assert _error(path).startswith(f"{path}: metric must be a metric name")
+    assert _error(path).startswith(f"{path}: metric ['a'] is not one a trial reports")
+    # a name no trial reports would be accepted by Tune and never reported
+    path.write_text("metric: accuracy\nparameters: {lr: {distribution: fixed, value: 0.1}}\n")
+    assert _error(path).startswith(f"{path}: metric 'accuracy' is not one a trial reports")
     path.write_text("- lr\n")
     assert _error(path).startswith(f"{path}: expected a mapping")
 
@@ -206,10 +209,15 @@ def test_values_outside_the_config_range(tmp_path, parameters, key, what):
 
 
 def test_missing_and_malformed_files(tmp_path):
-    assert _error(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: search-space file does not exist"
+    assert _error(tmp_path / "nope.yaml") == f"search-space file {tmp_path / 'nope.yaml'} does not exist"
     path = tmp_path / "bad.yaml"
     path.write_text("parameters: {lr: [1, 2\n")
-    assert _error(path).startswith(f"{path}: not valid YAML")
+    # one line with the place, not the parser's whole multi-line message
+    assert _error(path) == (f"search-space file {path}: line 2, column 1: not valid YAML "
+                            "(expected ',' or ']', but got '<stream end>')")
+    path.write_bytes(b"metric: val_mpjpe\n# \xe9\n")
+    assert _error(path) == (f"search-space file {path}: line 2: not UTF-8 text (byte 0xe9); "
+                            "save it as UTF-8")
 
 
 def test_accepted_forms(tmp_path):

@@ -1,0 +1,537 @@
+"""Bad input, tried as a new user would: every command answers with one line on stderr that names
+the flag, key or file, exit code 2, before Ray starts, quickly, and without touching anything
+that was already written.
+
+The table below runs each case in-process through raypose.cli.main (the entry point `raypose`
+and jobs/*.py both call); a few run as real subprocesses to show the exit code and stderr a shell
+sees.  Everything is real: HDF5 files made with h5py (and one cut in half), bytes that are not
+UTF-8, loopback TCP sockets that accept and never answer, ports where nothing listens.
+"""
+
+import hashlib
+import math
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from raypose import cli
+from raypose.validate import NAME_PATTERN, check_name, InputError, ray_address
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_SPACE = REPO / "search_spaces" / "smoke.yaml"
+# The workspace fixture imports every command's modules first, so the time measured is the
+# command's own.  Every case then fails in checks that read a few small local files; the only
+# waits are on sockets, and the tests set those timeouts to 1 s.  On this 2-core machine the
+# slowest (one S3 check of at most ~2.5 check timeouts) takes 2.3 s; 10 s leaves room for a
+# loaded machine and is far below the minute a hang would take.
+IN_PROCESS_BOUND_S = 10.0
+# a subprocess also imports numpy, h5py, torch and botocore: about 5 s here under load
+SUBPROCESS_BOUND_S = 30.0
+SHORT_TIMEOUTS = {"RAYPOSE_S3_CHECK_TIMEOUT": "1", "RAYPOSE_RAY_CONNECT_TIMEOUT": "1"}
+
+
+# ----------------------------------------------------------------------------------------------
+# sockets: one that accepts and never answers, one port where nothing listens
+
+
+class SilentServer:
+    """Accepts TCP connections on 127.0.0.1 and never sends a byte."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held = []
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+def closed_port() -> int:
+    """A loopback port where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# the workspace: real files of every kind the cases need, made once
+
+
+def _write_yaml_bytes(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from raypose.synth import synthesize
+
+    # imported here, not timed in the cases: torch, h5py, botocore and Ray's Python modules (which
+    # train's resume check imports without starting anything) take seconds to import
+    import ray.train  # noqa: F401
+    import raypose.bench  # noqa: F401
+    import raypose.demo  # noqa: F401
+    import raypose.evaluate  # noqa: F401
+    import raypose.report  # noqa: F401
+    import raypose.train  # noqa: F401
+    import raypose.tune  # noqa: F401
+
+    root = tmp_path_factory.mktemp("bad_input")
+    p = {"root": str(root)}
+    data = root / "dataset"
+    synthesize(str(data), 60, 10, seed=0, progress=False)  # S1..S8 train, S9 S11 test
+    p["data"] = str(data)
+    (root / "storage").mkdir()
+    p["storage"] = str(root / "storage")
+    p["file"] = _write_yaml_bytes(root / "notes.txt", b"just a text file\n")
+    p["missing"] = str(root / "does-not-exist")
+    p["new"] = str(root / "new-output")
+    p["empty_dir"] = str(root / "empty"); (root / "empty").mkdir()
+    # an HDF5 file cut in half: its superblock is intact, the rest is gone
+    trunc = root / "truncated"; trunc.mkdir()
+    blob = (data / "train.h5").read_bytes()
+    (trunc / "train.h5").write_bytes(blob[: len(blob) // 2])
+    (trunc / "test.h5").write_bytes(blob[: len(blob) // 2])
+    p["truncated"] = str(trunc)
+    p["truncated_h5"] = str(trunc / "train.h5")
+    # a real HDF5 file of another schema
+    with h5py.File(root / "foreign.h5", "w") as f:
+        f["foo"] = np.zeros(3)
+    p["foreign_h5"] = str(root / "foreign.h5")
+    p["png"] = str(root / "samples.png")
+    (root / "samples.png").write_bytes(b"\x89PNG\r\n\x1a\n not really, but it exists")
+    p["nonutf8"] = _write_yaml_bytes(root / "latin1.yaml", "optim:\n  name: 'adam'  # r\xe9glage\n"
+                                     .encode("latin-1"))
+    p["badyaml"] = _write_yaml_bytes(root / "bad.yaml", b"optim:\n  lr: 0.1\n   name: adam\n")
+    p["unknown_key"] = _write_yaml_bytes(root / "unknown.yaml", b"optim:\n  learning_rate: 0.1\n")
+    p["inf_lr"] = _write_yaml_bytes(root / "inf.yaml", b"optim:\n  lr: .inf\n")
+    p["bad_metric"] = _write_yaml_bytes(root / "metric.yaml", SMOKE_SPACE.read_bytes().replace(
+        b"metric: val_mpjpe", b"metric: accuracy"))
+    p["space_nonutf8"] = _write_yaml_bytes(root / "space-latin1.yaml",
+                                           SMOKE_SPACE.read_bytes() + "# \xe9\n".encode("latin-1"))
+    p["space"] = str(SMOKE_SPACE)
+    # an experiment folder whose best.json is not JSON, and earlier reports in --out folders
+    exp = root / "experiment"; exp.mkdir()
+    (exp / "best.json").write_text("{not json")
+    p["exp"] = str(exp)
+    report = root / "report"; report.mkdir()
+    (report / "report.json").write_text("{}")
+    p["report_dir"] = str(report)
+    sweep_report = root / "sweep-report"; sweep_report.mkdir()
+    (sweep_report / "sweep_report.md").write_text("# earlier\n")
+    p["sweep_report_dir"] = str(sweep_report)
+    # a demo root holding only one split: rendering would replace it
+    half = root / "half-demo" / "data"; half.mkdir(parents=True)
+    (half / "train.h5").write_bytes((data / "train.h5").read_bytes())
+    p["half_root"] = str(root / "half-demo")
+    p["h36m_root"] = str(root / "h36m"); (root / "h36m").mkdir()
+    test_only = root / "test-only"; test_only.mkdir()
+    (test_only / "test.h5").write_bytes((data / "test.h5").read_bytes())
+    p["test_only"] = str(test_only)
+    silent = SilentServer()
+    p["silent"] = f"127.0.0.1:{silent.port}"
+    p["closed"] = f"127.0.0.1:{closed_port()}"
+    yield p
+    silent.close()
+
+
+def snapshot(root: str) -> dict:
+    """{relative path: (size, mtime_ns, sha256)} of every file under root."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath) / name
+            stat = path.stat()
+            out[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns,
+                                                hashlib.sha256(path.read_bytes()).hexdigest())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the table: (id, argv, what stderr must name, extra environment)
+
+TRAIN = ["train", "--data", "{data}", "--storage", "{storage}", "--name", "run1", "--epochs", "1"]
+TUNE = ["tune", "--space", "{space}", "--data", "{data}", "--storage", "{storage}", "--name", "s1"]
+S3_SILENT = {"AWS_ENDPOINT_URL": "http://{silent}"}
+S3_CLOSED = {"AWS_ENDPOINT_URL": "http://{closed}"}
+
+CASES = [
+    # data synth
+    ("synth-out-is-file", ["data", "synth", "--out", "{file}"], "--out", {}),
+    ("synth-out-under-file", ["data", "synth", "--out", "{file}/sub"], "--out", {}),
+    ("synth-existing-dataset", ["data", "synth", "--out", "{data}", "--train", "5"], "--force", {}),
+    ("synth-train-zero", ["data", "synth", "--out", "{new}", "--train", "0"], "--train", {}),
+    ("synth-train-not-int", ["data", "synth", "--out", "{new}", "--train", "ten"], "--train", {}),
+    ("synth-seed-negative", ["data", "synth", "--out", "{new}", "--seed", "-1"], "--seed", {}),
+    ("synth-unknown-flag", ["data", "synth", "--out", "{new}", "--frames", "3"],
+     "raypose data synth: error: unrecognized arguments: --frames", {}),
+    ("data-no-subcommand", ["data"], "SUBCOMMAND", {}),
+    ("data-unknown-subcommand", ["data", "convert"], "convert", {}),
+    # data h36m
+    ("h36m-root-missing", ["data", "h36m", "--root", "{missing}", "--out", "{new}"], "--root", {}),
+    ("h36m-root-is-file", ["data", "h36m", "--root", "{file}", "--out", "{new}"], "--root", {}),
+    ("h36m-no-root", ["data", "h36m", "--out", "{new}"], "--root", {}),
+    ("h36m-existing-dataset", ["data", "h36m", "--root", "{h36m_root}", "--out", "{data}"], "--force", {}),
+    ("h36m-margin-nan", ["data", "h36m", "--root", "{h36m_root}", "--margin", "nan"], "--margin", {}),
+    ("h36m-margin-large", ["data", "h36m", "--root", "{h36m_root}", "--margin", "3"], "--margin", {}),
+    ("h36m-out-is-file", ["data", "h36m", "--root", "{h36m_root}", "--out", "{file}"], "--out", {}),
+    # data samples
+    ("samples-data-missing", ["data", "samples", "--data", "{missing}", "--out", "{new}.png"], "--data", {}),
+    ("samples-data-is-folder", ["data", "samples", "--data", "{data}", "--out", "{new}.png"], "--data", {}),
+    ("samples-truncated-h5", ["data", "samples", "--data", "{truncated_h5}", "--out", "{new}.png"],
+     "{truncated_h5}", {}),
+    ("samples-not-hdf5", ["data", "samples", "--data", "{file}", "--out", "{new}.png"], "{file}", {}),
+    ("samples-foreign-h5", ["data", "samples", "--data", "{foreign_h5}", "--out", "{new}.png"],
+     "schema_version", {}),
+    ("samples-existing-png", ["data", "samples", "--data", "{data}/train.h5", "--out", "{png}"], "--force", {}),
+    ("samples-out-is-folder", ["data", "samples", "--data", "{data}/train.h5", "--out", "{empty_dir}"],
+     "--out", {}),
+    ("samples-out-not-png", ["data", "samples", "--data", "{data}/train.h5", "--out", "{new}.jpg"], "--out", {}),
+    ("samples-n-zero", ["data", "samples", "--data", "{data}/train.h5", "--out", "{new}.png", "--n", "0"],
+     "--n", {}),
+    ("samples-scale-huge", ["data", "samples", "--data", "{data}/train.h5", "--out", "{new}.png",
+                            "--scale", "1000"], "--scale", {}),
+    # model-summary
+    ("summary-zero-width", ["model-summary", "--set", "fc1_width=0"], "fc1_width", {}),
+    ("summary-nan-alpha", ["model-summary", "--set", "lrn_alpha=nan"], "lrn_alpha", {}),
+    ("summary-even-window", ["model-summary", "--set", "lrn_window=4"], "lrn_window", {}),
+    ("summary-dropout-one", ["model-summary", "--set", "dropout=1.5"], "dropout", {}),
+    ("summary-float-width", ["model-summary", "--set", "fc2_width=1.5"], "fc2_width", {}),
+    ("summary-unknown-key", ["model-summary", "--set", "width=3"], "width", {}),
+    ("summary-no-equals", ["model-summary", "--set", "fc1_width"], "fc1_width", {}),
+    ("summary-not-model-key", ["model-summary", "--set", "lr=0.1"], "lr", {}),
+    # train
+    ("train-name-escapes", [*TRAIN[:5], "--name", "../../escape"], "--name", {}),
+    ("train-name-non-ascii", [*TRAIN[:5], "--name", "r\u00e9sum\u00e9"], "--name", {}),
+    ("train-name-slash", [*TRAIN[:5], "--name", "a/b"], "--name", {}),
+    ("train-name-empty", [*TRAIN[:5], "--name", ""], "--name", {}),
+    ("train-name-dots", [*TRAIN[:5], "--name", "a..b"], "--name", {}),
+    ("train-lr-inf", [*TRAIN, "--set", "lr=inf"], "--set lr=inf", {}),
+    ("train-lr-negative", [*TRAIN, "--set", "optim.lr=-1"], "optim.lr", {}),
+    ("train-zero-width", [*TRAIN, "--set", "fc1_width=0"], "fc1_width", {}),
+    ("train-momentum-one", [*TRAIN, "--set", "momentum=1"], "momentum", {}),
+    ("train-colour-noise-negative", [*TRAIN, "--set", "color_noise=-0.1"], "color_noise", {}),
+    ("train-seed-negative", [*TRAIN, "--set", "seed=-1"], "seed", {}),
+    ("train-no-val-subjects", [*TRAIN, "--set", "val_subjects="], "val_subjects", {}),
+    ("train-weight-decay-nan", [*TRAIN, "--set", "weight_decay=nan"], "weight_decay", {}),
+    ("train-epochs-zero", [*TRAIN[:7], "--epochs", "0"], "--epochs", {}),
+    ("train-workers-zero", [*TRAIN, "--workers", "0"], "--workers", {}),
+    ("train-pretrain-one-epoch", [*TRAIN, "--schedule", "pretrain"], "--epochs", {}),
+    ("train-schedule-unknown", [*TRAIN, "--schedule", "cosine"], "--schedule", {}),
+    ("train-stop-after-negative", [*TRAIN, "--stop-after-epoch", "-1"], "--stop-after-epoch", {}),
+    ("train-config-not-utf8", [*TRAIN, "--config", "{nonutf8}"], "{nonutf8}: line 2", {}),
+    ("train-config-bad-yaml", [*TRAIN, "--config", "{badyaml}"], "{badyaml}: line 3", {}),
+    ("train-config-is-folder", [*TRAIN, "--config", "{empty_dir}"], "{empty_dir}", {}),
+    ("train-config-missing", [*TRAIN, "--config", "{missing}.yaml"], "{missing}.yaml", {}),
+    ("train-config-unknown-key", [*TRAIN, "--config", "{unknown_key}"], "learning_rate", {}),
+    ("train-config-inf", [*TRAIN, "--config", "{inf_lr}"], "{inf_lr}", {}),
+    ("train-data-is-file", ["train", "--data", "{file}", "--storage", "{storage}", "--name", "r"],
+     "--data", {}),
+    ("train-data-missing", ["train", "--data", "{missing}", "--storage", "{storage}", "--name", "r"],
+     "--data", {}),
+    ("train-data-empty-folder", ["train", "--data", "{empty_dir}", "--storage", "{storage}",
+                                 "--name", "r"], "train.h5", {}),
+    ("train-data-truncated", ["train", "--data", "{truncated}", "--storage", "{storage}", "--name", "r"],
+     "train.h5", {}),
+    ("train-storage-is-file", ["train", "--data", "{data}", "--storage", "{file}", "--name", "r"],
+     "--storage", {}),
+    ("train-storage-scheme", ["train", "--data", "{data}", "--storage", "ftp://host/x", "--name", "r"],
+     "--storage", {}),
+    ("tune-storage-is-file", ["tune", "--space", "{space}", "--data", "{data}", "--storage", "{file}",
+                              "--name", "s1"], "--storage", {}),
+    ("train-address-http", [*TRAIN, "--address", "http://127.0.0.1:8265"], "--address", {}),
+    ("train-address-nothing-listens", [*TRAIN, "--address", "{closed}"], "--address", {}),
+    ("train-address-never-answers", [*TRAIN, "--address", "{silent}"], "did not answer within 1 s", {}),
+    ("train-address-garbage", [*TRAIN, "--address", "localhost"], "--address", {}),
+    ("train-ray-address-http", TRAIN, "RAY_ADDRESS", {"RAY_ADDRESS": "http://127.0.0.1:8265"}),
+    ("train-ray-timeout-env", [*TRAIN, "--address", "{closed}"], "RAYPOSE_RAY_CONNECT_TIMEOUT",
+     {"RAYPOSE_RAY_CONNECT_TIMEOUT": "soon"}),
+    ("train-s3-never-answers", ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
+     "did not answer within 1 s", S3_SILENT),
+    ("train-s3-nothing-listens", ["train", "--data", "{data}", "--storage", "s3://bucket/runs",
+                                  "--name", "r"], "unreachable", S3_CLOSED),
+    ("train-s3-timeout-env", ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
+     "RAYPOSE_S3_CHECK_TIMEOUT", {**S3_SILENT, "RAYPOSE_S3_CHECK_TIMEOUT": "-1"}),
+    ("train-epochs-not-int", [*TRAIN[:7], "--epochs", "two"], "--epochs", {}),
+    # tune
+    ("tune-metric-not-reported", [*TUNE[:2], "{bad_metric}", *TUNE[3:]], "metric", {}),
+    ("tune-space-not-utf8", [*TUNE[:2], "{space_nonutf8}", *TUNE[3:]], "{space_nonutf8}: line", {}),
+    ("tune-space-missing", [*TUNE[:2], "{missing}.yaml", *TUNE[3:]], "{missing}.yaml", {}),
+    ("tune-space-is-config", [*TUNE[:2], "{unknown_key}", *TUNE[3:]], "{unknown_key}", {}),
+    ("tune-name-escapes", [*TUNE[:-1], "../x"], "--name", {}),
+    ("tune-samples-zero", [*TUNE, "--samples", "0"], "--samples", {}),
+    ("tune-max-concurrent-zero", [*TUNE, "--max-concurrent", "0"], "--max-concurrent", {}),
+    ("tune-epochs-zero", [*TUNE, "--epochs", "0"], "--epochs", {}),
+    ("tune-workers-zero", [*TUNE, "--workers-per-trial", "0"], "--workers-per-trial", {}),
+    ("tune-lr-nan", [*TUNE, "--set", "lr=nan"], "--set lr=nan", {}),
+    ("tune-no-space", ["tune", *TUNE[3:]], "--space", {}),
+    ("tune-gpus-two", [*TUNE, "--gpus-per-worker", "2"], "--gpus-per-worker", {}),
+    ("tune-address-http", [*TUNE, "--address", "https://head:8265"], "--address", {}),
+    ("tune-resume-unknown", [*TUNE, "--resume"], "--resume", {}),
+    ("tune-data-is-file", ["tune", "--space", "{space}", "--data", "{file}", "--storage", "{storage}",
+                           "--name", "s1"], "--data", {}),
+    # evaluate
+    ("evaluate-missing", ["evaluate", "{missing}"], "{missing}", {}),
+    ("evaluate-out-is-file", ["evaluate", "{exp}", "--out", "{file}"], "--out", {}),
+    ("evaluate-out-holds-report", ["evaluate", "{exp}", "--out", "{report_dir}"], "--force", {}),
+    ("evaluate-data-is-file", ["evaluate", "{exp}", "--data", "{file}"], "--data", {}),
+    ("evaluate-batch-zero", ["evaluate", "{exp}", "--batch-size", "0"], "--batch-size", {}),
+    ("evaluate-best-not-json", ["evaluate", "{exp}", "--out", "{new}"], "best.json", {}),
+    ("evaluate-no-uri", ["evaluate"], "uri", {}),
+    ("evaluate-s3-never-answers", ["evaluate", "s3://bucket/sweep"], "did not answer within 1 s", S3_SILENT),
+    ("evaluate-s3-nothing-listens", ["evaluate", "s3://bucket/sweep"], "unreachable", S3_CLOSED),
+    # report
+    ("report-missing", ["report", "{missing}", "--out", "{new}"], "{missing}", {}),
+    ("report-best-not-json", ["report", "{exp}", "--out", "{new}"], "best.json", {}),
+    ("report-out-is-file", ["report", "{exp}", "--out", "{file}"], "--out", {}),
+    ("report-out-holds-report", ["report", "{exp}", "--out", "{sweep_report_dir}"], "--force", {}),
+    ("report-s3-never-answers", ["report", "s3://bucket/sweep"], "did not answer within 1 s", S3_SILENT),
+    ("report-s3-nothing-listens", ["report", "s3://bucket/sweep"], "unreachable", S3_CLOSED),
+    # bench train
+    ("bench-repeats-zero", ["bench", "train", "--data", "{data}", "--repeats", "0"], "--repeats", {}),
+    ("bench-data-is-file", ["bench", "train", "--data", "{file}"], "--data", {}),
+    ("bench-data-half-dataset", ["bench", "train", "--data", "{test_only}"], "--data", {}),
+    ("bench-device-tpu", ["bench", "train", "--data", "{data}", "--device", "tpu"], "--device", {}),
+    ("bench-batch-zero", ["bench", "train", "--data", "{data}", "--batch-size", "0"], "--batch-size", {}),
+    ("bench-lr-inf", ["bench", "train", "--data", "{data}", "--set", "lr=inf"], "--set lr=inf", {}),
+    ("bench-ray-address-http", ["bench", "train", "--data", "{data}"], "RAY_ADDRESS",
+     {"RAY_ADDRESS": "http://127.0.0.1:8265"}),
+    # demo: every flag before any data is rendered
+    ("demo-samples-zero", ["demo", "--root", "{new}", "--samples", "0"], "--samples", {}),
+    ("demo-epochs-zero", ["demo", "--root", "{new}", "--epochs", "0"], "--epochs", {}),
+    ("demo-root-is-file", ["demo", "--root", "{file}"], "--root", {}),
+    ("demo-half-dataset", ["demo", "--root", "{half_root}"], "--root", {}),
+    ("demo-storage-is-file", ["demo", "--root", "{new}", "--storage", "{file}"], "--storage", {}),
+    ("demo-metric-not-reported", ["demo", "--root", "{new}", "--space", "{bad_metric}"], "metric", {}),
+    ("demo-ray-address-http", ["demo", "--root", "{new}"], "RAY_ADDRESS",
+     {"RAY_ADDRESS": "http://127.0.0.1:8265"}),
+    # cluster: its flags
+    ("cluster-unknown-action", ["cluster", "restart"], "restart", {}),
+    ("cluster-port-not-int", ["cluster", "up", "--dashboard-port", "web"], "--dashboard-port", {}),
+    # no command at all
+    ("no-command", [], "command", {}),
+    ("unknown-command", ["fit"], "fit", {}),
+]
+
+
+def _fill(value: str, paths: dict) -> str:
+    return value.format(**paths)
+
+
+@pytest.mark.parametrize("argv, culprit, env", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_one_line_exit_2(argv, culprit, env, workspace, tmp_path, monkeypatch, capsys):
+    argv = [_fill(a, workspace) for a in argv]
+    culprit = _fill(culprit, workspace)
+    ray_tmp = tmp_path / "ray"  # Ray puts a session_* folder here if anything starts it
+    ray_tmp.mkdir()
+    monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
+    for key, value in {**SHORT_TIMEOUTS, **env}.items():
+        monkeypatch.setenv(key, _fill(value, workspace))
+    monkeypatch.chdir(workspace["root"])  # defaults such as data/synth or runs/ would land here
+    before = snapshot(workspace["root"])
+
+    start = time.perf_counter()
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors exit from parse_args
+        rc = e.code
+    seconds = time.perf_counter() - start
+
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("raypose") and ": error: " in lines[0], err
+    assert culprit in lines[0], err
+    assert "Traceback" not in err
+    assert seconds < IN_PROCESS_BOUND_S, f"{seconds:.1f} s"
+    assert not list(ray_tmp.iterdir()), "Ray was started"
+    if "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized()
+    assert snapshot(workspace["root"]) == before, "a file in the workspace was created or changed"
+
+
+def test_at_least_60_cases_over_every_command():
+    commands = {tuple(c[1][:2]) if c[1][:1] in (["data"], ["bench"]) else tuple(c[1][:1])
+                for c in CASES}
+    assert len(CASES) >= 60
+    for command in [("data", "synth"), ("data", "h36m"), ("data", "samples"), ("model-summary",),
+                    ("train",), ("tune",), ("evaluate",), ("report",), ("bench", "train"),
+                    ("demo",), ("cluster",)]:
+        assert command in commands, command
+
+
+# ----------------------------------------------------------------------------------------------
+# the same through real processes: the exit code and stderr a shell (or `ray job submit`) sees
+
+SUBPROCESS_CASES = [
+    ("raypose-cli", [sys.executable, "-m", "raypose.cli", "data", "synth", "--out", "{data}"],
+     "--force", {}),
+    ("raypose-cli-ray-address", [sys.executable, "-m", "raypose.cli", *TRAIN], "RAY_ADDRESS",
+     {"RAY_ADDRESS": "http://127.0.0.1:8265"}),
+    ("jobs-train", [sys.executable, str(REPO / "jobs" / "train.py"), *TRAIN[1:5], "--name", "../../x"],
+     "--name", {}),
+    ("jobs-tune", [sys.executable, str(REPO / "jobs" / "tune.py"), *TUNE[1:2], "{bad_metric}", *TUNE[3:]],
+     "metric", {}),
+    ("jobs-evaluate", [sys.executable, str(REPO / "jobs" / "evaluate.py"), "{exp}", "--out", "{file}"],
+     "--out", {}),
+    ("jobs-report", [sys.executable, str(REPO / "jobs" / "report.py"), "s3://bucket/sweep"],
+     "did not answer within 1 s", S3_SILENT),
+    ("jobs-train-usage", [sys.executable, str(REPO / "jobs" / "train.py"), "--epochs", "x"],
+     "--epochs", {}),
+]
+
+
+@pytest.mark.parametrize("argv, culprit, env", [c[1:] for c in SUBPROCESS_CASES],
+                         ids=[c[0] for c in SUBPROCESS_CASES])
+def test_bad_input_in_a_real_process(argv, culprit, env, workspace, tmp_path):
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    environ = {**os.environ, **SHORT_TIMEOUTS, "RAY_TMPDIR": str(ray_tmp),
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    environ.pop("RAYPOSE_DEBUG", None)
+    environ.update({k: _fill(v, workspace) for k, v in env.items()})
+    before = snapshot(workspace["root"])
+    start = time.perf_counter()
+    proc = subprocess.run([_fill(a, workspace) for a in argv], capture_output=True, text=True,
+                          env=environ, cwd=workspace["root"], timeout=120)
+    seconds = time.perf_counter() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and culprit.format(**workspace) in lines[0], proc.stderr
+    assert proc.stdout == ""
+    assert seconds < SUBPROCESS_BOUND_S, f"{seconds:.1f} s"
+    assert not list(ray_tmp.iterdir()), "Ray was started"
+    assert snapshot(workspace["root"]) == before
+
+
+def test_debug_shows_the_traceback(workspace, tmp_path):
+    """RAYPOSE_DEBUG=1 adds the traceback; the last line is still the one-line error."""
+    environ = {**os.environ, "RAYPOSE_DEBUG": "1", "RAY_TMPDIR": str(tmp_path),
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "raypose.cli", "model-summary", "--set", "fc1_width=0"],
+                          capture_output=True, text=True, env=environ, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("raypose model-summary: error: --set fc1_width=0")
+
+
+# ----------------------------------------------------------------------------------------------
+# --force replaces, atomically; the checks' own rules
+
+
+def test_force_replaces_samples_png(workspace, tmp_path):
+    out = tmp_path / "grid.png"
+    out.write_bytes(b"old")
+    args = ["data", "samples", "--data", f"{workspace['data']}/train.h5", "--out", str(out), "--n", "4"]
+    assert cli.main(args) == 2 and out.read_bytes() == b"old"  # refused without --force
+    assert cli.main([*args, "--force"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no temporary file left behind
+
+
+def test_force_replaces_a_dataset(tmp_path):
+    out = tmp_path / "d"
+    base = ["data", "synth", "--out", str(out), "--train", "6", "--test", "3", "--no-progress"]
+    assert cli.main([*base, "--seed", "1"]) == 0
+    first = (out / "train.h5").read_bytes()
+    assert cli.main([*base, "--seed", "2"]) == 2 and (out / "train.h5").read_bytes() == first
+    assert cli.main([*base, "--seed", "2", "--force"]) == 0
+    assert (out / "train.h5").read_bytes() != first
+    assert sorted(p.name for p in out.iterdir()) == ["test.h5", "train.h5"]
+
+
+def test_names():
+    for good in ("a", "run-1", "sweep_2.b", "A" * 100):
+        assert check_name(good, "--name") == good and NAME_PATTERN.fullmatch(good)
+    for bad in ("", ".hidden", "-x", "a..b", "..", "a/b", "a\\b", "A" * 101, "caf\u00e9", "a b", "a\n"):
+        with pytest.raises(InputError, match="--name"):
+            check_name(bad, "--name")
+
+
+def test_ray_address_accepts_a_grpc_server_and_refuses_a_silent_one(monkeypatch):
+    """The address check speaks HTTP/2 to the port: a real gRPC server (what the GCS and the Ray
+    Client server are) passes; a port that accepts and never answers fails after the timeout."""
+    import concurrent.futures
+
+    import grpc
+
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(1))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    silent = SilentServer()
+    monkeypatch.setenv("RAYPOSE_RAY_CONNECT_TIMEOUT", "1")
+    try:
+        assert ray_address(f"127.0.0.1:{port}", "--address") == f"127.0.0.1:{port}"
+        assert ray_address(f"ray://127.0.0.1:{port}", "--address") == f"ray://127.0.0.1:{port}"
+        start = time.perf_counter()
+        with pytest.raises(InputError, match="did not answer within 1 s"):
+            ray_address(f"127.0.0.1:{silent.port}", "--address")
+        # the socket timeout is 1 s; 5 s leaves room for a loaded machine
+        assert time.perf_counter() - start < 5
+    finally:
+        server.stop(0)
+        silent.close()
+
+
+def test_ray_address_accepts_a_real_ray_head(ray_local):
+    """The GCS of a real local Ray instance passes the check."""
+    gcs = ray_local.get_runtime_context().gcs_address
+    assert ray_address(gcs, "--address") == gcs
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "1e309"])
+def test_config_refuses_non_finite_floats(value):
+    from raypose.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"--set lrn_beta=.*finite"):
+        load_config(None, [f"lrn_beta={value}"])
+    assert math.isfinite(load_config(None, ["lrn_beta=0.5"]).model.lrn_beta)
+
+
+def test_staged_folder_replaces_a_report_and_keeps_other_files(tmp_path):
+    """What `evaluate --force` and `report --force` write through: the new report's files replace
+    the old ones, an old figure the new report does not draw goes, unrelated files stay, and a
+    failure leaves the folder exactly as it was, with no temporary folder behind."""
+    from raypose.validate import staged_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old")
+    (out / "sweep_history.png").write_text("old figure")
+    (out / "notes.txt").write_text("mine")
+    owned = ("report.json", "report.md", "sweep_history.png")
+    before = snapshot(str(tmp_path))
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_folder(out, owned) as stage:
+            (stage / "report.json").write_text("half")
+            raise RuntimeError("boom")
+    assert snapshot(str(tmp_path)) == before
+    with staged_folder(out, owned) as stage:
+        (stage / "report.json").write_text("new")
+        (stage / "report.md").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "report.json": "new", "report.md": "new", "notes.txt": "mine"}
