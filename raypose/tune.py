@@ -291,7 +291,7 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
 
     loc = storage.parse(cfg.storage.uri)
     storage_path, storage_fs = storage.ray_storage(loc)
-    from raypose.train import forwarded_env, prepare_data
+    from raypose.driver import forwarded_env, prepare_data
 
     # the data are validated and the baseline computed once, here, for every trial's workers
     trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name,
@@ -426,7 +426,7 @@ def resume_settings(exp: storage.Location, cfg: Config, space_path: str, samples
                     max_concurrent: int | None, study_url: str | None) -> dict:
     """The stored settings a resumed sweep keeps. Raises one ConfigError that names every flag
     asking for something a resume cannot apply (None means the flag was not given)."""
-    from raypose.train import _flatten
+    from raypose.driver import flatten
 
     try:
         stored = json.loads(storage.read_text(exp.join(SWEEP_RECORD)))
@@ -446,7 +446,7 @@ def resume_settings(exp: storage.Location, cfg: Config, space_path: str, samples
     if hashlib.sha256(Path(space_path).read_bytes()).hexdigest() != stored["space_sha256"]:
         refused.append(f"--space {space_path} (differs from the space the sweep started with, "
                        f"{stored['space']})")
-    ours, theirs = _flatten(cfg.to_dict()), _flatten(stored["config"])
+    ours, theirs = flatten(cfg.to_dict()), flatten(stored["config"])
     refused += [f"{k} {ours.get(k)!r} (the sweep has {theirs.get(k)!r})"
                 for k in sorted(set(ours) | set(theirs))
                 if ours.get(k) != theirs.get(k) and not k.startswith(APPLIED_ON_RESUME)]
@@ -493,7 +493,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     """A new sweep, or with resume=True the interrupted sweep <storage>/<name>. samples,
     max_concurrent and study_url: None means the default for a new sweep, the stored value on
     resume (where any other value is refused)."""
-    from raypose.train import check_gpu_available, init_ray, preflight
+    from raypose.driver import check_gpu_available, init_ray, preflight
 
     space = load_space(space_path)
     if samples is not None and samples < 1:

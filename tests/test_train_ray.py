@@ -10,7 +10,8 @@ import pytest
 
 from raypose import checkpoint, storage
 from raypose.config import ConfigError
-from raypose.train import build_trainer, preflight, run_training
+from raypose.driver import preflight
+from raypose.train import build_trainer, run_training
 from tests.conftest import tiny_config
 
 
