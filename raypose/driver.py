@@ -4,10 +4,12 @@ that need no cluster (preflight), connecting to Ray, and the checks made once co
 Where Ray plugs in is marked `# Ray:`.  Nothing here runs on a worker.
 """
 
+import dataclasses
 import functools
 import json
 import os
 import posixpath
+import time
 
 from raypose import checkpoint, storage
 from raypose.config import Config, ConfigError
@@ -85,8 +87,11 @@ def latest_checkpoint(run: storage.Location) -> storage.Location | None:
     return run.join(posixpath.basename(result.checkpoint.path.rstrip("/")))
 
 
-IGNORED_ON_RESUME = ("storage.", "scaling.workers", "scaling.gpu", "scaling.cpus_per_worker",
-                     "scaling.compile", "schedule.epochs", "data.path")
+# how many workers a run has, where they sit and how long it waits for them may change between
+# invocations of one run (and do change in an elastic one); the model and data settings may not
+IGNORED_ON_RESUME = ("storage.", "scaling.workers", "scaling.min_workers", "scaling.placement",
+                     "scaling.resize_interval_s", "scaling.autoscaler_wait_s", "scaling.gpu",
+                     "scaling.cpus_per_worker", "scaling.compile", "schedule.epochs", "data.path")
 
 
 def check_resume_config(cfg: Config, run: storage.Location) -> None:
@@ -145,12 +150,166 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
-def check_gpu_available(cfg: Config) -> None:
-    """--gpu needs GPUs in the cluster; checked after connecting, before any worker starts."""
+class ClusterWaitError(RuntimeError):
+    """Resources a run asked for could exist, but the autoscaler did not bring them up in time."""
+
+
+def worker_bundle(cfg: Config) -> dict:
+    """What one Ray Train worker asks for."""
+    bundle = {"CPU": float(cfg.scaling.cpus_per_worker)}
+    if cfg.scaling.gpu:
+        bundle["GPU"] = 1.0
+    return bundle
+
+
+def fits(node: dict, bundle: dict) -> int:
+    """How many bundles fit on a node with these total resources."""
+    counts = [int(node.get(k, 0) // v) for k, v in bundle.items() if v > 0]
+    return min(counts) if counts else 0
+
+
+def _brief(resources: dict) -> str:
+    keys = [k for k in ("CPU", "GPU") if k in resources] + sorted(
+        k for k in resources if k not in ("CPU", "GPU", "memory", "object_store_memory")
+        and not k.startswith("node:") and not k.startswith("accelerator_type:"))
+    return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in keys) + "}"
+
+
+@dataclasses.dataclass
+class Capacity:
+    """Ray Train workers of one bundle that the cluster holds now and can ever hold.
+
+    most: None when an autoscaler runs whose node types raypose cannot read (then nothing is
+    refused, and a wait for resources gives up after scaling.autoscaler_wait_s)."""
+    now: int
+    most: int | None
+    offer: str  # what the cluster offers, for messages
+
+
+def cluster_capacity(bundle: dict) -> Capacity:
+    """Workers of `bundle` on the nodes that are up, and the most the cluster can scale to.
+
+    ray.cluster_resources() counts only nodes that are up: an autoscaling cluster whose GPU nodes
+    start at zero shows no GPU at all. The maximum comes, like Ray Train's own feasibility check
+    (WorkerGroup._check_cluster_resources_and_raise_if_insufficient), from the cluster config the
+    autoscaler reports to the GCS (ray-project/ray#49501, #49568). Ray 2.60's own autoscalers
+    (cluster launcher, KubeRay, the fake multi-node provider) do not report it, so raypose then
+    reads the node types from the autoscaler's config file, found on the command line of the
+    head's autoscaler monitor. No monitor with a config file there means no autoscaler: what is
+    up is all there will be. A monitor that runs elsewhere (KubeRay's autoscaler sidecar) leaves
+    the maximum unknown."""
+    import ray
+    from ray._private.state import state  # Ray: what Ray Train asks (see docstring)
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    now = sum(fits(n["Resources"], bundle) for n in nodes)
+    up = f"nodes up: {len(nodes)} with {_brief(ray.cluster_resources())}"
+    reported = state.get_max_resources_from_cluster_config()
+    if reported:
+        most = fits(reported, bundle)
+        return Capacity(now, max(now, most), f"{up}; the cluster config allows at most {_brief(reported)}")
+    head = next((n for n in nodes if "node:__internal_head__" in n["Resources"]), None)
+    config = _autoscaler_config(head["NodeID"]) if head is not None else {"found": False}
+    if not config["found"]:
+        return Capacity(now, None, f"{up}; an autoscaler runs outside the head node "
+                        "(its node types are unknown here)")
+    if config["path"] is None:
+        return Capacity(now, now, f"{up}; no autoscaler (what is up is all there is)")
+    types = config["node_types"]
+    head_type = config["head_node_type"]
+    # the head is up (counted in `now` with the others); each worker type can add max_workers
+    # nodes, within the cluster-wide max_workers
+    left = config["max_workers"]
+    extra = 0
+    described = []
+    for name, t in sorted(types.items(), key=lambda kv: -fits(kv[1]["resources"], bundle)):
+        count = t["max_workers"] if name != head_type else 0
+        described.append(f"{name} {_brief(t['resources'])} x{count if name != head_type else 1}")
+        if left is not None:
+            count = min(count, left)
+            left -= count
+        extra += fits(t["resources"], bundle) * count
+    return Capacity(now, now + extra, f"{up}; autoscaler node types (config {config['path']}): "
+                    + ", ".join(described))
+
+
+def _autoscaler_config(head_node_id: str) -> dict:
+    """{'found', 'path', 'node_types', 'head_node_type', 'max_workers'} of the autoscaler monitor
+    running on the head node for this cluster, read by a task pinned there."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    gcs_address = ray.get_runtime_context().gcs_address
+    probe = ray.remote(num_cpus=0)(_read_autoscaler_config).options(  # Ray: a task on the head
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id, soft=False))
+    return ray.get(probe.remote(gcs_address), timeout=120)
+
+
+def _read_autoscaler_config(gcs_address: str) -> dict:
+    """Runs on the head node: the autoscaler config file of this cluster's monitor process."""
+    import psutil
+    import yaml
+
+    port = gcs_address.rsplit(":", 1)[-1]
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if not any(part.endswith(("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py"))
+                   for part in cmd):
+            continue
+        address = next((a.split("=", 1)[1] for a in cmd if a.startswith("--gcs-address=")), "")
+        if address.rsplit(":", 1)[-1] != port:
+            continue  # another Ray cluster's monitor on the same machine
+        path = next((a.split("=", 1)[1] for a in cmd if a.startswith("--autoscaling-config=")), None)
+        if path is None:
+            return {"found": True, "path": None}
+        with open(os.path.expanduser(path)) as f:
+            config = yaml.safe_load(f)
+        default_max = config.get("max_workers")
+        types = {name: {"resources": {k: float(v) for k, v in (t.get("resources") or {}).items()},
+                        "max_workers": int(t.get("max_workers", default_max or 0))}
+                 for name, t in (config.get("available_node_types") or {}).items()}
+        return {"found": True, "path": path, "node_types": types,
+                "head_node_type": config.get("head_node_type"), "max_workers": default_max}
+    return {"found": False}
+
+
+def check_resources(cfg: Config, flags: str, what: str = "the run") -> Capacity:
+    """Before any worker starts: refuse what no node type of the cluster can ever provide, in
+    one line that says what was asked and what the cluster offers; wait (up to
+    scaling.autoscaler_wait_s) for an autoscaler to add what could exist but is not up yet.
+    Returns the cluster's capacity for one worker's bundle. flags: the flags that asked, for the
+    message."""
     import ray
 
-    if cfg.scaling.gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < 1:
-            raise ConfigError("--gpu was given but the Ray cluster has no GPU "
-                              f"(resources: {ray.cluster_resources()}); drop --gpu to train on CPU")
+    bundle = worker_bundle(cfg)
+    need, _ = cfg.worker_range()
+    capacity = cluster_capacity(bundle)
+    if capacity.now >= need:
+        return capacity
+    asked = f"{need} worker(s) of {_brief(bundle)} for {what}"
+    if capacity.most is not None and capacity.most < need:
+        raise ConfigError(f"{flags}: {asked}, but the Ray cluster can never offer that "
+                          f"(at most {capacity.most} such worker(s); {capacity.offer})")
+    wait = cfg.scaling.autoscaler_wait_s
+    print(f"[raypose] waiting up to {wait:g} s for the autoscaler to add nodes: {asked}; "
+          f"{capacity.offer}", flush=True)
+    from ray.autoscaler.sdk import request_resources  # Ray: ask the autoscaler for the nodes
+
+    deadline = time.monotonic() + wait
+    request_resources(bundles=[bundle] * need)
+    try:
+        while True:
+            now = sum(fits(n["Resources"], bundle) for n in ray.nodes() if n.get("Alive"))
+            if now >= need:
+                print(f"[raypose] the cluster now holds {now} such worker(s)", flush=True)
+                return Capacity(now, capacity.most, capacity.offer)
+            if time.monotonic() >= deadline:
+                raise ClusterWaitError(
+                    f"gave up after {wait:g} s waiting for the autoscaler: {asked}, and the "
+                    f"cluster holds {now} (set scaling.autoscaler_wait_s to wait longer; "
+                    "`ray status` shows what the autoscaler is doing)")
+            time.sleep(1.0)
+    finally:
+        # Ray Train's placement group keeps asking from here on; a standing request would keep
+        # the nodes up after the run
+        request_resources(bundles=[])

@@ -16,8 +16,8 @@ import time
 import torch
 
 from raypose import checkpoint, storage
-from raypose.config import Config, ConfigError, config_from_dict, load_config
-from raypose.driver import check_gpu_available, forwarded_env, init_ray, preflight, prepare_data
+from raypose.config import Config, ConfigError, config_from_dict, load_config, parse_workers
+from raypose.driver import check_resources, forwarded_env, init_ray, preflight, prepare_data
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
                           regression_epochs_done, stage_for_epoch, train_epoch, validate)
 from raypose.model import regression_from_pretrained
@@ -46,7 +46,8 @@ def _wrap_ddp(model, device, world_size):
 
 
 def train_func_per_worker(loop_config: dict) -> None:
-    import ray.train  # Ray: worker-side API
+    import ray  # Ray: worker-side API
+    import ray.train
     import ray.train.torch
 
     cfg = config_from_dict(loop_config["config"])
@@ -113,6 +114,11 @@ def train_func_per_worker(loop_config: dict) -> None:
         metrics = {
             "epoch": epochs_done,
             "epochs_planned": cfg.schedule.epochs,
+            # the group's size this epoch (an elastic group shrinks and grows) and where this
+            # rank ran: Ray Train's node_rank is derived from IP addresses, which all nodes of one
+            # machine share
+            "workers": world_size,
+            "node_id": ray.get_runtime_context().get_node_id(),
             "epoch_seconds": time.perf_counter() - epoch_start,
             "stage": stage,
             "regression_epochs": regression_epochs_done(cfg, epochs_done),
@@ -200,13 +206,17 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.gpu:
         resources["GPU"] = 1
+    workers = cfg.worker_range()
     return TorchTrainer(  # Ray: the data-parallel run
         train_func_per_worker,
         train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch,
                            "data": prepare_data(cfg) if data is None else data,
                            "trainer_created_at": time.time() if created_at is None else created_at},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(  # Ray: elastic when min_workers is set
+            num_workers=workers if workers[0] != workers[1] else workers[1],
+            use_gpu=cfg.scaling.gpu, resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -227,7 +237,7 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
     """Checks, then the TorchTrainer; returns Ray's Result."""
     loc = preflight(cfg)
     init_ray(address)
-    check_gpu_available(cfg)
+    check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")
     trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)
     start = time.perf_counter()
     result = trainer.fit()
@@ -248,7 +258,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--storage", help="experiment storage: a path, file://... or s3://bucket/prefix")
     parser.add_argument("--name", help="run name under --storage; the same name resumes")
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--workers", type=int, help="Ray Train workers (data-parallel)")
+    parser.add_argument("--workers", help="Ray Train workers (data-parallel): N, or MIN:MAX for an "
+                        "elastic group that shrinks when nodes are lost and grows back")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--schedule", choices=["joint", "pretrain"])
     parser.add_argument("--config", help="YAML file with config overrides")
@@ -262,8 +273,8 @@ def add_arguments(parser) -> None:
 def config_from_args(args) -> Config:
     flags = []
     for flag, key in (("data", "data.path"), ("storage", "storage.uri"), ("name", "storage.name"),
-                      ("epochs", "schedule.epochs"), ("workers", "scaling.workers"),
-                      ("gpu", "scaling.gpu"), ("schedule", "schedule.kind")):
+                      ("epochs", "schedule.epochs"), ("gpu", "scaling.gpu"),
+                      ("schedule", "schedule.kind")):
         value = getattr(args, flag)
         if value is not None:
             flags.append((flag, key, value))
@@ -272,6 +283,10 @@ def config_from_args(args) -> Config:
     cfg = load_config(args.config, args.overrides)
     for flag, key, value in flags:
         set_value(cfg, key, value, f"--{flag}")
+    if args.workers is not None:
+        min_workers, workers = parse_workers(args.workers, "--workers")
+        set_value(cfg, "scaling.workers", workers, "--workers")
+        set_value(cfg, "scaling.min_workers", min_workers, "--workers")
     if args.stop_after_epoch < 0:
         raise ConfigError(f"--stop-after-epoch must be >= 0, got {args.stop_after_epoch}")
     return cfg.validate()
