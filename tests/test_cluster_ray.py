@@ -38,6 +38,7 @@ class EpochLog:
                                         "workers": metrics[0]["workers"],
                                         "nodes": [m["node_id"] for m in metrics],
                                         "checkpoint": checkpoint is not None,
+                                        "epoch_seconds": metrics[0]["epoch_seconds"],
                                         "time": time.time()}) + "\n")
 
         return _Log()
@@ -101,10 +102,29 @@ def test_spread_puts_one_worker_on_each_node_with_checkpoints_in_s3(two_nodes, t
     assert fs.exists(f"{bucket}/exp/spread/epoch_0002/manifest.json")
 
 
+@pytest.fixture
+def head_and_two_nodes():
+    """A head without CPUs and two nodes of 1 CPU each: both workers of a 2-worker group sit on
+    the added nodes, so the node of rank 1 can be killed whichever node Ray gave rank 1 (ranks
+    follow placement-group bundle order, not node order)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, configure_logging=False, log_to_driver=True)
+        yield cluster, nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 @pytest.mark.slow
-def test_elastic_group_shrinks_when_a_node_dies_and_grows_back(two_nodes, tiny_data, s3_bucket,
-                                                               tmp_path, capsys):
-    cluster, node = two_nodes
+def test_elastic_group_shrinks_when_a_node_dies_and_grows_back(head_and_two_nodes, tiny_data,
+                                                               s3_bucket, tmp_path, capsys):
+    cluster, nodes = head_and_two_nodes
     endpoint, bucket = s3_bucket
     cfg = tiny_config(tiny_data, f"s3://{bucket}/exp", name="elastic", scaling__placement="SPREAD",
                       scaling__min_workers=1, scaling__resize_interval_s=2.0,
@@ -117,21 +137,22 @@ def test_elastic_group_shrinks_when_a_node_dies_and_grows_back(two_nodes, tiny_d
     try:
         first = wait_until(lambda: logged(log), 300, "the first epoch")[0]
         assert first["workers"] == 2 and first["checkpoint"]
-        # rank 1 sits on the added node (SPREAD over a head and a node of 1 CPU each): kill it the
-        # way a lost machine goes, while epoch 2 trains
-        assert first["nodes"][1] == node.node_id, first
-        cluster.remove_node(node, allow_graceful=False)
+        assert sorted(first["nodes"]) == sorted(n.node_id for n in nodes), first
+        # kill the node of rank 1 the way a lost machine goes, while epoch 2 trains
+        victim = next(n for n in nodes if n.node_id == first["nodes"][1])
+        survivor = next(n for n in nodes if n is not victim)
+        cluster.remove_node(victim, allow_graceful=False)
         killed_at = time.time()
         shrunk = wait_until(lambda: [e for e in logged(log) if e["time"] > killed_at], 400,
                             "an epoch after the kill")[0]
         recovery = shrunk["time"] - killed_at
-        assert shrunk["workers"] == 1 and shrunk["nodes"] == [head_id(cluster)], shrunk
+        assert shrunk["workers"] == 1 and shrunk["nodes"] == [survivor.node_id], shrunk
         # a node comes back: the group grows to 2 again at the next resize check
         new_node = cluster.add_node(num_cpus=1)
         added_at = time.time()
         grown = wait_until(lambda: [e for e in logged(log) if e["time"] > added_at
                                     and e["workers"] == 2], 400, "an epoch with 2 workers again")[0]
-        assert sorted(grown["nodes"]) == sorted([head_id(cluster), new_node.node_id])
+        assert sorted(grown["nodes"]) == sorted([survivor.node_id, new_node.node_id])
     finally:
         thread.join(timeout=600)
     assert not thread.is_alive()
@@ -148,9 +169,15 @@ def test_elastic_group_shrinks_when_a_node_dies_and_grows_back(two_nodes, tiny_d
     assert "epoch_0006" in names
     sizes = [e["workers"] for e in epochs]
     with capsys.disabled():
+        # where the time goes: the epoch itself (trained again from its start, by one worker),
+        # and the rest: noticing the lost node, trying a group of 2 again, starting a group of
+        # 1, and loading the checkpoint from S3
         print(f"\n[elastic] workers per epoch {sizes}; from the kill to the next finished epoch "
-              f"{recovery:.1f} s (epoch {shrunk['epoch']}); from the new node to an epoch with "
-              f"2 workers {grown['time'] - added_at:.1f} s (epoch {grown['epoch']})")
+              f"{recovery:.1f} s (epoch {shrunk['epoch']}: {shrunk['epoch_seconds']:.1f} s of "
+              f"training by 1 worker, {recovery - shrunk['epoch_seconds']:.1f} s to detect, "
+              f"restart and resume); from the new node to an epoch with 2 workers "
+              f"{grown['time'] - added_at:.1f} s (epoch {grown['epoch']}); epoch seconds "
+              f"{[round(e['epoch_seconds'], 1) for e in epochs]}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +241,9 @@ def test_sweep_trial_lost_with_its_node_is_retried_from_its_checkpoint(tiny_data
     assert rows[victim][:2] == [1, 2] and rows[victim].count(1) == 1, rows
     assert (checkpoint / "manifest.json").stat().st_mtime == stamp
     state = json.loads(sorted(exp_dir.glob("experiment_state-*.json"))[-1].read_text())
-    failures = {json.loads(t)["trial_id"]: json.loads(t).get("num_failures")
-                for t, _ in state["trial_data"]}
+    # each entry: the trial's JSON and its run metadata's, which counts the failures
+    failures = {json.loads(t)["trial_id"]: json.loads(meta)["num_failures"]
+                for t, meta in state["trial_data"]}
     assert failures[victim] >= 1, failures  # Tune retried it (FailureConfig.max_failures)
     # the study holds each trial exactly once, finished, with the value best.json has for it
     study = optuna.load_study(study_name="lost", storage=best["study"]["url"])
@@ -376,3 +404,15 @@ def test_wait_for_the_autoscaler_gives_up_in_one_line(fake_autoscaling_cluster, 
     assert len(errors) == 1, out
     assert "gave up after 0 s waiting for the autoscaler: 1 worker(s) of {CPU: 1, GPU: 1}" in errors[0]
     assert "scaling.autoscaler_wait_s" in errors[0]
+
+
+@pytest.mark.parametrize("node, bundle, expected", [
+    ({"CPU": 4.0, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}, 1),  # the GPU limits it
+    ({"CPU": 4.0}, {"CPU": 1.0, "GPU": 1.0}, 0),              # no GPU on the node
+    ({"CPU": 4.0, "GPU": 2.0}, {"CPU": 2.0}, 2),              # CPU only: 4 // 2
+    ({"CPU": 0.0}, {"CPU": 1.0}, 0),                          # a head without CPUs
+])
+def test_workers_that_fit_on_a_node(node, bundle, expected):
+    from raypose.driver import fits
+
+    assert fits(node, bundle) == expected

@@ -82,12 +82,13 @@ def _experiment_state(exp_dir: Path):
 
 @pytest.mark.slow
 def test_resume_after_driver_killed(ray_local, tiny_data, tmp_path):
-    """The sweep's driver dies after a trial has finished; --resume completes the sweep without
-    running the finished trial again."""
+    """The sweep's driver dies after a trial has finished; the same command again completes the
+    sweep without running the finished trial again: with `--resume auto` (what the cluster files
+    submit), the first run starts the sweep and the second continues it."""
     storage_dir = tmp_path / "exp"
     args = ["--space", SMOKE, "--data", str(tiny_data), "--storage", str(storage_dir),
             "--name", "killed", "--samples", "3", "--epochs", "2", "--workers-per-trial", "2",
-            "--max-concurrent", "1", "--set", "data.batch_size=8",
+            "--max-concurrent", "1", "--set", "data.batch_size=8", "--resume", "auto",
             "--address", ray_local.get_runtime_context().gcs_address]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0", "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([sys.executable, "-m", "raypose.cli", "tune", *args], env=env,
@@ -107,15 +108,17 @@ def test_resume_after_driver_killed(ray_local, tiny_data, tmp_path):
         os.killpg(driver.pid, signal.SIGKILL)
         out = driver.communicate()[0]
     assert finished, f"no trial finished before the deadline:\n{out[-3000:]}"
+    assert "--resume auto: no sweep 'killed'" in out and "starting it" in out, out[-3000:]
     done_trial = finished[0]
     done_run = exp_dir / "train" / done_trial
     before = sorted(p.name for p in done_run.glob("epoch_*"))
     stamps = {p.name: p.stat().st_mtime for p in done_run.glob("epoch_*")}
 
-    resumed = subprocess.run([sys.executable, "-m", "raypose.cli", "tune", *args, "--resume"],
+    resumed = subprocess.run([sys.executable, "-m", "raypose.cli", "tune", *args],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "--resume auto: continuing the sweep 'killed'" in resumed.stdout
     states = _experiment_state(exp_dir)
     assert len(states) == 3 and set(states.values()) == {"TERMINATED"}, states
     # the finished trial was not run again: its checkpoints are the same files
