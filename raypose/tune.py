@@ -27,6 +27,7 @@ how far its best trial beats them.
 import hashlib
 import json
 import os
+import pickle
 import statistics
 import time
 from pathlib import Path
@@ -135,17 +136,40 @@ def make_searcher(space, seed: int, study_url: str, study_name: str, points_to_e
             self._reported_epochs = {}  # trial id -> epochs told to Optuna (saved with the searcher)
             super().__init__(*args, **kwargs)
 
+        # Tune pickles the searcher when the sweep starts (tuner.pkl) and saves it with the
+        # experiment state; OptunaSearch pickles its study storage, whose unpickling re-creates
+        # the SQLite file at the path of the machine that started the sweep, and fails where that
+        # path cannot exist. The searcher's state holds the study URL instead, and is re-opened
+        # at STUDY_URL_ENV when set (a resume on another machine), with the same trials.
+        def _portable_state(self) -> dict:
+            state = self.__dict__.copy()
+            state["_storage"] = self._storage.url
+            state["_ot_study"] = None
+            state["_ot_trials"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+            return state
+
+        def _load_portable_state(self, state: dict) -> None:
+            trials = state["_ot_trials"]
+            self.__dict__.update(state)
+            self._storage = optuna.storages.RDBStorage(os.environ.get(STUDY_URL_ENV) or state["_storage"])
+            self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                               sampler=self._sampler)
+            self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, db_id)
+                               for tid, db_id in trials.items()}
+
+        def __getstate__(self):
+            return self._portable_state()
+
+        def __setstate__(self, state):
+            self._load_portable_state(state)
+
+        def save(self, checkpoint_path: str):
+            with open(checkpoint_path, "wb") as f:
+                pickle.dump(self._portable_state(), f)
+
         def restore(self, checkpoint_path: str):
-            super().restore(checkpoint_path)
-            url = os.environ.get(STUDY_URL_ENV)
-            if url and url != self._storage.url:
-                # the same study, copied to this machine: the trials keep their numbers and ids
-                storage = optuna.storages.RDBStorage(url)
-                self._storage = storage
-                self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage,
-                                                   sampler=self._ot_study.sampler)
-                self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t._trial_id)
-                                   for tid, t in self._ot_trials.items()}
+            with open(checkpoint_path, "rb") as f:
+                self._load_portable_state(pickle.load(f))
 
         def on_trial_result(self, trial_id: str, result: dict):
             if trial_id in self._completed_trials or not judged(result):
