@@ -5,7 +5,7 @@ local folder; nothing of Ray or storage is mocked."""
 
 import json
 import os
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -302,14 +302,15 @@ def fake_autoscaling_cluster():
              "--disable-usage-stats"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)
-        started.append(proc.pid)  # the session id of everything this start runs
+        started.append((proc.pid, temp))  # the session id of everything this start runs
         out = proc.communicate(timeout=180)[0]
         assert proc.returncode == 0, out[-3000:]
         return f"127.0.0.1:{port}"
 
     yield start
-    for session in started:
+    for session, temp in started:
         _kill_session(session)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _kill_session(session: int) -> None:
