@@ -204,7 +204,7 @@ def run(args) -> int:
         print(f"[raypose] no data in {args.data}: rendering a small synthetic set", flush=True)
         synthesize(args.data, 1000, 100, seed=0)
     if not args.no_ray:
-        from raypose.train import init_ray
+        from raypose.driver import init_ray
 
         init_ray(num_cpus=threads, command="bench")
     compiled = config_from_dict(cfg.to_dict())

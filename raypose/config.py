@@ -28,6 +28,20 @@ MAX_WIDTH = 65536
 MAX_LRN_WINDOW = 95  # a window wider than twice the 48 x 48 LRN map adds nothing
 
 
+def parse_workers(text, flag: str) -> tuple:
+    """`N` or `MIN:MAX` (elastic) from a command line flag as (min_workers, workers); min_workers
+    is 0 for a fixed N, the config's way of saying "not elastic"."""
+    text = str(text).strip()
+    low, sep, high = text.partition(":")
+    try:
+        numbers = (int(low), int(high)) if sep else (int(text), int(text))
+    except ValueError:
+        raise ConfigError(f"{flag} must be N or MIN:MAX (whole numbers), got {text!r}") from None
+    if numbers[0] < 1 or numbers[0] > numbers[1]:
+        raise ConfigError(f"{flag} must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+    return (numbers[0] if sep else 0, numbers[1])
+
+
 @dataclass
 class DataConfig:
     path: str = "data/synth"  # directory holding train.h5 and test.h5
@@ -64,7 +78,15 @@ class ScheduleConfig:
 
 @dataclass
 class ScalingConfig:
-    workers: int = 1
+    workers: int = 1  # Ray Train workers; with min_workers, the most the group grows to
+    # elastic training (Ray Train V2 num_workers=(min, max)): the group runs with as few as this
+    # many workers when nodes are lost and grows back to `workers` when they return; 0 = fixed
+    min_workers: int = 0
+    placement: str = "PACK"  # PACK (fewest nodes) | SPREAD (one worker per node where possible)
+    # elastic only: how often Ray Train checks whether a smaller group can grow again
+    resize_interval_s: float = 60.0
+    # how long to wait for the autoscaler to add nodes the run needs before giving up
+    autoscaler_wait_s: float = 900.0
     gpu: bool = False
     cpus_per_worker: int = 1
     channels_last: bool = True
@@ -117,6 +139,11 @@ class Config:
         checks += [
             (self.scaling.workers >= 1, "scaling.workers", "must be >= 1"),
             (self.scaling.cpus_per_worker >= 1, "scaling.cpus_per_worker", "must be >= 1"),
+            (0 <= self.scaling.min_workers <= self.scaling.workers, "scaling.min_workers",
+             f"must be 0 (fixed) or between 1 and scaling.workers ({self.scaling.workers})"),
+            (self.scaling.placement in ("PACK", "SPREAD"), "scaling.placement", "must be PACK or SPREAD"),
+            (self.scaling.resize_interval_s > 0, "scaling.resize_interval_s", "must be > 0"),
+            (self.scaling.autoscaler_wait_s >= 0, "scaling.autoscaler_wait_s", "must be >= 0"),
             (self.schedule.epochs >= 1, "schedule.epochs", "must be >= 1"),
             (self.schedule.kind in ("joint", "pretrain"), "schedule.kind", "must be joint or pretrain"),
             (0.0 < self.schedule.pretrain_share < 1.0, "schedule.pretrain_share", "must be in (0, 1)"),
@@ -158,6 +185,10 @@ class Config:
                 prefix = f"{source}: " if source else ""
                 raise ConfigError(f"{prefix}{key} {what}; got {get_value(self, key)!r}", key=key)
         return self
+
+    def worker_range(self) -> tuple:
+        """(min, max) Ray Train workers; min == max for a fixed-size group."""
+        return (self.scaling.min_workers or self.scaling.workers, self.scaling.workers)
 
     def pretrain_epochs(self) -> int:
         """Epochs of the detection stage (pretrain schedule); 0 for joint training."""

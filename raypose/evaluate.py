@@ -175,6 +175,10 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
     target = resolve(uri)
     ckpt_loc = target["checkpoint"]
     device = torch.device("cuda" if use_gpu else "cpu")
+    if use_gpu and not torch.cuda.is_available():
+        raise ConfigError("--gpu was given but no CUDA device is visible here; on a cluster, "
+                          "submit with `ray job submit --entrypoint-num-gpus 1` (the driver runs "
+                          "on the head, which often has no GPU), or drop --gpu")
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = f"evaluation-{posixpath.basename(ckpt_loc.path)}-{stamp}"
     out = Path(out_dir) if out_dir else _free_local_dir(Path("runs") / "evaluation" / folder)

@@ -8,8 +8,6 @@ state.json, manifest.json}, ...  plus Ray Train's own record of finished checkpo
 in that record; FailureConfig(max_failures) restarts a lost worker group from it.
 """
 
-import functools
-import json
 import os
 import posixpath
 import tempfile
@@ -19,10 +17,10 @@ import torch
 
 from raypose import checkpoint, console, storage
 from raypose import validate as inputs  # raypose.loop.validate is the validation epoch
-from raypose.config import Config, ConfigError, config_from_dict, load_config
+from raypose.config import Config, ConfigError, config_from_dict, load_config, parse_workers
+from raypose.driver import check_resources, forwarded_env, init_ray, preflight, prepare_data
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
                           regression_epochs_done, stage_for_epoch, train_epoch, validate)
-from raypose.metrics import mean_pose_baseline
 from raypose.model import regression_from_pretrained
 
 CHECKPOINT_PREFIX = "epoch_"
@@ -49,7 +47,8 @@ def _wrap_ddp(model, device, world_size):
 
 
 def train_func_per_worker(loop_config: dict) -> None:
-    import ray.train  # Ray: worker-side API
+    import ray  # Ray: worker-side API
+    import ray.train
     import ray.train.torch
 
     cfg = config_from_dict(loop_config["config"])
@@ -116,6 +115,11 @@ def train_func_per_worker(loop_config: dict) -> None:
         metrics = {
             "epoch": epochs_done,
             "epochs_planned": cfg.schedule.epochs,
+            # the group's size this epoch (an elastic group shrinks and grows) and where this
+            # rank ran: Ray Train's node_rank is derived from IP addresses, which all nodes of one
+            # machine share
+            "workers": world_size,
+            "node_id": ray.get_runtime_context().get_node_id(),
             "epoch_seconds": time.perf_counter() - epoch_start,
             "stage": stage,
             "regression_epochs": regression_epochs_done(cfg, epochs_done),
@@ -188,118 +192,6 @@ def _upload_manifest_last(storage_context):
 # Runs on the driver
 
 
-def preflight(cfg: Config) -> storage.Location:
-    """Every check that needs no cluster: config ranges, data files and splits, storage.
-    Raises one clear error before Ray starts anything. Makes the data path and a local
-    storage path absolute."""
-    cfg.validate()
-    # workers (and Tune trials, which run in their own folders) see the driver's data by an
-    # absolute path
-    cfg.data.path = os.path.abspath(cfg.data.path)
-    prepare_data(cfg)  # validates the file and both selections (non-empty)
-    loc = storage.parse(cfg.storage.uri)
-    cfg.storage.uri = loc.uri  # absolute too, for the same reason as the data path
-    storage.check_reachable(loc)
-    check_resume_config(cfg, loc.join(cfg.storage.name))
-    return loc
-
-
-def prepare_data(cfg: Config) -> dict:
-    """What every worker needs from the data and the driver can compute once: train.h5's
-    validate_file summary (workers then skip validating it) and the mean-pose baseline on the
-    validation subjects. Remembered per file version, so preflight and build_trainer read the
-    file once."""
-    train_file = os.path.join(os.path.abspath(cfg.data.path), "train.h5")
-    try:
-        stat = os.stat(train_file)
-    except OSError:
-        stat = None
-    if stat is None:  # let the dataset raise its one clear DataError
-        return _prepare_data(train_file, None, None, tuple(cfg.data.val_subjects),
-                             cfg.data.max_train_samples, cfg.data.max_val_samples)
-    return _prepare_data(train_file, stat.st_mtime_ns, stat.st_size, tuple(cfg.data.val_subjects),
-                         cfg.data.max_train_samples, cfg.data.max_val_samples)
-
-
-@functools.lru_cache(maxsize=4)
-def _prepare_data(train_file, mtime_ns, size, val_subjects, max_train, max_val) -> dict:
-    from raypose.dataset import PoseDataset
-
-    train = PoseDataset(train_file, exclude_subjects=list(val_subjects), max_samples=max_train)
-    val = PoseDataset(train_file, subjects=list(val_subjects), max_samples=max_val, info=train.info)
-    info = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in train.info.items()}
-    return {"info": info,
-            "baseline": mean_pose_baseline(train.root_relative_poses(), val.root_relative_poses())}
-
-
-def latest_checkpoint(run: storage.Location) -> storage.Location | None:
-    """The checkpoint Ray Train resumes this run from: the latest one in Ray Train's own record of
-    finished checkpoints. A folder that an interrupted upload left behind is not in the record and
-    never counts; None when the record does not exist (Ray Train starts from scratch then)."""
-    from ray.train import Result  # Ray: reads the run's checkpoint record, needs no cluster
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
-
-    record = run.join(CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
-    if not storage.exists(record):
-        return None  # no checkpoint of this run ever finished
-    path, fs = storage.ray_storage(run)
-    try:
-        result = Result.from_path(path, storage_filesystem=fs)
-    except CheckpointManagerInitializationError as e:
-        reason = str(e).split(". ")[0].strip()
-        raise ConfigError(f"run {run.uri}: Ray Train cannot resume from its checkpoint record "
-                          f"{record.uri} ({reason}); use another --name") from None
-    if result.checkpoint is None:
-        return None
-    return run.join(posixpath.basename(result.checkpoint.path.rstrip("/")))
-
-
-IGNORED_ON_RESUME = ("storage.", "scaling.workers", "scaling.gpu", "scaling.cpus_per_worker",
-                     "scaling.compile", "schedule.epochs", "data.path")
-
-
-def check_resume_config(cfg: Config, run: storage.Location) -> None:
-    """The same name resumes; refuse when the stored run was trained with another config."""
-    latest = latest_checkpoint(run)
-    if latest is None:
-        return
-    try:
-        stored = json.loads(storage.read_text(latest.join(checkpoint.CONFIG_FILE)))
-    except FileNotFoundError:
-        raise ConfigError(f"run {run.uri} has a checkpoint without {checkpoint.CONFIG_FILE} "
-                          f"({latest.uri}); use another --name") from None
-    ours = _flatten(cfg.to_dict())
-    theirs = _flatten(stored)
-    diff = sorted(k for k in set(ours) | set(theirs)
-                  if ours.get(k) != theirs.get(k) and not k.startswith(IGNORED_ON_RESUME))
-    if diff:
-        details = ", ".join(f"{k}: stored {theirs.get(k)!r} vs now {ours.get(k)!r}" for k in diff)
-        raise ConfigError(f"run {run.uri} exists with another config ({details}); "
-                          "resume with the same settings or use another --name")
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_gpu_available(cfg: Config) -> None:
-    """--gpu needs GPUs in the cluster; checked after connecting, before any worker starts."""
-    import ray
-
-    if cfg.scaling.gpu:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        if gpus < 1:
-            raise ConfigError("--gpu was given but the Ray cluster has no GPU "
-                              f"(resources: {ray.cluster_resources()}); drop --gpu to train on CPU")
-
-
 def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(),
                   stop_after_epoch: int = 0, created_at: float | None = None,
                   data: dict | None = None):
@@ -315,13 +207,17 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.gpu:
         resources["GPU"] = 1
+    workers = cfg.worker_range()
     return TorchTrainer(  # Ray: the data-parallel run
         train_func_per_worker,
         train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch,
                            "data": prepare_data(cfg) if data is None else data,
                            "trainer_created_at": time.time() if created_at is None else created_at},
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(  # Ray: elastic when min_workers is set
+            num_workers=workers if workers[0] != workers[1] else workers[1],
+            use_gpu=cfg.scaling.gpu, resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement,
+            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -338,42 +234,11 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     )
 
 
-def forwarded_env() -> dict:
-    """Variables the workers need to reach the same storage. Credentials are not copied here:
-    workers inherit them from the node's environment (or the job's runtime_env), never from a
-    config that could be logged."""
-    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
-            if k in os.environ}
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None, command: str = "raypose"):
-    """Connect to RAY_ADDRESS / address if given, else start a local instance (with its
-    dashboard). Token authentication: Ray's own default applies (see README).  An address is
-    checked first (its form, and that something answers there within
-    RAYPOSE_RAY_CONNECT_TIMEOUT), so a wrong one fails in one line instead of hanging in ray.init.
-    Ray's own output goes to the log file of raypose.console from then on."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = inputs.ray_address_from(address)
-    console.open_log(command)
-    console.route_loggers()
-    # Ray's own logging setup would add a stderr handler again; console.route_loggers has
-    # already sent its loggers to the log file
-    kwargs = {"configure_logging": console.verbose(), "logging_level": "INFO" if console.verbose() else "WARNING"}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
-    console.route_ray_output(command)
-
-
 def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = None):
     """Checks, then the TorchTrainer; returns Ray's Result."""
     loc = preflight(cfg)
     init_ray(address, command="train")
-    check_gpu_available(cfg)
+    check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")
     trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)
     start = time.perf_counter()
     with console.quiet():
@@ -395,7 +260,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--storage", help="experiment storage: a path, file://... or s3://bucket/prefix")
     parser.add_argument("--name", help="run name under --storage; the same name resumes")
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--workers", type=int, help="Ray Train workers (data-parallel)")
+    parser.add_argument("--workers", help="Ray Train workers (data-parallel): N, or MIN:MAX for an "
+                        "elastic group that shrinks when nodes are lost and grows back")
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--schedule", choices=["joint", "pretrain"])
     parser.add_argument("--config", help="YAML file with config overrides")
@@ -407,8 +273,7 @@ def add_arguments(parser) -> None:
 
 
 FLAG_KEYS = (("data", "data.path"), ("storage", "storage.uri"), ("name", "storage.name"),
-             ("epochs", "schedule.epochs"), ("workers", "scaling.workers"),
-             ("gpu", "scaling.gpu"), ("schedule", "schedule.kind"))
+             ("epochs", "schedule.epochs"), ("gpu", "scaling.gpu"), ("schedule", "schedule.kind"))
 
 
 def config_from_args(args) -> Config:
@@ -427,6 +292,11 @@ def config_from_args(args) -> Config:
         if value is not None:
             set_value(cfg, key, value, f"--{flag}")
             sources[key] = f"--{flag.replace('_', '-')}"
+    if args.workers is not None:  # N or MIN:MAX (elastic)
+        min_workers, workers = parse_workers(args.workers, "--workers")
+        set_value(cfg, "scaling.workers", workers, "--workers")
+        set_value(cfg, "scaling.min_workers", min_workers, "--workers")
+        sources["scaling.workers"] = sources["scaling.min_workers"] = "--workers"
     cfg.validate(sources)
     inputs.existing_dir(cfg.data.path, sources.get("data.path", "data.path"), "data folder")
     inputs.storage_location(cfg.storage.uri, sources.get("storage.uri", "storage.uri"))

@@ -27,14 +27,21 @@ how far its best trial beats them.
 import hashlib
 import json
 import os
+import pickle
 import statistics
 import time
 from pathlib import Path
 
 from raypose import console, storage, validate
-from raypose.config import Config, ConfigError, config_from_dict, get_value, load_config, set_value
+from raypose.config import (Config, ConfigError, config_from_dict, get_value, load_config,
+                            parse_workers, set_value)
 from raypose.search_space import load_space
 
+TRIAL_DRIVER_MEMORY = 768 * 1024**2  # bytes; see build_tuner
+# A resumed sweep's Optuna study on this machine: Tune restores the searcher as pickled by the
+# driver that started the sweep, with that machine's study URL; the searcher re-opens the study
+# here instead (see make_searcher's restore)
+STUDY_URL_ENV = "RAYPOSE_STUDY_URL"
 METRIC = "best_val_mpjpe"  # the best val_mpjpe a trial has reached so far, with a regression head
 MODE = "min"
 # The paper's settings (PAPER.md), by config key; everything else keeps the base config's default
@@ -129,6 +136,41 @@ def make_searcher(space, seed: int, study_url: str, study_name: str, points_to_e
             self._reported_epochs = {}  # trial id -> epochs told to Optuna (saved with the searcher)
             super().__init__(*args, **kwargs)
 
+        # Tune pickles the searcher when the sweep starts (tuner.pkl) and saves it with the
+        # experiment state; OptunaSearch pickles its study storage, whose unpickling re-creates
+        # the SQLite file at the path of the machine that started the sweep, and fails where that
+        # path cannot exist. The searcher's state holds the study URL instead, and is re-opened
+        # at STUDY_URL_ENV when set (a resume on another machine), with the same trials.
+        def _portable_state(self) -> dict:
+            state = self.__dict__.copy()
+            state["_storage"] = self._storage.url
+            state["_ot_study"] = None
+            state["_ot_trials"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+            return state
+
+        def _load_portable_state(self, state: dict) -> None:
+            trials = state["_ot_trials"]
+            self.__dict__.update(state)
+            self._storage = optuna.storages.RDBStorage(os.environ.get(STUDY_URL_ENV) or state["_storage"])
+            self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                               sampler=self._sampler)
+            self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, db_id)
+                               for tid, db_id in trials.items()}
+
+        def __getstate__(self):
+            return self._portable_state()
+
+        def __setstate__(self, state):
+            self._load_portable_state(state)
+
+        def save(self, checkpoint_path: str):
+            with open(checkpoint_path, "wb") as f:
+                pickle.dump(self._portable_state(), f)
+
+        def restore(self, checkpoint_path: str):
+            with open(checkpoint_path, "rb") as f:
+                self._load_portable_state(pickle.load(f))
+
         def on_trial_result(self, trial_id: str, result: dict):
             if trial_id in self._completed_trials or not judged(result):
                 return
@@ -218,6 +260,14 @@ def default_study_url(loc: storage.Location, name: str) -> str:
     return f"sqlite:///{(folder / 'optuna.db').resolve()}"
 
 
+def _creatable(db: Path) -> bool:
+    """Whether this machine can hold a SQLite file at db."""
+    folder = db.parent
+    while not folder.exists():
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
+
+
 def _sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
@@ -260,8 +310,11 @@ def copy_study(db: Path, target: storage.Location) -> None:
 
 
 def make_copy_study_callback(study_url: str, target: storage.Location):
-    """A Tune callback that copies the SQLite study into the experiment's storage after each trial,
-    so that evaluation (and a resume on another machine) finds it."""
+    """A Tune callback that copies the SQLite study into the experiment's storage whenever a trial
+    starts, reports, ends or fails, so that evaluation finds it and a resume on a fresh machine
+    gets every trial the searcher has created, running ones included (with a copy made only when
+    trials end, a resume got a study without the running trials, and Optuna then numbered new
+    trials over them)."""
     from ray.tune import Callback
 
     class CopyStudy(Callback):
@@ -271,6 +324,12 @@ def make_copy_study_callback(study_url: str, target: storage.Location):
                 return  # the study already lives in the experiment's folder
             if db is not None and db.exists():
                 copy_study(db, target)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._copy()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._copy()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._copy()
@@ -291,14 +350,15 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
 
     loc = storage.parse(cfg.storage.uri)
     storage_path, storage_fs = storage.ray_storage(loc)
-    from raypose.train import forwarded_env, prepare_data
+    from raypose.driver import forwarded_env, prepare_data
 
     # the data are validated and the baseline computed once, here, for every trial's workers
     trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name,
                                      storage_env=forwarded_env(), data=prepare_data(cfg))
     # the Tune function only drives a TorchTrainer, whose workers hold the CPUs/GPUs: it asks for
-    # no CPU (a bundle cannot be empty, so it asks for a little memory instead)
-    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 64 * 1024**2})
+    # no CPU, and for the memory it uses: a process that has imported Ray Tune, Ray Train and
+    # torch (CPU build) peaked at 661 MiB RSS here, so the reservation keeps a little headroom
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     callbacks = [TBXLoggerCallback(), make_copy_study_callback(study_url, loc.join(name, "optuna.db")),
                  console.make_sweep_callback(samples, cfg.schedule.epochs, METRIC, judged, space.names)]
     exp_path = loc.join(name).uri if loc.scheme == "s3" else loc.join(name).path
@@ -320,7 +380,11 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                   storage_filesystem=storage_fs, callbacks=callbacks,
-                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  # a trial lost with its node (the Tune function's process) is
+                                  # run again under the same trial id, so its TorchTrainer resumes
+                                  # from the trial's own latest checkpoint
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=cfg.storage.max_failures),
                                   # Tune's status tables go to the log file; the sweep's own lines
                                   # come from console.make_sweep_callback
                                   verbose=1 if console.verbose() else 0),
@@ -429,7 +493,7 @@ def resume_settings(exp: storage.Location, cfg: Config, space_path: str, samples
                     max_concurrent: int | None, study_url: str | None) -> dict:
     """The stored settings a resumed sweep keeps. Raises one ConfigError that names every flag
     asking for something a resume cannot apply (None means the flag was not given)."""
-    from raypose.train import _flatten
+    from raypose.driver import flatten
 
     try:
         stored = json.loads(storage.read_text(exp.join(SWEEP_RECORD)))
@@ -449,7 +513,7 @@ def resume_settings(exp: storage.Location, cfg: Config, space_path: str, samples
     if hashlib.sha256(Path(space_path).read_bytes()).hexdigest() != stored["space_sha256"]:
         refused.append(f"--space {space_path} (differs from the space the sweep started with, "
                        f"{stored['space']})")
-    ours, theirs = _flatten(cfg.to_dict()), _flatten(stored["config"])
+    ours, theirs = flatten(cfg.to_dict()), flatten(stored["config"])
     refused += [f"{k} {ours.get(k)!r} (the sweep has {theirs.get(k)!r})"
                 for k in sorted(set(ours) | set(theirs))
                 if ours.get(k) != theirs.get(k) and not k.startswith(APPLIED_ON_RESUME)]
@@ -492,11 +556,12 @@ def existing_checkpoint(loc: storage.Location, rows: list) -> dict:
 
 
 def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_concurrent: int | None,
-              resume: bool = False, study_url: str | None = None, address: str | None = None) -> dict:
-    """A new sweep, or with resume=True the interrupted sweep <storage>/<name>. samples,
-    max_concurrent and study_url: None means the default for a new sweep, the stored value on
-    resume (where any other value is refused)."""
-    from raypose.train import check_gpu_available, init_ray, preflight
+              resume: bool | str = False, study_url: str | None = None, address: str | None = None) -> dict:
+    """A new sweep, or with resume=True the interrupted sweep <storage>/<name>; resume="auto"
+    continues that sweep when it exists and starts it otherwise. samples, max_concurrent and
+    study_url: None means the default for a new sweep, the stored value on resume (where any
+    other value is refused)."""
+    from raypose.driver import check_resources, init_ray, preflight
 
     space = load_space(space_path)
     if samples is not None and samples < 1:
@@ -506,6 +571,12 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     space.check_against(cfg)
     loc = preflight(cfg)
     exp = loc.join(name)
+    if resume == "auto":
+        # a RayJob's retries run the same entrypoint: the first attempt starts the sweep, later
+        # ones continue it
+        resume = experiment_exists(exp)
+        print(f"[raypose] --resume auto: {'continuing the' if resume else 'no'} sweep {name!r} "
+              f"under {loc.uri}{'' if resume else '; starting it'}", flush=True)
     if resume and not experiment_exists(exp):
         raise ConfigError(f"--resume: no sweep named {name!r} under {loc.uri}")
     if not resume and experiment_exists(exp):
@@ -515,19 +586,28 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         stored = resume_settings(exp, cfg, space_path, samples, max_concurrent, study_url)
         samples, max_concurrent = stored["samples"], stored["max_concurrent"]
         study_url = stored["study_url"] or study_url or default_study_url(loc, name)
+        here = default_study_url(loc, name)
+        db = _sqlite_path(study_url)
+        if study_url != here and loc.scheme != "file" and db is not None and not _creatable(db):
+            # the SQLite cache of the machine that started the sweep does not exist here (another
+            # home, a fresh pod): this machine's cache, seeded from the copy in storage, holds it
+            print(f"[raypose] the sweep's Optuna study {study_url} cannot be created here; "
+                  f"using {here}, restored from {exp.join('optuna.db').uri}", flush=True)
+            study_url = here
         seed_study(study_url, exp)
+        os.environ[STUDY_URL_ENV] = study_url  # read by the restored searcher (make_searcher)
     else:
         samples = samples or DEFAULT_SAMPLES
         study_url = study_url or default_study_url(loc, name)
         check_no_stale_study(study_url, name)
     console.sweep_mode()
     init_ray(address, command="tune")
-    check_gpu_available(cfg)
-    import ray
-
-    slots = ray.cluster_resources().get("CPU", 1) // (cfg.scaling.workers * cfg.scaling.cpus_per_worker)
-    if cfg.scaling.gpu:
-        slots = min(slots, ray.cluster_resources().get("GPU", 0) // cfg.scaling.workers)
+    capacity = check_resources(
+        cfg, "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial",
+        what="one trial")
+    # trials at a time: what the cluster can scale to, not only the nodes up now (an autoscaling
+    # cluster's GPU nodes start at zero); the nodes up now when the maximum is unknown
+    slots = (capacity.now if capacity.most is None else capacity.most) // cfg.scaling.workers
     if resume:
         print(f"[raypose] resuming sweep {name} under {loc.uri}: keeps its "
               f"{samples or 'saved number of'} trials, {max_concurrent or 'its saved number'} at a "
@@ -600,12 +680,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=int, default=None,
                         help=f"number of trials (default {DEFAULT_SAMPLES}; a resume keeps the sweep's own)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial")
-    parser.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial")
+    parser.add_argument("--workers-per-trial", default=None,
+                        help="Ray Train workers per trial: N, or MIN:MAX for elastic trials")
     parser.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="trials at a time (default: as many as the cluster's CPUs/GPUs fit; "
                         "a resume keeps the sweep's own)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument("--resume", nargs="?", const="yes", default="no", choices=["yes", "auto", "no"],
+                        help="continue an interrupted sweep; `--resume auto` continues it when it "
+                        "exists and starts it otherwise (for job retries)")
     parser.add_argument("--study-db", default=None,
                         help="SQLAlchemy URL of the Optuna study (default: SQLite in the experiment "
                         "folder, or for S3 a local cache of this experiment; a resume keeps the sweep's own)")
@@ -628,13 +711,15 @@ def run(args) -> int:
         set_value(cfg, "schedule.epochs", args.epochs, "--epochs")
         sources["schedule.epochs"] = "--epochs"
     if args.workers_per_trial is not None:
-        set_value(cfg, "scaling.workers", args.workers_per_trial, "--workers-per-trial")
+        min_workers, workers = parse_workers(args.workers_per_trial, "--workers-per-trial")
+        set_value(cfg, "scaling.workers", workers, "--workers-per-trial")
+        set_value(cfg, "scaling.min_workers", min_workers, "--workers-per-trial")
         sources["scaling.workers"] = "--workers-per-trial"
     set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
     cfg.validate(sources)
     validate.existing_dir(args.data, "--data", "data folder")
     validate.storage_location(args.storage, "--storage")
     validate.ray_address_from(args.address)  # before any data is read or storage made
-    run_sweep(cfg, args.space, args.name, args.samples, args.max_concurrent, args.resume,
-              args.study_db, args.address)
+    run_sweep(cfg, args.space, args.name, args.samples, args.max_concurrent,
+              {"yes": True, "no": False, "auto": "auto"}[args.resume], args.study_db, args.address)
     return 0

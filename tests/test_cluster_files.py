@@ -67,6 +67,9 @@ def test_kuberay_cluster_spec(name, path):
     for key in path:
         spec = spec[key]
     assert spec["rayVersion"] == "2.60.0"
+    # token auth through KubeRay's own field names (RayCluster CRD: spec.authOptions.mode and
+    # .secretName), so that the autoscaler sidecar and a RayJob's submitter get the token too
+    assert spec["authOptions"] == {"mode": "token", "secretName": "raypose-ray-token"}
     assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     gpu_groups = []
     for group, container in ray_containers(spec):
@@ -77,8 +80,8 @@ def test_kuberay_cluster_spec(name, path):
         if resources["limits"].get("nvidia.com/gpu", 0) >= 1:
             gpu_groups.append(group)
         env = env_of(container)
-        assert env["RAY_AUTH_MODE"]["value"] == "token"
-        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["key"]
+        # KubeRay sets the token variables itself (authOptions); our own would shadow them
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env), f"{group}: token env set by hand"
         for variable in S3_SECRETS:
             ref = env[variable]["valueFrom"]["secretKeyRef"]
             assert ref["name"] and ref["key"], f"{group}: {variable} not from a Secret"
@@ -107,15 +110,45 @@ def test_rayjob_runs_an_existing_entrypoint_with_flags_tune_accepts():
 
         parsed = build_parser(["tune"]).parse_args(["tune", *args])  # SystemExit on an unknown flag
         assert parsed.storage.startswith("s3://") and parsed.gpus_per_worker == 1
+        # a retry (on a new RayCluster) continues the sweep the first attempt started
+        assert parsed.resume == "auto"
     else:
         assert {a for a in args if a.startswith("--")} <= TUNE_FLAGS
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"]
     assert not any(k.startswith("AWS_") or k.startswith("RAY_AUTH") for k in runtime_env["env_vars"])
+    assert "--resume auto" in spec["entrypoint"]
+    assert spec["backoffLimit"] >= 1  # retries, which --resume auto turns into continuations
+    # the submitter gets the token from KubeRay (the cluster's authOptions)
     submitter = env_of(spec["submitterPodTemplate"]["spec"]["containers"][0])
-    assert submitter["RAY_AUTH_MODE"]["value"] == "token"
-    assert submitter["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(submitter)
+
+
+def test_evaluation_rayjob_runs_its_driver_where_a_gpu_is():
+    job = load("kuberay-rayjob-evaluate.yaml")
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    # it submits to the RayCluster of kuberay-raycluster.yaml, which has authOptions
+    assert spec["clusterSelector"] == {"ray.io/cluster": load("kuberay-raycluster.yaml")["metadata"]["name"]}
+    assert "rayClusterSpec" not in spec
+    words = shlex.split(spec["entrypoint"])
+    assert words[:2] == ["python", "jobs/evaluate.py"] and (REPO / words[1]).is_file()
+    from raypose.cli import build_parser
+
+    parsed = build_parser(["evaluate"]).parse_args(["evaluate", *words[2:]])
+    assert parsed.uri.startswith("s3://") and parsed.gpu
+    # the head has no GPU: the entrypoint asks for one, so Ray runs the driver on a GPU node
+    assert spec["entrypointNumGpus"] >= 1
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert not any(k.startswith("AWS_") or k.startswith("RAY_AUTH") for k in runtime_env["env_vars"])
+
+
+def test_launcher_and_readme_submit_evaluation_with_a_gpu_and_sweeps_with_auto_resume():
+    for text in ((CLUSTER / "launcher-gpu.yaml").read_text(), (REPO / "README.md").read_text()):
+        evaluate_lines = [line for line in text.splitlines() if "--entrypoint-num-gpus 1" in line]
+        assert evaluate_lines, "no evaluation submitted with --entrypoint-num-gpus 1"
+        assert "--resume auto" in text
 
 
 def test_runtime_env():

@@ -167,3 +167,34 @@ def test_config_from_dict_rejects_foreign_keys():
 def test_pretrain_epochs(kind, epochs, share, expected):
     cfg = load_config(overrides=[f"schedule={kind}", f"epochs={epochs}", f"pretrain_share={share}"])
     assert cfg.pretrain_epochs() == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("2", (0, 2)),     # a fixed group: min_workers 0 means "not elastic"
+    ("1:3", (1, 3)),   # elastic: at least 1, at most 3
+    ("2:2", (2, 2)),   # elastic in form, fixed in effect
+])
+def test_parse_workers(text, expected):
+    from raypose.config import parse_workers
+
+    assert parse_workers(text, "--workers") == expected
+
+
+@pytest.mark.parametrize("text", ["0", "3:1", "0:2", "a", "1:", "1.5"])
+def test_parse_workers_refuses_in_one_line_naming_the_flag(text):
+    from raypose.config import parse_workers
+
+    with pytest.raises(ConfigError, match="^--workers must be"):
+        parse_workers(text, "--workers")
+
+
+def test_worker_range_and_elastic_settings():
+    cfg = load_config(overrides=["workers=4"])
+    assert cfg.worker_range() == (4, 4)
+    cfg = load_config(overrides=["workers=4", "scaling.min_workers=2", "scaling.placement=SPREAD"])
+    assert cfg.worker_range() == (2, 4)
+    for bad, key in (("scaling.min_workers=5", "scaling.min_workers"),
+                     ("scaling.placement=STRICT_PACK", "scaling.placement"),
+                     ("scaling.autoscaler_wait_s=-1", "scaling.autoscaler_wait_s")):
+        with pytest.raises(ConfigError, match=key):
+            load_config(overrides=["workers=4", bad])

@@ -9,7 +9,8 @@ import yaml
 
 from raypose import checkpoint, storage
 from raypose.config import ConfigError
-from raypose.train import build_trainer, latest_checkpoint, preflight
+from raypose.driver import latest_checkpoint, preflight
+from raypose.train import build_trainer
 from raypose.tune import (SWEEP_RECORD, default_study_url, existing_checkpoint, run_sweep,
                           sweep_record)
 from tests.conftest import tiny_config

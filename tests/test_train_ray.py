@@ -10,7 +10,8 @@ import pytest
 
 from raypose import checkpoint, storage
 from raypose.config import ConfigError
-from raypose.train import build_trainer, preflight, run_training
+from raypose.driver import preflight
+from raypose.train import build_trainer, run_training
 from tests.conftest import tiny_config
 
 
@@ -166,7 +167,9 @@ def test_gpu_flag_without_gpu_fails_before_workers(ray_local, tiny_data, tmp_pat
     from ray.util.state import list_actors
 
     cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__gpu=True)
-    with pytest.raises(ConfigError, match="--gpu was given but the Ray cluster has no GPU"):
+    # a local instance has no autoscaler: what is up is all there is, and it has no GPU
+    with pytest.raises(ConfigError, match=r"--workers and --gpu: 2 worker\(s\) of \{CPU: 1, GPU: 1\} "
+                       r"for the run, but the Ray cluster can never offer that \(at most 0 .*no autoscaler"):
         run_training(cfg)
     address = ray_local.get_runtime_context().gcs_address
     assert list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")]) == []

@@ -82,12 +82,13 @@ def _experiment_state(exp_dir: Path):
 
 @pytest.mark.slow
 def test_resume_after_driver_killed(ray_local, tiny_data, tmp_path):
-    """The sweep's driver dies after a trial has finished; --resume completes the sweep without
-    running the finished trial again."""
+    """The sweep's driver dies after a trial has finished; the same command again completes the
+    sweep without running the finished trial again: with `--resume auto` (what the cluster files
+    submit), the first run starts the sweep and the second continues it."""
     storage_dir = tmp_path / "exp"
     args = ["--space", SMOKE, "--data", str(tiny_data), "--storage", str(storage_dir),
             "--name", "killed", "--samples", "3", "--epochs", "2", "--workers-per-trial", "2",
-            "--max-concurrent", "1", "--set", "data.batch_size=8",
+            "--max-concurrent", "1", "--set", "data.batch_size=8", "--resume", "auto",
             "--address", ray_local.get_runtime_context().gcs_address]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0", "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([sys.executable, "-m", "raypose.cli", "tune", *args], env=env,
@@ -107,15 +108,17 @@ def test_resume_after_driver_killed(ray_local, tiny_data, tmp_path):
         os.killpg(driver.pid, signal.SIGKILL)
         out = driver.communicate()[0]
     assert finished, f"no trial finished before the deadline:\n{out[-3000:]}"
+    assert "--resume auto: no sweep 'killed'" in out and "starting it" in out, out[-3000:]
     done_trial = finished[0]
     done_run = exp_dir / "train" / done_trial
     before = sorted(p.name for p in done_run.glob("epoch_*"))
     stamps = {p.name: p.stat().st_mtime for p in done_run.glob("epoch_*")}
 
-    resumed = subprocess.run([sys.executable, "-m", "raypose.cli", "tune", *args, "--resume"],
+    resumed = subprocess.run([sys.executable, "-m", "raypose.cli", "tune", *args],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "--resume auto: continuing the sweep 'killed'" in resumed.stdout
     states = _experiment_state(exp_dir)
     assert len(states) == 3 and set(states.values()) == {"TERMINATED"}, states
     # the finished trial was not run again: its checkpoints are the same files
@@ -239,3 +242,39 @@ def test_optuna_records_paper_trial_pruned_trials_and_no_detection_epochs(ray_lo
         assert t.value == pytest.approx(t.intermediate_values[steps[-1]])
         if t.state.name == "PRUNED":
             assert steps[-1] < 4
+
+
+def test_searcher_state_reopens_the_study_where_this_machine_keeps_it(tmp_path, monkeypatch):
+    """A sweep resumed on a machine where the starting machine's study path cannot exist: the
+    searcher Tune restores (pickled in tuner.pkl, saved with the experiment state) re-opens the
+    study copied to this machine, with its running trial, and tells it the trial's result."""
+    import shutil
+
+    from ray import cloudpickle  # what Tune pickles the searcher with
+    import optuna
+
+    from raypose.search_space import parse_space
+    from raypose.tune import STUDY_URL_ENV, make_searcher
+
+    space = parse_space({"parameters": {"lr": {"distribution": "loguniform", "low": 1.0e-5,
+                                               "high": 1.0e-2}}}, "test space")
+    first = tmp_path / "first-machine" / "optuna.db"
+    searcher = make_searcher(space, 0, f"sqlite:///{first}", "s", samples=3)
+    assert searcher.suggest("t1") is not None  # creates Optuna trial 0, still running
+    searcher.on_trial_result("t1", {"epoch": 1, "best_val_mpjpe": 120.0})
+    pickled = cloudpickle.dumps(searcher)  # as in tuner.pkl
+    searcher.save(str(tmp_path / "searcher.pkl"))  # as with the experiment state
+    # the fresh machine has only the copy of the study, somewhere else
+    second = tmp_path / "second-machine" / "optuna.db"
+    second.parent.mkdir()
+    shutil.copy(first, second)
+    shutil.rmtree(first.parent)
+    monkeypatch.setenv(STUDY_URL_ENV, f"sqlite:///{second}")
+    restored = cloudpickle.loads(pickled)
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert not first.parent.exists()  # nothing was re-created at the old path
+    restored.on_trial_result("t1", {"epoch": 2, "best_val_mpjpe": 110.0})
+    restored.on_trial_complete("t1", {"epoch": 2, "epochs_planned": 2, "best_val_mpjpe": 110.0})
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{second}")
+    assert [(t.number, t.state.name, t.value) for t in study.trials] == [(0, "COMPLETE", 110.0)]
+    assert study.trials[0].intermediate_values == {1: 120.0, 2: 110.0}
