@@ -30,6 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from raypose.datacache import write_manifest
 from raypose.h5schema import DataError, SplitWriter
 
 H36M_17_OF_32 = [0, 1, 2, 3, 6, 7, 8, 12, 13, 14, 15, 17, 18, 19, 25, 26, 27]
@@ -198,6 +199,8 @@ def convert(root, out_dir, progress=True, margin: float = 0.2) -> dict:
         for writer in writers.values():
             writer.abort()
         raise
+    if writers:  # size and sha256 of each file, checked by nodes that fetch --data s3://...
+        write_manifest(out_dir)
     seconds = time.perf_counter() - t0
     for split in SPLITS:
         result[split] = str(writers[split].path) if split in writers else None
