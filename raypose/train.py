@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from raypose import checkpoint, console, storage
+from raypose import checkpoint, console, datacache, nodes, storage
 from raypose.config import Config, ConfigError, config_from_dict, load_config
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
                           regression_epochs_done, stage_for_epoch, train_epoch, validate)
@@ -194,7 +194,7 @@ def preflight(cfg: Config) -> storage.Location:
     cfg.validate()
     # workers (and Tune trials, which run in their own folders) see the driver's data by an
     # absolute path
-    cfg.data.path = os.path.abspath(cfg.data.path)
+    cfg.data.path = datacache.absolute(cfg.data.path)
     prepare_data(cfg)  # validates the file and both selections (non-empty)
     loc = storage.parse(cfg.storage.uri)
     cfg.storage.uri = loc.uri  # absolute too, for the same reason as the data path
@@ -208,7 +208,9 @@ def prepare_data(cfg: Config) -> dict:
     validate_file summary (workers then skip validating it) and the mean-pose baseline on the
     validation subjects. Remembered per file version, so preflight and build_trainer read the
     file once."""
-    train_file = os.path.join(os.path.abspath(cfg.data.path), "train.h5")
+    # for s3://..., the driver's own verified copy in this node's cache (see raypose.datacache)
+    train_file = str(datacache.local_data_dir(datacache.absolute(cfg.data.path), ("train.h5",))
+                     / "train.h5")
     try:
         stat = os.stat(train_file)
     except OSError:
@@ -370,6 +372,7 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
     loc = preflight(cfg)
     init_ray(address, command="train")
     check_gpu_available(cfg)
+    nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
     trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)
     start = time.perf_counter()
     with console.quiet():
@@ -387,7 +390,8 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", help="directory with train.h5 (and test.h5)")
+    parser.add_argument("--data", help="directory with train.h5 (and test.h5), or s3://bucket/prefix "
+                        "holding them and their manifest.json")
     parser.add_argument("--storage", help="experiment storage: a path, file://... or s3://bucket/prefix")
     parser.add_argument("--name", help="run name under --storage; the same name resumes")
     parser.add_argument("--epochs", type=int)
