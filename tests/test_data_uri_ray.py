@@ -1,14 +1,18 @@
-"""`raypose train` and `raypose evaluate` with --data s3://...: real local Ray, a real moto S3 server
+"""`raypose train`, `raypose evaluate` and a sweep with --data s3://...: real local Ray, a real moto S3 server
 over HTTP (through tests/counting_proxy.py, which counts what the server sends), real HDF5 files."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from raypose import datacache
 from raypose.cli import main
+from raypose.tune import run_sweep
+from tests.conftest import tiny_config  # at import time: importing conftest resets AWS variables
 from tests.test_datacache import NOTHING_DOWNLOADED, cache, data_uri, proxy, sizes  # noqa: F401
 
+SMOKE = str(Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml")
 TINY = ["--epochs", "1", "--workers", "2", "--set", "data.batch_size=8",
         "--set", "data.max_train_samples=32", "--set", "data.max_val_samples=16"]
 
@@ -48,3 +52,14 @@ def test_train_twice_and_evaluate_with_data_uri(cache, data_uri, proxy, ray_loca
     out = capsys.readouterr().out
     assert "node check: 1 node(s) read --data " + data_uri in out
     print(f"bytes from the server: first run {first}, second run {second}, evaluation {evaluated}")
+
+
+@pytest.mark.slow
+def test_tune_with_data_uri(cache, data_uri, proxy, ray_local, tiny_data, tmp_path):
+    cfg = tiny_config(data_uri, tmp_path / "sweeps", workers=1, epochs=2, max_train_samples=32,
+                      max_val_samples=16)
+    best = run_sweep(cfg, SMOKE, "s3data", samples=2, max_concurrent=1)
+    assert best["value"] > 0 and best["config"]["data"]["path"] == data_uri
+    # the sweep's driver fetched train.h5 once; both trials' workers found it in the node cache
+    train_size = sizes(tiny_data, ["train.h5"])
+    assert train_size <= proxy.bytes_down < train_size + NOTHING_DOWNLOADED, proxy.bytes_down
