@@ -211,6 +211,8 @@ def _download(remote: storage.Location, target: Path, entry: dict) -> None:
     """Streams remote to a temporary name, hashing as it goes, and renames it onto target only
     when size and sha256 match the manifest."""
     _sidecar(target).unlink(missing_ok=True)  # the old copy is no longer vouched for
+    for stale in target.parent.glob(f".{target.name}.*.part"):  # left by a process that died
+        stale.unlink(missing_ok=True)  # while holding the lock (only the lock holder downloads)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
     digest = hashlib.sha256()
     size = 0

@@ -7,8 +7,8 @@ check_nodes runs one tiny Ray task on every alive node that can host a worker (p
 NodeAffinitySchedulingStrategy, soft=False; it asks for no CPU, so it never waits behind running
 work), with the environment the workers get (raypose.train.forwarded_env). Each task confirms:
 
-- a local --data folder: train.h5 and test.h5 exist and open as HDF5; for s3://..., the node can
-  read the data's manifest.json;
+- a local --data folder: train.h5 and test.h5 (those of the two that the driver sees) exist and
+  open as HDF5; for s3://..., the node can read the data's manifest.json;
 - the storage is reachable from the node (storage.check_reachable, creating nothing);
 - a local --storage path on a cluster of more than one node: a marker file that the driver wrote
   under the storage folder, holding a random token, reads back with the same token. A path that
@@ -42,8 +42,10 @@ def _hidden(path: str) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
-def check_this_node(data: str, storage_uri: str, marker: str | None, token: str | None) -> list:
-    """Runs on one node: the problems it sees (empty when none), each naming the path or URI."""
+def check_this_node(data: str, split_files: list, storage_uri: str, marker: str | None,
+                    token: str | None) -> list:
+    """Runs on one node: the problems it sees (empty when none), each naming the path or URI.
+    split_files: the split files of a local data folder that the driver sees there."""
     problems = []
     if datacache.is_uri(data):
         try:
@@ -53,7 +55,7 @@ def check_this_node(data: str, storage_uri: str, marker: str | None, token: str 
     else:
         import h5py
 
-        for name in datacache.SPLIT_FILES:
+        for name in split_files:
             path = os.path.join(data, name)
             if _hidden(path) or not os.path.isfile(path):
                 problems.append(f"--data {data}: {name} not found")
@@ -121,10 +123,12 @@ def check_nodes(cfg, storage_location: storage.Location,
         with open(marker, "w") as f:
             f.write(token)
     # Ray: one task per node, pinned there; it asks for no CPU so that it never queues behind work
+    split_files = [] if datacache.is_uri(cfg.data.path) else [
+        n for n in datacache.SPLIT_FILES if os.path.isfile(os.path.join(cfg.data.path, n))]
     check = ray.remote(num_cpus=0, max_retries=0)(check_this_node)
     refs = {check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
                           runtime_env={"env_vars": forwarded_env()}).remote(
-                cfg.data.path, storage_location.uri, marker, token): n for n in nodes}
+                cfg.data.path, split_files, storage_location.uri, marker, token): n for n in nodes}
     start = time.perf_counter()
     try:
         done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)

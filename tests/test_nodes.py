@@ -52,6 +52,7 @@ def short(node_id: str) -> str:
 def check_fails(cfg, loc):
     with pytest.raises(nodes.NodeCheckError) as e:
         nodes.check_nodes(cfg, loc, timeout_s=120)
+    print(e.value)  # the line a user sees (pytest -s shows it)
     return str(e.value)
 
 
