@@ -55,11 +55,12 @@ def check_this_node(data: str, split_files: list, storage_uri: str, marker: str 
     else:
         import h5py
 
-        for name in split_files:
+        missing = [n for n in split_files
+                   if _hidden(os.path.join(data, n)) or not os.path.isfile(os.path.join(data, n))]
+        if missing:
+            problems.append(f"--data {data}: {' and '.join(missing)} not found")
+        for name in (n for n in split_files if n not in missing):
             path = os.path.join(data, name)
-            if _hidden(path) or not os.path.isfile(path):
-                problems.append(f"--data {data}: {name} not found")
-                continue
             try:
                 with h5py.File(path, "r"):
                     pass

@@ -13,6 +13,7 @@ The head node has neither, so every failure below must name the second node and 
 """
 
 import shutil
+import time
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_data_missing_on_a_node(cluster, tiny_data, hidden_root, tmp_path):
     cfg = tiny_config(data, local.uri, workers=1)
     message = check_fails(cfg, local)
     assert "\n" not in message
-    assert f"node {short(second)} (" in message and f"--data {data}: train.h5 not found" in message
+    assert f"node {short(second)} (" in message and f"--data {data}: train.h5 and test.h5 not found" in message
     assert short(head) not in message  # the head sees the folder
 
 
@@ -110,3 +111,30 @@ def test_unreachable_storage_endpoint_seen_from_a_node(cluster, tiny_data, s3_bu
     assert f"node {short(second)} (" in message
     assert f"storage s3://{bucket}/runs is unreachable at endpoint http://127.0.0.1:{closed_port}" in message
     assert "testing" not in message  # the (dummy) credentials never show
+
+
+def test_a_node_that_does_not_answer_in_time(cluster, tiny_data, tmp_path, monkeypatch):
+    """An endpoint that accepts connections and never answers (s3fs waits 60 s per read there):
+    every node's check is still pending at the timeout, is cancelled, and is named."""
+    import socket
+
+    _, head, second, _ = cluster
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", free_port()))
+    silent.listen(16)  # the kernel accepts; nobody ever reads or answers
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    try:
+        cfg = tiny_config(tiny_data, "s3://bucket/runs", workers=1)
+        start = time.monotonic()
+        with pytest.raises(nodes.NodeCheckError) as e:
+            nodes.check_nodes(cfg, storage.parse(cfg.storage.uri), timeout_s=5)
+        # 5 s of waiting plus starting the tasks' workers; far below s3fs's own 60 s read timeout
+        assert time.monotonic() - start < 45
+    finally:
+        silent.close()
+    message = str(e.value)
+    print(message)
+    assert "\n" not in message
+    for node in (head, second):
+        assert f"node {short(node)} (" in message
+    assert message.count("no answer within 5 s") == 2
