@@ -44,7 +44,7 @@ def parse_workers(text, flag: str) -> tuple:
 
 @dataclass
 class DataConfig:
-    path: str = "data/synth"  # directory holding train.h5 and test.h5
+    path: str = "data/synth"  # directory holding train.h5 and test.h5, or s3://... (raypose.datacache)
     val_subjects: list = field(default_factory=lambda: ["S8"])  # held out of train.h5 for validation
     batch_size: int = 64  # per worker
     augment: bool = True  # random 112 crop, PCA colour noise, left/right flip

@@ -11,7 +11,7 @@ import os
 import posixpath
 import time
 
-from raypose import checkpoint, storage
+from raypose import checkpoint, datacache, storage
 from raypose.config import Config, ConfigError
 from raypose.metrics import mean_pose_baseline
 
@@ -27,7 +27,7 @@ def preflight(cfg: Config) -> storage.Location:
     cfg.validate()
     # workers (and Tune trials, which run in their own folders) see the driver's data by an
     # absolute path
-    cfg.data.path = os.path.abspath(cfg.data.path)
+    cfg.data.path = datacache.absolute(cfg.data.path)
     prepare_data(cfg)  # validates the file and both selections (non-empty)
     loc = storage.parse(cfg.storage.uri)
     cfg.storage.uri = loc.uri  # absolute too, for the same reason as the data path
@@ -41,7 +41,9 @@ def prepare_data(cfg: Config) -> dict:
     validate_file summary (workers then skip validating it) and the mean-pose baseline on the
     validation subjects. Remembered per file version, so preflight and build_trainer read the
     file once."""
-    train_file = os.path.join(os.path.abspath(cfg.data.path), "train.h5")
+    # for s3://..., the driver's own verified copy in this node's cache (see raypose.datacache)
+    train_file = str(datacache.local_data_dir(datacache.absolute(cfg.data.path), ("train.h5",))
+                     / "train.h5")
     try:
         stat = os.stat(train_file)
     except OSError:

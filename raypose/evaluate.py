@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raypose import checkpoint, storage, validate
+from raypose import checkpoint, datacache, storage, validate
 from raypose.config import ConfigError, config_from_dict
 from raypose.dataset import PoseDataset
 from raypose.loop import build_model, predict
@@ -192,7 +192,8 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
             raise checkpoint.CheckpointError(
                 f"checkpoint {ckpt_loc.uri} has no regression head (a detection-stage checkpoint); "
                 "evaluate a checkpoint from the regression stage")
-        data_dir = data_dir or cfg.data.path
+        # a local folder, or for s3://... this machine's verified copy (raypose.datacache)
+        data_dir = datacache.local_data_dir(data_dir or cfg.data.path)
         test = PoseDataset(str(Path(data_dir) / "test.h5"), augment=False)
         train = PoseDataset(str(Path(data_dir) / "train.h5"), exclude_subjects=cfg.data.val_subjects)
         study_db = fetch_study_copy(target["experiment"], Path(tmp)) if target["experiment"] else None
@@ -498,7 +499,8 @@ def study_history(db: Path | None, study_name: str | None):
 
 def add_arguments(parser) -> None:
     parser.add_argument("uri", help="experiment URI (with best.json) or checkpoint URI")
-    parser.add_argument("--data", help="data directory with test.h5 (default: the checkpoint config's)")
+    parser.add_argument("--data", help="data directory with test.h5, or s3://bucket/prefix with its "
+                        "manifest.json (default: the checkpoint config's)")
     parser.add_argument("--out", help="local output folder (default: runs/evaluation/<checkpoint>)")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU")
     parser.add_argument("--batch-size", type=int, default=64)

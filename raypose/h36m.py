@@ -30,6 +30,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from raypose.datacache import write_manifest
 from raypose.h5schema import DataError, SplitWriter
 from raypose.validate import InputError, existing_dir, output_dir, refuse_existing
 
@@ -199,6 +200,8 @@ def convert(root, out_dir, progress=True, margin: float = 0.2) -> dict:
         for writer in writers.values():
             writer.abort()
         raise
+    if writers:  # size and sha256 of each file, checked by nodes that fetch --data s3://...
+        write_manifest(out_dir)
     seconds = time.perf_counter() - t0
     for split in SPLITS:
         result[split] = str(writers[split].path) if split in writers else None

@@ -161,9 +161,10 @@ def open_splits(cfg: Config, seed: int | None = None, info: dict | None = None):
     """(train, validation) datasets from the data directory: validation holds out
     cfg.data.val_subjects of train.h5; the test split is never touched here. info: train.h5's
     validate_file summary when the caller has validated it (None validates it here)."""
-    from pathlib import Path
+    from raypose.datacache import local_data_dir
 
-    path = str(Path(cfg.data.path) / "train.h5")
+    # a local folder as it is; for s3://... this node's verified copy (fetched once per node)
+    path = str(local_data_dir(cfg.data.path, ("train.h5",)) / "train.h5")
     seed = cfg.seed if seed is None else seed
     train = PoseDataset(path, exclude_subjects=cfg.data.val_subjects, augment=cfg.data.augment,
                         color_noise=cfg.data.color_noise, flip=cfg.data.flip,

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raypose.datacache import write_manifest
 from raypose.h5schema import SplitWriter, validate_file
 from raypose.skeleton import H36M_SKELETON
 from raypose.validate import (InputError, existing_file, output_dir, output_file, refuse_existing,
@@ -552,6 +553,7 @@ def synthesize(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 0, p
     t0 = time.perf_counter()
     train = write_synthetic_split(out_dir / "train.h5", TRAIN_SUBJECTS, int(n_train), seed, 0, progress)
     test = write_synthetic_split(out_dir / "test.h5", TEST_SUBJECTS, int(n_test), seed, 1, progress)
+    write_manifest(out_dir)  # size and sha256 of each file, checked by nodes that fetch --data s3://...
     seconds = time.perf_counter() - t0
     return {"train": str(train), "test": str(test), "n_train": int(n_train), "n_test": int(n_test),
             "seconds": seconds, "images_per_s": (n_train + n_test) / seconds}

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from raypose import checkpoint, console, storage
+from raypose import checkpoint, console, nodes, storage
 from raypose import validate as inputs  # raypose.loop.validate is the validation epoch
 from raypose.config import Config, ConfigError, config_from_dict, load_config, parse_workers
 from raypose.driver import check_resources, forwarded_env, init_ray, preflight, prepare_data
@@ -239,6 +239,7 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
     loc = preflight(cfg)
     init_ray(address, command="train")
     check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")
+    nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
     trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)
     start = time.perf_counter()
     with console.quiet():
@@ -256,7 +257,8 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", help="directory with train.h5 (and test.h5)")
+    parser.add_argument("--data", help="directory with train.h5 (and test.h5), or s3://bucket/prefix "
+                        "holding them and their manifest.json")
     parser.add_argument("--storage", help="experiment storage: a path, file://... or s3://bucket/prefix")
     parser.add_argument("--name", help="run name under --storage; the same name resumes")
     parser.add_argument("--epochs", type=int)

@@ -1,6 +1,9 @@
 """The Human3.6M converter on a tiny tree in the real layout: real JPEGs, 32-joint annotations,
 two subjects in the splits and one outside them."""
 
+import hashlib
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -106,6 +109,12 @@ def test_cli(tree, tmp_path, capsys):
         assert cli.main(["data", "h36m", "--root", str(root), "--out", str(tmp_path / "o"),
                          "--no-progress"]) == 0
     assert "train.h5 (3 samples)" in capsys.readouterr().out
+    # the manifest that --data s3://... is checked against: size and sha256 of each written split
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    for name in ("train.h5", "test.h5"):
+        data = (tmp_path / "o" / name).read_bytes()
+        assert manifest["files"][name] == {"size": len(data), "schema_version": 1,
+                                           "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def test_missing_root(tmp_path):
@@ -134,10 +143,11 @@ def test_missing_jpeg_keeps_previous_files(tree, tmp_path):
     out = tmp_path / "out"
     with pytest.warns(UserWarning):
         convert(root, out, progress=False)
-    before = {name: (out / name).read_bytes() for name in ("train.h5", "test.h5")}
+    before = {name: (out / name).read_bytes() for name in ("train.h5", "test.h5", "manifest.json")}
     (root / "S9" / "Directions-2" / "imageSequence" / str(CAM_A) / "img_000011.jpg").unlink()
     with pytest.warns(UserWarning), \
             pytest.raises(DataError, match=r"img_000011\.jpg: frame image missing.*key 'frame' = 11"):
         convert(root, out, progress=False)
     assert {name: (out / name).read_bytes() for name in before} == before
-    assert sorted(p.name for p in out.iterdir()) == ["test.h5", "train.h5"]  # no temporary files
+    # no temporary files; the manifest (size and sha256 of each split) still describes the files
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test.h5", "train.h5"]
