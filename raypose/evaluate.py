@@ -156,7 +156,7 @@ def check_inputs(uri: str, data_dir: str | None, out_dir: str | None, use_gpu: b
     if use_gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu was given but no CUDA device is visible; drop --gpu")
     if data_dir is not None:
-        validate.existing_dir(data_dir, "--data", "data folder")
+        validate.data_location(data_dir, "--data")
     if out_dir is not None:
         out = validate.output_dir(out_dir, "--out")
         clash = [n for n in OUTPUT_FILES if (out / n).exists()]

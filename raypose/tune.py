@@ -605,6 +605,9 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     capacity = check_resources(
         cfg, "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial",
         what="one trial")
+    from raypose import nodes
+
+    nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
     # trials at a time: what the cluster can scale to, not only the nodes up now (an autoscaling
     # cluster's GPU nodes start at zero); the nodes up now when the maximum is unknown
     slots = (capacity.now if capacity.most is None else capacity.most) // cfg.scaling.workers
@@ -717,7 +720,7 @@ def run(args) -> int:
         sources["scaling.workers"] = "--workers-per-trial"
     set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
     cfg.validate(sources)
-    validate.existing_dir(args.data, "--data", "data folder")
+    validate.data_location(args.data, "--data")
     validate.storage_location(args.storage, "--storage")
     validate.ray_address_from(args.address)  # before any data is read or storage made
     run_sweep(cfg, args.space, args.name, args.samples, args.max_concurrent,

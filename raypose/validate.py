@@ -102,6 +102,23 @@ def existing_dir(path, where: str, what: str = "folder") -> Path:
     return p
 
 
+def data_location(path, where: str):
+    """--data: an object-storage URI (checked for its form here; raypose.datacache reads its
+    manifest before any work) or an existing local folder."""
+    text = str(path)
+    if "://" in text:
+        from raypose import storage
+
+        try:
+            loc = storage.parse(text)
+        except (ValueError, RuntimeError) as e:
+            raise InputError(f"{where} {text}: {e}") from None
+        if loc.scheme != "s3" or not loc.path.strip("/"):
+            raise InputError(f"{where} {text}: expected a local folder or s3://bucket/prefix")
+        return text
+    return existing_dir(path, where, "data folder")
+
+
 def output_dir(path, where: str) -> Path:
     """A folder to write into: absent (it will be made) or a folder; nothing on the way may be a file."""
     p = Path(path)
