@@ -351,6 +351,7 @@ def _gpu_nodes(address):
             if n.state == "ALIVE" and n.resources_total.get("GPU", 0) >= 1]
 
 
+@pytest.mark.slow  # a fake autoscaling cluster: about 25 s each
 def test_gpu_from_zero_nodes_waits_for_the_autoscaler(fake_autoscaling_cluster, tiny_data, tmp_path):
     """No GPU node is up, but a node type has one: `raypose train --gpu` is accepted, says it
     waits for the autoscaler, and the autoscaler launches a node of that type. The test stops
@@ -376,6 +377,7 @@ def test_gpu_from_zero_nodes_waits_for_the_autoscaler(fake_autoscaling_cluster, 
         driver.wait(timeout=30)
 
 
+@pytest.mark.slow  # a fake autoscaling cluster: about 25 s each
 def test_gpu_refused_in_one_line_when_no_node_type_has_one(fake_autoscaling_cluster, tiny_data,
                                                             tmp_path):
     address = fake_autoscaling_cluster({"cpu_node": {"CPU": 2}})
@@ -393,6 +395,7 @@ def test_gpu_refused_in_one_line_when_no_node_type_has_one(fake_autoscaling_clus
     assert not (tmp_path / "exp" / "gpu").exists()  # nothing was written for the run
 
 
+@pytest.mark.slow  # a fake autoscaling cluster: about 25 s each
 def test_wait_for_the_autoscaler_gives_up_in_one_line(fake_autoscaling_cluster, tiny_data, tmp_path):
     """A GPU the autoscaler could add but that is not up within scaling.autoscaler_wait_s (0 s
     here, so the outcome does not depend on how fast a node starts) ends the run in one line."""
