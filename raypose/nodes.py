@@ -1,11 +1,11 @@
 """Checks on every node before training: can each node that will host a worker read the data and
-reach the storage?  The driver's own checks (raypose.train.preflight) only see the driver's machine;
+reach the storage?  The driver's own checks (raypose.driver.preflight) only see the driver's machine;
 on a cluster a worker node may lack the shared volume, sit behind another network, or see a local
 --storage path that is a different folder from the driver's.
 
 check_nodes runs one tiny Ray task on every alive node that can host a worker (pinned with
 NodeAffinitySchedulingStrategy, soft=False; it asks for no CPU, so it never waits behind running
-work), with the environment the workers get (raypose.train.forwarded_env). Each task confirms:
+work), with the environment the workers get (raypose.driver.forwarded_env). Each task confirms:
 
 - a local --data folder: train.h5 and test.h5 (those of the two that the driver sees) exist and
   open as HDF5; for s3://..., the node can read the data's manifest.json;
@@ -103,11 +103,11 @@ def _node_name(node: dict) -> str:
 def check_nodes(cfg, storage_location: storage.Location,
                 timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
     """Checks every node that can host a worker; returns their names, or raises one NodeCheckError
-    line naming each failing node. Needs a connected Ray (after raypose.train.init_ray)."""
+    line naming each failing node. Needs a connected Ray (after raypose.driver.init_ray)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from raypose.train import forwarded_env
+    from raypose.driver import forwarded_env
 
     nodes = worker_nodes(cfg)
     if not nodes:  # an autoscaling cluster whose worker nodes are not up yet
