@@ -106,9 +106,20 @@ def sweep_mode() -> None:
     _State.echo_worker_lines = False
 
 
+class _LogHandler(logging.Handler):
+    """Writes records to the current log file (whichever open_log opened last)."""
+
+    raypose = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write_log(self.format(record))
+        except Exception:  # logging must never break the run
+            self.handleError(record)
+
+
 def _file_handler() -> logging.Handler:
-    handler = logging.StreamHandler(_State.log_file)
-    handler.raypose = True
+    handler = _LogHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     return handler
 

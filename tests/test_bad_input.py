@@ -460,7 +460,7 @@ def test_force_replaces_a_dataset(tmp_path):
     assert cli.main([*base, "--seed", "2"]) == 2 and (out / "train.h5").read_bytes() == first
     assert cli.main([*base, "--seed", "2", "--force"]) == 0
     assert (out / "train.h5").read_bytes() != first
-    assert sorted(p.name for p in out.iterdir()) == ["test.h5", "train.h5"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test.h5", "train.h5"]
 
 
 def test_names():
