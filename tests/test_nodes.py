@@ -109,7 +109,8 @@ def test_unreachable_storage_endpoint_seen_from_a_node(cluster, tiny_data, s3_bu
     message = check_fails(cfg, loc)
     assert "\n" not in message and short(head) not in message
     assert f"node {short(second)} (" in message
-    assert f"storage s3://{bucket}/runs is unreachable at endpoint http://127.0.0.1:{closed_port}" in message
+    assert (f"storage s3://{bucket}/runs: the endpoint http://127.0.0.1:{closed_port} is unreachable"
+            in message)
     assert "testing" not in message  # the (dummy) credentials never show
 
 
