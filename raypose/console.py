@@ -257,7 +257,9 @@ class SweepProgressState:
 
     def started(self, trial_id: str, params: dict) -> None:
         n = self.number(trial_id)
-        shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        from raypose.tune import format_value  # the sweep summary's format for parameter values
+
+        shown = " ".join(f"{k}={format_value(v)}" for k, v in params.items())
         self._print(f"{PREFIX} trial {n}/{self.total} {trial_id} started: {shown}")
 
     def result(self, trial_id: str, result: dict) -> None:
