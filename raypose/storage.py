@@ -102,13 +102,67 @@ def filesystem(loc: Location, check: bool = False) -> fsspec.AbstractFileSystem:
     return fsspec.filesystem("file")
 
 
+RETRY_ENV = "RAYPOSE_UPLOAD_RETRY_S"  # how long Ray's storage operations retry an outage
+RETRY_DEFAULT_S = 300.0
+# errors that say what is there, not that the store is away: never retried
+_DEFINITE = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+             PermissionError)
+
+
+def _transient_errors() -> tuple:
+    """What a lost connection to the object store raises through s3fs: OSError, botocore's
+    connection and timeout errors, aiohttp's client errors."""
+    errors = [OSError]
+    try:
+        from botocore.exceptions import BotoCoreError
+
+        errors.append(BotoCoreError)
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+
+        errors.append(ClientError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def retry_outage(what: str, step, deadline: float | None = None):
+    """step() until it succeeds; an object-store outage (a restart, a dropped link) is retried
+    with growing pauses (1, 2, 4 ... 15 s) until RAYPOSE_UPLOAD_RETRY_S seconds (300 by default)
+    have passed, each retry announced in one line; then the last error is raised."""
+    import time
+
+    if deadline is None:
+        deadline = time.monotonic() + float(os.environ.get(RETRY_ENV, RETRY_DEFAULT_S))
+    transient = _transient_errors()
+    pause = 1.0
+    while True:
+        try:
+            return step()
+        except _DEFINITE:
+            raise
+        except transient as e:
+            if time.monotonic() + pause > deadline:
+                raise
+            print(f"[raypose] storage: {what} failed ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160] if str(e) else ''}); retrying in {pause:.0f} s",
+                  flush=True)
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
+
+
 def ray_storage(loc: Location):
     """(storage_path, storage_filesystem) for Ray's RunConfig: the same filesystem as fsspec's,
-    wrapped for pyarrow; local paths go to Ray as they are."""
+    wrapped for pyarrow with every call retried through an outage (storage_retry); local
+    paths go to Ray as they are."""
     if loc.scheme == "s3":
         import pyarrow.fs
 
-        return loc.path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem(loc)))
+        from raypose.storage_retry import RetryingHandler
+
+        return loc.path, pyarrow.fs.PyFileSystem(RetryingHandler(filesystem(loc)))
     return loc.path, None
 
 

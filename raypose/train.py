@@ -168,38 +168,16 @@ def train_func_per_worker(loop_config: dict) -> None:
             return
 
 
-UPLOAD_RETRY_ENV = "RAYPOSE_UPLOAD_RETRY_S"  # how long a checkpoint upload retries an outage
-UPLOAD_RETRY_DEFAULT_S = 300.0
-
-
-def _transient_errors() -> tuple:
-    """What a lost connection to the object store raises through pyarrow and s3fs: OSError,
-    botocore's connection and timeout errors, aiohttp's client errors."""
-    errors = [OSError]
-    try:
-        from botocore.exceptions import BotoCoreError
-
-        errors.append(BotoCoreError)
-    except ImportError:
-        pass
-    try:
-        from aiohttp import ClientError
-
-        errors.append(ClientError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def _upload_manifest_last(storage_context):
     """A checkpoint_upload_fn for ray.train.report: copies the payload files into the run's
     storage first and manifest.json last, so that a checkpoint with a manifest is complete.
 
-    An object store that goes away during the upload (a restart, a dropped link) is retried
-    with growing pauses for up to RAYPOSE_UPLOAD_RETRY_S seconds (300 by default), one file
-    at a time, while training goes on; only then does the upload fail, and Ray Train restarts
-    the workers from the latest complete checkpoint (storage.max_failures). Until manifest.json
-    is written last, the folder is not a checkpoint to raypose or to Ray Train's record."""
+    An object store that goes away during the upload (a restart, a dropped link) is retried by
+    the storage filesystem itself (raypose.storage_retry: every file again from its start, with
+    growing pauses, for up to RAYPOSE_UPLOAD_RETRY_S seconds, 300 by default) while training
+    goes on; only then does the upload fail, and Ray Train restarts the workers from the latest
+    complete checkpoint (storage.max_failures). Until manifest.json is written last, the folder
+    is not a checkpoint to raypose or to Ray Train's record."""
 
     def upload(local, dir_name: str):
         import pyarrow.fs
@@ -207,28 +185,11 @@ def _upload_manifest_last(storage_context):
 
         fs = storage_context.storage_filesystem
         target = storage_context.build_checkpoint_path_from_name(dir_name)
-        deadline = time.monotonic() + float(os.environ.get(UPLOAD_RETRY_ENV, UPLOAD_RETRY_DEFAULT_S))
-
-        transient = _transient_errors()
-
-        def retried(what: str, step):
-            pause = 1.0
-            while True:
-                try:
-                    return step()
-                except transient as e:
-                    if time.monotonic() + pause > deadline:
-                        raise
-                    print(f"[raypose] checkpoint {dir_name}: {what} failed ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:160]}); retrying in {pause:.0f} s", flush=True)
-                    time.sleep(pause)
-                    pause = min(pause * 2, 15.0)
-
-        retried("creating the folder", lambda: fs.create_dir(target))
+        fs.create_dir(target)
         for name in (*checkpoint.PAYLOAD_FILES, checkpoint.MANIFEST_FILE):
-            retried(f"uploading {name}", lambda name=name: pyarrow.fs.copy_files(
-                os.path.join(local.path, name), posixpath.join(target, name),
-                source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs))
+            pyarrow.fs.copy_files(os.path.join(local.path, name), posixpath.join(target, name),
+                                  source_filesystem=pyarrow.fs.LocalFileSystem(),
+                                  destination_filesystem=fs)
         return ray.train.Checkpoint(path=target, filesystem=fs)
 
     return upload
