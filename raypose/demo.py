@@ -93,7 +93,7 @@ def run(args) -> int:
     try:
         best = tune.run_sweep(cfg, args.space, name, args.samples, max_concurrent=args.max_concurrent)
         print("[raypose demo] 3/3 evaluating the best checkpoint on the test split", flush=True)
-        report = evaluate.evaluate(best["experiment"])
+        report = evaluate.evaluate(best["experiment"], out_dir=str(Path(args.root) / "reports" / name))
     finally:
         import ray
 
