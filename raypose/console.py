@@ -9,6 +9,7 @@ Ray starts. `--verbose` (or RAYPOSE_VERBOSE=1, which jobs/ read) shows them on t
 Where the log goes: $RAYPOSE_LOG_DIR, else ~/.raypose/logs, one file per command run.
 """
 
+import collections
 import contextlib
 import datetime
 import io
@@ -21,6 +22,7 @@ from pathlib import Path
 
 VERBOSE_ENV = "RAYPOSE_VERBOSE"
 PREFIX = "[raypose]"
+RECENT_LINES = 1000  # worker lines remembered to drop repeats (_on_worker_lines)
 
 
 def verbose() -> bool:
@@ -31,7 +33,9 @@ class _State:
     log_file = None
     log_path: Path | None = None
     echo_worker_lines = True  # a sweep prints its own per-trial lines instead
-    printed: set = set()
+    # raypose's worker lines printed lately, to drop the copies that arrive once per process;
+    # bounded, so that a long sweep does not keep every line it ever printed
+    printed: collections.OrderedDict = collections.OrderedDict()
     lock = threading.Lock()
     terminal = None  # the real stdout while quiet() sends everything else to the log
 
@@ -209,7 +213,9 @@ def _on_worker_lines(data: dict) -> None:
         with _State.lock:
             if line in _State.printed:
                 continue
-            _State.printed.add(line)
+            _State.printed[line] = None
+            if len(_State.printed) > RECENT_LINES:
+                _State.printed.popitem(last=False)
         say(line)
 
 
