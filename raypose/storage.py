@@ -68,12 +68,14 @@ def endpoint_text() -> str:
 
 
 def timeouts() -> dict:
-    """{'connect', 'read', 'check'} seconds and 'attempts', from the environment."""
+    """{'connect', 'read', 'check', 'outage'} seconds and 'attempts', from the environment;
+    every S3 filesystem reads them, so a bad value is refused by the first storage check."""
     from raypose.validate import env_count, env_seconds
 
     return {"connect": env_seconds("RAYPOSE_S3_CONNECT_TIMEOUT", 5.0),
             "read": env_seconds("RAYPOSE_S3_READ_TIMEOUT", 60.0),
             "check": env_seconds("RAYPOSE_S3_CHECK_TIMEOUT", 10.0),
+            "outage": env_seconds(RETRY_ENV, RETRY_DEFAULT_S),
             "attempts": env_count("RAYPOSE_S3_ATTEMPTS", 2)}
 
 
@@ -135,7 +137,7 @@ def retry_outage(what: str, step, deadline: float | None = None):
     import time
 
     if deadline is None:
-        deadline = time.monotonic() + float(os.environ.get(RETRY_ENV, RETRY_DEFAULT_S))
+        deadline = time.monotonic() + timeouts()["outage"]
     transient = _transient_errors()
     pause = 1.0
     while True:

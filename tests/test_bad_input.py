@@ -274,6 +274,8 @@ CASES = [
                                   "--name", "r"], "unreachable", S3_CLOSED),
     ("train-s3-timeout-env", ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
      "RAYPOSE_S3_CHECK_TIMEOUT", {**S3_SILENT, "RAYPOSE_S3_CHECK_TIMEOUT": "-1"}),
+    ("train-s3-outage-env", ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
+     "RAYPOSE_UPLOAD_RETRY_S", {**S3_SILENT, "RAYPOSE_UPLOAD_RETRY_S": "five minutes"}),
     ("train-epochs-not-int", [*TRAIN[:7], "--epochs", "two"], "--epochs", {}),
     # tune
     ("tune-metric-not-reported", [*TUNE[:2], "{bad_metric}", *TUNE[3:]], "metric", {}),
