@@ -1,6 +1,7 @@
 """Shared fixtures: token auth for Ray without touching ~/.ray, a moto S3 server on loopback, a local
 Ray instance that is always shut down, and a tiny synthetic dataset made once per session."""
 
+import contextlib
 import os
 import secrets
 import socket
@@ -31,6 +32,25 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 # raypose.console writes its log files under here, not under ~/.raypose
 os.environ["RAYPOSE_LOG_DIR"] = str(_AUTH_DIR / "logs")
+
+
+@contextlib.contextmanager
+def ray_cluster(head_args: dict, node_args=(), **init_kwargs):
+    """A real multi-node Ray cluster on this machine (ray.cluster_utils.Cluster) with this
+    process as its driver: a head started with head_args and one node per entry of node_args.
+    Yields (cluster, added nodes); always shut down, never `ray stop`."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args=head_args)
+    try:
+        added = [cluster.add_node(**args) for args in node_args]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, **init_kwargs)
+        yield cluster, added
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
 def free_port() -> int:

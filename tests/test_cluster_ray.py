@@ -17,7 +17,7 @@ import pytest
 
 from raypose.driver import preflight
 from raypose.train import build_trainer
-from tests.conftest import free_port, tiny_config
+from tests.conftest import free_port, ray_cluster, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
@@ -60,20 +60,10 @@ def wait_until(condition, timeout, what):
 
 @pytest.fixture
 def two_nodes():
-    """A head of 1 CPU and one more node of 1 CPU (ray.cluster_utils.Cluster); this process is
-    its driver. Always shut down; never `ray stop`."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        node = cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, configure_logging=False, log_to_driver=True)
+    """A head of 1 CPU and one more node of 1 CPU (conftest.ray_cluster)."""
+    with ray_cluster({"num_cpus": 1}, [{"num_cpus": 1}], configure_logging=False,
+                     log_to_driver=True) as (cluster, (node,)):
         yield cluster, node
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def head_id(cluster):
@@ -107,18 +97,9 @@ def head_and_two_nodes():
     """A head without CPUs and two nodes of 1 CPU each: both workers of a 2-worker group sit on
     the added nodes, so the node of rank 1 can be killed whichever node Ray gave rank 1 (ranks
     follow placement-group bundle order, not node order)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    try:
-        nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, configure_logging=False, log_to_driver=True)
+    with ray_cluster({"num_cpus": 0}, [{"num_cpus": 1}] * 2, configure_logging=False,
+                     log_to_driver=True) as (cluster, nodes):
         yield cluster, nodes
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 @pytest.mark.slow
@@ -198,18 +179,14 @@ def _trial_rows(exp_dir: Path):
 def test_sweep_trial_lost_with_its_node_is_retried_from_its_checkpoint(tiny_data, tmp_path,
                                                                       monkeypatch):
     import optuna
-    import ray
-    from ray.cluster_utils import Cluster
 
     from raypose.tune import run_sweep
 
     # The head has too little memory for a trial's Tune function (raypose.tune reserves 768 MiB
     # for it), so every trial driver runs on the other node, and killing that node loses the trial
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "memory": 256 * 1024**2})
-    try:
-        node = cluster.add_node(num_cpus=1, memory=4 * 1024**3)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, configure_logging=False)
+    with ray_cluster({"num_cpus": 1, "memory": 256 * 1024**2},
+                     [{"num_cpus": 1, "memory": 4 * 1024**3}],
+                     configure_logging=False) as (cluster, (node,)):
         monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
         cfg = tiny_config(tiny_data, tmp_path / "exp", schedule__epochs=3, scaling__workers=1,
                           storage__max_failures=2)
@@ -231,9 +208,6 @@ def test_sweep_trial_lost_with_its_node_is_retried_from_its_checkpoint(tiny_data
             thread.join(timeout=900)
         assert not thread.is_alive()
         best = outcome["best"]
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
     rows = _trial_rows(exp_dir)
     assert len(rows) == 2
     # the lost trial went on from its checkpoint: epoch 1 ran once, and its checkpoint is the

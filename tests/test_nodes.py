@@ -18,7 +18,7 @@ import time
 import pytest
 
 from raypose import nodes, storage
-from tests.conftest import free_port, tiny_config
+from tests.conftest import free_port, ray_cluster, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +29,11 @@ def hidden_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cluster(hidden_root):
     """(cluster, head node id, second node id); shut down after the module."""
-    import ray
-    from ray.cluster_utils import Cluster
-
     closed_port = free_port()  # nothing listens there
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        second = c.add_node(num_cpus=1, env_vars={
-            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{closed_port}",
-            nodes.HIDE_PATHS_ENV: str(hidden_root)})
-        c.wait_for_nodes()
-        ray.init(address=c.address)
+    second_args = {"num_cpus": 1, "env_vars": {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{closed_port}",
+                                               nodes.HIDE_PATHS_ENV: str(hidden_root)}}
+    with ray_cluster({"num_cpus": 1}, [second_args]) as (c, (second,)):
         yield c, c.head_node.node_id, second.node_id, closed_port
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 def short(node_id: str) -> str:
