@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from raypose import __version__
+from raypose.datacache import sha256_file  # the one file hasher (data and checkpoints)
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -29,14 +30,6 @@ PAYLOAD_FILES = (MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, STATE_FILE)
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not belong to its manifest/config."""
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_hash(config: dict) -> str:
