@@ -46,12 +46,10 @@ def prepare_data(cfg: Config) -> dict:
                      / "train.h5")
     try:
         stat = os.stat(train_file)
-    except OSError:
-        stat = None
-    if stat is None:  # let the dataset raise its one clear DataError
-        return _prepare_data(train_file, None, None, tuple(cfg.data.val_subjects),
-                             cfg.data.max_train_samples, cfg.data.max_val_samples)
-    return _prepare_data(train_file, stat.st_mtime_ns, stat.st_size, tuple(cfg.data.val_subjects),
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:  # let the dataset raise its one clear DataError
+        version = (None, None)
+    return _prepare_data(train_file, *version, tuple(cfg.data.val_subjects),
                          cfg.data.max_train_samples, cfg.data.max_val_samples)
 
 
