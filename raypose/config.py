@@ -42,6 +42,15 @@ def parse_workers(text, flag: str) -> tuple:
     return (numbers[0] if sep else 0, numbers[1])
 
 
+def set_workers(cfg, text, flag: str, sources: dict) -> None:
+    """`--workers` / `--workers-per-trial` (N or MIN:MAX) into scaling.workers and
+    scaling.min_workers; both keys are recorded in sources as coming from flag."""
+    min_workers, workers = parse_workers(text, flag)
+    set_value(cfg, "scaling.workers", workers, flag)
+    set_value(cfg, "scaling.min_workers", min_workers, flag)
+    sources["scaling.workers"] = sources["scaling.min_workers"] = flag
+
+
 @dataclass
 class DataConfig:
     path: str = "data/synth"  # directory holding train.h5 and test.h5, or s3://... (raypose.datacache)

@@ -17,7 +17,7 @@ import torch
 
 from raypose import checkpoint, console, nodes, storage
 from raypose import validate as inputs  # raypose.loop.validate is the validation epoch
-from raypose.config import Config, ConfigError, config_from_dict, load_config, parse_workers
+from raypose.config import Config, ConfigError, config_from_dict, load_config, set_workers
 from raypose.driver import check_resources, forwarded_env, init_ray, preflight, prepare_data
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
                           regression_epochs_done, stage_for_epoch, train_epoch, validate)
@@ -302,10 +302,7 @@ def config_from_args(args) -> Config:
             set_value(cfg, key, value, f"--{flag}")
             sources[key] = f"--{flag.replace('_', '-')}"
     if args.workers is not None:  # N or MIN:MAX (elastic)
-        min_workers, workers = parse_workers(args.workers, "--workers")
-        set_value(cfg, "scaling.workers", workers, "--workers")
-        set_value(cfg, "scaling.min_workers", min_workers, "--workers")
-        sources["scaling.workers"] = sources["scaling.min_workers"] = "--workers"
+        set_workers(cfg, args.workers, "--workers", sources)
     cfg.validate(sources)
     inputs.data_location(cfg.data.path, sources.get("data.path", "data.path"))
     inputs.storage_location(cfg.storage.uri, sources.get("storage.uri", "storage.uri"))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from raypose import console, storage, validate
 from raypose.config import (Config, ConfigError, config_from_dict, get_value, load_config,
-                            parse_workers, set_value)
+                            set_value, set_workers)
 from raypose.search_space import load_space
 
 TRIAL_DRIVER_MEMORY = 768 * 1024**2  # bytes; see build_tuner
@@ -714,10 +714,7 @@ def run(args) -> int:
         set_value(cfg, "schedule.epochs", args.epochs, "--epochs")
         sources["schedule.epochs"] = "--epochs"
     if args.workers_per_trial is not None:
-        min_workers, workers = parse_workers(args.workers_per_trial, "--workers-per-trial")
-        set_value(cfg, "scaling.workers", workers, "--workers-per-trial")
-        set_value(cfg, "scaling.min_workers", min_workers, "--workers-per-trial")
-        sources["scaling.workers"] = "--workers-per-trial"
+        set_workers(cfg, args.workers_per_trial, "--workers-per-trial", sources)
     set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
     cfg.validate(sources)
     validate.data_location(args.data, "--data")
