@@ -15,8 +15,6 @@ import pickle
 import re
 from pathlib import Path
 
-import torch
-
 from raypose import __version__
 from raypose.datacache import sha256_file  # the one file hasher (data and checkpoints)
 
@@ -73,6 +71,8 @@ def _write(path: Path, save_into) -> dict:
 
 def save(directory, model_state: dict, optimizer_state: dict, config: dict, state: dict) -> Path:
     """Write a checkpoint into directory (created if missing) and its manifest last."""
+    import torch  # here, not at the top: drivers read manifests without importing torch
+
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     texts = {CONFIG_FILE: json.dumps(config, indent=1, sort_keys=True).encode(),
@@ -133,6 +133,8 @@ def load(directory, verify_manifest: bool = True, map_location="cpu") -> dict:
 
 def _load_weights(d: Path, name: str, map_location):
     """torch.load(weights_only=True) of one file; a refusal or failure names the file."""
+    import torch
+
     try:
         return torch.load(d / name, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

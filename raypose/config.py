@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from raypose.model import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -49,6 +48,18 @@ def set_workers(cfg, text, flag: str, sources: dict) -> None:
     set_value(cfg, "scaling.workers", workers, flag)
     set_value(cfg, "scaling.min_workers", min_workers, flag)
     sources["scaling.workers"] = sources["scaling.min_workers"] = flag
+
+
+@dataclass
+class ModelConfig:
+    """The network's settings (raypose.model); here so that config stays free of torch."""
+
+    lrn_alpha: float = 0.0025  # paper value
+    lrn_beta: float = 0.75  # paper value
+    lrn_window: int = 5  # square spatial neighbourhood of the LRN
+    dropout: float = 0.25  # probability of dropping a unit after fcr1/fcd1 (author's code keeps 25 %: 0.75)
+    fc1_width: int = 1024
+    fc2_width: int = 2048
 
 
 @dataclass

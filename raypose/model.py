@@ -3,25 +3,15 @@
 Layer names follow the paper (conv1..conv3, fcr1..fcr3, fcd1..fcd3); sizes follow PAPER.md.
 """
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from raypose.config import ModelConfig  # the model's settings live with the other config (torch-free)
+
 NUM_JOINTS = 17
 DETECTION_GRID = 10  # 10 x 10 windows of 30 px, stride 10, on the 112 px crop
 INPUT_SIZE = 112
-
-
-@dataclass
-class ModelConfig:
-    lrn_alpha: float = 0.0025  # paper value
-    lrn_beta: float = 0.75  # paper value
-    lrn_window: int = 5  # square spatial neighbourhood of the LRN
-    dropout: float = 0.25  # probability of dropping a unit after fcr1/fcd1 (author's code keeps 25 %: 0.75)
-    fc1_width: int = 1024
-    fc2_width: int = 2048
 
 
 class SpatialLRN(nn.Module):

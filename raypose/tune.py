@@ -50,7 +50,7 @@ PAPER_SETTINGS = {"model.lrn_alpha": 0.0025, "model.lrn_beta": 0.75,
 
 
 # ----------------------------------------------------------------------------------------------
-# Runs as one Tune trial (a Tune function): builds and runs a TorchTrainer
+# Runs as one Tune trial (a Tune function): builds and runs a Ray Train trainer
 
 
 def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_env: dict,
@@ -355,20 +355,21 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
     # the data are validated and the baseline computed once, here, for every trial's workers
     trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name,
                                      storage_env=forwarded_env(), data=prepare_data(cfg))
-    # the Tune function only drives a TorchTrainer, whose workers hold the CPUs/GPUs: it asks for
-    # no CPU, and for the memory it uses: a process that has imported Ray Tune, Ray Train and
-    # torch (CPU build) peaked at 661 MiB RSS here, so the reservation keeps a little headroom
+    # the Tune function only drives a Ray Train run, whose workers hold the CPUs/GPUs: it asks for
+    # no CPU, and for the memory it uses: a process that had imported Ray Tune, Ray Train and
+    # torch (CPU build) peaked at 661 MiB RSS here; it no longer imports torch (raypose.backend),
+    # so the reservation is an upper bound
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     callbacks = [TBXLoggerCallback(), make_copy_study_callback(study_url, loc.join(name, "optuna.db")),
                  console.make_sweep_callback(samples, cfg.schedule.epochs, METRIC, judged, space.names)]
     exp_path = loc.join(name).uri if loc.scheme == "s3" else loc.join(name).path
     if resume:
-        # Ray: finished trials are kept; unfinished ones restart and their TorchTrainer resumes
+        # Ray: finished trials are kept; unfinished ones restart and their Ray Train run resumes
         # from its latest checkpoint (same trial id -> same Train run name)
         return tune.Tuner.restore(exp_path if storage_fs is None else loc.join(name).path,
                                   trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=storage_fs)
-    return tune.Tuner(  # Ray: one trial = one Tune function = one TorchTrainer
+    return tune.Tuner(  # Ray: one trial = one Tune function = one Ray Train run
         trainable,
         tune_config=tune.TuneConfig(
             search_alg=make_searcher(space, cfg.seed, study_url, name,
@@ -381,7 +382,7 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
         run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                   storage_filesystem=storage_fs, callbacks=callbacks,
                                   # a trial lost with its node (the Tune function's process) is
-                                  # run again under the same trial id, so its TorchTrainer resumes
+                                  # run again under the same trial id, so its Ray Train run resumes
                                   # from the trial's own latest checkpoint
                                   failure_config=tune.FailureConfig(
                                       max_failures=cfg.storage.max_failures),

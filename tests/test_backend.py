@@ -1,0 +1,46 @@
+"""raypose.backend: Ray Train's controller and a sweep trial's driver load raypose's trainer without
+importing torch (each such import cost a trial seconds of start-up before its first step). The
+process groups it sets up are exercised by the multi-worker runs in test_train_ray.py and
+test_cluster_ray.py."""
+
+import subprocess
+import sys
+
+from ray import cloudpickle  # what Ray pickles with
+
+from raypose.backend import TorchBackendConfig
+from raypose.train import train_func_per_worker
+
+
+def _run(code: str, stdin: bytes = b"") -> str:
+    done = subprocess.run([sys.executable, "-c", code], input=stdin, capture_output=True,
+                          timeout=120, check=True)
+    return done.stdout.decode().strip()
+
+
+def test_driver_modules_do_not_import_torch():
+    # what a sweep trial's driver imports (raypose.tune.train_driver_fn -> raypose.train)
+    out = _run("import sys, raypose.tune, raypose.train, raypose.backend, raypose.cli\n"
+               "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    assert out == "[]"
+
+
+def test_controller_unpickles_trainer_parts_without_torch():
+    # Ray Train's controller receives the training function and the backend config pickled (the
+    # function by reference to raypose.train); loading them must not pull torch in
+    blob = cloudpickle.dumps((train_func_per_worker, TorchBackendConfig()))
+    out = _run("import sys, pickle\n"
+               "fn, config = pickle.loads(sys.stdin.buffer.read())\n"
+               "backend = config.backend_cls()\n"
+               "print(fn.__module__, type(backend).__name__, config.framework.name, "
+               "'torch' in sys.modules)", stdin=blob)
+    assert out == "raypose.train _TorchBackend TORCH False"
+
+
+def test_config_matches_ray_torch_config_fields():
+    # the same defaults as ray.train.torch.TorchConfig, whose place it takes
+    from ray.train.torch import TorchConfig
+
+    ours, rays = TorchBackendConfig(), TorchConfig()
+    assert (ours.backend, ours.timeout_s) == (rays.backend, rays.timeout_s)
+    assert ours.to_dict() == rays.to_dict()
