@@ -44,3 +44,23 @@ def test_config_matches_ray_torch_config_fields():
     ours, rays = TorchBackendConfig(), TorchConfig()
     assert (ours.backend, ours.timeout_s) == (rays.backend, rays.timeout_s)
     assert ours.to_dict() == rays.to_dict()
+
+
+def test_local_instance_runs_workers_at_niceness_0(tmp_path):
+    # Ray's default runs worker processes at niceness 15, below its daemons; raypose's local
+    # instance runs them at 0 (they are the training). A fresh process keeps this test's
+    # environment (and any earlier Ray instance of the pytest process) out of it.
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness" and k != "RAY_ADDRESS"}
+    code = ("import os, ray\n"
+            "from raypose.driver import init_ray\n"
+            "init_ray(num_cpus=1, command='test')\n"
+            "try:\n"
+            "    print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+            "finally:\n"
+            "    ray.shutdown()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=180, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().split()[-1] == "0"
