@@ -44,7 +44,8 @@ def _warm_up() -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
 
-def _set_master(addr: str, port: int) -> None:
+def _prepare_worker(addr: str, port: int) -> None:
+    """rank 0's address for env:// initialisation, and the warm-up started in the background."""
     os.environ["MASTER_ADDR"] = addr
     os.environ["MASTER_PORT"] = str(port)
     threading.Thread(target=_warm_up, name="raypose-warm-up", daemon=True).start()
@@ -83,7 +84,7 @@ class _TorchBackend(Backend):
         gpus = worker_group.get_resources_per_worker().get("GPU", 0)
         backend = backend_config.backend or ("nccl" if gpus > 0 else "gloo")
         addr, port = worker_group.execute_single(0, _address_and_port)
-        worker_group.execute(_set_master, addr, port)
+        worker_group.execute(_prepare_worker, addr, port)
         worker_group.execute(_torch_config_call, "_set_torch_distributed_env_vars")
         size = len(worker_group)
         ray.get([worker_group.execute_single_async(

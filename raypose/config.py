@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import yaml
 
 
-
 class ConfigError(ValueError):
     """A bad setting; the message names the file or flag and the key (`key`, when known)."""
 

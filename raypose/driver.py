@@ -162,7 +162,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, command: s
         # Ray starts its worker processes at niceness 15 (RAY_worker_niceness), below its own
         # daemons and the driver. In an instance raypose starts, the workers are the training
         # itself: on the 2-core machine `raypose bench train` measured the Ray Train loop at 0.92x
-        # the plain loop at 15 and 1.00x at 0 (README, Speed). A value set by the user is kept.
+        # the plain loop at 15 and 0.97x-1.00x at 0 (README, Speed). A value set by the user is kept.
         os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     console.route_ray_output(command)

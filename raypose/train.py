@@ -12,7 +12,7 @@ in that record; FailureConfig(max_failures) restarts a lost worker group from it
 import time
 
 from raypose import console, nodes, storage
-from raypose import validate as inputs
+from raypose import validate
 from raypose.config import Config, ConfigError, load_config, set_workers
 from raypose.driver import check_resources, forwarded_env, init_ray, preflight, prepare_data
 
@@ -130,7 +130,7 @@ def config_from_args(args) -> Config:
     from raypose.config import set_value
 
     if args.name is not None:
-        inputs.check_name(args.name, "--name")
+        validate.check_name(args.name, "--name")
     if args.stop_after_epoch < 0:
         raise ConfigError(f"--stop-after-epoch must be >= 0, got {args.stop_after_epoch}")
     sources = {}
@@ -143,8 +143,8 @@ def config_from_args(args) -> Config:
     if args.workers is not None:  # N or MIN:MAX (elastic)
         set_workers(cfg, args.workers, "--workers", sources)
     cfg.validate(sources)
-    inputs.data_location(cfg.data.path, sources.get("data.path", "data.path"))
-    inputs.storage_location(cfg.storage.uri, sources.get("storage.uri", "storage.uri"))
+    validate.data_location(cfg.data.path, sources.get("data.path", "data.path"))
+    validate.storage_location(cfg.storage.uri, sources.get("storage.uri", "storage.uri"))
     return cfg
 
 
@@ -152,7 +152,7 @@ def run(args) -> int:
     # raypose's errors (config, data, storage, checkpoint) reach raypose.cli.main, which prints
     # them as one line and exits 2
     cfg = config_from_args(args)
-    inputs.ray_address_from(args.address)  # before any data is read or storage made
+    validate.ray_address_from(args.address)  # before any data is read or storage made
     # a failed run raises from the trainer's fit (Train V2), so reaching here means it finished
     run_training(cfg, stop_after_epoch=args.stop_after_epoch, address=args.address)
     return 0
