@@ -290,7 +290,11 @@ class PoseDataset:
                                 f"had {self.info['n']} when it was validated; it changed since")
             subject_of_row = f["subject"].asstr()[:]
             action_of_row = f["action"].asstr()[:]
-        self.augmentation = Augmentation(bool(augment), float(color_noise), bool(flip),
+        # a file whose samples do not mirror into samples of the same data (a fixed side-colour
+        # code, h5schema's mirror_consistent) is never flipped: the mirror would teach a look that
+        # never occurs at test
+        self.flip = bool(flip) and bool(self.info.get("mirror_consistent", True))
+        self.augmentation = Augmentation(bool(augment), float(color_noise), self.flip,
                                          np.asarray(self.info["rgb_eigval"], dtype=np.float32),
                                          np.asarray(self.info["rgb_eigvec"], dtype=np.float32),
                                          skeleton)

@@ -28,7 +28,10 @@ def preflight(cfg: Config) -> storage.Location:
     # workers (and Tune trials, which run in their own folders) see the driver's data by an
     # absolute path
     cfg.data.path = datacache.absolute(cfg.data.path)
-    prepare_data(cfg)  # validates the file and both selections (non-empty)
+    data = prepare_data(cfg)  # validates the file and both selections (non-empty)
+    if cfg.data.augment and cfg.data.flip and not data["info"].get("mirror_consistent", True):
+        print(f"[raypose] {cfg.data.path}: train.h5 has mirror_consistent=false (a fixed "
+              "side-colour code), so training runs without the left/right flip", flush=True)
     loc = storage.parse(cfg.storage.uri)
     cfg.storage.uri = loc.uri  # absolute too, for the same reason as the data path
     storage.check_reachable(loc)

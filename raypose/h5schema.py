@@ -36,6 +36,7 @@ maps x to W - x.
 | `rgb_mean` | float32 (3,) | per-channel mean of the written images, pixel values scaled to [0, 1] |
 | `rgb_eigval` | float32 (3,) | square roots of the eigenvalues of the 3 x 3 RGB covariance (pixels scaled to [0, 1]), descending: the standard deviation along each principal colour axis |
 | `rgb_eigvec` | float32 (3, 3) | the matching unit eigenvectors as columns (`rgb_eigvec[:, k]`) |
+| `mirror_consistent` | bool, optional (default true) | whether a left/right mirror of a sample, with the joints' left and right labels swapped, looks like a sample of this data. Synthetic data with a fixed side-colour code (left limbs warm) writes false; readers then train without the flip augmentation |
 
 The colour statistics are computed over the written images (every 4th pixel in each direction of
 every image) and drive the AlexNet PCA colour noise: per sample, alpha ~ N(0, sigma) for each of the
@@ -310,7 +311,7 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
     """Checks a split file against the schema and returns a summary:
 
     {'path', 'n', 'subjects', 'actions', 'cameras', 'source', 'schema_version', 'joint_names',
-     'rgb_mean', 'rgb_eigval', 'rgb_eigvec'}
+     'mirror_consistent', 'rgb_mean', 'rgb_eigval', 'rgb_eigvec'}
 
     Raises DataError (naming the file and the key) for a missing file, a file that is not HDF5, a
     missing dataset or attribute, a wrong shape or dtype, rows that disagree in number, an empty
@@ -364,6 +365,11 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
                                      f"got {value.dtype} {value.shape}")
                 colour[key] = value.astype(np.float32)
 
+            mirror = attrs.get("mirror_consistent", True)
+            mirror = mirror.tolist() if isinstance(mirror, np.ndarray | np.generic) else mirror
+            if not isinstance(mirror, bool):
+                raise error("mirror_consistent", f"attribute: expected a bool, got {mirror!r}")
+
             n = None
             for key in KEYS:
                 if key not in f:
@@ -400,7 +406,7 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
                 "path": str(path), "n": int(n), "source": source, "schema_version": int(version),
                 "joint_names": joint_names,
                 "subjects": _unique_strings(f["subject"]), "actions": _unique_strings(f["action"]),
-                "cameras": _unique_strings(f["camera"]), **colour,
+                "cameras": _unique_strings(f["camera"]), "mirror_consistent": mirror, **colour,
             }
     except OSError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

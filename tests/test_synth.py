@@ -95,15 +95,20 @@ def test_side_colours_follow_sides_swapped_and_chirality_is_kept():
             assert (r > b + 40) if warm else (b > r + 40), (k, shoulder, r, b)
 
 
-def test_flipped_sample_looks_like_an_unflipped_one():
+@pytest.mark.parametrize("side_colours", synth.SIDE_COLOURS)
+def test_flipped_sample_looks_like_an_unflipped_one(side_colours):
     """The flip augmentation mirrors the image and swaps left and right labels. It is honest only
     if what a labelled side looks like does not change under it: the share of samples whose
-    labelled left upper arm is warm must be the same with and without the flip (it was 78 % vs
-    5 % when left was always warm). 400 samples; the binomial standard deviation of a share near
-    1/2 is 2.5 points, so 10 points is a 4-sigma tolerance for a fixed seed."""
+    labelled left upper arm is warm must be the same with and without the flip. That holds with
+    side colours drawn per sample; with fixed side colours it fails (about 78 % vs 5 %), which is
+    why such files say mirror_consistent = false and are trained without flip. 400 samples; the
+    binomial standard deviation of a share near 1/2 is 2.5 points, so 10 points is a 4-sigma
+    tolerance for a fixed seed."""
     rng = np.random.default_rng(11)
     bodies = [synth.make_body(s, seed=0) for s in synth.TRAIN_SUBJECTS]
     scenes = synth.sample_scenes(rng, bodies, 400)
+    if side_colours == "fixed":
+        scenes["sides_swapped"][:] = False  # as write_synthetic_split does
     out = synth.render_scenes(scenes, bodies, rng)
     images, j2 = out["images"], out["joints_2d"]
     # the flip augmentation (raypose.dataset.augment_batch): columns reversed, x -> W - x, and
@@ -124,8 +129,32 @@ def test_flipped_sample_looks_like_an_unflipped_one():
     left, right, seen = warm_share(images, j2)
     left_f, right_f, seen_f = warm_share(flipped, f2)
     assert seen > 200 and seen_f > 200
-    assert 0.4 < left < 0.6 and 0.4 < right < 0.6
-    assert abs(left - left_f) < 0.10 and abs(right - right_f) < 0.10, (left, left_f, right, right_f)
+    if side_colours == "per-sample":
+        assert 0.4 < left < 0.6 and 0.4 < right < 0.6
+        assert abs(left - left_f) < 0.10 and abs(right - right_f) < 0.10, (left, left_f, right, right_f)
+    else:  # the labelled left arm is mostly warm, and mostly cool once flipped
+        assert left > 0.7 and right < 0.3 and left_f < 0.3 and right_f > 0.7, (left, left_f, right, right_f)
+
+
+@pytest.mark.parametrize("side_colours", synth.SIDE_COLOURS)
+def test_files_say_whether_flip_is_honest_and_training_follows(tmp_path, side_colours):
+    from raypose.dataset import PoseDataset
+
+    out = tmp_path / side_colours
+    assert cli.main(["data", "synth", "--out", str(out), "--train", "30", "--test", "10", "--seed", "3",
+                     "--side-colours", side_colours, "--no-progress"]) == 0
+    consistent = side_colours == "per-sample"
+    for split in ("train.h5", "test.h5"):
+        assert validate_file(out / split)["mirror_consistent"] is consistent
+        with h5py.File(out / split) as f:
+            assert f.attrs["side_colours"] == side_colours
+    ds = PoseDataset(out / "train.h5", augment=True, flip=True, seed=0)
+    assert ds.flip is consistent and ds.augmentation.flip is consistent
+    # with flip on, about half of the 30 samples come out mirrored; never with fixed side colours
+    plain = PoseDataset(out / "train.h5", augment=True, flip=False, seed=0)
+    batch, ref = ds.get_batch(list(range(30)), 0), plain.get_batch(list(range(30)), 0)
+    mirrored = int((batch["joints_3d"][:, 11, 0] != ref["joints_3d"][:, 11, 0]).sum())
+    assert (5 <= mirrored <= 25) if consistent else mirrored == 0, mirrored
 
 
 @pytest.fixture(scope="module")
