@@ -205,7 +205,8 @@ def run(args) -> int:
         from raypose.synth import synthesize
 
         print(f"[raypose] no data in {args.data}: rendering a small synthetic set", flush=True)
-        synthesize(args.data, 1000, 100, seed=0)
+        # side colours per sample: their files are flipped, so the measured augmentation has every step
+        synthesize(args.data, 1000, 100, seed=0, side_colours="per-sample")
     if not args.no_ray:
         from raypose.driver import init_ray
 
