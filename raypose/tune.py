@@ -21,7 +21,8 @@ Trials that ASHA stops are recorded in the Optuna study as PRUNED, with their va
 
 Every sweep's first trial runs the paper's settings (lrn_alpha 0.0025, lrn_beta 0.75, lambda 1,
 joint schedule, the default optimiser) on the parameters the space searches, so every sweep says
-how far its best trial beats them.
+how far its best trial beats them. ASHA never stops that trial (its results still count at every
+rung), so the comparison is at the full number of epochs.
 """
 
 import hashlib
@@ -86,7 +87,11 @@ def judged(result: dict) -> bool:
     return bool(result.get("has_regression_head", True)) and result.get(METRIC) is not None
 
 
-def make_scheduler(max_epochs: int, grace_period: int = 1, reduction_factor: float = 2):
+def make_scheduler(max_epochs: int, grace_period: int = 1, reduction_factor: float = 2,
+                   reference: dict | None = None):
+    """reference: the paper-settings point; the first trial whose config holds it is never
+    stopped (its results still count at every rung), so every sweep compares its best trial with
+    the paper's settings trained as long."""
     from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
     class RegressionStageASHA(AsyncHyperBandScheduler):
@@ -95,10 +100,21 @@ def make_scheduler(max_epochs: int, grace_period: int = 1, reduction_factor: flo
         passed and not yet been recorded at, so a pretrain trial whose head appears at epoch 4 is
         first compared at rung 4, with the joint trials' results at epoch 4."""
 
+        reference_trial_id = None
+
+        def _is_reference(self, trial) -> bool:
+            if not reference:
+                return False
+            if self.reference_trial_id is None and all(
+                    (trial.config or {}).get(k) == v for k, v in reference.items()):
+                self.reference_trial_id = trial.trial_id
+            return trial.trial_id == self.reference_trial_id
+
         def on_trial_result(self, tune_controller, trial, result):
             if not judged(result):
                 return TrialScheduler.CONTINUE
-            return super().on_trial_result(tune_controller, trial, result)
+            action = super().on_trial_result(tune_controller, trial, result)  # records the rung
+            return TrialScheduler.CONTINUE if self._is_reference(trial) else action
 
         def on_trial_complete(self, tune_controller, trial, result):
             if result and not judged(result):
@@ -375,7 +391,7 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
             search_alg=make_searcher(space, cfg.seed, study_url, name,
                                      points_to_evaluate=[paper_point] if paper_point else (),
                                      concurrent=max_concurrent > 1, samples=samples),
-            scheduler=make_scheduler(cfg.schedule.epochs),
+            scheduler=make_scheduler(cfg.schedule.epochs, reference=paper_point),
             num_samples=samples,
             max_concurrent_trials=max_concurrent,
         ),

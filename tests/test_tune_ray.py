@@ -144,6 +144,7 @@ def scripted_trial(config):
         "pretrain_bad": [(False, 5000.0)] * 3 + [(True, 900.0), (True, 890.0), (True, 880.0)],
         # joint training, clearly bad
         "bad": [(True, v) for v in (1000.0, 990.0, 980.0, 970.0, 960.0, 950.0)],
+        "worse": [(True, v) for v in (2000.0, 1990.0, 1980.0, 1970.0, 1960.0, 1950.0)],
     }
     best = None
     script = scripts[config["kind"]]
@@ -169,6 +170,23 @@ def test_asha_compares_at_equal_epochs_and_never_judges_a_detection_stage(ray_lo
     grid = tuner.fit()
     reported = {r.config["kind"]: len(r.metrics_dataframe) for r in grid}
     assert reported == {"good": 6, "pretrain_good": 6, "pretrain_bad": 4, "bad": 1}
+
+
+def test_asha_never_stops_the_paper_settings_trial(ray_local, tmp_path):
+    """The reference (paper-settings) trial runs every epoch even when it is bad ("bad" stops at
+    rung 1 in the test above), and its results still count: "worse" is cut at rung 1."""
+    from ray import tune
+
+    tuner = tune.Tuner(
+        scripted_trial,
+        param_space={"kind": tune.grid_search(["good", "bad", "worse"])},
+        tune_config=tune.TuneConfig(scheduler=make_scheduler(max_epochs=6, reference={"kind": "bad"}),
+                                    max_concurrent_trials=1),
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha_ref", verbose=0),
+    )
+    grid = tuner.fit()
+    reported = {r.config["kind"]: len(r.metrics_dataframe) for r in grid}
+    assert reported == {"good": 6, "bad": 6, "worse": 1}
 
 
 def lr_scripted_trial(config):
