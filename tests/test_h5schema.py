@@ -124,6 +124,17 @@ def test_wrong_schema_version(good_file):
         validate_file(good_file)
 
 
+def test_mirror_consistent_defaults_to_true_and_must_be_a_bool(good_file):
+    assert validate_file(good_file)["mirror_consistent"] is True  # no attribute: flip allowed
+    with h5py.File(good_file, "a") as f:
+        f.attrs["mirror_consistent"] = False
+    assert validate_file(good_file)["mirror_consistent"] is False
+    with h5py.File(good_file, "a") as f:
+        f.attrs["mirror_consistent"] = "no"
+    with pytest.raises(DataError, match=r"train\.h5: key 'mirror_consistent': attribute: expected a bool"):
+        validate_file(good_file)
+
+
 def test_empty_file(good_file):
     with h5py.File(good_file, "a") as f:
         for key in KEYS:
