@@ -188,8 +188,10 @@ def test_sweep_trial_lost_with_its_node_is_retried_from_its_checkpoint(tiny_data
                      [{"num_cpus": 1, "memory": 4 * 1024**3}],
                      configure_logging=False) as (cluster, (node,)):
         monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "0")
+        # every checkpoint is kept: the test reads epoch 1's after the run, and with the default
+        # of 2 retention drops it whenever epochs 2 and 3 score better
         cfg = tiny_config(tiny_data, tmp_path / "exp", schedule__epochs=3, scaling__workers=1,
-                          storage__max_failures=2)
+                          storage__max_failures=2, storage__keep_checkpoints=3)
         exp_dir = tmp_path / "exp" / "lost"
         outcome = {}
         thread = threading.Thread(target=lambda: outcome.setdefault(
