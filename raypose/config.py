@@ -71,6 +71,10 @@ class DataConfig:
     flip: bool = True
     max_train_samples: int = 0  # 0 = all; a cap for smoke runs
     max_val_samples: int = 0
+    # training samples per epoch (0 = the whole training split): epochs take consecutive slices
+    # of one shuffled pass, so a run of a few short epochs sees new samples in each
+    # (raypose.dataset.epoch_positions)
+    epoch_samples: int = 0
 
 
 @dataclass
@@ -171,6 +175,7 @@ class Config:
             (self.data.color_noise >= 0, "data.color_noise", "must be >= 0"),
             (self.data.max_train_samples >= 0, "data.max_train_samples", "must be >= 0 (0 = all)"),
             (self.data.max_val_samples >= 0, "data.max_val_samples", "must be >= 0 (0 = all)"),
+            (self.data.epoch_samples >= 0, "data.epoch_samples", "must be >= 0 (0 = all)"),
             (len(self.data.val_subjects) >= 1 and all(isinstance(s, str) and s.strip()
                                                       for s in self.data.val_subjects),
              "data.val_subjects", "must list at least one subject, e.g. S8"),

@@ -471,17 +471,35 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, block: int = SHUFF
     return order
 
 
+def epoch_positions(n: int, shuffle: bool, seed: int, epoch: int, epoch_samples: int = 0) -> np.ndarray:
+    """The positions one epoch trains on, in order.
+
+    epoch_samples 0 (or >= n): all n, in epoch_order(seed, epoch). Otherwise epochs are slices of
+    m = epoch_samples positions of shuffled passes over the n: with k = n // m slices per pass,
+    epoch e takes slice e % k of pass e // k (epoch_order seeded by the pass). The epochs of one
+    pass are disjoint, so a run of a few short epochs sees new samples in each; the n - k * m
+    positions a pass leaves out fall at other places of the next pass's order."""
+    if epoch_samples <= 0 or epoch_samples >= n:
+        return epoch_order(n, shuffle, seed, epoch)
+    per_pass = n // epoch_samples
+    order = epoch_order(n, shuffle, seed, epoch // per_pass)
+    start = (epoch % per_pass) * epoch_samples
+    return order[start:start + epoch_samples]
+
+
 def shard_positions(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0,
-                    world_size: int = 1, drop_last: bool = False) -> np.ndarray:
+                    world_size: int = 1, drop_last: bool = False,
+                    epoch_samples: int = 0) -> np.ndarray:
     """This rank's positions for one epoch.
 
-    The epoch's order (epoch_order) is made divisible by world_size: drop_last=False pads it by
+    The epoch's positions (epoch_positions) are made divisible by world_size: drop_last=False pads it by
     wrapping around to its start, drop_last=True drops the remainder. Rank r takes the r-th of
     world_size equal contiguous slices, so all ranks get disjoint (up to the padding) shards of
     equal length, which DDP needs, and each shard keeps the order's contiguous reads."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
-    order = epoch_order(n, shuffle, seed, epoch)
+    order = epoch_positions(n, shuffle, seed, epoch, epoch_samples)
+    n = len(order)
     if drop_last:
         order = order[:n - n % world_size]
     else:
@@ -533,12 +551,14 @@ def device_batches(dataset: PoseDataset, chunks, epoch: int = 0, device=None,
 
 def iterate_batches(dataset: PoseDataset, batch_size: int, shuffle: bool, seed: int, epoch: int,
                     rank: int = 0, world_size: int = 1, drop_last: bool = False, prefetch: int = 2,
-                    device=None, channels_last: bool = False):
+                    device=None, channels_last: bool = False, epoch_samples: int = 0):
     """Yields training tensors (device_batches) for this rank's shard of one epoch.
 
     Shards follow shard_positions (padding by wrapping unless drop_last, so every rank takes the
-    same number of steps). drop_last also drops this shard's last incomplete batch."""
-    shard = shard_positions(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last)
+    same number of steps; epoch_samples as there). drop_last also drops this shard's last
+    incomplete batch."""
+    shard = shard_positions(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last,
+                            epoch_samples)
     chunks = batch_chunks(shard, batch_size, drop_last)
     yield from device_batches(dataset, chunks, epoch, device, channels_last, prefetch)
 

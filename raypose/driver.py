@@ -29,6 +29,10 @@ def preflight(cfg: Config) -> storage.Location:
     # absolute path
     cfg.data.path = datacache.absolute(cfg.data.path)
     data = prepare_data(cfg)  # validates the file and both selections (non-empty)
+    if cfg.data.epoch_samples > data["train_samples"]:
+        raise ConfigError(f"data.epoch_samples: {cfg.data.epoch_samples} is more than the "
+                          f"{data['train_samples']} samples of the training split of "
+                          f"{cfg.data.path}/train.h5 (0 trains on all of them every epoch)")
     if cfg.data.augment and cfg.data.flip and not data["info"].get("mirror_consistent", True):
         print(f"[raypose] {cfg.data.path}: train.h5 has mirror_consistent=false (a fixed "
               "side-colour code), so training runs without the left/right flip", flush=True)
@@ -63,7 +67,7 @@ def _prepare_data(train_file, mtime_ns, size, val_subjects, max_train, max_val) 
     train = PoseDataset(train_file, exclude_subjects=list(val_subjects), max_samples=max_train)
     val = PoseDataset(train_file, subjects=list(val_subjects), max_samples=max_val, info=train.info)
     info = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in train.info.items()}
-    return {"info": info,
+    return {"info": info, "train_samples": len(train),
             "baseline": mean_pose_baseline(train.root_relative_poses(), val.root_relative_poses())}
 
 

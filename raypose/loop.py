@@ -183,4 +183,5 @@ def epoch_batches(dataset, cfg: Config, epoch: int, rank: int = 0, world_size: i
     """This rank's training batches of one epoch, on device, read ahead in a background thread."""
     return iterate_batches(dataset, cfg.data.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
                            rank=rank, world_size=world_size, drop_last=True, device=device,
-                           channels_last=cfg.scaling.channels_last)
+                           channels_last=cfg.scaling.channels_last,
+                           epoch_samples=cfg.data.epoch_samples)

@@ -235,6 +235,10 @@ CASES = [
     ("train-colour-noise-negative", [*TRAIN, "--set", "color_noise=-0.1"], "color_noise", {}),
     ("train-seed-negative", [*TRAIN, "--set", "seed=-1"], "seed", {}),
     ("train-no-val-subjects", [*TRAIN, "--set", "val_subjects="], "val_subjects", {}),
+    ("train-epoch-samples-negative", [*TRAIN, "--set", "epoch_samples=-1"], "epoch_samples", {}),
+    # more per epoch than the training split holds: named with the file, before Ray starts
+    ("train-epoch-samples-over-split", [*TRAIN, "--set", "epoch_samples=100000"],
+     "data.epoch_samples: 100000 is more than the", {}),
     ("train-weight-decay-nan", [*TRAIN, "--set", "weight_decay=nan"], "weight_decay", {}),
     ("train-epochs-zero", [*TRAIN[:7], "--epochs", "0"], "--epochs", {}),
     ("train-workers-zero", [*TRAIN, "--workers", "0"], "--workers", {}),
@@ -323,6 +327,12 @@ CASES = [
     # demo: every flag before any data is rendered
     ("demo-samples-zero", ["demo", "--root", "{new}", "--samples", "0"], "--samples", {}),
     ("demo-epochs-zero", ["demo", "--root", "{new}", "--epochs", "0"], "--epochs", {}),
+    ("demo-epoch-samples-negative", ["demo", "--root", "{new}", "--epoch-samples", "-1"],
+     "--epoch-samples", {}),
+    ("demo-epoch-samples-over-train", ["demo", "--root", "{new}", "--train", "100"],
+     "--epoch-samples 1600 is more than --train 100", {}),
+    ("demo-val-samples-negative", ["demo", "--root", "{new}", "--val-samples", "-1"],
+     "--val-samples", {}),
     ("demo-root-is-file", ["demo", "--root", "{file}"], "--root", {}),
     ("demo-half-dataset", ["demo", "--root", "{half_root}"], "--root", {}),
     ("demo-storage-is-file", ["demo", "--root", "{new}", "--storage", "{file}"], "--storage", {}),

@@ -11,6 +11,7 @@ import torch
 
 from raypose.dataset import (CENTRE_OFFSET, CROP_SIZE, IMAGE_MEAN, IMAGE_STD, MAX_OFFSET,
                              PoseDataset, augmentation_draws, detection_targets, epoch_order,
+                             epoch_positions,
                              iterate_batches, shard_positions)
 from raypose.h5schema import KEYS, DataError, write_split
 from raypose.skeleton import H36M_SKELETON, OFFSET_SCALE_MM, parent_relative
@@ -204,6 +205,23 @@ def test_shards_equal_and_disjoint():
     assert not np.array_equal(shard_positions(10, True, 1, 0), shard_positions(10, True, 1, 1))
     # contiguous slices of the epoch's order, the padding wrapping around to its start
     np.testing.assert_array_equal(shard_positions(5, False, 1, 0, 1, 2), [3, 4, 0])
+
+
+def test_epoch_samples_take_new_samples_each_epoch():
+    # 10 positions, 3 per epoch: 3 disjoint epochs per pass, then a new pass in a new order
+    epochs = [epoch_positions(10, True, seed=1, epoch=e, epoch_samples=3) for e in range(6)]
+    assert [len(e) for e in epochs] == [3] * 6
+    first_pass = epoch_order(10, True, 1, 0)
+    np.testing.assert_array_equal(np.concatenate(epochs[:3]), first_pass[:9])
+    assert len(set(np.concatenate(epochs[:3]))) == 9
+    np.testing.assert_array_equal(np.concatenate(epochs[3:]), epoch_order(10, True, 1, 1)[:9])
+    # 0, or at least the whole split: every position every epoch, as without the setting
+    for m in (0, 10, 11):
+        np.testing.assert_array_equal(epoch_positions(10, True, 1, 4, m), epoch_order(10, True, 1, 4))
+    # shards split the epoch's slice: 2 ranks of 4 positions each from 8 per epoch of 20
+    shards = [shard_positions(20, True, 2, 1, r, 2, drop_last=True, epoch_samples=8) for r in range(2)]
+    assert [len(s) for s in shards] == [4, 4]
+    np.testing.assert_array_equal(np.concatenate(shards), epoch_order(20, True, 2, 0)[8:16])
 
 
 def test_epoch_order_shuffles_blocks_and_within_buffers():

@@ -20,7 +20,7 @@ def test_demo_writes_everything_under_its_root(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "raypose.cli", "demo", "--root", str(root), "--samples", "2",
          "--epochs", "2", "--train", "120", "--test", "40", "--max-concurrent", "1",
-         "--batch-size", "8"],
+         "--batch-size", "8", "--epoch-samples", "40", "--val-samples", "0"],
         env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(cwd.iterdir()) == []  # nothing written where it was started
