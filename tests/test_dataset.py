@@ -11,8 +11,7 @@ import torch
 
 from raypose.dataset import (CENTRE_OFFSET, CROP_SIZE, IMAGE_MEAN, IMAGE_STD, MAX_OFFSET,
                              PoseDataset, augmentation_draws, detection_targets, epoch_order,
-                             epoch_positions,
-                             iterate_batches, shard_positions)
+                             epoch_positions, iterate_batches, shard_positions)
 from raypose.h5schema import KEYS, DataError, write_split
 from raypose.skeleton import H36M_SKELETON, OFFSET_SCALE_MM, parent_relative
 
@@ -222,6 +221,20 @@ def test_epoch_samples_take_new_samples_each_epoch():
     shards = [shard_positions(20, True, 2, 1, r, 2, drop_last=True, epoch_samples=8) for r in range(2)]
     assert [len(s) for s in shards] == [4, 4]
     np.testing.assert_array_equal(np.concatenate(shards), epoch_order(20, True, 2, 0)[8:16])
+
+
+def test_training_epochs_follow_epoch_samples(data_file):
+    # the training loop's batches (raypose.loop.epoch_batches) read the config's epoch_samples
+    from raypose.config import Config
+    from raypose.loop import epoch_batches
+
+    cfg = Config()
+    cfg.data.batch_size, cfg.data.epoch_samples = 2, 4  # 3 epochs per pass over N = 12
+    ds = PoseDataset(data_file[0], augment=False)
+    rows = [np.concatenate([b["row"].numpy() for b in epoch_batches(ds, cfg, e)]) for e in range(2)]
+    assert [len(r) for r in rows] == [4, 4]
+    assert not set(rows[0]) & set(rows[1])  # two epochs of one pass: new samples
+    np.testing.assert_array_equal(np.concatenate(rows), ds.indices[epoch_order(len(ds), True, 0, 0)[:8]])
 
 
 def test_epoch_order_shuffles_blocks_and_within_buffers():
