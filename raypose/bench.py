@@ -5,7 +5,8 @@ Measured in one run, taking turns, `--repeats` times; the medians are compared:
                    on CUDA, putting them in pinned memory: samples/s per CPU core
   device augment   crop, flip, colour noise, normalisation and both targets on the device
   plain loop       raypose.loop.train_epoch without Ray: model, batch and data as in training
-                   (bf16 autocast and channels_last on CUDA), reading ahead in a background thread
+                   (channels_last; bf16 autocast on GPUs with bf16 and on CPUs with bf16
+                   instructions), reading ahead in a background thread
   plain, compiled  the same with torch.compile (--compile)
   Ray Train loop   the same train_epoch inside a Ray Train worker (1 worker)
 
@@ -24,7 +25,8 @@ import torch
 from raypose.config import Config, apply_overrides, config_from_dict
 from raypose.dataset import (augment_batch, batch_chunks, host_batches, iterate_batches,
                              shard_positions, to_device)
-from raypose.loop import build_model, build_optimizer, maybe_compile, open_splits, train_epoch
+from raypose.loop import (amp_active, build_model, build_optimizer, maybe_compile, open_splits,
+                          train_epoch)
 
 
 def pick_device(name: str) -> torch.device:
@@ -213,7 +215,7 @@ def run(args) -> int:
         init_ray(num_cpus=threads, command="bench")
     compiled = config_from_dict(cfg.to_dict())
     compiled.scaling.compile = True
-    amp = device.type == "cuda" and cfg.scaling.amp and torch.cuda.is_bf16_supported()
+    amp = amp_active(device, cfg.scaling.amp)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
     print(f"[raypose] bench on {device.type} ({name}): batch {args.batch_size}, {args.steps} timed "
           f"steps after {args.warmup} warm-up, {args.repeats} repeats (taking turns); "

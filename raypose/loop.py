@@ -1,6 +1,7 @@
 """The per-process training step, shared by the Ray Train workers, the plain PyTorch benchmark
 and the learnability test.  No Ray here: every function takes the rank and world size it needs."""
 
+import functools
 import time
 from contextlib import nullcontext
 
@@ -49,10 +50,37 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
                            weight_decay=cfg.optim.weight_decay)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU computes in bf16 natively (the avx512_bf16 or amx_bf16 flag of Linux's
+    /proc/cpuinfo). Without them oneDNN emulates bf16, which is slower than float32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def amp_active(device: torch.device, enabled: bool) -> bool:
+    """Whether training steps run under bf16 autocast (cfg.scaling.amp): on GPUs with bf16, and on
+    CPUs with bf16 instructions. Measured on the 2-core CPU machine (AMD EPYC with avx512_bf16,
+    batch 16, one thread, channels_last): a training step 1.5x faster than float32; a plain loop
+    of 4 epochs of 1,600 samples, two runs side by side, 57.7 against 42.0 samples/s, with test
+    MPJPE 0.56x against 0.59x of the mean pose (README, "Speed")."""
+    if not enabled:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16_instructions()
+
+
 def autocast_for(device: torch.device, enabled: bool):
-    """bf16 autocast on GPUs that support it; nothing on CPU (bf16 matmuls are slower there)."""
-    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast where amp_active; the weights, the optimiser and the losses stay float32."""
+    if amp_active(device, enabled):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
