@@ -50,12 +50,12 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
                            weight_decay=cfg.optim.weight_decay)
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16_instructions() -> bool:
+@functools.lru_cache(maxsize=4)
+def cpu_has_bf16_instructions(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU computes in bf16 natively (the avx512_bf16 or amx_bf16 flag of Linux's
     /proc/cpuinfo). Without them oneDNN emulates bf16, which is slower than float32."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 if line.startswith("flags"):
                     return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[1].split()))
