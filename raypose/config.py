@@ -113,7 +113,7 @@ class ScalingConfig:
     gpu: bool = False
     cpus_per_worker: int = 1
     channels_last: bool = True
-    amp: bool = True  # mixed precision where the device supports it (bf16 on GPUs that have it)
+    amp: bool = True  # bf16 autocast where it is native: GPUs with bf16, CPUs with avx512_bf16/AMX
     compile: bool = False  # torch.compile the training model (raypose bench train measures both)
 
 
