@@ -8,6 +8,7 @@ import torch
 from raypose.config import Config
 from raypose.loop import (amp_active, autocast_for, build_model, build_optimizer,
                           cpu_has_bf16_instructions, train_epoch)
+from raypose.losses import multitask_loss
 
 CPU = torch.device("cpu")
 
@@ -52,6 +53,10 @@ def test_autocast_on_cpu_follows_the_cpu_and_keeps_weights_and_losses_float32():
     batch = {"image": torch.randn(4, 3, 112, 112, generator=g),
              "offsets": torch.randn(4, 17, 3, generator=g),
              "detection": (torch.rand(4, 17, 100, generator=g) > 0.9).float()}
+    with autocast_for(CPU, True):
+        outputs = model(batch["image"])
+    loss, parts = multitask_loss(outputs, batch, cfg.loss.detection_weight, "joint")
+    assert loss.dtype == parts["regression"].dtype == parts["detection"].dtype == torch.float32
     before = [p.detach().clone() for p in model.parameters()]
     stats = train_epoch(model, optimizer, [batch, batch], cfg, "joint", CPU)
     assert stats["steps"] == 2 and math.isfinite(stats["train_loss"])
