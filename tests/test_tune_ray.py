@@ -296,3 +296,52 @@ def test_searcher_state_reopens_the_study_where_this_machine_keeps_it(tmp_path, 
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{second}")
     assert [(t.number, t.state.name, t.value) for t in study.trials] == [(0, "COMPLETE", 110.0)]
     assert study.trials[0].intermediate_values == {1: 120.0, 2: 110.0}
+
+
+def pid_recording_trial(params, record_dir: str, **kwargs):
+    """raypose's Tune function, which first notes the process it runs in."""
+    from raypose.tune import train_driver_fn
+
+    Path(record_dir, f"{os.getpid()}-{time.time_ns()}").touch()
+    train_driver_fn(params, **kwargs)
+
+
+def test_a_stopped_trial_ends_its_run_and_hands_its_process_to_the_next(ray_local, tiny_data, tmp_path):
+    """Tune reuses a trial's process (reuse_actors, as run_sweep sets it). Each trial here is a
+    real Ray Train run of 200 epochs that Tune stops after its first result: fit_unless_stopped
+    must end the run within Tune's 2 s (else Tune replaces the process and the next trial gets a
+    new one), the second trial must run in the first one's process, and no Train worker may be
+    left training."""
+    from ray import tune
+    from ray.util.state import list_actors
+
+    from raypose.driver import prepare_data
+    from raypose.tune import TRIAL_DRIVER_MEMORY
+
+    cfg = tiny_config(tiny_data, str(tmp_path / "exp"), scaling__workers=1)
+    cfg.schedule.epochs = 200  # minutes of training unless the stop ends the run
+    records = tmp_path / "records"
+    records.mkdir()
+    trainable = tune.with_parameters(pid_recording_trial, record_dir=str(records),
+                                     base_config=cfg.to_dict(), experiment="stopped",
+                                     storage_env={}, data=prepare_data(cfg))
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    start = time.perf_counter()
+    grid = tune.Tuner(
+        trainable,
+        param_space={"lr": tune.grid_search([3e-4, 4e-4])},
+        # without fit_unless_stopped this experiment hangs (the second trial waits for the CPU
+        # that the first trial's run goes on holding); the time budget ends it so the test fails
+        tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True, time_budget_s=240),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="stopped", verbose=0,
+                                  stop={"epoch": 1}),
+    ).fit()
+    elapsed = time.perf_counter() - start
+    assert [len(r.metrics_dataframe) for r in grid] == [1, 1]  # each stopped after epoch 1
+    assert not any(r.error for r in grid)
+    pids = [p.name.split("-")[0] for p in sorted(records.iterdir(), key=lambda p: int(p.name.split("-")[1]))]
+    assert len(pids) == 2 and pids[0] == pids[1], f"the second trial ran in a new process: {pids}"
+    alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+             if a.class_name in ("RayTrainWorker", "TrainController")]
+    assert alive == [], f"Train actors left running: {alive}"
+    assert elapsed < 300, f"{elapsed:.0f} s: a stopped run went on training"
