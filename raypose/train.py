@@ -44,6 +44,7 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     startup_seconds, the wall time from it to their first training step. data: prepare_data's
     result when the caller has it already (a sweep computes it once on its driver)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # Ray: Train V2's trainer
 
     from raypose.backend import TorchBackendConfig
 
@@ -52,7 +53,7 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     if cfg.scaling.gpu:
         resources["GPU"] = 1
     workers = cfg.worker_range()
-    return _trainer_class()(  # Ray: the data-parallel run
+    return DataParallelTrainer(  # Ray: the data-parallel run
         train_func_per_worker,
         backend_config=TorchBackendConfig(),
         train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch,
@@ -77,38 +78,6 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
             worker_runtime_env={"env_vars": forwarded_env()},
         ),
     )
-
-
-def _trainer_class():
-    """Ray Train V2's DataParallelTrainer, which also hands out its run's controller actor
-    (`controller`, set once the run starts), so that a sweep's trial can end the run when Tune
-    ends the trial (raypose.tune.fit_unless_stopped). Ray's own method keeps the handle in a local
-    variable, reachable only by its SIGINT handler in the main thread, and a Tune function runs in
-    another thread; this is Ray 2.60's `_initialize_and_run_controller` with the handle kept."""
-    import threading
-
-    import ray
-    from ray.train.v2.api import data_parallel_trainer as ray_trainer
-
-    class Trainer(ray_trainer.DataParallelTrainer):
-        controller = None
-
-        def _initialize_and_run_controller(self, **controller_init_kwargs):
-            env_vars = ray_trainer.get_env_vars_to_propagate()
-            env_vars.setdefault(ray_trainer.RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
-                                ray_trainer.DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-            controller_cls = ray.remote(
-                num_cpus=0,  # on the node of the caller, as in Ray
-                label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
-                runtime_env={"env_vars": env_vars},
-            )(ray_trainer.TrainController)
-            self.controller = controller_cls.remote(**controller_init_kwargs)
-            if threading.current_thread() is threading.main_thread():
-                self._register_sigint_handler(self.controller)
-            ray.get(self.controller.run.remote())
-            return ray.get(self.controller.get_result.remote())
-
-    return Trainer
 
 
 def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = None):

@@ -75,49 +75,7 @@ def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_en
                             created_at=started,
                             # the driver's data summary holds unless the trial changed the data
                             data=data if cfg.to_dict()["data"] == base_config["data"] else None)
-    fit_unless_stopped(trainer)
-
-
-def fit_unless_stopped(trainer) -> None:
-    """trainer.fit(), ended early when Tune ends the trial.
-
-    Tune reuses a trial's process for the next trial (TuneConfig reuse_actors: no new process,
-    no imports, at every trial's start). When ASHA stops a trial, Tune keeps its process for reuse
-    and, when the next trial takes it, sets the session's stop event and waits 2 s
-    (TUNE_FUNCTION_THREAD_TIMEOUT_S) for this function to return; the Ray Train run would go on
-    training meanwhile, holding its CPUs, and past the 2 s Tune would replace the process after
-    all. So a watcher thread kills the run's controller actor as soon as the stop event is set;
-    the controller's workers go with it (Ray ends actors whose owner dies) and Ray Train's
-    placement-group cleaner removes the run's placement group. A stop ends the run without a
-    checkpoint, as a killed trial process did before."""
-    import threading
-
-    import ray
-    from ray.train._internal.session import get_session  # Ray: the Tune function's session
-
-    session = get_session()
-    stop_event = getattr(session, "stop_event", None)
-    done = threading.Event()
-
-    def end_run_when_stopped():
-        while not done.is_set():
-            if stop_event.wait(0.1):
-                while trainer.controller is None and not done.wait(0.1):
-                    pass  # stopped before the run's controller existed: end it once it does
-                if trainer.controller is not None:
-                    ray.kill(trainer.controller, no_restart=True)
-                return
-
-    if stop_event is not None:
-        threading.Thread(target=end_run_when_stopped, name="raypose-stop-watch", daemon=True).start()
-    try:
-        trainer.fit()  # Train V2 raises TrainingFailedError on failure, which fails this trial
-    except Exception:
-        if stop_event is None or not stop_event.is_set():
-            raise
-        # the run was ended because Tune ended the trial: not a failure
-    finally:
-        done.set()
+    trainer.fit()  # Train V2 raises TrainingFailedError on failure, which fails this trial
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,9 +394,6 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
             scheduler=make_scheduler(cfg.schedule.epochs, reference=paper_point),
             num_samples=samples,
             max_concurrent_trials=max_concurrent,
-            # one Tune function process per concurrent slot, reused by trial after trial
-            # (fit_unless_stopped ends a stopped trial's run so that its process can be reused)
-            reuse_actors=True,
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage_path,
                                   storage_filesystem=storage_fs, callbacks=callbacks,
