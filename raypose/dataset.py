@@ -270,7 +270,8 @@ class PoseDataset:
     Attributes: indices (sorted int64 file rows of the selection; a "position" indexes this array),
     action_names (sorted action strings of the whole file, so train and validation subsets of one
     file agree), sample_actions (int64 index into action_names per position), joint_names,
-    subjects (those in the selection), info (validate_file's summary), augmentation.
+    subjects (sorted names of those in the selection), sample_subjects (int64 index into subjects
+    per position), info (validate_file's summary), augmentation.
     """
 
     def __init__(self, path, subjects=None, exclude_subjects=None, actions=None, augment=False,
@@ -322,6 +323,7 @@ class PoseDataset:
         assert names.tolist() == self.action_names
         self.sample_actions = action_ids[indices].astype(np.int64)  # per selected sample
         self.subjects = sorted(set(subject_of_row[indices].tolist()))
+        self.sample_subjects = np.searchsorted(self.subjects, subject_of_row[indices]).astype(np.int64)
 
     # process-local file handle -------------------------------------------------------------------
     def _h5(self) -> h5py.File:

@@ -32,7 +32,7 @@ from raypose import checkpoint, datacache, storage, validate
 from raypose.config import ConfigError, config_from_dict
 from raypose.dataset import PoseDataset
 from raypose.loop import build_model, predict
-from raypose.metrics import grouped_report, mean_pose_baseline
+from raypose.metrics import body_size, grouped_report, mean_pose_baseline
 from raypose.skeleton import H36M_SKELETON
 
 # PAPER.md's results table (MPJPE mm, Human3.6M), printed beside ours for orientation
@@ -202,6 +202,9 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
             pred = predict(model, test, batch_size, device)
         actions = np.array(test.action_names)[pred["actions"]]
         report = build_report(pred, actions, test, train, loaded, ckpt_loc, target)
+        subjects = np.array(test.subjects)[test.sample_subjects[pred["positions"]]]
+        report["per_subject"] = per_subject(pred["pred_3d"], pred["gt_3d"], subjects,
+                                            train.root_relative_poses())
         # written into a folder beside --out and renamed into it file by file at the end, so a
         # failed evaluation leaves --out as it was and --force never mixes two reports
         with validate.staged_folder(out, OUTPUT_FILES) as stage:
@@ -313,6 +316,23 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
     return report
 
 
+def per_subject(pred_3d, gt_3d, subjects, train_poses) -> dict:
+    """MPJPE, N-MPJPE, P-MPJPE and the mean-pose baseline per test subject, with the subject's body
+    size (summed bone lengths) over the training poses' mean: a network that sees a centred crop
+    cannot tell a body's size, so a subject larger or smaller than the training subjects keeps an
+    error that N-MPJPE (scale aligned) and P-MPJPE remove and MPJPE does not."""
+    parents = H36M_SKELETON.parents
+    train_size = float(body_size(train_poses, parents).mean())
+    out = {}
+    for s in sorted(set(subjects.tolist())):
+        sel = subjects == s
+        m = grouped_report(pred_3d[sel], gt_3d[sel], np.zeros(int(sel.sum())), list(H36M_SKELETON.names))
+        out[str(s)] = {"count": int(sel.sum()), **m["overall"],
+                       "mean_pose_mpjpe": mean_pose_baseline(train_poses, gt_3d[sel]),
+                       "size_vs_train": float(body_size(gt_3d[sel], parents).mean()) / train_size}
+    return out
+
+
 def markdown_report(report: dict) -> str:
     actions = sorted(report["per_action"])
     lines = ["# raypose evaluation", "",
@@ -342,6 +362,17 @@ def markdown_report(report: dict) -> str:
     for method, row in PAPER_RESULTS.items():
         lines.append(f"| {method} | " + " | ".join(f"{row[a]:.2f}" if a in row else "-"
                                                   for a in paper_actions) + " |")
+    if report.get("per_subject"):
+        lines += ["", "## Per subject (mm)", "",
+                  "Body size: the subject's summed bone lengths over the training poses' mean. The "
+                  "network sees a centred crop, which does not show how large a body is, so a subject "
+                  "of another size keeps an error that N-MPJPE (scale aligned) removes.", "",
+                  "| subject | samples | body size | MPJPE | N-MPJPE | P-MPJPE | mean-pose baseline | ratio |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s, v in report["per_subject"].items():
+            lines.append(f"| {s} | {v['count']} | {v['size_vs_train']:.3f}x | {v['mpjpe']:.2f} | "
+                         f"{v['n_mpjpe']:.2f} | {v['p_mpjpe']:.2f} | {v['mean_pose_mpjpe']:.2f} | "
+                         f"{v['mpjpe'] / v['mean_pose_mpjpe']:.2f}x |")
     lines += ["", "## Per joint (mm)", "",
               "| joint | MPJPE | P-MPJPE | N-MPJPE |", "|---|---|---|---|"]
     pj = report["per_joint"]

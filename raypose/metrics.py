@@ -75,6 +75,16 @@ def mean_pose_baseline(train_poses: np.ndarray, test_poses: np.ndarray) -> float
     return mpjpe(np.broadcast_to(mean_pose, test_poses.shape).copy(), test_poses)
 
 
+def body_size(poses: np.ndarray, parents) -> np.ndarray:
+    """Each pose's summed bone length (mm): the size of the body, whatever its pose.
+    poses: [N, K, 3]; parents[k] is joint k's parent, -1 for the root -> [N]."""
+    poses = np.asarray(poses, dtype=np.float64)
+    bones = [(k, p) for k, p in enumerate(parents) if p >= 0]
+    child = [k for k, _ in bones]
+    parent = [p for _, p in bones]
+    return np.linalg.norm(poses[:, child] - poses[:, parent], axis=-1).sum(axis=1)
+
+
 def grouped_report(pred: np.ndarray, gt: np.ndarray, groups, joint_names) -> dict:
     """MPJPE, P-MPJPE and N-MPJPE per group (e.g. action), per joint, and the mean over groups.
 

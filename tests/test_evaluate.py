@@ -231,7 +231,7 @@ def test_report_and_figures_locally_and_in_the_bucket(s3, evaluated):
 
     md = (out / "report.md").read_text()
     for text in ("| raypose |", "| raypose P-MPJPE |", "| raypose N-MPJPE |", "| mean-pose baseline |",
-                 "## Per joint (mm)", "Detection head", f"s3://{CKPT}", "skeletons.png", remote):
+                 "## Per joint (mm)", "## Per subject (mm)", "Detection head", f"s3://{CKPT}", "skeletons.png", remote):
         assert text in md, text
     for action in test_actions:
         assert action in md
@@ -264,7 +264,7 @@ def test_picture_check_rejects_blank_images():
 def test_report_numbers_equal_raypose_metrics(s3, trained, evaluated, tiny_data, tmp_path):
     from raypose.dataset import PoseDataset
     from raypose.loop import build_model, predict
-    from raypose.metrics import grouped_report, mean_pose_baseline
+    from raypose.metrics import grouped_report, mean_pose_baseline, mpjpe
     from raypose.skeleton import H36M_SKELETON
 
     report, out = evaluated
@@ -286,6 +286,22 @@ def test_report_numbers_equal_raypose_metrics(s3, trained, evaluated, tiny_data,
 
     # 1. the predictions evaluate wrote
     compare(*expected(saved["pred_3d"], saved["gt_3d"], saved["actions"]))
+
+    # per subject: each test subject's rows, found from the file's own subject column
+    import h5py
+
+    test_file = PoseDataset(str(Path(tiny_data) / "test.h5"), augment=False)
+    with h5py.File(test_file.path, "r") as f:
+        row_subjects = f["subject"].asstr()[:][test_file.indices[saved["positions"]]]
+    assert set(report["per_subject"]) == set(row_subjects.tolist()) and len(report["per_subject"]) == 2
+    assert sum(v["count"] for v in report["per_subject"].values()) == report["test_samples"]
+    for name, row in report["per_subject"].items():
+        sel = row_subjects == name
+        assert row["count"] == int(sel.sum())
+        assert row["mpjpe"] == pytest.approx(mpjpe(saved["pred_3d"][sel], saved["gt_3d"][sel]), rel=1e-9)
+        assert row["mean_pose_mpjpe"] == pytest.approx(mean_pose_baseline(train_poses, saved["gt_3d"][sel]),
+                                                       rel=1e-9)
+        assert 0.8 < row["size_vs_train"] < 1.25  # synthetic bodies: 0.9 to 1.1 of the mean adult
 
     # 2. predictions made here from the checkpoint in the bucket, with the model rebuilt from its
     #    own config: the same predictions, hence the same numbers
@@ -691,3 +707,26 @@ def test_missing_uri_and_bad_best_json(s3, tmp_path):
     s3.pipe(f"{BUCKET}/notjson/best.json", b'{"experiment": ')
     expect_refusal(s3, f"s3://{BUCKET}/notjson", EvaluationError, tmp_path,
                    f"s3://{BUCKET}/notjson/best.json", "is not JSON")
+
+
+def test_per_subject_shows_a_body_larger_than_the_training_bodies():
+    """A test subject 10 % larger than every training body, predicted as the training mean pose
+    of its own shape: its size reads 1.1x, and the error that is only scale disappears under
+    N-MPJPE while MPJPE keeps it."""
+    from raypose.skeleton import H36M_SKELETON
+
+    rng = np.random.default_rng(5)
+    train = rng.normal(scale=200, size=(40, 17, 3))
+    train -= train[:, :1]
+    gt = np.concatenate([1.1 * train[:10], train[:10]])  # the same poses, S9's body 10 % larger
+    pred = np.concatenate([train[:10], train[:10]])  # the right shape at the training size
+    subjects = np.array(["S9"] * 10 + ["S11"] * 10)
+    rows = evaluate.per_subject(pred, gt, subjects, train)
+    assert list(rows) == ["S11", "S9"]
+    assert rows["S9"]["count"] == 10 and rows["S11"]["count"] == 10
+    assert rows["S9"]["size_vs_train"] == pytest.approx(1.1 * rows["S11"]["size_vs_train"], rel=1e-9)
+    assert rows["S9"]["mpjpe"] > 10 and rows["S9"]["n_mpjpe"] == pytest.approx(0, abs=1e-6)
+    assert rows["S11"]["mpjpe"] == pytest.approx(0, abs=1e-9)
+    md = evaluate.markdown_report({**_report_for_markdown({"walk": 1.0}, {"walk": 2.0}, 2.0),
+                                   "per_subject": rows})
+    assert "## Per subject (mm)" in md and "| S9 | 10 |" in md

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from raypose.metrics import (align, grouped_report, mean_pose_baseline, mpjpe, n_mpjpe, p_mpjpe,
+from raypose.metrics import (align, body_size, grouped_report, mean_pose_baseline, mpjpe, n_mpjpe, p_mpjpe,
                              per_joint_error)
 
 
@@ -172,3 +172,12 @@ def test_unknown_alignment_raises():
         align(TETRAHEDRON, TETRAHEDRON, "rigid")
     with pytest.raises(ValueError, match="unknown alignment"):
         per_joint_error(TETRAHEDRON, TETRAHEDRON, "Procrustes")
+
+
+def test_body_size_sums_bone_lengths_and_ignores_the_pose():
+    # a chain root -> 1 -> 2 with bones of 30 and 40 mm, and joint 3 hanging off the root (50 mm)
+    parents = (-1, 0, 1, 0)
+    stretched = np.array([[[0, 0, 0], [30, 0, 0], [30, 40, 0], [0, 0, 50]]], dtype=float)
+    bent = np.array([[[5, 5, 5], [5, 35, 5], [5, 35, 45], [-45, 5, 5]]], dtype=float)
+    assert body_size(stretched, parents) == pytest.approx([120])
+    assert body_size(np.concatenate([stretched, 2 * bent]), parents) == pytest.approx([120, 240])
