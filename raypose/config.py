@@ -90,6 +90,10 @@ class OptimConfig:
     lr: float = 3e-4
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
+    # constant: lr throughout; cosine: the rate falls from lr to 0 along a half cosine over each
+    # stage's epochs (the joint schedule's, or each stage of the pretrain schedule), set before
+    # every step. raypose/loop.py: lr_factor; measured in README, "Training".
+    lr_schedule: str = "constant"
 
 
 @dataclass
@@ -181,6 +185,8 @@ class Config:
              "data.val_subjects", "must list at least one subject, e.g. S8"),
             (self.optim.name in ("adam", "sgd"), "optim.name", "must be adam or sgd"),
             (self.optim.lr > 0, "optim.lr", "must be > 0"),
+            (self.optim.lr_schedule in ("cosine", "constant"), "optim.lr_schedule",
+             "must be cosine or constant"),
             (0.0 <= self.optim.momentum < 1.0, "optim.momentum", "must be in [0, 1)"),
             (self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
             (self.loss.detection_weight >= 0, "loss.detection_weight", "must be >= 0"),

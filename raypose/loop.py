@@ -2,6 +2,7 @@
 and the learnability test.  No Ray here: every function takes the rank and world size it needs."""
 
 import functools
+import math
 import time
 from contextlib import nullcontext
 
@@ -26,6 +27,36 @@ def stage_for_epoch(cfg: Config, epoch: int) -> str:
 def regression_epochs_done(cfg: Config, epochs_done: int) -> int:
     """How many epochs the current regression head has trained (ASHA's time axis)."""
     return max(0, epochs_done - cfg.pretrain_epochs())
+
+
+def stage_epochs(cfg: Config, stage: str) -> tuple:
+    """(first epoch, number of epochs) of a stage: the whole run for 'joint', the detection
+    stage's epochs and then the regression stage's for the pretrain schedule."""
+    pretrain = cfg.pretrain_epochs()
+    if stage == "detection":
+        return 0, pretrain
+    if stage == "regression":
+        return pretrain, cfg.schedule.epochs - pretrain
+    return 0, cfg.schedule.epochs
+
+
+def lr_factor(cfg: Config, stage: str, epoch: int, fraction: float = 0.0) -> float:
+    """The share of cfg.optim.lr to train with at `fraction` (0 to 1) of the way through epoch
+    `epoch` (0-based) of `stage`: 1 for a constant schedule; for cosine, a half cosine from 1 at
+    the stage's start to 0 at its end. A function of the epoch and the step alone (no state), so
+    a resumed run and an elastic group that changed size continue on the same curve."""
+    if cfg.optim.lr_schedule == "constant":
+        return 1.0
+    first, count = stage_epochs(cfg, stage)
+    t = min(max((epoch - first + fraction) / max(count, 1), 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def steps_in_epoch(dataset_len: int, cfg: Config, world_size: int = 1) -> int:
+    """The steps each rank takes in one training epoch (epoch_batches: drop_last shards)."""
+    n = dataset_len
+    m = cfg.data.epoch_samples if 0 < cfg.data.epoch_samples < n else n
+    return (m // world_size) // cfg.data.batch_size
 
 
 def build_model(cfg: Config, stage: str) -> LiChanNet:
@@ -91,18 +122,28 @@ def maybe_compile(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
 
 
 def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torch.device,
-                max_steps: int = 0, world_size: int = 1) -> dict:
+                max_steps: int = 0, world_size: int = 1, epoch: int | None = None,
+                epoch_steps: int = 0) -> dict:
     """One pass over `batches` (training tensors already on device); returns the mean loss parts
     over all ranks, the samples this rank saw and the seconds spent.
+
+    With `epoch` (0-based) and `epoch_steps` (the steps this epoch takes, steps_in_epoch), the learning
+    rate follows cfg.optim.lr_schedule, set before every step (lr_factor); without them it stays
+    as the optimiser has it (the benchmarks).
 
     The step loop never waits for the device: loss sums stay on it and are read (and, with a
     process group of world_size > 1, all-reduced) once, after the last step."""
     model.train()
+    scheduled = epoch is not None and epoch_steps > 0 and cfg.optim.lr_schedule != "constant"
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, regression, detection
     zero = torch.zeros((), device=device)
     steps = samples = 0
     start = time.perf_counter()
     for batch in batches:
+        if scheduled:
+            lr = cfg.optim.lr * lr_factor(cfg, stage, epoch, min(steps / epoch_steps, 1.0))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         with autocast_for(device, cfg.scaling.amp):
             outputs = model(batch["image"])
         loss, parts = multitask_loss(outputs, batch, cfg.loss.detection_weight, stage)

@@ -15,7 +15,8 @@ import torch
 from raypose import checkpoint
 from raypose.config import config_from_dict
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
-                          regression_epochs_done, stage_for_epoch, train_epoch, validate)
+                          regression_epochs_done, stage_for_epoch, steps_in_epoch, train_epoch,
+                          validate)
 from raypose.model import regression_from_pretrained
 
 CHECKPOINT_PREFIX = "epoch_"
@@ -100,7 +101,8 @@ def train_loop(loop_config: dict) -> None:
             # wall clock from the trainer's creation (on the driver) to the first step
             startup_seconds = time.time() - loop_config["trainer_created_at"]
         epoch_start = time.perf_counter()
-        stats = train_epoch(train_model, optimizer, batches, cfg, stage, device, world_size=world_size)
+        stats = train_epoch(train_model, optimizer, batches, cfg, stage, device, world_size=world_size,
+                            epoch=epoch, epoch_steps=steps_in_epoch(len(train_set), cfg, world_size))
         val = validate(model, val_set, cfg.data.batch_size, device, cfg, rank, world_size)
         epochs_done = epoch + 1
         metrics = {
