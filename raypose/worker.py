@@ -114,6 +114,9 @@ def train_loop(loop_config: dict) -> None:
             "workers": world_size,
             "node_id": ray.get_runtime_context().get_node_id(),
             "epoch_seconds": time.perf_counter() - epoch_start,
+            # wall clock when this rank finished the epoch: the controller sees a report only
+            # after the checkpoint upload, which can end seconds later
+            "epoch_ended_at": time.time(),
             "stage": stage,
             "regression_epochs": regression_epochs_done(cfg, epochs_done),
             "has_regression_head": model.regression is not None,
