@@ -129,12 +129,11 @@ def bench_func_per_worker(loop_config: dict) -> None:
 def ray_samples_per_s(cfg: Config, device: torch.device, steps: int, warmup: int,
                       threads: int) -> tuple:
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
     from raypose.backend import TorchBackendConfig
+    from raypose.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = DataParallelTrainer(  # as raypose.train builds it
+        trainer = Trainer(  # as raypose.train builds it
             bench_func_per_worker,
             backend_config=TorchBackendConfig(),
             train_loop_config={"config": cfg.to_dict(), "steps": steps, "warmup": warmup,

@@ -44,16 +44,15 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     startup_seconds, the wall time from it to their first training step. data: prepare_data's
     result when the caller has it already (a sweep computes it once on its driver)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # Ray: Train V2's trainer
-
     from raypose.backend import TorchBackendConfig
+    from raypose.trainer import Trainer  # Ray Train V2's DataParallelTrainer, less an unused actor
 
     storage_path, storage_fs = storage.ray_storage(loc)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.gpu:
         resources["GPU"] = 1
     workers = cfg.worker_range()
-    return DataParallelTrainer(  # Ray: the data-parallel run
+    return Trainer(  # Ray: the data-parallel run
         train_func_per_worker,
         backend_config=TorchBackendConfig(),
         train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch,

@@ -20,7 +20,7 @@ def _run(code: str, stdin: bytes = b"") -> str:
 
 def test_driver_modules_do_not_import_torch():
     # what a sweep trial's driver imports (raypose.tune.train_driver_fn -> raypose.train)
-    out = _run("import sys, raypose.tune, raypose.train, raypose.backend, raypose.cli\n"
+    out = _run("import sys, raypose.tune, raypose.train, raypose.backend, raypose.trainer, raypose.cli\n"
                "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     assert out == "[]"
 

@@ -82,6 +82,12 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     assert first["state"]["metrics"]["val_mpjpe"] == first["state"]["metrics"]["val_mean_pose_mpjpe"]
     assert first["state"]["metrics"]["has_regression_head"] is False
     assert second["state"]["metrics"]["regression_epochs"] == 1
+    # the run started Train V2's controller but not its Ray Data actor (raypose.trainer)
+    from ray.util.state import list_actors
+
+    classes = {a.class_name for a in list_actors(detail=True, limit=1000)}
+    assert "TrainController" in classes, classes
+    assert "DatasetManager" not in classes, classes
 
 
 @pytest.mark.slow
