@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from raypose.config import Config
-from raypose.dataset import PoseDataset, batch_chunks, device_batches, iterate_batches
+from raypose.dataset import (PoseDataset, batch_chunks, device_batches, iterate_batches,
+                             shard_positions)
 from raypose.losses import multitask_loss
 from raypose.model import LiChanNet
 from raypose.skeleton import OFFSET_SCALE_MM, from_parent_relative
@@ -53,10 +54,12 @@ def lr_factor(cfg: Config, stage: str, epoch: int, fraction: float = 0.0) -> flo
 
 
 def steps_in_epoch(dataset_len: int, cfg: Config, world_size: int = 1) -> int:
-    """The steps each rank takes in one training epoch (epoch_batches: drop_last shards)."""
-    n = dataset_len
-    m = cfg.data.epoch_samples if 0 < cfg.data.epoch_samples < n else n
-    return (m // world_size) // cfg.data.batch_size
+    """The steps each rank takes in one training epoch: epoch_batches' shard (drop_last), cut into
+    whole batches. Every epoch and rank has the same count; its shard's length is taken from
+    shard_positions itself, unshuffled, so the two cannot disagree on the rule."""
+    shard = shard_positions(dataset_len, False, 0, 0, 0, world_size, drop_last=True,
+                            epoch_samples=cfg.data.epoch_samples)
+    return len(shard) // cfg.data.batch_size
 
 
 def build_model(cfg: Config, stage: str) -> LiChanNet:

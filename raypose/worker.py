@@ -82,6 +82,7 @@ def train_loop(loop_config: dict) -> None:
     train_model = maybe_compile(_wrap_ddp(model, device, world_size), cfg)
     startup_seconds = None
     upload = _upload_manifest_last(ctx.get_storage())
+    epoch_steps = steps_in_epoch(len(train_set), cfg, world_size)  # the same for every epoch
 
     for epoch in range(start_epoch, cfg.schedule.epochs):
         stage = stage_for_epoch(cfg, epoch)
@@ -102,7 +103,7 @@ def train_loop(loop_config: dict) -> None:
             startup_seconds = time.time() - loop_config["trainer_created_at"]
         epoch_start = time.perf_counter()
         stats = train_epoch(train_model, optimizer, batches, cfg, stage, device, world_size=world_size,
-                            epoch=epoch, epoch_steps=steps_in_epoch(len(train_set), cfg, world_size))
+                            epoch=epoch, epoch_steps=epoch_steps)
         val = validate(model, val_set, cfg.data.batch_size, device, cfg, rank, world_size)
         epochs_done = epoch + 1
         metrics = {
