@@ -141,3 +141,35 @@ def tiny_config(data_dir, storage_uri, name="run", **sets):
     for key, value in sets.items():
         set_value(cfg, key.replace("__", "."), value, "test")
     return cfg.validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# The end of the test process
+#
+# This one process starts and stops a Ray driver (ray.init / ray.shutdown, Cluster) dozens of
+# times, which Ray's C++ core worker is not built for: threads of a shut-down session can outlive
+# it (ray-project/ray#31145). Once in CI, after every test had passed and pytest had printed its
+# summary, the process died of a segmentation fault (exit 139) while the interpreter tore down
+# its modules and extension libraries. The result of the run is pytest's exit status: once pytest
+# is done, the process runs the atexit handlers, flushes its output and ends with that status,
+# without the teardown. Nothing a test checks happens there. A crash during the tests still
+# fails the run (pytest's faulthandler prints the threads' tracebacks).
+_SESSION = []
+
+
+def pytest_sessionstart(session):
+    _SESSION.append(session)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if not _SESSION:
+        return
+    import atexit
+    import sys
+
+    status = int(_SESSION[0].exitstatus)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -68,6 +68,10 @@ class CountingProxy:
 
     def close(self):
         self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(), which close() alone does not
+        except OSError:
+            pass
         self._listener.close()
         for s in self._sockets:
             try:

@@ -46,6 +46,10 @@ class TcpProxy:
 
     def close(self) -> None:
         self._closed = True
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(), which close() alone does not
+        except OSError:
+            pass
         self.listener.close()
         self._reset_all()
 

@@ -8,6 +8,7 @@ sees.  Everything is real: HDF5 files made with h5py (and one cut in half), byte
 UTF-8, loopback TCP sockets that accept and never answer, ports where nothing listens.
 """
 
+import contextlib
 import hashlib
 import math
 import os
@@ -63,6 +64,8 @@ class SilentServer:
             self.held.append(conn)
 
     def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept(), which close() alone does not
         self.sock.close()
         for conn in self.held:
             conn.close()
