@@ -14,7 +14,8 @@ import time
 from raypose import console, nodes, storage
 from raypose import validate
 from raypose.config import Config, ConfigError, load_config, set_workers
-from raypose.driver import check_resources, forwarded_env, init_ray, preflight, prepare_data
+from raypose.driver import (check_resources, check_state_api, forwarded_env, init_ray, preflight,
+                             prepare_data)
 
 # ----------------------------------------------------------------------------------------------
 # Runs on each Ray Train worker: raypose.worker, imported there (it imports torch)
@@ -83,6 +84,7 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
     """Checks, then the trainer; returns Ray's Result."""
     loc = preflight(cfg)
     init_ray(address, command="train")
+    check_state_api("train")
     check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")
     nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
     trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)

@@ -578,7 +578,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     continues that sweep when it exists and starts it otherwise. samples, max_concurrent and
     study_url: None means the default for a new sweep, the stored value on resume (where any
     other value is refused)."""
-    from raypose.driver import check_resources, init_ray, preflight
+    from raypose.driver import check_resources, check_state_api, init_ray, preflight
 
     space = load_space(space_path)
     if samples is not None and samples < 1:
@@ -619,6 +619,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         check_no_stale_study(study_url, name)
     console.sweep_mode()
     init_ray(address, command="tune")
+    check_state_api("tune")
     capacity = check_resources(
         cfg, "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial",
         what="one trial")
