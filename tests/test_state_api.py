@@ -3,7 +3,11 @@ without doing so (a trial that ASHA stops): a sweep refuses a cluster without it
 trial starts, and a single run says so in one line. Real clusters: one head without its
 dashboard (ray.cluster_utils.Cluster), and the local instance with it."""
 
+from pathlib import Path
+
 from conftest import ray_cluster
+
+SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 
 
 def test_a_sweep_refuses_a_cluster_without_a_dashboard(tiny_data, tmp_path, capsys):
@@ -14,7 +18,7 @@ def test_a_sweep_refuses_a_cluster_without_a_dashboard(tiny_data, tmp_path, caps
     with ray_cluster({"num_cpus": 1, "include_dashboard": False}):
         assert not state_api_available()
         capsys.readouterr()  # Ray's own lines from connecting
-        code = cli.main(["tune", "--space", "search_spaces/smoke.yaml", "--data", str(tiny_data),
+        code = cli.main(["tune", "--space", str(SMOKE), "--data", str(tiny_data),
                          "--storage", str(storage), "--name", "sweep", "--samples", "2",
                          "--epochs", "2"])
         err = capsys.readouterr().err.strip().splitlines()
