@@ -15,6 +15,9 @@ from raypose import checkpoint, datacache, storage
 from raypose.config import Config, ConfigError
 from raypose.metrics import mean_pose_baseline
 
+# Ray Train V2's switch for its per-run PreemptionWatcher (ray/train/v2/_internal/constants.py)
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
 
 # ----------------------------------------------------------------------------------------------
 # Before Ray starts: config, data, storage, resume
@@ -171,6 +174,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, command: s
         # itself: on the 2-core machine `raypose bench train` measured the Ray Train loop at 0.92x
         # the plain loop at 15 and 0.97x-1.00x at 0 (README, Speed). A value set by the user is kept.
         os.environ.setdefault("RAY_worker_niceness", "0")
+        # Train V2 gives every run a PreemptionWatcher actor (one more process that imports Ray
+        # Train, then polls the GCS every 5 s) to notice nodes that an autoscaler drains. An
+        # instance raypose starts is one node that nothing drains; off unless the user set it.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     console.route_ray_output(command)
 

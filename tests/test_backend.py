@@ -64,3 +64,32 @@ def test_local_instance_runs_workers_at_niceness_0(tmp_path):
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert done.stdout.decode().split()[-1] == "0"
+
+
+def test_local_instance_runs_without_preemption_watcher(tmp_path):
+    # Train V2 gives every run a PreemptionWatcher actor (one more process per run) unless
+    # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER is off; raypose's own one-node instance turns it off,
+    # and a value the user set is kept. A real run of raypose's trainer on a fresh instance,
+    # whose actors are then listed: the controller and the worker, no watcher.
+    import os
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+    code = ("import ray\n"
+            "from ray.train import RunConfig, ScalingConfig\n"
+            "from ray.util.state import list_actors\n"
+            "from raypose.driver import init_ray\n"
+            "from raypose.trainer import Trainer\n"
+            "init_ray(num_cpus=1, command='test')\n"
+            "try:\n"
+            "    Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),\n"
+            f"            run_config=RunConfig(name='w', storage_path={str(tmp_path)!r})).fit()\n"
+            "    print(sorted({a.class_name for a in list_actors(limit=1000)}))\n"
+            "finally:\n"
+            "    ray.shutdown()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=240, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    classes = done.stdout.decode().strip().splitlines()[-1]
+    assert "TrainController" in classes and "RayTrainWorker" in classes, classes
+    assert "PreemptionWatcher" not in classes, classes
