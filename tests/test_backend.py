@@ -49,27 +49,31 @@ def test_config_matches_ray_torch_config_fields():
 def test_local_instance_runs_workers_at_niceness_0(tmp_path):
     # Ray's default runs worker processes at niceness 15, below its daemons; raypose's local
     # instance runs them at 0 (they are the training). A fresh process keeps this test's
-    # environment (and any earlier Ray instance of the pytest process) out of it.
+    # environment (and any earlier Ray instance of the pytest process) out of it. The Train V2
+    # preemption watcher, which the local instance turns off (next test), stays on when the user
+    # says so.
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness" and k != "RAY_ADDRESS"}
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
     code = ("import os, ray\n"
             "from raypose.driver import init_ray\n"
             "init_ray(num_cpus=1, command='test')\n"
             "try:\n"
-            "    print(ray.get(ray.remote(lambda: os.nice(0)).remote()))\n"
+            "    print(*ray.get(ray.remote(lambda: (os.nice(0), os.environ.get(\n"
+            "        'RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'))).remote()))\n"
             "finally:\n"
             "    ray.shutdown()\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=180, env=env,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert done.stdout.decode().split()[-1] == "0"
+    assert done.stdout.decode().strip().splitlines()[-1].split() == ["0", "1"]
 
 
 def test_local_instance_runs_without_preemption_watcher(tmp_path):
     # Train V2 gives every run a PreemptionWatcher actor (one more process per run) unless
-    # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER is off; raypose's own one-node instance turns it off,
-    # and a value the user set is kept. A real run of raypose's trainer on a fresh instance,
+    # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER is off; raypose's own one-node instance turns it off
+    # (a value the user set is kept: the test above). A real run of raypose's trainer on a fresh instance,
     # whose actors are then listed: the controller and the worker, no watcher.
     import os
 
