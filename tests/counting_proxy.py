@@ -9,6 +9,8 @@ import socket
 import threading
 import time
 
+from tcp_proxy import close_listener
+
 BLOCK = 64 * 1024
 
 
@@ -68,11 +70,7 @@ class CountingProxy:
 
     def close(self):
         self._closed = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(), which close() alone does not
-        except OSError:
-            pass
-        self._listener.close()
+        close_listener(self._listener)
         for s in self._sockets:
             try:
                 s.close()

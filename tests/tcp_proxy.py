@@ -14,6 +14,16 @@ import threading
 import time
 
 
+def close_listener(sock: socket.socket) -> None:
+    """Closes a listening socket so that a thread blocked in its accept() returns: on Linux
+    close() alone does not wake it, shutdown() does."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class TcpProxy:
     def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
         self.target = (target_host, target_port)
@@ -46,11 +56,7 @@ class TcpProxy:
 
     def close(self) -> None:
         self._closed = True
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept(), which close() alone does not
-        except OSError:
-            pass
-        self.listener.close()
+        close_listener(self.listener)
         self._reset_all()
 
     @staticmethod

@@ -8,7 +8,6 @@ sees.  Everything is real: HDF5 files made with h5py (and one cut in half), byte
 UTF-8, loopback TCP sockets that accept and never answer, ports where nothing listens.
 """
 
-import contextlib
 import hashlib
 import math
 import os
@@ -25,6 +24,7 @@ import pytest
 
 from raypose import cli
 from raypose.validate import NAME_PATTERN, check_name, InputError, ray_address
+from tcp_proxy import close_listener
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SPACE = REPO / "search_spaces" / "smoke.yaml"
@@ -64,9 +64,7 @@ class SilentServer:
             self.held.append(conn)
 
     def close(self):
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accept(), which close() alone does not
-        self.sock.close()
+        close_listener(self.sock)
         for conn in self.held:
             conn.close()
 
