@@ -3,12 +3,15 @@ importing torch (each such import cost a trial seconds of start-up before its fi
 process groups it sets up are exercised by the multi-worker runs in test_train_ray.py and
 test_cluster_ray.py."""
 
+import os
 import subprocess
 import sys
+import textwrap
 
 from ray import cloudpickle  # what Ray pickles with
 
 from raypose.backend import TorchBackendConfig
+from raypose.driver import PREEMPTION_WATCHER_ENV
 from raypose.train import train_func_per_worker
 
 
@@ -46,54 +49,52 @@ def test_config_matches_ray_torch_config_fields():
     assert ours.to_dict() == rays.to_dict()
 
 
-def test_local_instance_runs_workers_at_niceness_0(tmp_path):
-    # Ray's default runs worker processes at niceness 15, below its daemons; raypose's local
-    # instance runs them at 0 (they are the training). A fresh process keeps this test's
-    # environment (and any earlier Ray instance of the pytest process) out of it. The Train V2
-    # preemption watcher, which the local instance turns off (next test), stays on when the user
-    # says so.
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "RAY_worker_niceness" and k != "RAY_ADDRESS"}
-    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
-    code = ("import os, ray\n"
+def _on_fresh_local_instance(body: str, env: dict, cwd, timeout: int) -> str:
+    """Runs body (Python source, `ray` imported) in a new process on a Ray instance that
+    raypose.driver.init_ray starts there, and returns the last line it printed. The new process
+    keeps this test's environment (and any earlier Ray instance of the pytest process) out."""
+    code = ("import ray\n"
             "from raypose.driver import init_ray\n"
             "init_ray(num_cpus=1, command='test')\n"
             "try:\n"
-            "    print(*ray.get(ray.remote(lambda: (os.nice(0), os.environ.get(\n"
-            "        'RAY_TRAIN_ENABLE_PREEMPTION_WATCHER'))).remote()))\n"
+            + textwrap.indent(body, "    ") +
             "finally:\n"
             "    ray.shutdown()\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=180, env=env,
-                          cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout,
+                          env=env, cwd=cwd)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert done.stdout.decode().strip().splitlines()[-1].split() == ["0", "1"]
+    return done.stdout.decode().strip().splitlines()[-1]
+
+
+def _environment_without(*names: str) -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *names)}
+
+
+def test_local_instance_runs_workers_at_niceness_0(tmp_path):
+    # Ray's default runs worker processes at niceness 15, below its daemons; raypose's local
+    # instance runs them at 0 (they are the training). The Train V2 preemption watcher, which the
+    # local instance turns off (next test), stays on when the user says so.
+    env = _environment_without("RAY_worker_niceness")
+    env[PREEMPTION_WATCHER_ENV] = "1"
+    last = _on_fresh_local_instance(
+        "import os\n"
+        "print(*ray.get(ray.remote(lambda: (os.nice(0), os.environ.get(\n"
+        f"    {PREEMPTION_WATCHER_ENV!r}))).remote()))\n", env, tmp_path, timeout=180)
+    assert last.split() == ["0", "1"]
 
 
 def test_local_instance_runs_without_preemption_watcher(tmp_path):
     # Train V2 gives every run a PreemptionWatcher actor (one more process per run) unless
     # RAY_TRAIN_ENABLE_PREEMPTION_WATCHER is off; raypose's own one-node instance turns it off
-    # (a value the user set is kept: the test above). A real run of raypose's trainer on a fresh instance,
-    # whose actors are then listed: the controller and the worker, no watcher.
-    import os
-
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
-    code = ("import ray\n"
-            "from ray.train import RunConfig, ScalingConfig\n"
-            "from ray.util.state import list_actors\n"
-            "from raypose.driver import init_ray\n"
-            "from raypose.trainer import Trainer\n"
-            "init_ray(num_cpus=1, command='test')\n"
-            "try:\n"
-            "    Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),\n"
-            f"            run_config=RunConfig(name='w', storage_path={str(tmp_path)!r})).fit()\n"
-            "    print(sorted({a.class_name for a in list_actors(limit=1000)}))\n"
-            "finally:\n"
-            "    ray.shutdown()\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=240, env=env,
-                          cwd=tmp_path)
-    assert done.returncode == 0, done.stderr.decode()[-2000:]
-    classes = done.stdout.decode().strip().splitlines()[-1]
+    # (a value the user set is kept: the test above). A real run of raypose's trainer on a fresh
+    # instance, whose actors are then listed: the controller and the worker, no watcher.
+    classes = _on_fresh_local_instance(
+        "from ray.train import RunConfig, ScalingConfig\n"
+        "from ray.util.state import list_actors\n"
+        "from raypose.trainer import Trainer\n"
+        "Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1),\n"
+        f"        run_config=RunConfig(name='w', storage_path={str(tmp_path)!r})).fit()\n"
+        "print(sorted({a.class_name for a in list_actors(limit=1000)}))\n",
+        _environment_without(PREEMPTION_WATCHER_ENV), tmp_path, timeout=240)
     assert "TrainController" in classes and "RayTrainWorker" in classes, classes
     assert "PreemptionWatcher" not in classes, classes
