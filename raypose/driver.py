@@ -213,9 +213,9 @@ def state_api_available() -> bool:
     return True
 
 
-def check_state_api(command: str) -> None:
-    """A sweep refuses a cluster without the State API (its stopped trials would keep their
-    resources until the sweep stalls); a single run says so in one line and goes on."""
+def check_state_api(sweep: bool) -> None:
+    """A sweep (sweep=True) refuses a cluster without the State API (its stopped trials would
+    keep their resources until the sweep stalls); a single run says so in one line and goes on."""
     if state_api_available():
         return
     import ray
@@ -225,7 +225,7 @@ def check_state_api(command: str) -> None:
            "ASHA stops, an interrupted driver) through the State API, which the dashboard serves")
     fix = ("start the head with its dashboard (`ray start --head` without "
            "--include-dashboard=false, with ray[default] installed)")
-    if command == "tune":
+    if sweep:
         raise ClusterError(f"{where} has no dashboard (no State API): {why}, so a sweep would "
                            f"stall once stopped trials hold all of them; {fix}")
     print(f"[raypose] warning: {where} has no dashboard (no State API): {why}; if this run is "

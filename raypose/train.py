@@ -84,7 +84,7 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
     """Checks, then the trainer; returns Ray's Result."""
     loc = preflight(cfg)
     init_ray(address, command="train")
-    check_state_api("train")
+    check_state_api(sweep=False)
     check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")
     nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
     trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)

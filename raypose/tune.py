@@ -619,7 +619,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         check_no_stale_study(study_url, name)
     console.sweep_mode()
     init_ray(address, command="tune")
-    check_state_api("tune")
+    check_state_api(sweep=True)
     capacity = check_resources(
         cfg, "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial",
         what="one trial")

@@ -23,7 +23,7 @@ def test_a_sweep_refuses_a_cluster_without_a_dashboard(tiny_data, tmp_path, caps
                          "--epochs", "2"])
         err = capsys.readouterr().err.strip().splitlines()
         # a single run goes on, with one warning line
-        check_state_api("train")
+        check_state_api(sweep=False)
         out = capsys.readouterr().out.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "has no dashboard (no State API)" in err[0], err
@@ -36,4 +36,4 @@ def test_the_local_instance_serves_the_state_api(ray_local):
     from raypose.driver import check_state_api, state_api_available
 
     assert state_api_available()
-    check_state_api("tune")  # does not raise
+    check_state_api(sweep=True)  # does not raise
