@@ -17,6 +17,10 @@ from raypose.metrics import mean_pose_baseline
 
 # Ray Train V2's switch for its per-run PreemptionWatcher (ray/train/v2/_internal/constants.py)
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# How often Ray Train's controller polls its workers for reports and for the end of the run
+# (Ray's default 2 s); raypose.train.build_trainer sets raypose's default
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+HEALTH_CHECK_INTERVAL_S = "0.5"
 
 
 # ----------------------------------------------------------------------------------------------

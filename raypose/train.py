@@ -9,13 +9,14 @@ state.json, manifest.json}, ...  plus Ray Train's own record of finished checkpo
 in that record; FailureConfig(max_failures) restarts a lost worker group from it.
 """
 
+import os
 import time
 
 from raypose import console, nodes, storage
 from raypose import validate
 from raypose.config import Config, ConfigError, load_config, set_workers
-from raypose.driver import (check_resources, check_state_api, forwarded_env, init_ray, preflight,
-                             prepare_data)
+from raypose.driver import (HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S, check_resources,
+                             check_state_api, forwarded_env, init_ray, preflight, prepare_data)
 
 # ----------------------------------------------------------------------------------------------
 # Runs on each Ray Train worker: raypose.worker, imported there (it imports torch)
@@ -48,6 +49,13 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     from raypose.backend import TorchBackendConfig
     from raypose.trainer import Trainer  # Ray Train V2's DataParallelTrainer, less an unused actor
 
+    # Ray Train's controller asks its workers for their reports, and whether the run is over,
+    # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; at Ray's 2 s a run's last epoch reached the caller
+    # (a sweep's trial) up to 2 s late and its end was noticed up to 2 s after that, while the
+    # run's workers and slot sat idle. Ray passes the variable from the process that calls fit()
+    # to the controller and the workers (ray.train.v2 ENV_VARS_TO_PROPAGATE); a value set by the
+    # user is kept.
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
     storage_path, storage_fs = storage.ray_storage(loc)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.gpu:
