@@ -11,8 +11,12 @@ Everything loads with torch.load(weights_only=True) or json: no arbitrary object
 
 import hashlib
 import json
+import os
 import pickle
 import re
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 from raypose import __version__
@@ -24,6 +28,13 @@ CONFIG_FILE = "config.json"
 STATE_FILE = "state.json"
 MANIFEST_FILE = "manifest.json"
 PAYLOAD_FILES = (MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, STATE_FILE)
+
+
+# Where a worker writes a checkpoint before Ray uploads it (and then deletes it):
+# <temp dir>/raypose-checkpoints/<host name>/<pid>-<random>. A worker that ends while an upload is
+# still running (ASHA stopping its trial, a killed process) leaves its folder behind, a few hundred
+# MB each; the next worker on the same host removes the folders of processes that no longer exist.
+SPOOL_DIR_NAME = "raypose-checkpoints"
 
 
 class CheckpointError(RuntimeError):
@@ -148,3 +159,56 @@ def _load_weights(d: Path, name: str, map_location):
                               "arbitrary objects") from None
     except Exception as e:
         raise CheckpointError(f"checkpoint {d}: cannot load {name} ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The local spool of checkpoints waiting for their upload
+
+
+def spool_dir() -> Path:
+    """This host's folder of checkpoints written by workers and not yet uploaded."""
+    return Path(tempfile.gettempdir()) / SPOOL_DIR_NAME / socket.gethostname()
+
+
+def new_spool_dir() -> str:
+    """A new, empty folder in this host's spool, named after this process."""
+    base = spool_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for f in folder.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:  # removed meanwhile
+            pass
+    return total
+
+
+def remove_orphaned_spool_dirs() -> tuple[int, int]:
+    """Remove the spool folders on this host whose process has ended, which Ray will never
+    upload or delete. Returns (folders, bytes) removed. Folders of running processes stay."""
+    base = spool_dir()
+    folders = size = 0
+    if not base.is_dir():
+        return folders, size
+    for entry in base.iterdir():
+        pid = entry.name.split("-", 1)[0]
+        if not pid.isdigit() or _process_exists(int(pid)):
+            continue
+        size += _folder_bytes(entry)
+        shutil.rmtree(entry, ignore_errors=True)  # another worker may be removing it too
+        folders += 1
+    return folders, size

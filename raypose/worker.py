@@ -7,7 +7,6 @@ torch; the per-step work is raypose.loop, which has no Ray in it. Where Ray plug
 
 import os
 import posixpath
-import tempfile
 import time
 
 import torch
@@ -53,6 +52,11 @@ def train_loop(loop_config: dict) -> None:
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
 
+    folders, size = checkpoint.remove_orphaned_spool_dirs()
+    if folders:
+        print(f"[raypose] removed {folders} checkpoint folder(s) ({size / 1e6:.0f} MB) from "
+              f"{checkpoint.spool_dir()}: workers that ended before their upload left them",
+              flush=True)
     train_set, val_set = open_splits(cfg, info=data["info"])
     # a model without a regression head predicts nothing better than the mean pose: its
     # val_mpjpe is reported as this baseline (and ASHA ignores those epochs, see raypose.tune)
@@ -148,8 +152,8 @@ def train_loop(loop_config: dict) -> None:
                   f"(mean pose {baseline:.1f})  {metrics['samples_per_s']:.1f} samples/s", flush=True)
         if rank == 0 and save:
             # written here, uploaded by Ray in a background thread while the next epoch trains;
-            # Ray deletes the local folder once it is uploaded
-            tmp = tempfile.mkdtemp(prefix="raypose-checkpoint-")
+            # Ray deletes the local folder once it is uploaded (see checkpoint.SPOOL_DIR_NAME)
+            tmp = checkpoint.new_spool_dir()
             checkpoint.save(tmp, model.state_dict(), optimizer.state_dict(), cfg.to_dict(), state)
             # Ray: one report per epoch; rank 0 carries the checkpoint
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
