@@ -2,7 +2,10 @@
 
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,7 +13,7 @@ import pytest
 
 from raypose import checkpoint, storage
 from raypose.config import ConfigError
-from raypose.driver import preflight
+from raypose.driver import HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S, preflight
 from raypose.train import build_trainer, run_training
 from tests.conftest import tiny_config
 
@@ -30,6 +33,8 @@ class EpochRecorder:
                                         "checkpoint": checkpoint is not None,
                                         "val_mpjpe": metrics[0]["val_mpjpe"],
                                         "startup_seconds": metrics[0]["startup_seconds"],
+                                        # the controller's own poll interval (raypose.train)
+                                        "poll_interval": os.environ.get(HEALTH_CHECK_INTERVAL_ENV),
                                         "train_loss": [m["train_loss"] for m in metrics]}) + "\n")
 
         return _Recorder()
@@ -62,14 +67,34 @@ def test_two_workers_checkpoints_in_s3(ray_local, tiny_data, s3_bucket):
         assert b"testing" not in fs.cat(f"{bucket}/exp/s3run/epoch_0002/{name}")
 
 
+def _spool_folder_of_an_ended_process() -> str:
+    """A spool folder with a file in it, left by a process that has exited (as a worker killed
+    during its upload leaves one)."""
+    code = ("from raypose import checkpoint; d = checkpoint.new_spool_dir(); "
+            "open(d + '/model.pt', 'wb').write(bytes(4096)); print(d)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
 def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "exp", name="pre", schedule__kind="pretrain",
                       schedule__epochs=2, schedule__pretrain_share=0.5)
     log = tmp_path / "epochs.jsonl"
-    trainer = build_trainer(cfg, "pre", preflight(cfg), callbacks=[EpochRecorder(str(log))])
-    result = trainer.fit()
+    orphan = _spool_folder_of_an_ended_process()
+    mine = checkpoint.new_spool_dir()  # this process is alive: its folder must stay
+    try:
+        trainer = build_trainer(cfg, "pre", preflight(cfg), callbacks=[EpochRecorder(str(log))])
+        result = trainer.fit()
+        # the worker removed the ended process's folder, and Ray deleted each of the run's own
+        # folders once it was uploaded: only this process's folder is left
+        assert not os.path.exists(orphan)
+        assert os.listdir(checkpoint.spool_dir()) == [os.path.basename(mine)]
+    finally:
+        shutil.rmtree(mine, ignore_errors=True)
     assert result.error is None
     assert [(r["epoch"], r["stage"]) for r in recorded(log)] == [(1, "detection"), (2, "regression")]
+    # Ray Train's controller polled its workers at raypose's interval, not Ray's 2 s
+    assert {r["poll_interval"] for r in recorded(log)} == {HEALTH_CHECK_INTERVAL_S}
     first = checkpoint.load(tmp_path / "exp" / "pre" / "epoch_0001")
     second = checkpoint.load(tmp_path / "exp" / "pre" / "epoch_0002")
     assert first["state"]["heads"] == {"regression": False, "detection": True}
