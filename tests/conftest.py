@@ -169,6 +169,11 @@ def pytest_unconfigure(config):
     import sys
 
     status = int(_SESSION[0].exitstatus)
+    if status == 0:
+        # the run's token and raypose's log files: kept only when something failed
+        import shutil
+
+        shutil.rmtree(_AUTH_DIR, ignore_errors=True)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
