@@ -13,25 +13,34 @@ import pytest
 
 # Ray 2.60 turns on token authentication for a local ray.init(). Tests keep it on, with a token of
 # their own in a temp file, so that nothing is written to ~/.ray and auth is exercised for real.
-_AUTH_DIR = Path(tempfile.mkdtemp(prefix="raypose-test-auth-"))
+# The test session's folder (token, raypose's log files) is made once, by the pytest process.
+# Processes it starts inherit its environment, and some import this module too (a Ray worker that
+# unpickles a function defined in a test file): they reuse the folder and leave their
+# environment as it is, which a test may have changed on purpose.
+_SESSION_DIR_ENV = "RAYPOSE_TEST_SESSION_DIR"
+_OWNS_AUTH_DIR = not os.path.isdir(os.environ.get(_SESSION_DIR_ENV, ""))
+_AUTH_DIR = (Path(tempfile.mkdtemp(prefix="raypose-test-auth-")) if _OWNS_AUTH_DIR
+             else Path(os.environ[_SESSION_DIR_ENV]))
 _TOKEN_PATH = _AUTH_DIR / "auth_token"
-_TOKEN_PATH.write_text(secrets.token_hex(32))
-os.environ["RAY_AUTH_MODE"] = "token"
-os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN_PATH)
-os.environ.pop("RAY_AUTH_TOKEN", None)
-# Dummy credentials only; the S3 endpoint is always a loopback moto server.
-os.environ["AWS_ACCESS_KEY_ID"] = "testing"
-os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
-os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
-# a shell that loaded `raypose cluster env` must not leak its addresses into the tests
-for _var in ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "RAY_ADDRESS",
-             "RAY_API_SERVER_ADDRESS", "RAYPOSE_STORAGE"):
-    os.environ.pop(_var, None)
-os.environ.pop("AWS_PROFILE", None)
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
-# raypose.console writes its log files under here, not under ~/.raypose
-os.environ["RAYPOSE_LOG_DIR"] = str(_AUTH_DIR / "logs")
+if _OWNS_AUTH_DIR:
+    os.environ[_SESSION_DIR_ENV] = str(_AUTH_DIR)
+    _TOKEN_PATH.write_text(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_TOKEN_PATH)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    # Dummy credentials only; the S3 endpoint is always a loopback moto server.
+    os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+    os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+    os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+    # a shell that loaded `raypose cluster env` must not leak its addresses into the tests
+    for _var in ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "RAY_ADDRESS",
+                 "RAY_API_SERVER_ADDRESS", "RAYPOSE_STORAGE"):
+        os.environ.pop(_var, None)
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+    # raypose.console writes its log files under here, not under ~/.raypose
+    os.environ["RAYPOSE_LOG_DIR"] = str(_AUTH_DIR / "logs")
 
 
 @contextlib.contextmanager
@@ -169,7 +178,7 @@ def pytest_unconfigure(config):
     import sys
 
     status = int(_SESSION[0].exitstatus)
-    if status == 0:
+    if status == 0 and _OWNS_AUTH_DIR:
         # the run's token and raypose's log files: kept only when something failed
         import shutil
 
