@@ -31,7 +31,8 @@ PAYLOAD_FILES = (MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE, STATE_FILE)
 
 
 # Where a worker writes a checkpoint before Ray uploads it (and then deletes it):
-# <temp dir>/raypose-checkpoints/<host name>/<pid>-<random>. A worker that ends while an upload is
+# <temp dir>/raypose-checkpoints-<uid>/<host name>/<pid>-<random>, one tree per user, so that
+# users sharing a host neither block nor clear each other's. A worker that ends while an upload is
 # still running (ASHA stopping its trial, a killed process) leaves its folder behind, a few hundred
 # MB each; the next worker on the same host removes the folders of processes that no longer exist.
 SPOOL_DIR_NAME = "raypose-checkpoints"
@@ -167,13 +168,14 @@ def _load_weights(d: Path, name: str, map_location):
 
 def spool_dir() -> Path:
     """This host's folder of checkpoints written by workers and not yet uploaded."""
-    return Path(tempfile.gettempdir()) / SPOOL_DIR_NAME / socket.gethostname()
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(tempfile.gettempdir()) / f"{SPOOL_DIR_NAME}-{uid}" / socket.gethostname()
 
 
 def new_spool_dir() -> str:
     """A new, empty folder in this host's spool, named after this process."""
     base = spool_dir()
-    base.mkdir(parents=True, exist_ok=True)
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
     return tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)
 
 
