@@ -190,20 +190,16 @@ class ClusterWaitError(RuntimeError):
     """Resources a run asked for could exist, but the autoscaler did not bring them up in time."""
 
 
-class ClusterError(RuntimeError):
-    """The Ray cluster lacks a service that a command needs."""
-
-
 def state_api_available() -> bool:
     """Whether the connected cluster answers Ray's State API, which its dashboard serves.
 
-    A Ray Train run's placement group can outlive the run (a trial's process that Tune ends, an
-    interrupted driver). Ray Train V2 gives every run a detached cleaner that removes the group
-    once the State API says the run's controller is dead; without the State API it retries
-    forever and the CPUs and GPUs stay reserved: on a 2-CPU head started with
-    --include-dashboard=false a 4-trial sweep (1 worker per trial, one at a time, one stopped by
-    ASHA) stalled after its third trial, with 2.0 CPU reserved in placement groups and none in
-    use; with the dashboard on it finished."""
+    A Ray Train run's placement group can outlive the run (an interrupted driver, a controller
+    that dies). Ray Train V2 gives every run a detached cleaner that removes the group once the
+    State API says the run's controller is dead; without the State API it retries forever and the
+    CPUs and GPUs stay reserved: on a 2-CPU head started with --include-dashboard=false a 4-trial
+    sweep (1 worker per trial, one at a time, one stopped by ASHA) stalled after its third trial,
+    with 2.0 CPU reserved in placement groups and none in use. A sweep no longer relies on it: its
+    driver removes those groups itself (raypose.trainer.OrphanedPlacementGroups)."""
     import ray
     from ray.util.state import list_actors  # Ray: answered by the dashboard's API server
     from ray.util.state.exception import ServerUnavailable
@@ -217,23 +213,19 @@ def state_api_available() -> bool:
     return True
 
 
-def check_state_api(sweep: bool) -> None:
-    """A sweep (sweep=True) refuses a cluster without the State API (its stopped trials would
-    keep their resources until the sweep stalls); a single run says so in one line and goes on."""
+def check_state_api() -> None:
+    """A single run on a cluster without the State API says in one line that an interrupted run's
+    resources stay reserved, and goes on. (A sweep needs no State API: see state_api_available.)"""
     if state_api_available():
         return
     import ray
 
     where = f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
-    why = ("Ray Train frees the CPUs and GPUs of a run that ends without doing so (a trial that "
-           "ASHA stops, an interrupted driver) through the State API, which the dashboard serves")
-    fix = ("start the head with its dashboard (`ray start --head` without "
-           "--include-dashboard=false, with ray[default] installed)")
-    if sweep:
-        raise ClusterError(f"{where} has no dashboard (no State API): {why}, so a sweep would "
-                           f"stall once stopped trials hold all of them; {fix}")
-    print(f"[raypose] warning: {where} has no dashboard (no State API): {why}; if this run is "
-          f"interrupted, its resources stay reserved until the cluster restarts; {fix}", flush=True)
+    print(f"[raypose] warning: {where} has no dashboard (no State API): Ray Train frees the CPUs "
+          "and GPUs of a run that ends without doing so (an interrupted driver) through the State "
+          "API, which the dashboard serves; if this run is interrupted, its resources stay "
+          "reserved until the cluster restarts; start the head with its dashboard (`ray start "
+          "--head` without --include-dashboard=false, with ray[default] installed)", flush=True)
 
 
 def worker_bundle(cfg: Config) -> dict:

@@ -37,14 +37,17 @@ def train_func_per_worker(loop_config: dict) -> None:
 
 def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(),
                   stop_after_epoch: int = 0, created_at: float | None = None,
-                  data: dict | None = None):
+                  data: dict | None = None, ray_placement_group_cleaner: bool = True):
     """The Ray Train trainer for one run (also used by each Tune trial): a data-parallel trainer
     with raypose.backend's torch process groups, which Ray Train's controller can load without
     importing torch (ray.train.torch.TorchTrainer would import it there).
 
     created_at: time.time() when the caller started the run (default: now); workers report
     startup_seconds, the wall time from it to their first training step. data: prepare_data's
-    result when the caller has it already (a sweep computes it once on its driver)."""
+    result when the caller has it already (a sweep computes it once on its driver).
+    ray_placement_group_cleaner=False leaves out Ray Train's cleaner process for the run's
+    placement group; the caller then removes the group if the run's controller dies
+    (raypose.trainer.OrphanedPlacementGroups, as a sweep's driver does)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from raypose.backend import TorchBackendConfig
     from raypose.trainer import Trainer  # Ray Train V2's DataParallelTrainer, less an unused actor
@@ -63,6 +66,7 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     workers = cfg.worker_range()
     return Trainer(  # Ray: the data-parallel run
         train_func_per_worker,
+        ray_placement_group_cleaner=ray_placement_group_cleaner,
         backend_config=TorchBackendConfig(),
         train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch,
                            "data": prepare_data(cfg) if data is None else data,
@@ -92,7 +96,7 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
     """Checks, then the trainer; returns Ray's Result."""
     loc = preflight(cfg)
     init_ray(address, command="train")
-    check_state_api(sweep=False)
+    check_state_api()
     check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")
     nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
     trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)

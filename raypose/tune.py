@@ -25,6 +25,7 @@ how far its best trial beats them. ASHA never stops that trial (its results stil
 rung), so the comparison is at the full number of epochs.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,7 +56,7 @@ PAPER_SETTINGS = {"model.lrn_alpha": 0.0025, "model.lrn_beta": 0.75,
 
 
 def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_env: dict,
-                    data: dict):
+                    data: dict, driver_frees_placement_groups: bool = False):
     started = time.time()  # the trial's start, for the workers' startup_seconds
     from ray import tune  # Ray: inside a Tune function only ray.tune.*
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -74,7 +75,10 @@ def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_en
     trainer = build_trainer(cfg, trial_id, loc, callbacks=[TuneReportCallback()],  # Ray: Train V2 in Tune
                             created_at=started,
                             # the driver's data summary holds unless the trial changed the data
-                            data=data if cfg.to_dict()["data"] == base_config["data"] else None)
+                            data=data if cfg.to_dict()["data"] == base_config["data"] else None,
+                            # the sweep's driver removes the run's placement group if ASHA ends
+                            # this process, and with it the run's controller (run_sweep)
+                            ray_placement_group_cleaner=not driver_frees_placement_groups)
     trainer.fit()  # Train V2 raises TrainingFailedError on failure, which fails this trial
 
 
@@ -360,7 +364,8 @@ def make_copy_study_callback(study_url: str, target: storage.Location):
 
 
 def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int, study_url: str,
-                resume: bool, paper_point: dict | None = None):
+                resume: bool, paper_point: dict | None = None,
+                driver_frees_placement_groups: bool = False):
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
 
@@ -370,7 +375,8 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
 
     # the data are validated and the baseline computed once, here, for every trial's workers
     trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name,
-                                     storage_env=forwarded_env(), data=prepare_data(cfg))
+                                     storage_env=forwarded_env(), data=prepare_data(cfg),
+                                     driver_frees_placement_groups=driver_frees_placement_groups)
     # the Tune function only drives a Ray Train run, whose workers hold the CPUs/GPUs: it asks for
     # no CPU, and for the memory it uses: a process that had imported Ray Tune, Ray Train and
     # torch (CPU build) peaked at 661 MiB RSS here; it no longer imports torch (raypose.backend),
@@ -578,7 +584,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     continues that sweep when it exists and starts it otherwise. samples, max_concurrent and
     study_url: None means the default for a new sweep, the stored value on resume (where any
     other value is refused)."""
-    from raypose.driver import check_resources, check_state_api, init_ray, preflight
+    from raypose.driver import check_resources, init_ray, preflight
 
     space = load_space(space_path)
     if samples is not None and samples < 1:
@@ -619,7 +625,6 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         check_no_stale_study(study_url, name)
     console.sweep_mode()
     init_ray(address, command="tune")
-    check_state_api(sweep=True)
     capacity = check_resources(
         cfg, "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial",
         what="one trial")
@@ -646,8 +651,18 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
             sweep_record(cfg, space_path, samples, max_concurrent, study_url), indent=1))
     paper_point, paper_missing = paper_defaults_point(space, cfg)
     start = time.perf_counter()
-    with console.quiet():  # Optuna's and Tune's own lines go to the log file
-        tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point)
+    # this driver removes the placement groups of trials whose Ray Train controller died with the
+    # trial (ASHA stops trials that way), instead of one Ray cleaner process per trial; a Ray
+    # Client driver has no GCS connection of its own, so there the trials keep Ray's cleaner
+    import ray
+
+    from raypose.trainer import OrphanedPlacementGroups
+
+    frees = not ray.util.client.ray.is_connected()
+    with console.quiet(), (OrphanedPlacementGroups() if frees else contextlib.nullcontext()):
+        # Optuna's and Tune's own lines go to the log file
+        tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point,
+                            driver_frees_placement_groups=frees)
         grid = tuner.fit()
     wall = time.perf_counter() - start
     rows, text, share = summarise(grid, wall, max_concurrent, space.names, paper_point)

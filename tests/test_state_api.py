@@ -1,39 +1,84 @@
-"""Ray's State API, which the dashboard serves, frees the resources of Ray Train runs that end
-without doing so (a trial that ASHA stops): a sweep refuses a cluster without it, before any
-trial starts, and a single run says so in one line. Real clusters: one head without its
-dashboard (ray.cluster_utils.Cluster), and the local instance with it."""
+"""Ray's State API, which the dashboard serves, is what Ray Train's own cleaner needs to free the
+resources of a run whose controller died (an interrupted driver): a single run on a cluster
+without it says so in one line. A sweep does not need it: its driver removes the placement groups
+of trials that Tune ended (ASHA's stops) itself. Real clusters: one head without its dashboard
+(ray.cluster_utils.Cluster), and the local instance with it."""
 
-from pathlib import Path
+import time
 
-from conftest import ray_cluster
-
-SMOKE = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+from conftest import ray_cluster, tiny_config
 
 
-def test_a_sweep_refuses_a_cluster_without_a_dashboard(tiny_data, tmp_path, capsys):
-    from raypose import cli
+def _wait_for(what, check, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_a_single_run_warns_about_a_cluster_without_a_dashboard(capsys):
     from raypose.driver import check_state_api, state_api_available
 
-    storage = tmp_path / "runs"
     with ray_cluster({"num_cpus": 1, "include_dashboard": False}):
         assert not state_api_available()
         capsys.readouterr()  # Ray's own lines from connecting
-        code = cli.main(["tune", "--space", str(SMOKE), "--data", str(tiny_data),
-                         "--storage", str(storage), "--name", "sweep", "--samples", "2",
-                         "--epochs", "2"])
-        err = capsys.readouterr().err.strip().splitlines()
-        # a single run goes on, with one warning line
-        check_state_api(sweep=False)
+        check_state_api()
         out = capsys.readouterr().out.strip().splitlines()
-    assert code == 2
-    assert len(err) == 1 and "has no dashboard (no State API)" in err[0], err
-    assert "--include-dashboard=false" in err[0] and "raypose tune: error:" in err[0]
-    assert not (storage / "sweep").exists()  # nothing of the sweep was started
     assert len(out) == 1 and out[0].startswith("[raypose] warning:") and "State API" in out[0]
+    assert "--include-dashboard=false" in out[0]
+
+
+def test_a_sweep_frees_a_trial_ended_with_its_process_without_a_dashboard(tiny_data, tmp_path):
+    """A Ray actor stands in for a sweep's trial (Tune's process for it): it runs a long Ray Train
+    run as a trial does, without Ray's cleaner. Killing it (what Tune does when ASHA stops a
+    trial) kills the run's controller with it, and Ray keeps the run's placement group, 1 CPU,
+    until the job ends. The sweep's cleanup (OrphanedPlacementGroups, in the driver) removes it;
+    the group this driver made itself (as Tune makes one per trial) stays."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from raypose.trainer import (OrphanedPlacementGroups, actor_placement_groups,
+                                 orphaned_placement_groups)
+
+    cfg = tiny_config(tiny_data, tmp_path / "runs", name="ended", workers=1,
+                      schedule__epochs=200).to_dict()
+
+    @ray.remote(num_cpus=0)
+    class TrialProcess:
+        def run(self, config):
+            from raypose.config import config_from_dict
+            from raypose.driver import preflight
+            from raypose.train import build_trainer
+
+            c = config_from_dict(config)
+            build_trainer(c, c.storage.name, preflight(c), ray_placement_group_cleaner=False).fit()
+
+    def free_cpus():
+        return ray.available_resources().get("CPU", 0.0)
+
+    with ray_cluster({"num_cpus": 2, "include_dashboard": False}):
+        own = placement_group([{"CPU": 0.5}])
+        ray.get(own.ready(), timeout=60)
+        trial = TrialProcess.remote()
+        trial.run.remote(cfg)
+        _wait_for("the run's placement group", lambda: len(actor_placement_groups()) == 1)
+        (run_group, dead), = actor_placement_groups()
+        assert not dead and orphaned_placement_groups() == []  # its controller is alive
+        _wait_for("the run's CPU reserved", lambda: free_cpus() == 0.5)
+
+        ray.kill(trial)  # the trial's process, as Tune ends it; the run's controller dies with it
+        _wait_for("the controller's death", lambda: orphaned_placement_groups() == [run_group])
+        time.sleep(2.0)
+        assert free_cpus() == 0.5  # Ray keeps the group (and its CPU) while the job lives
+
+        with OrphanedPlacementGroups(interval_s=0.2) as cleanup:
+            _wait_for("the CPU back", lambda: free_cpus() == 1.5, timeout=30)
+        assert cleanup.removed == 1
+        assert actor_placement_groups() == []
+        assert placement_group_table(own)["state"] == "CREATED"  # the driver's own group stays
 
 
 def test_the_local_instance_serves_the_state_api(ray_local):
-    from raypose.driver import check_state_api, state_api_available
+    from raypose.driver import state_api_available
 
     assert state_api_available()
-    check_state_api(sweep=True)  # does not raise

@@ -68,6 +68,18 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     assert stored_best["value"] == min(r["best_val_mpjpe"] for r in rows.values())
     assert 0 < best["share_in_epochs"] <= 1
 
+    # the trials ran without Ray's placement-group cleaner (a process per trial): the sweep's
+    # driver removed the groups of trials that ASHA stopped, and none is left reserved
+    import ray
+    from ray.util.state import list_actors
+
+    from raypose.trainer import actor_placement_groups
+
+    classes = [a.class_name for a in list_actors(limit=10000)]
+    assert classes.count("TrainController") == 4 and "PlacementGroupCleaner" not in classes
+    assert actor_placement_groups() == []
+    assert ray.available_resources().get("CPU") == 2.0
+
 
 def _experiment_state(exp_dir: Path):
     files = sorted(exp_dir.glob("experiment_state-*.json"))
