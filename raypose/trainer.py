@@ -29,9 +29,11 @@ This module must not import torch (tests/test_backend.py checks it in a fresh pr
 """
 
 import logging
+import pickle
 import threading
 import time
 
+from ray.train.v2.api.callback import UserCallback  # Ray: runs in Ray Train's controller
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # Ray: Train V2's trainer
 
 try:  # Ray: private in 2.60
@@ -143,3 +145,76 @@ class OrphanedPlacementGroups:
         except Exception:  # the sweep's result matters more than this last pass
             logger.warning("looking for orphaned placement groups failed", exc_info=True)
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# A Tune trial's reports, from the run's controller to the trial's process
+
+RELAY_NAMESPACE = "raypose"
+RELAY_POLL_S = 0.2  # how often the trial's process looks for the next report (one GCS read)
+
+
+class ReportRelay(UserCallback):
+    """Hands each report of a Ray Train run (rank 0's metrics, and "checkpoint_path" when the
+    report carried a checkpoint) to the Tune trial that runs it: fit_relaying_reports reads them.
+
+    Ray's own `TuneReportCallback` does the same through a `ray.util.queue.Queue`, an actor: one
+    more Python process per trial, which imports Ray while the run's controller and worker start
+    on the same cores (2.3 s of CPU per trial in the default demo). This one writes each report
+    under its own key to the GCS's key-value store (Ray's internal one, which Tune's registry
+    also uses), read once by the trial's process and then deleted; no process of its own."""
+
+    def __init__(self, key: str):
+        self.key = key
+        self.count = 0
+
+    def after_report(self, run_context, metrics, checkpoint):
+        from ray.experimental.internal_kv import _internal_kv_put  # Ray: private in 2.60
+
+        item = dict(metrics[0])
+        if checkpoint is not None:
+            item["checkpoint_path"] = checkpoint.path  # already in storage: the path, not a copy
+        self.count += 1
+        _internal_kv_put(_relay_key(self.key, self.count), pickle.dumps(item),
+                         namespace=RELAY_NAMESPACE)
+
+
+def _relay_key(key: str, n: int) -> bytes:
+    return f"{key}/{n:09d}".encode()
+
+
+def fit_relaying_reports(trainer, key: str, report, poll_s: float = RELAY_POLL_S):
+    """Runs trainer.fit() (its callbacks include ReportRelay(key)) in a thread and calls
+    report(metrics) for each of its reports, in order, from the calling thread (a Tune function's:
+    ray.tune.report). Returns fit's result; fit's error is raised here, after the reports that
+    came before it."""
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get  # Ray: private
+
+    outcome = {}
+    done = threading.Event()
+
+    def run():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # raised below, in the trial's own thread
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="raypose-fit", daemon=True).start()
+    n = 0
+    try:
+        while True:
+            finished = done.wait(poll_s)  # every report is in the store before fit returns
+            while (raw := _internal_kv_get(_relay_key(key, n + 1),
+                                           namespace=RELAY_NAMESPACE)) is not None:
+                n += 1
+                _internal_kv_del(_relay_key(key, n), namespace=RELAY_NAMESPACE)
+                report(pickle.loads(raw))
+            if finished:
+                break
+    finally:
+        _internal_kv_del(f"{key}/".encode(), del_by_prefix=True, namespace=RELAY_NAMESPACE)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -32,6 +32,7 @@ import os
 import pickle
 import statistics
 import time
+import uuid
 from pathlib import Path
 
 from raypose import console, storage, validate
@@ -59,9 +60,9 @@ def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_en
                     data: dict, driver_frees_placement_groups: bool = False):
     started = time.time()  # the trial's start, for the workers' startup_seconds
     from ray import tune  # Ray: inside a Tune function only ray.tune.*
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from raypose.train import build_trainer
+    from raypose.trainer import ReportRelay, fit_relaying_reports
 
     # the driver's storage endpoint (never credentials: those come from the node's environment)
     os.environ.update(storage_env)
@@ -72,14 +73,18 @@ def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_en
     trial_id = tune.get_context().get_trial_id()
     loc = storage.parse(cfg.storage.uri).join(experiment, "train")
     cfg.storage.name = f"{experiment}/train/{trial_id}"
-    trainer = build_trainer(cfg, trial_id, loc, callbacks=[TuneReportCallback()],  # Ray: Train V2 in Tune
+    relay = f"reports/{trial_id}/{uuid.uuid4().hex}"  # this attempt's reports
+    trainer = build_trainer(cfg, trial_id, loc, callbacks=[ReportRelay(relay)],
                             created_at=started,
                             # the driver's data summary holds unless the trial changed the data
                             data=data if cfg.to_dict()["data"] == base_config["data"] else None,
                             # the sweep's driver removes the run's placement group if ASHA ends
                             # this process, and with it the run's controller (run_sweep)
                             ray_placement_group_cleaner=not driver_frees_placement_groups)
-    trainer.fit()  # Train V2 raises TrainingFailedError on failure, which fails this trial
+    # Ray: each report of the run reaches Tune through ray.tune.report in this thread (Ray's
+    # TuneReportCallback would start a queue actor per trial for it); Train V2 raises
+    # TrainingFailedError on failure, which fails this trial
+    fit_relaying_reports(trainer, relay, tune.report)
 
 
 # ----------------------------------------------------------------------------------------------

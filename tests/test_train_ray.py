@@ -15,6 +15,7 @@ from raypose import checkpoint, storage
 from raypose.config import ConfigError
 from raypose.driver import HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S, preflight
 from raypose.train import build_trainer, run_training
+from raypose.trainer import RELAY_NAMESPACE, ReportRelay, fit_relaying_reports
 from tests.conftest import tiny_config
 
 
@@ -82,9 +83,12 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     log = tmp_path / "epochs.jsonl"
     orphan = _spool_folder_of_an_ended_process()
     mine = checkpoint.new_spool_dir()  # this process is alive: its folder must stay
+    relayed = []
     try:
-        trainer = build_trainer(cfg, "pre", preflight(cfg), callbacks=[EpochRecorder(str(log))])
-        result = trainer.fit()
+        # as a sweep's trial runs it: its reports come back through raypose's relay
+        trainer = build_trainer(cfg, "pre", preflight(cfg),
+                                callbacks=[EpochRecorder(str(log)), ReportRelay("test/pre")])
+        result = fit_relaying_reports(trainer, "test/pre", relayed.append)
         # the worker removed the ended process's folder, and Ray deleted each of the run's own
         # folders once it was uploaded: only this process's folder is left
         assert not os.path.exists(orphan)
@@ -93,6 +97,14 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
         shutil.rmtree(mine, ignore_errors=True)
     assert result.error is None
     assert [(r["epoch"], r["stage"]) for r in recorded(log)] == [(1, "detection"), (2, "regression")]
+    # the relay handed over rank 0's metrics of each report, in order, with its checkpoint's path
+    assert [(r["epoch"], r["stage"]) for r in relayed] == [(1, "detection"), (2, "regression")]
+    assert [r["val_mpjpe"] for r in relayed] == [r["val_mpjpe"] for r in recorded(log)]
+    assert [os.path.basename(r["checkpoint_path"]) for r in relayed] == ["epoch_0001", "epoch_0002"]
+    assert result.metrics["epoch"] == 2
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    assert _internal_kv_list("test/", namespace=RELAY_NAMESPACE) == []  # read, then deleted
     # Ray Train's controller polled its workers at raypose's interval, not Ray's 2 s
     assert {r["poll_interval"] for r in recorded(log)} == {HEALTH_CHECK_INTERVAL_S}
     first = checkpoint.load(tmp_path / "exp" / "pre" / "epoch_0001")
@@ -113,6 +125,27 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     classes = {a.class_name for a in list_actors(detail=True, limit=1000)}
     assert "TrainController" in classes, classes
     assert "DatasetManager" not in classes, classes
+
+
+def test_relay_raises_the_runs_error_after_its_reports(ray_local):
+    """fit_relaying_reports hands over every report made before the run failed, then raises the
+    run's error in the calling thread (a Tune trial then fails with it). A stand-in for the
+    trainer makes the reports through the real GCS store."""
+
+    class FailingRun:
+        def fit(self):
+            relay = ReportRelay("test/failing")
+            for epoch in (1, 2):
+                relay.after_report(None, [{"epoch": epoch}, {"epoch": -1}], None)
+            raise ValueError("the run failed")
+
+    relayed = []
+    with pytest.raises(ValueError, match="the run failed"):
+        fit_relaying_reports(FailingRun(), "test/failing", relayed.append, poll_s=0.05)
+    assert relayed == [{"epoch": 1}, {"epoch": 2}]  # rank 0's, in order, no checkpoint path
+    from ray.experimental.internal_kv import _internal_kv_list
+
+    assert _internal_kv_list("test/", namespace=RELAY_NAMESPACE) == []
 
 
 @pytest.mark.slow

@@ -68,8 +68,9 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     assert stored_best["value"] == min(r["best_val_mpjpe"] for r in rows.values())
     assert 0 < best["share_in_epochs"] <= 1
 
-    # the trials ran without Ray's placement-group cleaner (a process per trial): the sweep's
-    # driver removed the groups of trials that ASHA stopped, and none is left reserved
+    # the trials ran without Ray's placement-group cleaner and Tune's queue actor (a process per
+    # trial each): the sweep's driver removed the groups of trials that ASHA stopped, and none is
+    # left reserved
     import ray
     from ray.util.state import list_actors
 
@@ -77,6 +78,7 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
 
     classes = [a.class_name for a in list_actors(limit=10000)]
     assert classes.count("TrainController") == 4 and "PlacementGroupCleaner" not in classes
+    assert "_QueueActor" not in classes  # reports reach Tune through raypose's relay
     assert actor_placement_groups() == []
     assert ray.available_resources().get("CPU") == 2.0
 
