@@ -81,6 +81,38 @@ def _write(path: Path, save_into) -> dict:
     return entry
 
 
+def upload(local_dir: str, target: str, fs) -> int:
+    """Puts the checkpoint in local_dir into the folder target of fs (a pyarrow filesystem): the
+    payload files first and manifest.json last, so that a folder with a manifest is complete.
+    Returns how many files were hard links instead of copies.
+
+    On a local filesystem (the storage is a path) each file becomes a hard link to the local one
+    when both are on one device: nothing is copied, where a copy of the default model's 242 MB
+    took about 0.5 s of CPU on this machine, every epoch, beside the training. Ray deletes the
+    local folder once this returns, which leaves the linked files in storage. Anywhere else
+    (another device, object storage) each file is copied."""
+    import posixpath
+
+    import pyarrow.fs
+
+    fs.create_dir(target)
+    linked = 0
+    for name in (*PAYLOAD_FILES, MANIFEST_FILE):
+        src, dst = os.path.join(local_dir, name), posixpath.join(target, name)
+        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+            try:
+                if os.path.lexists(dst):
+                    os.unlink(dst)  # left by an earlier try of this upload
+                os.link(src, dst)
+                linked += 1
+                continue
+            except OSError:  # another device (EXDEV), or no hard links there: a copy
+                pass
+        pyarrow.fs.copy_files(src, dst, source_filesystem=pyarrow.fs.LocalFileSystem(),
+                              destination_filesystem=fs)
+    return linked
+
+
 def save(directory, model_state: dict, optimizer_state: dict, config: dict, state: dict) -> Path:
     """Write a checkpoint into directory (created if missing) and its manifest last."""
     import torch  # here, not at the top: drivers read manifests without importing torch

@@ -6,7 +6,6 @@ torch; the per-step work is raypose.loop, which has no Ray in it. Where Ray plug
 """
 
 import os
-import posixpath
 import time
 
 import torch
@@ -170,8 +169,9 @@ def train_loop(loop_config: dict) -> None:
 
 
 def _upload_manifest_last(storage_context):
-    """A checkpoint_upload_fn for ray.train.report: copies the payload files into the run's
-    storage first and manifest.json last, so that a checkpoint with a manifest is complete.
+    """A checkpoint_upload_fn for ray.train.report: puts the payload files into the run's
+    storage first and manifest.json last, so that a checkpoint with a manifest is complete
+    (checkpoint.upload: hard links on local storage on the spool's device, copies elsewhere).
 
     An object store that goes away during the upload (a restart, a dropped link) is retried by
     the storage filesystem itself (raypose.storage_retry: every file again from its start, with
@@ -181,16 +181,11 @@ def _upload_manifest_last(storage_context):
     is not a checkpoint to raypose or to Ray Train's record."""
 
     def upload(local, dir_name: str):
-        import pyarrow.fs
         import ray.train
 
         fs = storage_context.storage_filesystem
         target = storage_context.build_checkpoint_path_from_name(dir_name)
-        fs.create_dir(target)
-        for name in (*checkpoint.PAYLOAD_FILES, checkpoint.MANIFEST_FILE):
-            pyarrow.fs.copy_files(os.path.join(local.path, name), posixpath.join(target, name),
-                                  source_filesystem=pyarrow.fs.LocalFileSystem(),
-                                  destination_filesystem=fs)
+        checkpoint.upload(local.path, target, fs)  # hard links on local storage, else copies
         return ray.train.Checkpoint(path=target, filesystem=fs)
 
     return upload

@@ -2,6 +2,7 @@
 keeps and records, and what a resumed sweep applies. Storage is a moto S3 server over HTTP."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,55 @@ def test_same_sweep_name_in_two_buckets(ray_local, tiny_data, s3_server, tmp_pat
     assert studies[0] != studies[1]
     for url in studies:
         assert len(optuna.load_study(study_name="s1", storage=url).trials) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# A checkpoint's files into storage (real files, a real S3 server)
+
+
+def _saved_checkpoint(directory):
+    import torch
+
+    return checkpoint.save(directory, {"w": torch.arange(6.0)}, {"state": {}, "param_groups": []},
+                           {"seed": 1}, {"epoch": 3})
+
+
+def _inodes(folder):
+    return {p.name: (os.stat(p).st_dev, os.stat(p).st_ino) for p in Path(folder).iterdir()}
+
+
+def test_upload_links_on_local_storage_and_copies_across_devices(tmp_path):
+    import shutil
+    import tempfile
+
+    import pyarrow.fs
+
+    local = _saved_checkpoint(tmp_path / "spool" / "c1")
+    target = tmp_path / "storage" / "epoch_0003"
+    # same device: every file a hard link (the same inode), none copied
+    assert checkpoint.upload(str(local), str(target), pyarrow.fs.LocalFileSystem()) == 5
+    assert _inodes(target) == _inodes(local)
+    assert checkpoint.upload(str(local), str(target), pyarrow.fs.LocalFileSystem()) == 5  # again
+    shutil.rmtree(local)  # as Ray deletes the local folder after the upload
+    assert checkpoint.load(target)["state"] == {"epoch": 3}  # complete, verified by its manifest
+
+    # another device (/dev/shm is a memory filesystem here, /tmp a disk): copies
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        other = _saved_checkpoint(Path(shm) / "c2")
+        assert os.stat(other).st_dev != os.stat(tmp_path).st_dev  # the premise of this half of the test
+        copied = tmp_path / "storage" / "epoch_0004"
+        assert checkpoint.upload(str(other), str(copied), pyarrow.fs.LocalFileSystem()) == 0
+        assert not set(_inodes(copied).values()) & set(_inodes(other).values())
+    assert checkpoint.load(copied)["state"] == {"epoch": 3}
+
+
+def test_upload_copies_to_object_storage(tmp_path, s3_bucket):
+    from raypose.storage import parse, ray_storage
+
+    endpoint, bucket = s3_bucket
+    local = _saved_checkpoint(tmp_path / "c")
+    path, fs = ray_storage(parse(f"s3://{bucket}/runs"))  # what Ray Train writes checkpoints with
+    assert checkpoint.upload(str(local), f"{path}/r/epoch_0003", fs) == 0
+    s3 = _s3fs(endpoint)
+    for p in Path(local).iterdir():  # every file, byte for byte
+        assert s3.cat(f"{bucket}/runs/r/epoch_0003/{p.name}") == p.read_bytes()
