@@ -475,7 +475,7 @@ def summarise(result_grid, wall_seconds: float, max_concurrent: int, space_names
                      f"{r['epoch_seconds']:>8.1f}  {params}{flag}")
     startups = sorted(r["startup_seconds"] for r in rows if r["startup_seconds"] is not None)
     lines.append(f"sweep wall time {wall_seconds:.1f} s; time inside training epochs "
-                 f"{total_epoch_seconds:.1f} s summed over trials = {100 * share:.0f} % of "
+                 f"{total_epoch_seconds:.1f} s summed over trials = {100 * share:.1f} % of "
                  f"{max_concurrent} concurrent slot(s) x wall time"
                  + (f"; median start to first training step {statistics.median(startups):.1f} s"
                     if startups else ""))
