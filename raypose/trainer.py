@@ -160,7 +160,7 @@ class ReportRelay(UserCallback):
 
     Ray's own `TuneReportCallback` does the same through a `ray.util.queue.Queue`, an actor: one
     more Python process per trial, which imports Ray while the run's controller and worker start
-    on the same cores (2.3 s of CPU per trial in the default demo). This one writes each report
+    on the same cores (2.3-2.7 s of CPU per trial in the default demo). This one writes each report
     under its own key to the GCS's key-value store (Ray's internal one, which Tune's registry
     also uses), read once by the trial's process and then deleted; no process of its own."""
 
