@@ -96,10 +96,11 @@ def upload(local_dir: str, target: str, fs) -> int:
     import pyarrow.fs
 
     fs.create_dir(target)
+    local = isinstance(fs, pyarrow.fs.LocalFileSystem)
     linked = 0
     for name in (*PAYLOAD_FILES, MANIFEST_FILE):
         src, dst = os.path.join(local_dir, name), posixpath.join(target, name)
-        if isinstance(fs, pyarrow.fs.LocalFileSystem):
+        if local:
             try:
                 if os.path.lexists(dst):
                     os.unlink(dst)  # left by an earlier try of this upload

@@ -6,6 +6,7 @@ import os
 import secrets
 import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -73,6 +74,17 @@ def free_port() -> int:
             port = s.getsockname()[1]
         if not RAY_WORKER_PORTS[0] <= port <= RAY_WORKER_PORTS[1]:
             return port
+
+
+def wait_until(condition, timeout, what):
+    """condition()'s first true value, polled every 0.2 s; AssertionError after timeout seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

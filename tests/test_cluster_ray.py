@@ -17,7 +17,7 @@ import pytest
 
 from raypose.driver import preflight
 from raypose.train import build_trainer
-from tests.conftest import free_port, ray_cluster, tiny_config
+from tests.conftest import free_port, ray_cluster, tiny_config, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
@@ -47,16 +47,6 @@ class EpochLog:
 
 def logged(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-
-
-def wait_until(condition, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture

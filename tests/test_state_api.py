@@ -6,14 +6,7 @@ of trials that Tune ended (ASHA's stops) itself. Real clusters: one head without
 
 import time
 
-from conftest import ray_cluster, tiny_config
-
-
-def _wait_for(what, check, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+from conftest import ray_cluster, tiny_config, wait_until
 
 
 def test_a_single_run_warns_about_a_cluster_without_a_dashboard(capsys):
@@ -61,18 +54,18 @@ def test_a_sweep_frees_a_trial_ended_with_its_process_without_a_dashboard(tiny_d
         ray.get(own.ready(), timeout=60)
         trial = TrialProcess.remote()
         trial.run.remote(cfg)
-        _wait_for("the run's placement group", lambda: len(actor_placement_groups()) == 1)
+        wait_until(lambda: len(actor_placement_groups()) == 1, 60, "the run's placement group")
         (run_group, dead), = actor_placement_groups()
         assert not dead and orphaned_placement_groups() == []  # its controller is alive
-        _wait_for("the run's CPU reserved", lambda: free_cpus() == 0.5)
+        wait_until(lambda: free_cpus() == 0.5, 60, "the run's CPU reserved")
 
         ray.kill(trial)  # the trial's process, as Tune ends it; the run's controller dies with it
-        _wait_for("the controller's death", lambda: orphaned_placement_groups() == [run_group])
+        wait_until(lambda: orphaned_placement_groups() == [run_group], 60, "the controller's death")
         time.sleep(2.0)
         assert free_cpus() == 0.5  # Ray keeps the group (and its CPU) while the job lives
 
         with OrphanedPlacementGroups(interval_s=0.2) as cleanup:
-            _wait_for("the CPU back", lambda: free_cpus() == 1.5, timeout=30)
+            wait_until(lambda: free_cpus() == 1.5, 30, "the CPU back")
         assert cleanup.removed == 1
         assert actor_placement_groups() == []
         assert placement_group_table(own)["state"] == "CREATED"  # the driver's own group stays
