@@ -129,13 +129,12 @@ def bench_func_per_worker(loop_config: dict) -> None:
 def ray_samples_per_s(cfg: Config, device: torch.device, steps: int, warmup: int,
                       threads: int) -> tuple:
     from ray.train import RunConfig, ScalingConfig
-    from raypose.backend import TorchBackendConfig
-    from raypose.trainer import Trainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(  # as raypose.train builds it
+        trainer = TorchTrainer(  # as raypose.train builds it
             bench_func_per_worker,
-            backend_config=TorchBackendConfig(),
+            torch_config=TorchConfig(),
             train_loop_config={"config": cfg.to_dict(), "steps": steps, "warmup": warmup,
                                "threads": threads},
             scaling_config=ScalingConfig(num_workers=1, use_gpu=device.type == "cuda",

@@ -341,6 +341,7 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
     if ray_port:
         _check_port(ray_port, "--ray-port")
     gcs_port = ray_port or _free_port()
+    client_port = _free_port()  # Ray Client's server: ray://127.0.0.1:<port>
 
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     logs = state_dir / "logs"
@@ -374,7 +375,7 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
         ray_temp_dir = _ray_temp_dir(state_dir)
         ray_log = logs / "ray_start.log"
         command = [ray_exe, "start", "--head", "--node-ip-address", "127.0.0.1",
-                   "--port", str(gcs_port), "--ray-client-server-port", str(_free_port()),
+                   "--port", str(gcs_port), "--ray-client-server-port", str(client_port),
                    "--dashboard-agent-listen-port", str(_free_port()),
                    "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                    "--dashboard-port", str(dashboard_port), "--num-cpus", str(num_cpus),
@@ -410,7 +411,8 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
             "ray_temp_dir": str(ray_temp_dir),
             "ray_session_dir": str(session.resolve()) if session.exists() else None,
             "ray_process_group": group,
-            "ports": {"dashboard": dashboard_port, "s3": s3_port, "gcs": gcs_port},
+            "ports": {"dashboard": dashboard_port, "s3": s3_port, "gcs": gcs_port,
+                      "client": client_port},
             "bucket": bucket,
             "num_cpus": num_cpus,
             "processes": ([{"role": "moto", **_record(_psutil().Process(moto.pid))}]

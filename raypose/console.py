@@ -9,7 +9,6 @@ Ray starts. `--verbose` (or RAYPOSE_VERBOSE=1, which jobs/ read) shows them on t
 Where the log goes: $RAYPOSE_LOG_DIR, else ~/.raypose/logs, one file per command run.
 """
 
-import collections
 import contextlib
 import datetime
 import io
@@ -22,7 +21,6 @@ from pathlib import Path
 
 VERBOSE_ENV = "RAYPOSE_VERBOSE"
 PREFIX = "[raypose]"
-RECENT_LINES = 1000  # worker lines remembered to drop repeats (_on_worker_lines)
 
 
 def verbose() -> bool:
@@ -32,10 +30,6 @@ def verbose() -> bool:
 class _State:
     log_file = None
     log_path: Path | None = None
-    echo_worker_lines = True  # a sweep prints its own per-trial lines instead
-    # raypose's worker lines printed lately, to drop the copies that arrive once per process;
-    # bounded, so that a long sweep does not keep every line it ever printed
-    printed: collections.OrderedDict = collections.OrderedDict()
     lock = threading.Lock()
     terminal = None  # the real stdout while quiet() sends everything else to the log
 
@@ -104,12 +98,6 @@ def write_log(line: str) -> None:
             _State.log_file.write(line.rstrip("\n") + "\n")
 
 
-def sweep_mode() -> None:
-    """In a sweep the driver prints each trial's epochs from Tune's results; the workers' own
-    epoch lines would repeat them without saying which trial they belong to."""
-    _State.echo_worker_lines = False
-
-
 class _LogHandler(logging.Handler):
     """Writes records to the current log file (whichever open_log opened last)."""
 
@@ -173,50 +161,75 @@ def route_loggers() -> None:
 
 
 def route_ray_output(command: str) -> None:
-    """Call right after ray.init: Ray's loggers and the workers' forwarded output go to the log
-    file; raypose's lines from the workers are printed once. With --verbose, Ray's own printing
-    stays as it is and the log file gets a copy."""
+    """Call right after ray.init: Ray's loggers go to the log file. The workers' own output
+    stays in Ray's worker logs (ray.init(log_to_driver=False) unless verbose); raypose's lines
+    from the workers reach the terminal through a LineRelay."""
     path = open_log(command)
     route_loggers()
-    _replace_worker_printer()
     print(f"{PREFIX} Ray's own log lines: {path}" + ("" if verbose() else " (--verbose shows them here)"),
           flush=True)
 
 
-def _replace_worker_printer() -> None:
-    """Ray prints the workers' stdout/stderr through one handler of a dispatcher (private API of
-    Ray 2.x: ray._private.ray_logging.global_worker_stdstream_dispatcher). If it is not there,
-    Ray's printing stays unchanged and only its loggers are routed."""
-    try:
-        from ray._private import ray_logging
-    except ImportError:
-        return
-    dispatcher = getattr(ray_logging, "global_worker_stdstream_dispatcher", None)
-    if dispatcher is None or not hasattr(dispatcher, "remove_handler"):
-        return
-    original = [h for n, h in dispatcher.handlers if n == "ray_print_logs"]
-    if not verbose():
-        dispatcher.remove_handler("ray_print_logs")
-    dispatcher.remove_handler("raypose")
-    dispatcher.add_handler("raypose", _on_worker_lines)
-    _State.original_printer = original[0] if original else None
+class LineRelay:
+    """raypose's lines from the Ray Train workers, printed once by the driver.
 
+    While in this context, `handle` is a ray.util.queue.Queue (an actor) that the run's rank 0
+    worker puts its lines into (worker_say), and a thread of the driver prints them. Needs a
+    connected Ray (ray.init first)."""
 
-def _on_worker_lines(data: dict) -> None:
-    who = f"({data.get('actor_name') or data.get('task_name') or 'worker'} pid={data.get('pid')})"
-    for line in data.get("lines", []):
-        write_log(f"{who} {line}")
-        if verbose() or not _State.echo_worker_lines or not line.startswith(PREFIX):
-            continue
-        # a line reaches the driver once per process that printed it; raypose's lines carry
-        # their epoch, so an identical line is a repeat
-        with _State.lock:
-            if line in _State.printed:
-                continue
-            _State.printed[line] = None
-            if len(_State.printed) > RECENT_LINES:
-                _State.printed.popitem(last=False)
+    POLL_S = 0.5
+
+    def __init__(self):
+        self.handle = None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self):
+        from ray.util.queue import Queue  # Ray: a public queue actor
+
+        self.handle = Queue()
+        self._thread = threading.Thread(target=self._run, name="raypose-lines", daemon=True)
+        self._thread.start()
+        return self
+
+    def _drain(self, timeout: float | None) -> None:
+        from ray.util.queue import Empty
+
+        try:
+            line = self.handle.get(block=timeout is not None, timeout=timeout)
+        except Empty:
+            return
         say(line)
+        while True:
+            try:
+                say(self.handle.get_nowait())
+            except Empty:
+                return
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self._drain(self.POLL_S)
+            except Exception:  # the queue's actor gone (Ray shut down): nothing more to print
+                return
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._drain(None)  # what the workers sent before the run ended
+            self.handle.shutdown()
+        except Exception:  # Ray already shut down (an interrupted run)
+            pass
+        return False
+
+
+def worker_say(lines, line: str) -> None:
+    """On a Ray Train worker: one of raypose's lines, to the worker's own log and, when the run
+    has a LineRelay (lines: its handle), to the driver's terminal."""
+    print(line, flush=True)
+    if lines is not None:
+        lines.put(line)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,23 +4,16 @@ that need no cluster (preflight), connecting to Ray, and the checks made once co
 Where Ray plugs in is marked `# Ray:`.  Nothing here runs on a worker.
 """
 
-import dataclasses
 import functools
 import json
 import os
 import posixpath
-import time
 
-from raypose import checkpoint, datacache, storage
+from raypose import capacity, checkpoint, datacache, storage
+from raypose.capacity import Capacity
 from raypose.config import Config, ConfigError
 from raypose.metrics import mean_pose_baseline
 
-# Ray Train V2's switch for its per-run PreemptionWatcher (ray/train/v2/_internal/constants.py)
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-# How often Ray Train's controller polls its workers for reports and for the end of the run
-# (Ray's default 2 s); raypose.train.build_trainer sets raypose's default
-HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-HEALTH_CHECK_INTERVAL_S = "0.5"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -32,6 +25,7 @@ def preflight(cfg: Config) -> storage.Location:
     Raises one clear error before Ray starts anything. Makes the data path and a local
     storage path absolute."""
     cfg.validate()
+    check_elastic_supported(cfg)
     # workers (and Tune trials, which run in their own folders) see the driver's data by an
     # absolute path
     cfg.data.path = datacache.absolute(cfg.data.path)
@@ -48,6 +42,29 @@ def preflight(cfg: Config) -> storage.Location:
     storage.check_reachable(loc)
     check_resume_config(cfg, loc.join(cfg.storage.name))
     return loc
+
+
+def elastic_supported() -> bool:
+    """Whether the installed Ray Train runs elastic groups (ScalingConfig(num_workers=(min, max)),
+    from Ray 2.55): its ScalingConfig then has elastic_resize_monitor_interval_s."""
+    import dataclasses
+
+    from ray.train import ScalingConfig
+
+    return any(f.name == "elastic_resize_monitor_interval_s"
+               for f in dataclasses.fields(ScalingConfig))
+
+
+def check_elastic_supported(cfg: Config) -> None:
+    """An elastic group (MIN:MAX workers) on a Ray release without elastic Ray Train is refused
+    in one line before anything starts."""
+    low, high = cfg.worker_range()
+    if low != high and not elastic_supported():
+        import ray
+
+        raise ConfigError(f"--workers / --workers-per-trial {low}:{high}: elastic worker groups "
+                          f"need Ray 2.55 or later (this is Ray {ray.__version__}); give a fixed "
+                          "number of workers")
 
 
 def prepare_data(cfg: Config) -> dict:
@@ -83,17 +100,17 @@ def latest_checkpoint(run: storage.Location) -> storage.Location | None:
     finished checkpoints. A folder that an interrupted upload left behind is not in the record and
     never counts; None when the record does not exist (Ray Train starts from scratch then)."""
     from ray.train import Result  # Ray: reads the run's checkpoint record, needs no cluster
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
 
-    record = run.join(CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    from raypose.ray_internals import CHECKPOINT_RECORD
+
+    record = run.join(CHECKPOINT_RECORD)
     if not storage.exists(record):
         return None  # no checkpoint of this run ever finished
     path, fs = storage.ray_storage(run)
     try:
         result = Result.from_path(path, storage_filesystem=fs)
-    except CheckpointManagerInitializationError as e:
-        reason = str(e).split(". ")[0].strip()
+    except Exception as e:  # Ray's error for a record it cannot read
+        reason = str(e).split(". ")[0].strip()[:300]
         raise ConfigError(f"run {run.uri}: Ray Train cannot resume from its checkpoint record "
                           f"{record.uri} ({reason}); use another --name") from None
     if result.checkpoint is None:
@@ -152,10 +169,11 @@ def forwarded_env() -> dict:
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, command: str = "raypose"):
     """Connect to RAY_ADDRESS / address if given, else start a local instance (with its
-    dashboard). Token authentication: Ray's own default applies (see README).  An address is
-    checked first (its form, and that something answers there within
+    dashboard). Token authentication: Ray's own default applies (see docs/cluster.md). An address
+    is checked first (its form, and that something answers there within
     RAYPOSE_RAY_CONNECT_TIMEOUT), so a wrong one fails in one line instead of hanging in ray.init.
-    Ray's own output goes to the log file of raypose.console from then on."""
+    Ray's own output goes to the log file of raypose.console from then on; the workers' output
+    stays in Ray's worker logs unless verbose."""
     import ray
 
     from raypose import console
@@ -168,222 +186,64 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, command: s
     console.route_loggers()
     # Ray's own logging setup would add a stderr handler again; console.route_loggers has
     # already sent its loggers to the log file
-    kwargs = {"configure_logging": console.verbose(),
+    kwargs = {"configure_logging": console.verbose(), "log_to_driver": console.verbose(),
               "logging_level": "INFO" if console.verbose() else "WARNING"}
     if address:
         ray.init(address=address, **kwargs)
+        _Connection.local = False
     else:
-        # Ray starts its worker processes at niceness 15 (RAY_worker_niceness), below its own
-        # daemons and the driver. In an instance raypose starts, the workers are the training
-        # itself: on the 2-core machine `raypose bench train` measured the Ray Train loop at 0.92x
-        # the plain loop at 15 and 0.97x-1.00x at 0 (README, Speed). A value set by the user is kept.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        # Train V2 gives every run a PreemptionWatcher actor (one more process that imports Ray
-        # Train, then polls the GCS every 5 s) to notice nodes that an autoscaler drains. An
-        # instance raypose starts is one node that nothing drains; off unless the user set it.
-        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        _Connection.local = True
     console.route_ray_output(command)
 
 
-class ClusterWaitError(RuntimeError):
-    """Resources a run asked for could exist, but the autoscaler did not bring them up in time."""
+class _Connection:
+    local = False  # whether init_ray started the Ray instance itself (then no autoscaler runs)
+
+
+def check_resources(cfg: Config, flags: str, what: str = "the run") -> Capacity:
+    """capacity.check_resources for the Ray instance init_ray connected to."""
+    return capacity.check_resources(cfg, flags, what, local=_Connection.local)
 
 
 def state_api_available() -> bool:
     """Whether the connected cluster answers Ray's State API, which its dashboard serves.
 
-    A Ray Train run's placement group can outlive the run (an interrupted driver, a controller
-    that dies). Ray Train V2 gives every run a detached cleaner that removes the group once the
-    State API says the run's controller is dead; without the State API it retries forever and the
-    CPUs and GPUs stay reserved: on a 2-CPU head started with --include-dashboard=false a 4-trial
-    sweep (1 worker per trial, one at a time, one stopped by ASHA) stalled after its third trial,
-    with 2.0 CPU reserved in placement groups and none in use. A sweep no longer relies on it: its
-    driver removes those groups itself (raypose.trainer.OrphanedPlacementGroups)."""
+    A Ray Train run's placement group can outlive the run: a driver that is interrupted, or a
+    sweep trial that ASHA stops (Tune ends the trial's process, and with it the run's
+    controller). Ray Train gives every run a detached cleaner that removes the group once the
+    State API says the run's controller is dead; without the State API the CPUs and GPUs stay
+    reserved until the cluster restarts."""
     import ray
-    from ray.util.state import list_actors  # Ray: answered by the dashboard's API server
-    from ray.util.state.exception import ServerUnavailable
+    from raypose.ray_internals import ServerUnavailable, list_actors  # the dashboard's API
 
     if ray.util.client.ray.is_connected():
         return True  # Ray Client: the cluster's own side runs Train; nothing to ask from here
     try:
-        list_actors(limit=1, timeout=30, raise_on_missing_output=False)
+        # this driver's cluster, not whichever other Ray instance runs on the host
+        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=30,
+                    raise_on_missing_output=False)
     except ServerUnavailable:
         return False
     return True
 
 
-def check_state_api() -> None:
-    """A single run on a cluster without the State API says in one line that an interrupted run's
-    resources stay reserved, and goes on. (A sweep needs no State API: see state_api_available.)"""
+def check_state_api(sweep: bool = False) -> None:
+    """Without the State API, a single run says in one line that an interrupted run's resources
+    stay reserved, and goes on; a sweep is refused, since every trial that ASHA stops would keep
+    its CPUs and GPUs and the sweep would stall."""
     if state_api_available():
         return
     import ray
 
     where = f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
+    fix = ("start the head with its dashboard (`ray start --head` without "
+           "--include-dashboard=false, with ray[default] installed)")
+    if sweep:
+        raise ConfigError(f"{where} has no dashboard (no State API): Ray Train frees the CPUs and "
+                          "GPUs of a trial that ASHA stops through the State API, so without it "
+                          f"the sweep would stall; {fix}")
     print(f"[raypose] warning: {where} has no dashboard (no State API): Ray Train frees the CPUs "
           "and GPUs of a run that ends without doing so (an interrupted driver) through the State "
           "API, which the dashboard serves; if this run is interrupted, its resources stay "
-          "reserved until the cluster restarts; start the head with its dashboard (`ray start "
-          "--head` without --include-dashboard=false, with ray[default] installed)", flush=True)
-
-
-def worker_bundle(cfg: Config) -> dict:
-    """What one Ray Train worker asks for."""
-    bundle = {"CPU": float(cfg.scaling.cpus_per_worker)}
-    if cfg.scaling.gpu:
-        bundle["GPU"] = 1.0
-    return bundle
-
-
-def fits(node: dict, bundle: dict) -> int:
-    """How many bundles fit on a node with these total resources."""
-    counts = [int(node.get(k, 0) // v) for k, v in bundle.items() if v > 0]
-    return min(counts) if counts else 0
-
-
-def _brief(resources: dict) -> str:
-    keys = [k for k in ("CPU", "GPU") if k in resources] + sorted(
-        k for k in resources if k not in ("CPU", "GPU", "memory", "object_store_memory")
-        and not k.startswith("node:") and not k.startswith("accelerator_type:"))
-    return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in keys) + "}"
-
-
-@dataclasses.dataclass
-class Capacity:
-    """Ray Train workers of one bundle that the cluster holds now and can ever hold.
-
-    most: None when an autoscaler runs whose node types raypose cannot read (then nothing is
-    refused, and a wait for resources gives up after scaling.autoscaler_wait_s)."""
-    now: int
-    most: int | None
-    offer: str  # what the cluster offers, for messages
-
-
-def cluster_capacity(bundle: dict) -> Capacity:
-    """Workers of `bundle` on the nodes that are up, and the most the cluster can scale to.
-
-    ray.cluster_resources() counts only nodes that are up: an autoscaling cluster whose GPU nodes
-    start at zero shows no GPU at all. The maximum comes, like Ray Train's own feasibility check
-    (WorkerGroup._check_cluster_resources_and_raise_if_insufficient), from the cluster config the
-    autoscaler reports to the GCS (ray-project/ray#49501, #49568). Ray 2.60's own autoscalers
-    (cluster launcher, KubeRay, the fake multi-node provider) do not report it, so raypose then
-    reads the node types from the autoscaler's config file, found on the command line of the
-    head's autoscaler monitor. No monitor with a config file there means no autoscaler: what is
-    up is all there will be. A monitor that runs elsewhere (KubeRay's autoscaler sidecar) leaves
-    the maximum unknown."""
-    import ray
-    from ray._private.state import state  # Ray: what Ray Train asks (see docstring)
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    now = sum(fits(n["Resources"], bundle) for n in nodes)
-    up = f"nodes up: {len(nodes)} with {_brief(ray.cluster_resources())}"
-    reported = state.get_max_resources_from_cluster_config()
-    if reported:
-        most = fits(reported, bundle)
-        return Capacity(now, max(now, most), f"{up}; the cluster config allows at most {_brief(reported)}")
-    head = next((n for n in nodes if "node:__internal_head__" in n["Resources"]), None)
-    config = _autoscaler_config(head["NodeID"]) if head is not None else {"found": False}
-    if not config["found"]:
-        return Capacity(now, None, f"{up}; an autoscaler runs outside the head node "
-                        "(its node types are unknown here)")
-    if config["path"] is None:
-        return Capacity(now, now, f"{up}; no autoscaler (what is up is all there is)")
-    types = config["node_types"]
-    head_type = config["head_node_type"]
-    # the head is up (counted in `now` with the others); each worker type can add max_workers
-    # nodes, within the cluster-wide max_workers
-    left = config["max_workers"]
-    extra = 0
-    described = []
-    for name, t in sorted(types.items(), key=lambda kv: -fits(kv[1]["resources"], bundle)):
-        count = t["max_workers"] if name != head_type else 0
-        described.append(f"{name} {_brief(t['resources'])} x{count if name != head_type else 1}")
-        if left is not None:
-            count = min(count, left)
-            left -= count
-        extra += fits(t["resources"], bundle) * count
-    return Capacity(now, now + extra, f"{up}; autoscaler node types (config {config['path']}): "
-                    + ", ".join(described))
-
-
-def _autoscaler_config(head_node_id: str) -> dict:
-    """{'found', 'path', 'node_types', 'head_node_type', 'max_workers'} of the autoscaler monitor
-    running on the head node for this cluster, read by a task pinned there."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    gcs_address = ray.get_runtime_context().gcs_address
-    probe = ray.remote(num_cpus=0)(_read_autoscaler_config).options(  # Ray: a task on the head
-        scheduling_strategy=NodeAffinitySchedulingStrategy(head_node_id, soft=False))
-    return ray.get(probe.remote(gcs_address), timeout=120)
-
-
-def _read_autoscaler_config(gcs_address: str) -> dict:
-    """Runs on the head node: the autoscaler config file of this cluster's monitor process."""
-    import psutil
-    import yaml
-
-    port = gcs_address.rsplit(":", 1)[-1]
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
-        if not any(part.endswith(("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py"))
-                   for part in cmd):
-            continue
-        address = next((a.split("=", 1)[1] for a in cmd if a.startswith("--gcs-address=")), "")
-        if address.rsplit(":", 1)[-1] != port:
-            continue  # another Ray cluster's monitor on the same machine
-        path = next((a.split("=", 1)[1] for a in cmd if a.startswith("--autoscaling-config=")), None)
-        if path is None:
-            return {"found": True, "path": None}
-        with open(os.path.expanduser(path)) as f:
-            config = yaml.safe_load(f)
-        default_max = config.get("max_workers")
-        types = {name: {"resources": {k: float(v) for k, v in (t.get("resources") or {}).items()},
-                        "max_workers": int(t.get("max_workers", default_max or 0))}
-                 for name, t in (config.get("available_node_types") or {}).items()}
-        return {"found": True, "path": path, "node_types": types,
-                "head_node_type": config.get("head_node_type"), "max_workers": default_max}
-    return {"found": False}
-
-
-def check_resources(cfg: Config, flags: str, what: str = "the run") -> Capacity:
-    """Before any worker starts: refuse what no node type of the cluster can ever provide, in
-    one line that says what was asked and what the cluster offers; wait (up to
-    scaling.autoscaler_wait_s) for an autoscaler to add what could exist but is not up yet.
-    Returns the cluster's capacity for one worker's bundle. flags: the flags that asked, for the
-    message."""
-    import ray
-
-    bundle = worker_bundle(cfg)
-    need, _ = cfg.worker_range()
-    capacity = cluster_capacity(bundle)
-    if capacity.now >= need:
-        return capacity
-    asked = f"{need} worker(s) of {_brief(bundle)} for {what}"
-    if capacity.most is not None and capacity.most < need:
-        raise ConfigError(f"{flags}: {asked}, but the Ray cluster can never offer that "
-                          f"(at most {capacity.most} such worker(s); {capacity.offer})")
-    wait = cfg.scaling.autoscaler_wait_s
-    print(f"[raypose] waiting up to {wait:g} s for the autoscaler to add nodes: {asked}; "
-          f"{capacity.offer}", flush=True)
-    from ray.autoscaler.sdk import request_resources  # Ray: ask the autoscaler for the nodes
-
-    deadline = time.monotonic() + wait
-    request_resources(bundles=[bundle] * need)
-    try:
-        while True:
-            now = sum(fits(n["Resources"], bundle) for n in ray.nodes() if n.get("Alive"))
-            if now >= need:
-                print(f"[raypose] the cluster now holds {now} such worker(s)", flush=True)
-                return Capacity(now, capacity.most, capacity.offer)
-            if time.monotonic() >= deadline:
-                raise ClusterWaitError(
-                    f"gave up after {wait:g} s waiting for the autoscaler: {asked}, and the "
-                    f"cluster holds {now} (set scaling.autoscaler_wait_s to wait longer; "
-                    "`ray status` shows what the autoscaler is doing)")
-            time.sleep(1.0)
-    finally:
-        # Ray Train's placement group keeps asking from here on; a standing request would keep
-        # the nodes up after the run
-        request_resources(bundles=[])
+          f"reserved until the cluster restarts; {fix}", flush=True)

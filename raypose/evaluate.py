@@ -170,7 +170,10 @@ def check_inputs(uri: str, data_dir: str | None, out_dir: str | None, use_gpu: b
 
 
 def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
-             use_gpu: bool = False, batch_size: int = 64, force: bool = False) -> dict:
+             use_gpu: bool = False, batch_size: int = 64, force: bool = False,
+             local_label: str | None = None) -> dict:
+    """local_label: what report.json names as the local output folder (default: --out's path;
+    an evaluation run as a Ray task names the caller's folder, not the node's temporary one)."""
     check_inputs(uri, data_dir, out_dir, use_gpu, batch_size, force)
     target = resolve(uri)
     ckpt_loc = target["checkpoint"]
@@ -215,7 +218,7 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
             # by another evaluation of the same checkpoint is not written into
             parent = storage.Location(ckpt_loc.scheme, posixpath.dirname(ckpt_loc.path))
             remote = _free_storage_dir(parent, folder)
-            report["outputs"] = {"local": str(out.resolve()), "storage": remote.uri}
+            report["outputs"] = {"local": local_label or str(out.resolve()), "storage": remote.uri}
             (stage / "report.md").write_text(markdown_report(report))
             (stage / "report.json").write_text(json.dumps(report, indent=1))
     upload_outputs(out, ["predictions.npz", *report["figures"], "report.md", "report.json"], remote)
@@ -537,9 +540,56 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--force", action="store_true",
                         help="replace the report in --out if it holds one (default: refuse)")
+    parser.add_argument("--address", help="run the evaluation as a Ray task on this cluster "
+                        "(HOST:PORT or ray://HOST:PORT; with --gpu the task asks for a GPU); "
+                        "default: here, without Ray")
 
 
 def run(args) -> int:
     # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
-    evaluate(args.uri, args.data, args.out, args.gpu, args.batch_size, args.force)
+    if args.address:
+        evaluate_on_cluster(args.uri, args.data, args.out, args.gpu, args.batch_size, args.force,
+                            args.address)
+    else:
+        evaluate(args.uri, args.data, args.out, args.gpu, args.batch_size, args.force)
     return 0
+
+
+def evaluate_task(uri, data_dir, use_gpu, batch_size, storage_env, local_label) -> dict:
+    """Runs on a Ray node: the evaluation into a temporary folder (it also writes next to the
+    checkpoint in storage); returns {file name: bytes} of that folder for the caller's --out."""
+    import os
+
+    os.environ.update(storage_env)  # the caller's storage endpoint (never credentials)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "evaluation"
+        evaluate(uri, data_dir, str(out), use_gpu, batch_size, local_label=local_label)
+        return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+def evaluate_on_cluster(uri: str, data_dir: str | None, out_dir: str | None, use_gpu: bool,
+                        batch_size: int, force: bool, address: str) -> None:
+    """`raypose evaluate --address`: the evaluation runs as one Ray task on the cluster (a GPU
+    node with --gpu) and its outputs come back into --out here. --data and the storage must be
+    visible from the cluster's nodes (object storage, or a shared path)."""
+    import ray
+
+    from raypose.driver import forwarded_env, init_ray
+
+    validate.ray_address(address, "--address")
+    check_inputs(uri, data_dir, out_dir, False, batch_size, force)  # --gpu: the node's GPU
+    folder = f"evaluation-{posixpath.basename(storage.parse(uri).path.rstrip('/'))}"
+    out = Path(out_dir) if out_dir else _free_local_dir(Path("runs") / "evaluation" / folder)
+    init_ray(address, command="evaluate")
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0)(evaluate_task)
+    print(f"[raypose] evaluating {uri} as a Ray task on {address}"
+          + (" (1 GPU)" if use_gpu else ""), flush=True)
+    files = ray.get(task.remote(uri, data_dir, use_gpu, batch_size, forwarded_env(),
+                                str(out.resolve())))
+    with validate.staged_folder(out, OUTPUT_FILES) as stage:
+        for name, data in files.items():
+            (stage / name).write_bytes(data)
+    report = json.loads(files["report.json"])
+    print(summary_line(report), flush=True)
+    print(f"[raypose] report: {out.resolve() / 'report.md'} and {report['outputs']['storage']}",
+          flush=True)

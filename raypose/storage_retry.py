@@ -54,6 +54,20 @@ class RetryingHandler(pyarrow.fs.FSSpecHandler):
     """pyarrow's fsspec handler with every call retried through an object-store outage. Errors
     that describe the store's content (not found, exists, not a folder) are raised at once."""
 
+    def __eq__(self, other) -> bool:
+        # pyarrow compares two PyFileSystems by their handlers. The same store with the same
+        # settings, wherever the filesystem was made: fsspec's own equality also compares the
+        # process and thread that made each instance, and Ray Train accepts a checkpoint only on
+        # a filesystem equal to its storage filesystem (made in the driver; the checkpoint's in a
+        # worker's upload thread)
+        if not isinstance(other, RetryingHandler):
+            return NotImplemented
+        return (type(self.fs) is type(other.fs) and self.fs.storage_args == other.fs.storage_args
+                and self.fs.storage_options == other.fs.storage_options)
+
+    def __hash__(self) -> int:
+        return hash(type(self.fs))
+
     def _retry(self, what, name, *args):
         method = getattr(super(), name)
         return retry_outage(what, lambda: method(*args))

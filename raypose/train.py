@@ -9,23 +9,21 @@ state.json, manifest.json}, ...  plus Ray Train's own record of finished checkpo
 in that record; FailureConfig(max_failures) restarts a lost worker group from it.
 """
 
-import os
 import time
 
 from raypose import console, nodes, storage
 from raypose import validate
 from raypose.config import Config, ConfigError, load_config, set_workers
-from raypose.driver import (HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S, check_resources,
-                             check_state_api, forwarded_env, init_ray, preflight, prepare_data)
+from raypose.driver import (check_resources, check_state_api, forwarded_env, init_ray, preflight,
+                             prepare_data)
 
 # ----------------------------------------------------------------------------------------------
 # Runs on each Ray Train worker: raypose.worker, imported there (it imports torch)
 
 
 def train_func_per_worker(loop_config: dict) -> None:
-    """The Ray Train worker's loop (raypose.worker.train_loop). This module does not import torch:
-    the trial's driver and Ray Train's controller load it (the controller unpickles this
-    function), and a torch import there would cost each trial seconds of start-up."""
+    """The Ray Train worker's loop (raypose.worker.train_loop), imported on the worker: the
+    driver never needs torch."""
     from raypose.worker import train_loop
 
     train_loop(loop_config)
@@ -37,45 +35,38 @@ def train_func_per_worker(loop_config: dict) -> None:
 
 def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(),
                   stop_after_epoch: int = 0, created_at: float | None = None,
-                  data: dict | None = None, ray_placement_group_cleaner: bool = True):
-    """The Ray Train trainer for one run (also used by each Tune trial): a data-parallel trainer
-    with raypose.backend's torch process groups, which Ray Train's controller can load without
-    importing torch (ray.train.torch.TorchTrainer would import it there).
+                  data: dict | None = None, lines=None):
+    """The Ray Train trainer for one run (also used by each Tune trial): Ray's `TorchTrainer`
+    with its `TorchConfig`, Ray's default callbacks and controller settings.
 
     created_at: time.time() when the caller started the run (default: now); workers report
     startup_seconds, the wall time from it to their first training step. data: prepare_data's
-    result when the caller has it already (a sweep computes it once on its driver).
-    ray_placement_group_cleaner=False leaves out Ray Train's cleaner process for the run's
-    placement group; the caller then removes the group if the run's controller dies
-    (raypose.trainer.OrphanedPlacementGroups, as a sweep's driver does)."""
+    result when the caller has it already (a sweep computes it once on its driver). lines: a
+    console.LineRelay handle that rank 0 sends its raypose lines to (the driver prints them)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from raypose.backend import TorchBackendConfig
-    from raypose.trainer import Trainer  # Ray Train V2's DataParallelTrainer, less an unused actor
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    # Ray Train's controller asks its workers for their reports, and whether the run is over,
-    # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; at Ray's 2 s a run's last epoch reached the caller
-    # (a sweep's trial) up to 2 s late and its end was noticed up to 2 s after that, while the
-    # run's workers and slot sat idle. Ray passes the variable from the process that calls fit()
-    # to the controller and the workers (ray.train.v2 ENV_VARS_TO_PROPAGATE); a value set by the
-    # user is kept.
-    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S)
     storage_path, storage_fs = storage.ray_storage(loc)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.gpu:
         resources["GPU"] = 1
     workers = cfg.worker_range()
-    return Trainer(  # Ray: the data-parallel run
+    scaling = {"num_workers": workers if workers[0] != workers[1] else workers[1],
+               "use_gpu": cfg.scaling.gpu, "resources_per_worker": resources,
+               "placement_strategy": cfg.scaling.placement}
+    if workers[0] != workers[1]:  # Ray: elastic (driver.check_elastic_supported)
+        scaling["elastic_resize_monitor_interval_s"] = cfg.scaling.resize_interval_s
+    return TorchTrainer(  # Ray: the data-parallel run
         train_func_per_worker,
-        ray_placement_group_cleaner=ray_placement_group_cleaner,
-        backend_config=TorchBackendConfig(),
         train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch,
                            "data": prepare_data(cfg) if data is None else data,
+                           # the storage endpoint for raypose's own uploads on the workers
+                           # (never credentials: those come from the node's environment)
+                           "storage_env": forwarded_env(), "lines": lines,
+                           "run_uri": loc.join(run_name).uri,
                            "trainer_created_at": time.time() if created_at is None else created_at},
-        scaling_config=ScalingConfig(  # Ray: elastic when min_workers is set
-            num_workers=workers if workers[0] != workers[1] else workers[1],
-            use_gpu=cfg.scaling.gpu, resources_per_worker=resources,
-            placement_strategy=cfg.scaling.placement,
-            elastic_resize_monitor_interval_s=cfg.scaling.resize_interval_s),
+        torch_config=TorchConfig(),
+        scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -87,7 +78,6 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
                                                checkpoint_score_attribute="checkpoint_score",
                                                checkpoint_score_order="min"),
             callbacks=list(callbacks),
-            worker_runtime_env={"env_vars": forwarded_env()},
         ),
     )
 
@@ -99,9 +89,10 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
     check_state_api()
     check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")
     nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
-    trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch)
     start = time.perf_counter()
-    with console.quiet():
+    with console.quiet(), console.LineRelay() as lines:
+        trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch,
+                                lines=lines.handle)
         result = trainer.fit()
     metrics = result.metrics or {}
     print(f"[raypose] run {cfg.storage.name}: {metrics.get('epoch', '?')} epochs, "

@@ -25,28 +25,21 @@ how far its best trial beats them. ASHA never stops that trial (its results stil
 rung), so the comparison is at the full number of epochs.
 """
 
-import contextlib
 import hashlib
 import json
 import os
-import pickle
 import statistics
 import time
-import uuid
 from pathlib import Path
 
 from raypose import console, storage, validate
 from raypose.config import (Config, ConfigError, config_from_dict, get_value, load_config,
                             set_value, set_workers)
 from raypose.search_space import load_space
+from raypose.searcher import (METRIC, MODE, STUDY_URL_ENV, judged, make_scheduler, make_searcher,
+                              sqlite_path, trial_state)
 
 TRIAL_DRIVER_MEMORY = 768 * 1024**2  # bytes; see build_tuner
-# A resumed sweep's Optuna study on this machine: Tune restores the searcher as pickled by the
-# driver that started the sweep, with that machine's study URL; the searcher re-opens the study
-# here instead (see make_searcher's restore)
-STUDY_URL_ENV = "RAYPOSE_STUDY_URL"
-METRIC = "best_val_mpjpe"  # the best val_mpjpe a trial has reached so far, with a regression head
-MODE = "min"
 # The paper's settings (PAPER.md), by config key; everything else keeps the base config's default
 PAPER_SETTINGS = {"model.lrn_alpha": 0.0025, "model.lrn_beta": 0.75,
                   "loss.detection_weight": 1.0, "schedule.kind": "joint"}
@@ -57,12 +50,14 @@ PAPER_SETTINGS = {"model.lrn_alpha": 0.0025, "model.lrn_beta": 0.75,
 
 
 def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_env: dict,
-                    data: dict, driver_frees_placement_groups: bool = False):
+                    data: dict):
+    """One Tune trial: a Ray Train run of the trial's config, whose reports reach Tune through
+    Ray's TuneReportCallback (Ray's documented Train V2 + Tune pattern)."""
     started = time.time()  # the trial's start, for the workers' startup_seconds
     from ray import tune  # Ray: inside a Tune function only ray.tune.*
 
+    from raypose.ray_internals import TuneReportCallback
     from raypose.train import build_trainer
-    from raypose.trainer import ReportRelay, fit_relaying_reports
 
     # the driver's storage endpoint (never credentials: those come from the node's environment)
     os.environ.update(storage_env)
@@ -73,166 +68,12 @@ def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_en
     trial_id = tune.get_context().get_trial_id()
     loc = storage.parse(cfg.storage.uri).join(experiment, "train")
     cfg.storage.name = f"{experiment}/train/{trial_id}"
-    relay = f"reports/{trial_id}/{uuid.uuid4().hex}"  # this attempt's reports
-    trainer = build_trainer(cfg, trial_id, loc, callbacks=[ReportRelay(relay)],
+    trainer = build_trainer(cfg, trial_id, loc, callbacks=[TuneReportCallback()],
                             created_at=started,
                             # the driver's data summary holds unless the trial changed the data
-                            data=data if cfg.to_dict()["data"] == base_config["data"] else None,
-                            # the sweep's driver removes the run's placement group if ASHA ends
-                            # this process, and with it the run's controller (run_sweep)
-                            ray_placement_group_cleaner=not driver_frees_placement_groups)
-    # Ray: each report of the run reaches Tune through ray.tune.report in this thread (Ray's
-    # TuneReportCallback would start a queue actor per trial for it); Train V2 raises
-    # TrainingFailedError on failure, which fails this trial
-    fit_relaying_reports(trainer, relay, tune.report)
-
-
-# ----------------------------------------------------------------------------------------------
-# ASHA that waits for the regression head
-
-
-def judged(result: dict) -> bool:
-    """Whether a result can be compared with others: only with a regression head."""
-    return bool(result.get("has_regression_head", True)) and result.get(METRIC) is not None
-
-
-def make_scheduler(max_epochs: int, grace_period: int = 1, reduction_factor: float = 2,
-                   reference: dict | None = None):
-    """reference: the paper-settings point; the first trial whose config holds it is never
-    stopped (its results still count at every rung), so every sweep compares its best trial with
-    the paper's settings trained as long."""
-    from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
-
-    class RegressionStageASHA(AsyncHyperBandScheduler):
-        """ASHA on best_val_mpjpe over epochs; results without a regression head (the detection
-        stage of a pretrain trial) are never judged. ASHA judges a trial at the highest rung it has
-        passed and not yet been recorded at, so a pretrain trial whose head appears at epoch 4 is
-        first compared at rung 4, with the joint trials' results at epoch 4."""
-
-        reference_trial_id = None
-
-        def _is_reference(self, trial) -> bool:
-            if not reference:
-                return False
-            if self.reference_trial_id is None and all(
-                    (trial.config or {}).get(k) == v for k, v in reference.items()):
-                self.reference_trial_id = trial.trial_id
-            return trial.trial_id == self.reference_trial_id
-
-        def on_trial_result(self, tune_controller, trial, result):
-            if not judged(result):
-                return TrialScheduler.CONTINUE
-            action = super().on_trial_result(tune_controller, trial, result)  # records the rung
-            return TrialScheduler.CONTINUE if self._is_reference(trial) else action
-
-        def on_trial_complete(self, tune_controller, trial, result):
-            if result and not judged(result):
-                self._trial_info.pop(trial.trial_id, None)
-                return
-            super().on_trial_complete(tune_controller, trial, result)
-
-    return RegressionStageASHA(time_attr="epoch", metric=METRIC, mode=MODE, max_t=max_epochs,
-                               grace_period=grace_period, reduction_factor=reduction_factor)
-
-
-def trial_state(result: dict | None, error: bool) -> str:
-    """COMPLETE (ran every planned epoch), PRUNED (stopped early by ASHA) or ERROR."""
-    if error:
-        return "ERROR"
-    if result and result.get("epoch", 0) >= result.get("epochs_planned", 0) and judged(result):
-        return "COMPLETE"
-    return "PRUNED"
-
-
-def make_searcher(space, seed: int, study_url: str, study_name: str, points_to_evaluate=(),
-                  concurrent: bool = False, samples: int = 8):
-    """OptunaSearch with a seeded multivariate TPE (constant liar when trials run at once, so
-    concurrent trials do not all sample the same region) on a define-by-run space."""
-    import optuna
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
-
-    class RegressionStageOptunaSearch(OptunaSearch):
-        """Tells the study what ASHA and best.json see: best_val_mpjpe per epoch with a regression
-        head as intermediate values, COMPLETE with that value for a trial that ran every epoch,
-        PRUNED for one ASHA stopped (Optuna records its last intermediate value as its value)."""
-
-        def __init__(self, *args, **kwargs):
-            self._reported_epochs = {}  # trial id -> epochs told to Optuna (saved with the searcher)
-            super().__init__(*args, **kwargs)
-
-        # Tune pickles the searcher when the sweep starts (tuner.pkl) and saves it with the
-        # experiment state; OptunaSearch pickles its study storage, whose unpickling re-creates
-        # the SQLite file at the path of the machine that started the sweep, and fails where that
-        # path cannot exist. The searcher's state holds the study URL instead, and is re-opened
-        # at STUDY_URL_ENV when set (a resume on another machine), with the same trials.
-        def _portable_state(self) -> dict:
-            state = self.__dict__.copy()
-            state["_storage"] = self._storage.url
-            state["_ot_study"] = None
-            state["_ot_trials"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
-            return state
-
-        def _load_portable_state(self, state: dict) -> None:
-            trials = state["_ot_trials"]
-            self.__dict__.update(state)
-            self._storage = optuna.storages.RDBStorage(os.environ.get(STUDY_URL_ENV) or state["_storage"])
-            self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
-                                               sampler=self._sampler)
-            self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, db_id)
-                               for tid, db_id in trials.items()}
-
-        def __getstate__(self):
-            return self._portable_state()
-
-        def __setstate__(self, state):
-            self._load_portable_state(state)
-
-        def save(self, checkpoint_path: str):
-            with open(checkpoint_path, "wb") as f:
-                pickle.dump(self._portable_state(), f)
-
-        def restore(self, checkpoint_path: str):
-            with open(checkpoint_path, "rb") as f:
-                self._load_portable_state(pickle.load(f))
-
-        def on_trial_result(self, trial_id: str, result: dict):
-            if trial_id in self._completed_trials or not judged(result):
-                return
-            epoch = int(result["epoch"])
-            reported = self._reported_epochs.setdefault(trial_id, set())
-            if epoch not in reported:
-                self._ot_trials[trial_id].report(float(result[METRIC]), epoch)
-                reported.add(epoch)
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
-            if trial_id in self._completed_trials:
-                return
-            state = trial_state(result, error)
-            ot_trial = self._ot_trials[trial_id]
-            if result and not error and judged(result):
-                # Tune hands the last result (the one ASHA stopped on, or the final one) only here
-                self.on_trial_result(trial_id, result)
-            try:
-                if state == "COMPLETE":
-                    self._ot_study.tell(ot_trial, float(result[METRIC]), state=TrialState.COMPLETE)
-                else:
-                    self._ot_study.tell(ot_trial, None, state=TrialState.PRUNED if state == "PRUNED"
-                                        else TrialState.FAIL)
-            finally:
-                self._completed_trials.add(trial_id)
-
-    sampler = optuna.samplers.TPESampler(
-        seed=seed, multivariate=True, group=True, constant_liar=concurrent,
-        # TPE's default of 10 random trials first would leave a small sweep with no model-based
-        # trial at all
-        n_startup_trials=min(10, max(3, samples // 3)))
-    db = _sqlite_path(study_url)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    return RegressionStageOptunaSearch(
-        space=space.define_by_run, metric=METRIC, mode=MODE, sampler=sampler, study_name=study_name,
-        storage=optuna.storages.RDBStorage(study_url), points_to_evaluate=list(points_to_evaluate) or None)
+                            data=data if cfg.to_dict()["data"] == base_config["data"] else None)
+    # Ray: Train V2 raises TrainingFailedError on failure, which fails this trial
+    trainer.fit()
 
 
 def paper_defaults_point(space, cfg: Config) -> tuple:
@@ -293,14 +134,10 @@ def _creatable(db: Path) -> bool:
     return os.access(folder, os.W_OK)
 
 
-def _sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
-
-
 def check_no_stale_study(study_url: str, name: str) -> None:
     """A new sweep must not silently continue an Optuna study of the same name left in the
     database by an earlier sweep (Ray's OptunaSearch loads an existing study)."""
-    db = _sqlite_path(study_url)
+    db = sqlite_path(study_url)
     if db is not None and not db.exists():
         return
     import optuna
@@ -344,7 +181,7 @@ def make_copy_study_callback(study_url: str, target: storage.Location):
 
     class CopyStudy(Callback):
         def _copy(self):
-            db = _sqlite_path(study_url)
+            db = sqlite_path(study_url)
             if target.scheme == "file" and db is not None and db.resolve() == Path(target.path).resolve():
                 return  # the study already lives in the experiment's folder
             if db is not None and db.exists():
@@ -369,8 +206,7 @@ def make_copy_study_callback(study_url: str, target: storage.Location):
 
 
 def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int, study_url: str,
-                resume: bool, paper_point: dict | None = None,
-                driver_frees_placement_groups: bool = False):
+                resume: bool, paper_point: dict | None = None):
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
 
@@ -380,12 +216,9 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
 
     # the data are validated and the baseline computed once, here, for every trial's workers
     trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name,
-                                     storage_env=forwarded_env(), data=prepare_data(cfg),
-                                     driver_frees_placement_groups=driver_frees_placement_groups)
+                                     storage_env=forwarded_env(), data=prepare_data(cfg))
     # the Tune function only drives a Ray Train run, whose workers hold the CPUs/GPUs: it asks for
-    # no CPU, and for the memory it uses: a process that had imported Ray Tune, Ray Train and
-    # torch (CPU build) peaked at 661 MiB RSS here; it no longer imports torch (raypose.backend),
-    # so the reservation is an upper bound
+    # no CPU, and for the memory a process that imports Ray Tune, Ray Train and torch takes
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     callbacks = [TBXLoggerCallback(), make_copy_study_callback(study_url, loc.join(name, "optuna.db")),
                  console.make_sweep_callback(samples, cfg.schedule.epochs, METRIC, judged, space.names)]
@@ -554,7 +387,7 @@ def resume_settings(exp: storage.Location, cfg: Config, space_path: str, samples
 
 def seed_study(study_url: str, exp: storage.Location) -> None:
     """On resume: a SQLite study missing on this machine is restored from the experiment's copy."""
-    db = _sqlite_path(study_url)
+    db = sqlite_path(study_url)
     copy = exp.join("optuna.db")
     if db is None or db.exists() or not storage.exists(copy):
         return
@@ -589,7 +422,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     continues that sweep when it exists and starts it otherwise. samples, max_concurrent and
     study_url: None means the default for a new sweep, the stored value on resume (where any
     other value is refused)."""
-    from raypose.driver import check_resources, init_ray, preflight
+    from raypose.driver import check_resources, check_state_api, init_ray, preflight
 
     space = load_space(space_path)
     if samples is not None and samples < 1:
@@ -615,7 +448,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         samples, max_concurrent = stored["samples"], stored["max_concurrent"]
         study_url = stored["study_url"] or study_url or default_study_url(loc, name)
         here = default_study_url(loc, name)
-        db = _sqlite_path(study_url)
+        db = sqlite_path(study_url)
         if study_url != here and loc.scheme != "file" and db is not None and not _creatable(db):
             # the SQLite cache of the machine that started the sweep does not exist here (another
             # home, a fresh pod): this machine's cache, seeded from the copy in storage, holds it
@@ -628,8 +461,8 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         samples = samples or DEFAULT_SAMPLES
         study_url = study_url or default_study_url(loc, name)
         check_no_stale_study(study_url, name)
-    console.sweep_mode()
     init_ray(address, command="tune")
+    check_state_api(sweep=True)
     capacity = check_resources(
         cfg, "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial",
         what="one trial")
@@ -656,18 +489,8 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
             sweep_record(cfg, space_path, samples, max_concurrent, study_url), indent=1))
     paper_point, paper_missing = paper_defaults_point(space, cfg)
     start = time.perf_counter()
-    # this driver removes the placement groups of trials whose Ray Train controller died with the
-    # trial (ASHA stops trials that way), instead of one Ray cleaner process per trial; a Ray
-    # Client driver has no GCS connection of its own, so there the trials keep Ray's cleaner
-    import ray
-
-    from raypose.trainer import OrphanedPlacementGroups
-
-    frees = not ray.util.client.ray.is_connected()
-    with console.quiet(), (OrphanedPlacementGroups() if frees else contextlib.nullcontext()):
-        # Optuna's and Tune's own lines go to the log file
-        tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point,
-                            driver_frees_placement_groups=frees)
+    with console.quiet():  # Optuna's and Tune's own lines go to the log file
+        tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point)
         grid = tuner.fit()
     wall = time.perf_counter() - start
     rows, text, share = summarise(grid, wall, max_concurrent, space.names, paper_point)

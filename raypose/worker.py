@@ -11,6 +11,7 @@ import time
 import torch
 
 from raypose import checkpoint
+from raypose.console import worker_say
 from raypose.config import config_from_dict
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
                           regression_epochs_done, stage_for_epoch, steps_in_epoch, train_epoch,
@@ -41,6 +42,9 @@ def train_loop(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    # the driver's storage endpoint, for raypose's own storage calls here
+    os.environ.update(loop_config.get("storage_env") or {})
+    lines = loop_config.get("lines")  # rank 0's lines to the driver's terminal (console.LineRelay)
     cfg = config_from_dict(loop_config["config"])
     stop_after = loop_config.get("stop_after_epoch", 0)
     data = loop_config["data"]  # validated on the driver: the file's summary and the baseline
@@ -55,7 +59,7 @@ def train_loop(loop_config: dict) -> None:
     if folders:
         print(f"[raypose] removed {folders} checkpoint folder(s) ({size / 1e6:.0f} MB) from "
               f"{checkpoint.spool_dir()}: workers that ended before their upload left them",
-              flush=True)
+              flush=True)  # on this node's worker log: every rank may find some
     train_set, val_set = open_splits(cfg, info=data["info"])
     # a model without a regression head predicts nothing better than the mean pose: its
     # val_mpjpe is reported as this baseline (and ASHA ignores those epochs, see raypose.tune)
@@ -75,8 +79,8 @@ def train_loop(loop_config: dict) -> None:
         optimizer = build_optimizer(cfg, model)
         optimizer.load_state_dict(loaded["optimizer"])
         if rank == 0:
-            print(f"[raypose] resumed from epoch {start_epoch} ({loaded['state']['stage']} stage)",
-                  flush=True)
+            worker_say(lines, f"[raypose] resumed from epoch {start_epoch} "
+                       f"({loaded['state']['stage']} stage)")
     else:
         model = build_model(cfg, stage_for_epoch(cfg, 0)).to(device)
         optimizer = build_optimizer(cfg, model)
@@ -84,7 +88,7 @@ def train_loop(loop_config: dict) -> None:
         model = model.to(memory_format=torch.channels_last)
     train_model = maybe_compile(_wrap_ddp(model, device, world_size), cfg)
     startup_seconds = None
-    upload = _upload_manifest_last(ctx.get_storage())
+    upload = _upload_manifest_last(loop_config["run_uri"])
     epoch_steps = steps_in_epoch(len(train_set), cfg, world_size)  # the same for every epoch
 
     for epoch in range(start_epoch, cfg.schedule.epochs):
@@ -146,9 +150,9 @@ def train_loop(loop_config: dict) -> None:
                  "heads": {"regression": model.regression is not None,
                            "detection": model.detection is not None}}
         if rank == 0:
-            print(f"[raypose] epoch {epochs_done}/{cfg.schedule.epochs} {stage}: "
-                  f"loss {metrics['train_loss']:.4f}  val_mpjpe {metrics['val_mpjpe']:.1f} mm "
-                  f"(mean pose {baseline:.1f})  {metrics['samples_per_s']:.1f} samples/s", flush=True)
+            worker_say(lines, f"[raypose] epoch {epochs_done}/{cfg.schedule.epochs} {stage}: "
+                       f"loss {metrics['train_loss']:.4f}  val_mpjpe {metrics['val_mpjpe']:.1f} mm "
+                       f"(mean pose {baseline:.1f})  {metrics['samples_per_s']:.1f} samples/s")
         if rank == 0 and save:
             # written here, uploaded by Ray in a background thread while the next epoch trains;
             # Ray deletes the local folder once it is uploaded (see checkpoint.SPOOL_DIR_NAME)
@@ -163,15 +167,16 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics, checkpoint=None)  # Ray: every rank reports (a barrier)
         if stop_after and epochs_done >= stop_after and epochs_done < cfg.schedule.epochs:
             if rank == 0:
-                print(f"[raypose] stopping after epoch {epochs_done} as asked; the same --name "
-                      "resumes", flush=True)
+                worker_say(lines, f"[raypose] stopping after epoch {epochs_done} as asked; the "
+                           "same --name resumes")
             return
 
 
-def _upload_manifest_last(storage_context):
+def _upload_manifest_last(run_uri: str):
     """A checkpoint_upload_fn for ray.train.report: puts the payload files into the run's
-    storage first and manifest.json last, so that a checkpoint with a manifest is complete
-    (checkpoint.upload: hard links on local storage on the spool's device, copies elsewhere).
+    folder (run_uri: <storage>/<run name>, where Ray Train keeps the run) first and
+    manifest.json last, so that a checkpoint with a manifest is complete (checkpoint.upload:
+    hard links on local storage on the spool's device, copies elsewhere).
 
     An object store that goes away during the upload (a restart, a dropped link) is retried by
     the storage filesystem itself (raypose.storage_retry: every file again from its start, with
@@ -179,13 +184,18 @@ def _upload_manifest_last(storage_context):
     goes on; only then does the upload fail, and Ray Train restarts the workers from the latest
     complete checkpoint (storage.max_failures). Until manifest.json is written last, the folder
     is not a checkpoint to raypose or to Ray Train's record."""
+    from raypose import storage
+
+    import pyarrow.fs
+
+    run = storage.parse(run_uri)
 
     def upload(local, dir_name: str):
         import ray.train
 
-        fs = storage_context.storage_filesystem
-        target = storage_context.build_checkpoint_path_from_name(dir_name)
-        checkpoint.upload(local.path, target, fs)  # hard links on local storage, else copies
-        return ray.train.Checkpoint(path=target, filesystem=fs)
+        path, fs = storage.ray_storage(run.join(dir_name))
+        fs = fs or pyarrow.fs.LocalFileSystem()
+        checkpoint.upload(local.path, path, fs)  # hard links on local storage, else copies
+        return ray.train.Checkpoint(path=path, filesystem=fs)
 
     return upload

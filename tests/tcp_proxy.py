@@ -36,6 +36,8 @@ class TcpProxy:
         self.marker: bytes | None = None
         self.cut_at: float | None = None  # time.monotonic() of the automatic cut
         self.bytes_up = 0
+        # (time.monotonic(), request line) of every HTTP request that passed from client to server
+        self.requests = []
         self._pairs: list = []
         self._lock = threading.Lock()
         self._closed = False
@@ -110,6 +112,9 @@ class TcpProxy:
                     other.sendall(data)
                     if s is client:
                         self.bytes_up += len(data)
+                        if data[:7].split(b" ", 1)[0] in (b"GET", b"PUT", b"POST", b"HEAD",
+                                                          b"DELETE"):
+                            self.requests.append((time.monotonic(), data.split(b"\r\n", 1)[0]))
                         if self.marker is not None and self.marker in data:
                             self.marker = None
                             self.cut_at = time.monotonic()

@@ -3,6 +3,9 @@ elastic training through a lost node, a sweep whose trial loses its node, and au
 zero GPU nodes with Ray's fake multi-node provider. Storage is moto's S3 server over HTTP or a
 local folder; nothing of Ray or storage is mocked."""
 
+import ast
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -258,32 +261,49 @@ def fake_cluster_config(port: int, worker_types: dict) -> dict:
     }
 
 
+@dataclasses.dataclass
+class FakeCluster:
+    address: str  # the GCS address, for `--address` and the State API
+    client_address: str  # the head's Ray Client server, ray://...
+
+
 @pytest.fixture
 def fake_autoscaling_cluster():
-    """Starts `ray start --head` with the fake multi-node autoscaler and a config of the test's
-    node types; yields a function taking worker_types and returning the GCS address. Teardown
-    kills exactly the processes of that start (its own session), one pid at a time."""
+    """Starts `ray start --head` with the fake multi-node autoscaler, a config of the test's
+    node types and a Ray Client server; yields a function taking worker_types and returning a
+    FakeCluster. Teardown ends this process's own Ray connection, if a test left one, then kills
+    exactly the processes of that start (its own session), one pid at a time."""
     started = []
 
-    def start(worker_types: dict) -> str:
-        port = free_port()
+    def start(worker_types: dict) -> FakeCluster:
+        port, client_port = free_port(), free_port()
         temp = Path(tempfile.mkdtemp(prefix="rp-fake-"))  # short: Unix socket paths are limited
         config = temp / "autoscaler.json"
-        config.write_text(json.dumps(fake_cluster_config(port, worker_types)))
+        settings = fake_cluster_config(port, worker_types)
+        # The fake provider starts its nodes itself and refuses tag updates: the autoscaler's
+        # node updater fails on each launched node and terminates it as "launch failed" a few
+        # seconds after it joins, unless updaters are off
+        settings["provider"].update(disable_node_updaters=True, disable_launch_config_check=True)
+        config.write_text(json.dumps(settings))
         env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--num-cpus", "1",
              "--port", str(port), f"--autoscaling-config={config}", "--temp-dir", str(temp / "ray"),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port()),
-             "--disable-usage-stats"],
+             # Ray's default client port would clash with any other head on this machine
+             "--ray-client-server-port", str(client_port), "--disable-usage-stats"],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True)
         started.append((proc.pid, temp))  # the session id of everything this start runs
         out = proc.communicate(timeout=180)[0]
         assert proc.returncode == 0, out[-3000:]
-        return f"127.0.0.1:{port}"
+        return FakeCluster(f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}")
 
     yield start
+    import ray
+
+    if ray.is_initialized():  # a driver left connected would wait on the killed head
+        ray.shutdown()
     for session, temp in started:
         _kill_session(session)
         shutil.rmtree(temp, ignore_errors=True)
@@ -327,12 +347,55 @@ def _gpu_nodes(address):
             if n.state == "ALIVE" and n.resources_total.get("GPU", 0) >= 1]
 
 
+def _requested(address) -> list | None:
+    """The bundles the autoscaler holds from request_resources, as `ray status` lists them:
+    (shape, count) pairs; None when `ray status` has no such section (yet)."""
+    out = subprocess.run([str(Path(sys.executable).parent / "ray"), "status", "--address", address],
+                         capture_output=True, text=True, timeout=120).stdout
+    lines = out.splitlines()
+    if "From request_resources:" not in lines:
+        return None
+    listed = []
+    for line in lines[lines.index("From request_resources:") + 1:]:
+        if not line.startswith(" ") or line.strip() == "(none)":
+            break
+        # e.g. {'GPU': 1, 'CPU': 1}: 1 from request_resources(), in either order of the keys
+        shape, count = line.strip().split("}: ", 1)
+        listed.append((ast.literal_eval(shape + "}"), count))
+    return listed
+
+
+GPU_REQUEST = ({"CPU": 1, "GPU": 1}, "1 from request_resources()")
+
+
+@contextlib.contextmanager
+def _connected(address):
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(address=address, configure_logging=False)
+            break
+        except ConnectionAbortedError:
+            # a Ray Client connection made just after `ray start` sometimes fails: the server
+            # that the head starts for the client exits at once ("SpecificServer startup
+            # failed" in its ray_client_server.err); the next connection works
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow  # a fake autoscaling cluster: about 25 s each
-def test_gpu_from_zero_nodes_waits_for_the_autoscaler(fake_autoscaling_cluster, tiny_data, tmp_path):
+def test_gpu_from_zero_nodes_waits_for_the_autoscaler(fake_autoscaling_cluster, tiny_data,
+                                                      tmp_path):
     """No GPU node is up, but a node type has one: `raypose train --gpu` is accepted, says it
     waits for the autoscaler, and the autoscaler launches a node of that type. The test stops
     the driver there: the fake "GPU" is only a resource label, without CUDA."""
-    address = fake_autoscaling_cluster({"gpu_node": {"CPU": 1, "GPU": 1}})
+    address = fake_autoscaling_cluster({"gpu_node": {"CPU": 1, "GPU": 1}}).address
     assert _gpu_nodes(address) == []
     driver = _train_gpu(address, tiny_data, tmp_path / "exp")
     lines = []
@@ -342,9 +405,8 @@ def test_gpu_from_zero_nodes_waits_for_the_autoscaler(fake_autoscaling_cluster, 
             if "the cluster now holds" in line:
                 break
         text = "".join(lines)
-        assert "waiting up to 900 s for the autoscaler to add nodes: 1 worker(s) of {CPU: 1, GPU: 1}" \
-            in text, text
-        assert "gpu_node {CPU: 1, GPU: 1} x2" in text, text  # what the cluster can offer
+        assert ("waiting up to 900 s for the autoscaler to add nodes: 1 worker(s) of "
+                "{CPU: 1, GPU: 1}") in text, text
         assert "the cluster now holds 1 such worker(s)" in text, text
         nodes = _gpu_nodes(address)
         assert len(nodes) == 1, nodes
@@ -353,37 +415,186 @@ def test_gpu_from_zero_nodes_waits_for_the_autoscaler(fake_autoscaling_cluster, 
         driver.wait(timeout=30)
 
 
-@pytest.mark.slow  # a fake autoscaling cluster: about 25 s each
-def test_gpu_refused_in_one_line_when_no_node_type_has_one(fake_autoscaling_cluster, tiny_data,
-                                                            tmp_path):
-    address = fake_autoscaling_cluster({"cpu_node": {"CPU": 2}})
+@pytest.mark.slow  # a fake autoscaling cluster: about 60 s
+def test_gpu_worker_is_placed_on_the_gpu_node_the_autoscaler_launches(fake_autoscaling_cluster,
+                                                                       tiny_data, tmp_path):
+    """`raypose train --gpu` from zero GPU nodes: Ray Train's worker runs on the gpu_node that
+    the autoscaler launched for it (the State API says where). The worker may then fail at its
+    first CUDA call, since the fake GPU has none; the test stops the driver once it is placed."""
+    from ray.util.state import list_actors
+
+    address = fake_autoscaling_cluster({"gpu_node": {"CPU": 1, "GPU": 1}}).address
     driver = _train_gpu(address, tiny_data, tmp_path / "exp")
+    lines = []
+    # read the driver's output all along, so that it never blocks on a full pipe
+    reader = threading.Thread(target=lambda: lines.extend(driver.stdout), daemon=True)
+    reader.start()
+    try:
+        def placed():
+            workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")],
+                                  detail=True, raise_on_missing_output=False)
+            return [w for w in workers if w.node_id]
+
+        try:
+            workers = wait_until(placed, 300, "a RayTrainWorker placed on a node")
+        except AssertionError:
+            raise AssertionError("".join(lines)) from None
+        gpu_ids = {n.node_id for n in _gpu_nodes(address)}
+        assert len(gpu_ids) == 1, "".join(lines)
+        assert {w.node_id for w in workers} == gpu_ids, (workers, gpu_ids)
+        assert "the cluster now holds 1 such worker(s)" in "".join(lines)
+    finally:
+        _kill_session(driver.pid)
+        driver.wait(timeout=30)
+
+
+@pytest.mark.slow  # a fake autoscaling cluster: about 25 s each
+def test_gpu_no_node_type_has_one_ends_after_the_bounded_wait(fake_autoscaling_cluster, tiny_data,
+                                                              tmp_path):
+    """Ray's public API does not say which node types an autoscaler has: a GPU that no node type
+    offers is waited for like one that is starting, up to scaling.autoscaler_wait_s, and then
+    refused in one line that points to `ray status`."""
+    address = fake_autoscaling_cluster({"cpu_node": {"CPU": 2}}).address
+    driver = _train_gpu(address, tiny_data, tmp_path / "exp",
+                        extra=("--set", "scaling.autoscaler_wait_s=5"))
     out = driver.communicate(timeout=300)[0]
     assert driver.returncode == 2, out
     errors = [line for line in out.splitlines() if line.startswith("raypose train: error:")]
     assert len(errors) == 1, out
     error = errors[0]
-    # what was asked, and what the cluster can offer: its node types, none with a GPU
-    assert "--workers and --gpu: 1 worker(s) of {CPU: 1, GPU: 1}" in error
-    assert "can never offer that (at most 0 such worker(s)" in error
-    assert "cpu_node {CPU: 2} x2" in error
+    assert "--workers and --gpu: " in error, error
+    assert "gave up after 5 s waiting for the autoscaler: 1 worker(s) of {CPU: 1, GPU: 1}" in error
+    assert "the cluster holds 0 such worker(s)" in error, error
+    assert "`ray status`" in error and "scaling.autoscaler_wait_s" in error, error
     assert _gpu_nodes(address) == []
     assert not (tmp_path / "exp" / "gpu").exists()  # nothing was written for the run
 
 
 @pytest.mark.slow  # a fake autoscaling cluster: about 25 s each
-def test_wait_for_the_autoscaler_gives_up_in_one_line(fake_autoscaling_cluster, tiny_data, tmp_path):
+def test_wait_for_the_autoscaler_gives_up_in_one_line(fake_autoscaling_cluster, tiny_data,
+                                                      tmp_path):
     """A GPU the autoscaler could add but that is not up within scaling.autoscaler_wait_s (0 s
     here, so the outcome does not depend on how fast a node starts) ends the run in one line."""
-    address = fake_autoscaling_cluster({"gpu_node": {"CPU": 1, "GPU": 1}})
+    address = fake_autoscaling_cluster({"gpu_node": {"CPU": 1, "GPU": 1}}).address
     driver = _train_gpu(address, tiny_data, tmp_path / "exp",
                         extra=("--set", "scaling.autoscaler_wait_s=0"))
     out = driver.communicate(timeout=300)[0]
     assert driver.returncode == 2, out
     errors = [line for line in out.splitlines() if line.startswith("raypose train: error:")]
     assert len(errors) == 1, out
-    assert "gave up after 0 s waiting for the autoscaler: 1 worker(s) of {CPU: 1, GPU: 1}" in errors[0]
+    assert ("gave up after 0 s waiting for the autoscaler: 1 worker(s) of {CPU: 1, GPU: 1}"
+            in errors[0]), errors[0]
     assert "scaling.autoscaler_wait_s" in errors[0]
+
+
+# raypose.capacity in this process, by GCS address and by Ray Client
+
+
+def _live_placement_groups(address) -> list:
+    from ray.util.state import list_placement_groups
+
+    return list_placement_groups(address=address, filters=[("state", "!=", "REMOVED")],
+                                 raise_on_missing_output=False)
+
+
+@pytest.mark.slow  # a fake autoscaling cluster: about 20 s each
+@pytest.mark.parametrize("client, group", [(False, False), (True, False), (True, True)],
+                         ids=["address", "ray-client", "ray-client-placement-group"])
+def test_check_resources_waits_for_the_autoscaler_in_process(fake_autoscaling_cluster, tiny_data,
+                                                             tmp_path, capsys, monkeypatch,
+                                                             client, group):
+    """group: ask the way raypose asks on Ray before 2.54, with a placement group."""
+    from raypose import capacity
+
+    monkeypatch.setattr(capacity, "_request_breaks_the_autoscaler", lambda: group)
+    cluster = fake_autoscaling_cluster({"gpu_node": {"CPU": 1, "GPU": 1}})
+    cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__workers=1,
+                      scaling__gpu=True, scaling__autoscaler_wait_s=120)
+    with _connected(cluster.client_address if client else cluster.address) as ray:
+        assert ray.util.client.ray.is_connected() == client
+        result = capacity.check_resources(cfg, "--workers and --gpu")
+        out = capsys.readouterr().out
+        assert ("[raypose] waiting up to 120 s for the autoscaler to add nodes: 1 worker(s) of "
+                "{CPU: 1, GPU: 1} for the run; nodes up: 1 with {CPU: 1}\n") in out, out
+        assert "[raypose] the cluster now holds 1 such worker(s)\n" in out, out
+        assert (result.now, result.most) == (1, None), result
+        assert result.offer == "nodes up: 2 with {CPU: 2, GPU: 1}", result
+        # once the workers fit, the request is withdrawn: Ray Train's placement group asks now
+        wait_until(lambda: _requested(cluster.address) == [], 60, "the request withdrawn")
+        assert _live_placement_groups(cluster.address) == []
+        # what is up now fits: no wait, no request
+        assert capacity.check_resources(cfg, "--workers and --gpu").now == 1
+        assert "[raypose]" not in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a fake autoscaling cluster: about 30 s
+def test_check_resources_gives_up_on_the_autoscaler_by_ray_client(fake_autoscaling_cluster,
+                                                                   tiny_data, tmp_path):
+    """Under Ray Client: the request stands while raypose waits, is withdrawn when it gives up,
+    and the error is one line with the flags, the ask, what is up and where to look."""
+    from raypose.capacity import ClusterWaitError, check_resources
+
+    cluster = fake_autoscaling_cluster({"cpu_node": {"CPU": 2}})
+    cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__workers=1,
+                      scaling__gpu=True, scaling__autoscaler_wait_s=15)
+    seen, statuses = [], []
+    done = threading.Event()
+
+    def watch():  # `ray status` from another process, while this one waits
+        while not done.is_set() and not seen:
+            statuses.append(_requested(cluster.address))
+            if GPU_REQUEST in (statuses[-1] or []):
+                seen.append(time.monotonic())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    with _connected(cluster.client_address):
+        watcher.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(ClusterWaitError) as raised:
+                check_resources(cfg, "--workers and --gpu")
+        finally:
+            done.set()
+            watcher.join(timeout=130)
+        waited = time.monotonic() - start
+    assert seen, f"the request never showed in `ray status`: {statuses}"
+    assert 15 <= waited < 60, waited
+    error = str(raised.value)
+    assert "\n" not in error, error
+    assert error.startswith("--workers and --gpu: gave up after 15 s waiting for the autoscaler: "
+                            "1 worker(s) of {CPU: 1, GPU: 1} for the run, and the cluster holds 0 "
+                            "such worker(s) (nodes up: 1 with {CPU: 1})"), error
+    assert "`ray status` shows the autoscaler's pending and infeasible requests" in error, error
+    assert error.endswith("scaling.autoscaler_wait_s sets the wait"), error
+    wait_until(lambda: _requested(cluster.address) == [], 60, "the request withdrawn")
+    assert _gpu_nodes(cluster.address) == []
+
+
+@pytest.mark.slow  # a local instance: about 10 s
+def test_local_instance_refuses_a_gpu_at_once(ray_local, tiny_data, tmp_path, capsys):
+    """Ray started by raypose itself (local=True): no autoscaler, so what does not fit now is
+    refused at once, in one line, without waiting or asking anything."""
+    from raypose.capacity import check_resources
+    from raypose.config import ConfigError
+
+    cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__workers=1,
+                      scaling__gpu=True)
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as raised:
+        check_resources(cfg, "--workers and --gpu", local=True)
+    assert time.monotonic() - start < 10
+    assert str(raised.value) == (
+        "--workers and --gpu: 1 worker(s) of {CPU: 1, GPU: 1} for the run, but the Ray cluster "
+        "can never offer that (at most 0 such worker(s); the local Ray instance that raypose "
+        "started holds {CPU: 2}; no autoscaler: that is all there is)")
+    cfg = tiny_config(tiny_data, tmp_path / "exp", scaling__workers=3)
+    with pytest.raises(ConfigError, match=r"^--workers: 3 worker\(s\) of \{CPU: 1\} for one trial, "
+                       r"but the Ray cluster can never offer that \(at most 2 such worker"):
+        check_resources(cfg, "--workers", what="one trial", local=True)
+    cfg = tiny_config(tiny_data, tmp_path / "exp", scaling__workers=2)
+    capacity = check_resources(cfg, "--workers", local=True)
+    assert (capacity.now, capacity.most) == (2, 2)
+    assert "waiting" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("node, bundle, expected", [
@@ -393,6 +604,16 @@ def test_wait_for_the_autoscaler_gives_up_in_one_line(fake_autoscaling_cluster, 
     ({"CPU": 0.0}, {"CPU": 1.0}, 0),                          # a head without CPUs
 ])
 def test_workers_that_fit_on_a_node(node, bundle, expected):
-    from raypose.driver import fits
+    from raypose.capacity import fits
 
     assert fits(node, bundle) == expected
+
+
+def test_brief_shows_what_a_person_asks_for():
+    from raypose.capacity import brief
+
+    assert brief({"memory": 1e9, "object_store_memory": 1e9, "node:__internal_head__": 1.0,
+                  "node:10.0.0.1": 1.0, "accelerator_type:H100": 1.0, "GPU": 1.0, "CPU": 2.0,
+                  "TPU": 4.0, "CPU_group_0_fe602990ce0d718ec971163b3ea901000000": 1.0,
+                  "bundle_group_fe602990ce0d718ec971163b3ea901000000": 1000.0}
+                 ) == "{CPU: 2, GPU: 1, TPU: 4}"

@@ -1,6 +1,6 @@
-"""Faults of the object store: S3 taken away in the middle of a checkpoint upload and brought
-back. The run must retry, continue, and never record a partial checkpoint as valid; evaluation
-refuses a partial checkpoint in one line."""
+"""Faults of the object store: S3 taken away in the middle of a worker's checkpoint upload and
+brought back. The upload must be retried, the run continue, and no partial checkpoint be recorded
+as valid; evaluation refuses a partial checkpoint in one line."""
 
 import json
 import time
@@ -25,10 +25,11 @@ def test_s3_outage_during_checkpoint_upload(ray_local, tiny_data, s3_bucket, mon
     # the run (driver and workers) reaches S3 only through the proxy; the test reads moto directly
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     direct = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-    # cut the link as soon as Ray Train's controller writes its record of epoch 1's checkpoint
-    # (the write that ended the run with a ControllerError before storage_retry), and bring it
-    # back 20 s later; the tiny epochs are short, so epoch 2's upload runs into the outage too
-    proxy.cut_when(f"PUT /{bucket}/exp/outage/checkpoint_manager_snapshot.json".encode())
+    # cut the link in the middle of the worker's upload of epoch 2's weights (raypose's upload
+    # function, in a background thread of the worker), and bring it back 20 s later; the
+    # controller's record of the checkpoints runs into the same outage
+    weights = f"/{bucket}/exp/outage/epoch_0002/{checkpoint.MODEL_FILE}".encode()
+    proxy.cut_when(b"PUT " + weights)
 
     def restore():
         while proxy.cut_at is None:
@@ -46,9 +47,12 @@ def test_s3_outage_during_checkpoint_upload(ray_local, tiny_data, s3_bucket, mon
     result = build_trainer(cfg, "outage", loc).fit()
     took = time.monotonic() - start
     proxy.close()
-    assert proxy.cut_at is not None, "the controller's record never passed through the proxy"
+    assert proxy.cut_at is not None, "the worker's upload never passed through the proxy"
     print(f"run with a 20 s S3 outage took {took:.0f} s")
-    assert proxy.bytes_up > 0
+    # the upload was retried once the store was back: epoch 2's weights went up again after the
+    # 20 s outage, from the worker's spooled copy
+    retried = [line for t, line in proxy.requests if t > proxy.cut_at + 19 and weights in line]
+    assert retried, proxy.requests[-20:]
 
     # the run finished all its epochs
     assert result.metrics["epoch"] == 4

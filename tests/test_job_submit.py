@@ -407,3 +407,52 @@ def test_sweep_then_evaluation_submitted_as_jobs_write_their_results_to_s3(dev_c
     assert math.isfinite(report["mean_over_actions"]["mpjpe"])
     assert report["outputs"]["storage"] == f"s3://{folder}"
     assert fs.cat(f"{folder}/report.md").decode().startswith("# raypose evaluation")
+
+
+# --- Ray Client: `--address ray://HOST:PORT` for train, tune and evaluate ---------------------------
+
+def raypose_client_run(args: list, env: dict, timeout: float) -> str:
+    """`raypose ARGS` as a Ray Client driver; fails the test with its output unless it exits 0."""
+    done = subprocess.run([sys.executable, "-m", "raypose.cli", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"raypose {args[0]} exited {done.returncode}\n{done.stdout[-6000:]}" \
+                                 f"\n{done.stderr[-6000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-6000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_train_tune_and_evaluate_through_ray_client(dev_cluster, tiny_data, tmp_path):
+    """The dev cluster's head runs Ray Client's server; every command connects to it with
+    ray://127.0.0.1:PORT, with storage in the cluster's S3 bucket."""
+    variables = dev_cluster["env"]
+    address = f"ray://127.0.0.1:{dev_cluster['state']['ports']['client']}"
+    env = client_env(variables, RAYPOSE_LOCAL_DIR=str(tmp_path / "local"),
+                     RAYPOSE_LOG_DIR=str(tmp_path / "logs"))
+    storage = f"s3://{BUCKET}/client"
+    common = ["--data", str(tiny_data), "--storage", storage, "--set", "data.batch_size=8",
+              "--address", address]
+
+    out = raypose_client_run(["train", "--name", "run", "--epochs", "2", "--workers", "2",
+                              *common], env, timeout=TUNE_TIMEOUT_S)
+    epochs = [line for line in out.splitlines() if line.startswith("[raypose] epoch ")]
+    assert [line.split()[2] for line in epochs] == ["1/2", "2/2"], out  # each line once
+    assert "[raypose] run run: 2 epochs" in out
+    fs = s3(variables)
+    assert fs.exists(f"{BUCKET}/client/run/epoch_0002/manifest.json")
+
+    out = raypose_client_run(["tune", "--space", "search_spaces/smoke.yaml", "--name", "sweep",
+                              "--samples", "2", "--epochs", "1", "--max-concurrent", "1", *common],
+                             env, timeout=TUNE_TIMEOUT_S)
+    assert "[raypose] best trial " in out, out
+    best = json.loads(fs.cat(f"{BUCKET}/client/sweep/best.json"))
+    assert len(best["trials"]) == 2
+
+    out = raypose_client_run(["evaluate", f"{storage}/sweep", "--data", str(tiny_data),
+                              "--out", str(tmp_path / "eval"), "--address", address],
+                             env, timeout=EVALUATE_TIMEOUT_S)
+    assert f"as a Ray task on {address}" in out
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["checkpoint"] == best["checkpoint"]
+    assert report["outputs"]["local"] == str((tmp_path / "eval").resolve())
+    assert fs.exists(report["outputs"]["storage"][len("s3://"):] + "/report.json")

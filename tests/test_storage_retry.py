@@ -92,3 +92,25 @@ def test_listing_during_an_outage_waits_for_the_store(proxied, monkeypatch):
     # Ray checks a run's record with get_file_info before it loads it; during an outage the
     # answer must not be "not found", which would start the run over
     assert fs.get_file_info(f"{bucket}/exp/a/x.json").type == pyarrow.fs.FileType.File
+
+
+def test_filesystems_of_one_store_are_equal_wherever_made(monkeypatch):
+    """Ray Train accepts a checkpoint that a worker's upload function returns only on a filesystem
+    equal to the run's storage filesystem, which the driver made and Ray pickled: equal by store
+    and settings, not by the process or thread that made them; another endpoint is not equal."""
+    import pickle
+    import threading
+
+    from raypose import storage
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    loc = storage.parse("s3://bucket/exp")
+    driver = storage.ray_storage(loc)[1]
+    made = []
+    thread = threading.Thread(target=lambda: made.append(storage.ray_storage(loc.join("x"))[1]))
+    thread.start()
+    thread.join()
+    assert pickle.loads(pickle.dumps(driver)) == driver
+    assert made[0] == pickle.loads(pickle.dumps(driver))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:10")
+    assert storage.ray_storage(loc)[1] != driver

@@ -13,9 +13,8 @@ import pytest
 
 from raypose import checkpoint, storage
 from raypose.config import ConfigError
-from raypose.driver import HEALTH_CHECK_INTERVAL_ENV, HEALTH_CHECK_INTERVAL_S, preflight
+from raypose.driver import preflight
 from raypose.train import build_trainer, run_training
-from raypose.trainer import RELAY_NAMESPACE, ReportRelay, fit_relaying_reports
 from tests.conftest import tiny_config
 
 
@@ -34,8 +33,6 @@ class EpochRecorder:
                                         "checkpoint": checkpoint is not None,
                                         "val_mpjpe": metrics[0]["val_mpjpe"],
                                         "startup_seconds": metrics[0]["startup_seconds"],
-                                        # the controller's own poll interval (raypose.train)
-                                        "poll_interval": os.environ.get(HEALTH_CHECK_INTERVAL_ENV),
                                         "train_loss": [m["train_loss"] for m in metrics]}) + "\n")
 
         return _Recorder()
@@ -83,12 +80,9 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     log = tmp_path / "epochs.jsonl"
     orphan = _spool_folder_of_an_ended_process()
     mine = checkpoint.new_spool_dir()  # this process is alive: its folder must stay
-    relayed = []
     try:
-        # as a sweep's trial runs it: its reports come back through raypose's relay
-        trainer = build_trainer(cfg, "pre", preflight(cfg),
-                                callbacks=[EpochRecorder(str(log)), ReportRelay("test/pre")])
-        result = fit_relaying_reports(trainer, "test/pre", relayed.append)
+        trainer = build_trainer(cfg, "pre", preflight(cfg), callbacks=[EpochRecorder(str(log))])
+        result = trainer.fit()
         # the worker removed the ended process's folder, and Ray deleted each of the run's own
         # folders once it was uploaded: only this process's folder is left
         assert not os.path.exists(orphan)
@@ -97,16 +91,14 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
         shutil.rmtree(mine, ignore_errors=True)
     assert result.error is None
     assert [(r["epoch"], r["stage"]) for r in recorded(log)] == [(1, "detection"), (2, "regression")]
-    # the relay handed over rank 0's metrics of each report, in order, with its checkpoint's path
-    assert [(r["epoch"], r["stage"]) for r in relayed] == [(1, "detection"), (2, "regression")]
-    assert [r["val_mpjpe"] for r in relayed] == [r["val_mpjpe"] for r in recorded(log)]
-    assert [os.path.basename(r["checkpoint_path"]) for r in relayed] == ["epoch_0001", "epoch_0002"]
     assert result.metrics["epoch"] == 2
-    from ray.experimental.internal_kv import _internal_kv_list
+    # Ray Train recorded both checkpoints that raypose's upload function put in place, in the
+    # record that raypose.driver.latest_checkpoint reads
+    from raypose.ray_internals import CHECKPOINT_RECORD
 
-    assert _internal_kv_list("test/", namespace=RELAY_NAMESPACE) == []  # read, then deleted
-    # Ray Train's controller polled its workers at raypose's interval, not Ray's 2 s
-    assert {r["poll_interval"] for r in recorded(log)} == {HEALTH_CHECK_INTERVAL_S}
+    assert (tmp_path / "exp" / "pre" / CHECKPOINT_RECORD).is_file()
+    assert sorted(os.path.basename(c.path) for c, _ in result.best_checkpoints) == [
+        "epoch_0001", "epoch_0002"]
     first = checkpoint.load(tmp_path / "exp" / "pre" / "epoch_0001")
     second = checkpoint.load(tmp_path / "exp" / "pre" / "epoch_0002")
     assert first["state"]["heads"] == {"regression": False, "detection": True}
@@ -119,33 +111,6 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     assert first["state"]["metrics"]["val_mpjpe"] == first["state"]["metrics"]["val_mean_pose_mpjpe"]
     assert first["state"]["metrics"]["has_regression_head"] is False
     assert second["state"]["metrics"]["regression_epochs"] == 1
-    # the run started Train V2's controller but not its Ray Data actor (raypose.trainer)
-    from ray.util.state import list_actors
-
-    classes = {a.class_name for a in list_actors(detail=True, limit=1000)}
-    assert "TrainController" in classes, classes
-    assert "DatasetManager" not in classes, classes
-
-
-def test_relay_raises_the_runs_error_after_its_reports(ray_local):
-    """fit_relaying_reports hands over every report made before the run failed, then raises the
-    run's error in the calling thread (a Tune trial then fails with it). A stand-in for the
-    trainer makes the reports through the real GCS store."""
-
-    class FailingRun:
-        def fit(self):
-            relay = ReportRelay("test/failing")
-            for epoch in (1, 2):
-                relay.after_report(None, [{"epoch": epoch}, {"epoch": -1}], None)
-            raise ValueError("the run failed")
-
-    relayed = []
-    with pytest.raises(ValueError, match="the run failed"):
-        fit_relaying_reports(FailingRun(), "test/failing", relayed.append, poll_s=0.05)
-    assert relayed == [{"epoch": 1}, {"epoch": 2}]  # rank 0's, in order, no checkpoint path
-    from ray.experimental.internal_kv import _internal_kv_list
-
-    assert _internal_kv_list("test/", namespace=RELAY_NAMESPACE) == []
 
 
 @pytest.mark.slow
@@ -227,16 +192,26 @@ def test_bad_config_fails_before_ray(tiny_data, tmp_path):
     assert not ray.is_initialized()
 
 
-def test_gpu_flag_without_gpu_fails_before_workers(ray_local, tiny_data, tmp_path):
+def test_gpu_flag_without_gpu_fails_before_workers(tiny_data, tmp_path):
+    """raypose's own local instance has no autoscaler: what is up is all there is, and it has
+    no GPU, so --gpu is refused at once, before any worker starts or anything is written."""
+    import ray
     from ray.util.state import list_actors
 
+    from raypose.driver import init_ray
+
     cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__gpu=True)
-    # a local instance has no autoscaler: what is up is all there is, and it has no GPU
-    with pytest.raises(ConfigError, match=r"--workers and --gpu: 2 worker\(s\) of \{CPU: 1, GPU: 1\} "
-                       r"for the run, but the Ray cluster can never offer that \(at most 0 .*no autoscaler"):
-        run_training(cfg)
-    address = ray_local.get_runtime_context().gcs_address
-    assert list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")]) == []
+    init_ray(num_cpus=2, command="test")
+    try:
+        with pytest.raises(ConfigError, match=r"--workers and --gpu: 2 worker\(s\) of \{CPU: 1, "
+                           r"GPU: 1\} for the run, but the Ray cluster can never offer that "
+                           r"\(at most 0 .*no autoscaler"):
+            run_training(cfg)
+        address = ray.get_runtime_context().gcs_address
+        assert list_actors(address=address,
+                           filters=[("class_name", "=", "RayTrainWorker")]) == []
+    finally:
+        ray.shutdown()
     assert not (tmp_path / "exp" / "gpu").exists()  # nothing was written for the run
 
 

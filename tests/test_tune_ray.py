@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raypose.tune import make_scheduler, run_sweep
+from raypose.tune import run_sweep
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,19 +68,13 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     assert stored_best["value"] == min(r["best_val_mpjpe"] for r in rows.values())
     assert 0 < best["share_in_epochs"] <= 1
 
-    # the trials ran without Ray's placement-group cleaner and Tune's queue actor (a process per
-    # trial each): the sweep's driver removed the groups of trials that ASHA stopped, and none is
-    # left reserved
+    # every trial was a Ray Train run with Ray's own cleanup: once the sweep is over, no
+    # placement group holds a CPU
     import ray
-    from ray.util.state import list_actors
 
-    from raypose.trainer import actor_placement_groups
+    from conftest import wait_until
 
-    classes = [a.class_name for a in list_actors(limit=10000)]
-    assert classes.count("TrainController") == 4 and "PlacementGroupCleaner" not in classes
-    assert "_QueueActor" not in classes  # reports reach Tune through raypose's relay
-    assert actor_placement_groups() == []
-    assert ray.available_resources().get("CPU") == 2.0
+    wait_until(lambda: ray.available_resources().get("CPU") == 2.0, 60, "both CPUs free")
 
 
 def _experiment_state(exp_dir: Path):
@@ -140,173 +134,3 @@ def test_resume_after_driver_killed(ray_local, tiny_data, tmp_path):
     assert {p.name: p.stat().st_mtime for p in done_run.glob("epoch_*")} == stamps
     best = json.loads((exp_dir / "best.json").read_text())
     assert len(best["trials"]) == 3
-
-
-def scripted_trial(config):
-    """A Tune function that reports a fixed script of results (no training), to test how the
-    scheduler judges them. Each step is (has a regression head, val_mpjpe); best_val_mpjpe is the
-    running minimum over steps with a head, and the mean-pose baseline (5000 mm here) without."""
-    from ray import tune
-
-    scripts = {
-        # joint training, improving
-        "good": [(True, v) for v in (100.0, 90.0, 80.0, 70.0, 60.0, 50.0)],
-        # pretrain: three detection epochs with no regression head (val_mpjpe is the mean-pose
-        # baseline, far worse than anything else), then a regression stage better than "good"
-        "pretrain_good": [(False, 5000.0)] * 3 + [(True, 65.0), (True, 60.0), (True, 45.0)],
-        # the same, with a regression stage clearly worse than "good" at equal epochs
-        "pretrain_bad": [(False, 5000.0)] * 3 + [(True, 900.0), (True, 890.0), (True, 880.0)],
-        # joint training, clearly bad
-        "bad": [(True, v) for v in (1000.0, 990.0, 980.0, 970.0, 960.0, 950.0)],
-        "worse": [(True, v) for v in (2000.0, 1990.0, 1980.0, 1970.0, 1960.0, 1950.0)],
-    }
-    best = None
-    script = scripts[config["kind"]]
-    for epoch, (has_head, value) in enumerate(script, start=1):
-        if has_head:
-            best = value if best is None else min(best, value)
-        tune.report({"epoch": epoch, "epochs_planned": len(script), "has_regression_head": has_head,
-                     "val_mpjpe": value, "best_val_mpjpe": best if has_head else 5000.0})
-
-
-def test_asha_compares_at_equal_epochs_and_never_judges_a_detection_stage(ray_local, tmp_path):
-    """Rungs at epochs 1, 2 and 4. A bad joint trial stops at rung 1. Pretrain trials report
-    5000 mm for three detection epochs and are not stopped there; they are first judged at rung 4
-    against the joint trial's epoch 4: the good one runs to the end, the bad one stops at 4."""
-    from ray import tune
-
-    tuner = tune.Tuner(
-        scripted_trial,
-        param_space={"kind": tune.grid_search(["good", "pretrain_good", "pretrain_bad", "bad"])},
-        tune_config=tune.TuneConfig(scheduler=make_scheduler(max_epochs=6), max_concurrent_trials=1),
-        run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha", verbose=0),
-    )
-    grid = tuner.fit()
-    reported = {r.config["kind"]: len(r.metrics_dataframe) for r in grid}
-    assert reported == {"good": 6, "pretrain_good": 6, "pretrain_bad": 4, "bad": 1}
-
-
-def test_asha_never_stops_the_paper_settings_trial(ray_local, tmp_path):
-    """The reference (paper-settings) trial runs every epoch even when it is bad ("bad" stops at
-    rung 1 in the test above), and its results still count: "worse" is cut at rung 1."""
-    from ray import tune
-
-    tuner = tune.Tuner(
-        scripted_trial,
-        param_space={"kind": tune.grid_search(["good", "bad", "worse"])},
-        tune_config=tune.TuneConfig(scheduler=make_scheduler(max_epochs=6, reference={"kind": "bad"}),
-                                    max_concurrent_trials=1),
-        run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha_ref", verbose=0),
-    )
-    grid = tuner.fit()
-    reported = {r.config["kind"]: len(r.metrics_dataframe) for r in grid}
-    assert reported == {"good": 6, "bad": 6, "worse": 1}
-
-
-def lr_scripted_trial(config):
-    """Scripted results whose quality depends on the learning rate only: best at lr = 3e-4 (the
-    base config's default, which the paper-settings trial takes); pretrain trials report two
-    detection epochs without a head first."""
-    import math
-
-    from ray import tune
-
-    distance = abs(math.log10(config["lr"] / 3e-4))  # 0 for the paper-settings trial
-    pretrain = config.get("schedule") == "pretrain"
-    best = None
-    for epoch in range(1, 5):
-        has_head = not (pretrain and epoch <= 2)
-        value = (100.0 + 400.0 * distance) * (1.0 - 0.1 * epoch) if has_head else 5000.0
-        if has_head:
-            best = value if best is None else min(best, value)
-        tune.report({"epoch": epoch, "epochs_planned": 4, "has_regression_head": has_head,
-                     "val_mpjpe": value, "best_val_mpjpe": best if has_head else 5000.0})
-
-
-def test_optuna_records_paper_trial_pruned_trials_and_no_detection_epochs(ray_local, tmp_path):
-    """The real OptunaSearch subclass and ASHA inside Tune, on scripted results: the first trial
-    is the enqueued paper settings; trials ASHA stops are PRUNED with their last best_val_mpjpe
-    as value; completed ones carry their final best; no detection epoch reaches the study."""
-    import optuna
-    from ray import tune
-
-    from raypose.config import Config
-    from raypose.search_space import parse_space
-    from raypose.tune import make_searcher, paper_defaults_point
-
-    space = parse_space({"parameters": {
-        "schedule": {"distribution": "categorical", "choices": ["joint", "pretrain"]},
-        "lambda": {"distribution": "loguniform", "low": 1.0e-5, "high": 1.0,
-                   "condition": {"schedule": "joint"}},
-        "lr": {"distribution": "loguniform", "low": 1.0e-5, "high": 1.0e-2},
-    }}, "test space")
-    point, missing = paper_defaults_point(space, Config())
-    assert point == {"schedule": "joint", "lambda": 1.0, "lr": 3e-4}
-    assert missing == []  # the base config's LRN settings are the paper's
-    # a space without lambda cannot express the paper's lambda = 1 (the base config has 1e-4)
-    no_lambda = parse_space({"parameters": {"lr": {"distribution": "loguniform", "low": 1.0e-5,
-                                                   "high": 1.0e-2}}}, "test space")
-    assert paper_defaults_point(no_lambda, Config()) == ({"lr": 3e-4}, ["loss.detection_weight"])
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    tuner = tune.Tuner(
-        lr_scripted_trial,
-        tune_config=tune.TuneConfig(
-            search_alg=make_searcher(space, 0, url, "scripted", points_to_evaluate=[point], samples=6),
-            scheduler=make_scheduler(max_epochs=4), num_samples=6, max_concurrent_trials=1),
-        run_config=tune.RunConfig(storage_path=str(tmp_path), name="optuna", verbose=0),
-    )
-    tuner.fit()
-    study = optuna.load_study(study_name="scripted", storage=url)
-    trials = sorted(study.trials, key=lambda t: t.number)
-    assert len(trials) == 6
-    paper = trials[0]
-    assert paper.params == point and paper.state.name == "COMPLETE"
-    assert paper.value == pytest.approx(100.0 * 0.6)  # its best, at epoch 4
-    states = {t.state.name for t in trials}
-    assert states <= {"COMPLETE", "PRUNED"} and "PRUNED" in states
-    for t in trials:
-        steps = sorted(t.intermediate_values)
-        if t.params["schedule"] == "pretrain":
-            assert steps and steps[0] == 3  # epochs 1 and 2 had no regression head
-        else:
-            assert steps[0] == 1
-        # the value is the last (best so far) intermediate value, for pruned trials too
-        assert t.value == pytest.approx(t.intermediate_values[steps[-1]])
-        if t.state.name == "PRUNED":
-            assert steps[-1] < 4
-
-
-def test_searcher_state_reopens_the_study_where_this_machine_keeps_it(tmp_path, monkeypatch):
-    """A sweep resumed on a machine where the starting machine's study path cannot exist: the
-    searcher Tune restores (pickled in tuner.pkl, saved with the experiment state) re-opens the
-    study copied to this machine, with its running trial, and tells it the trial's result."""
-    import shutil
-
-    from ray import cloudpickle  # what Tune pickles the searcher with
-    import optuna
-
-    from raypose.search_space import parse_space
-    from raypose.tune import STUDY_URL_ENV, make_searcher
-
-    space = parse_space({"parameters": {"lr": {"distribution": "loguniform", "low": 1.0e-5,
-                                               "high": 1.0e-2}}}, "test space")
-    first = tmp_path / "first-machine" / "optuna.db"
-    searcher = make_searcher(space, 0, f"sqlite:///{first}", "s", samples=3)
-    assert searcher.suggest("t1") is not None  # creates Optuna trial 0, still running
-    searcher.on_trial_result("t1", {"epoch": 1, "best_val_mpjpe": 120.0})
-    pickled = cloudpickle.dumps(searcher)  # as in tuner.pkl
-    searcher.save(str(tmp_path / "searcher.pkl"))  # as with the experiment state
-    # the fresh machine has only the copy of the study, somewhere else
-    second = tmp_path / "second-machine" / "optuna.db"
-    second.parent.mkdir()
-    shutil.copy(first, second)
-    shutil.rmtree(first.parent)
-    monkeypatch.setenv(STUDY_URL_ENV, f"sqlite:///{second}")
-    restored = cloudpickle.loads(pickled)
-    restored.restore(str(tmp_path / "searcher.pkl"))
-    assert not first.parent.exists()  # nothing was re-created at the old path
-    restored.on_trial_result("t1", {"epoch": 2, "best_val_mpjpe": 110.0})
-    restored.on_trial_complete("t1", {"epoch": 2, "epochs_planned": 2, "best_val_mpjpe": 110.0})
-    study = optuna.load_study(study_name="s", storage=f"sqlite:///{second}")
-    assert [(t.number, t.state.name, t.value) for t in study.trials] == [(0, "COMPLETE", 110.0)]
-    assert study.trials[0].intermediate_values == {1: 120.0, 2: 110.0}
