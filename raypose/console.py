@@ -187,7 +187,7 @@ class LineRelay:
     def __enter__(self):
         from ray.util.queue import Queue  # Ray: a public queue actor
 
-        self.handle = Queue()
+        self.handle = Queue(actor_options={"num_cpus": 0})  # never waits for a free CPU
         self._thread = threading.Thread(target=self._run, name="raypose-lines", daemon=True)
         self._thread.start()
         return self
