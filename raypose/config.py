@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from raypose.validate import YAMLLimitError, clipped, load_yaml_text, shown
+
 
 class ConfigError(ValueError):
     """A bad setting; the message names the file or flag and the key (`key`, when known)."""
@@ -34,9 +36,11 @@ def parse_workers(text, flag: str) -> tuple:
     try:
         numbers = (int(low), int(high)) if sep else (int(text), int(text))
     except ValueError:
-        raise ConfigError(f"{flag} must be N or MIN:MAX (whole numbers), got {text!r}") from None
+        raise ConfigError(f"{flag} must be N or MIN:MAX (whole numbers), "
+                          f"got {shown(text)}") from None
     if numbers[0] < 1 or numbers[0] > numbers[1]:
-        raise ConfigError(f"{flag} must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+        raise ConfigError(f"{flag} must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, "
+                          f"got {shown(text)}")
     return (numbers[0] if sep else 0, numbers[1])
 
 
@@ -213,7 +217,8 @@ class Config:
             if not ok:
                 source = (sources or {}).get(key)
                 prefix = f"{source}: " if source else ""
-                raise ConfigError(f"{prefix}{key} {what}; got {get_value(self, key)!r}", key=key)
+                raise ConfigError(f"{prefix}{key} {what}; got {shown(get_value(self, key))}",
+                                  key=key)
         return self
 
     def worker_range(self) -> tuple:
@@ -260,14 +265,14 @@ def resolve_key(obj, key: str, source: str) -> str:
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
-        raise ConfigError(f"{source}: key {key!r} is ambiguous; use one of {matches}")
-    raise ConfigError(f"{source}: unknown key {key!r}; known keys: {', '.join(paths)}")
+        raise ConfigError(f"{source}: key {shown(key)} is ambiguous; use one of {matches}")
+    raise ConfigError(f"{source}: unknown key {shown(key)}; known keys: {', '.join(paths)}")
 
 
 def _coerce(value, default, path: str, source: str):
     def bad():
         return ConfigError(f"{source}: {path} expects {type(default).__name__}, "
-                           f"got {value!r} ({type(value).__name__})")
+                           f"got {shown(value)} ({type(value).__name__})")
 
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -308,17 +313,20 @@ def apply_overrides(obj, overrides, source: str = "--set", sources: dict | None 
     sources, when given, records {dotted key: "--set KEY"} for Config.validate's messages."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"{source}: expected KEY=VALUE, got {item!r}")
+            raise ConfigError(f"{source}: expected KEY=VALUE, got {shown(item)}")
         key, raw = item.split("=", 1)
+        where = f"{source} {clipped(key.strip())}"
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = load_yaml_text(raw) if raw.strip() else ""
+        except YAMLLimitError as e:
+            raise ConfigError(f"{where}: refused: {e}") from None
+        except (yaml.YAMLError, ValueError):  # not YAML, or e.g. 2024-13-45: the text as typed
             value = raw
         if isinstance(value, float) is False and isinstance(value, str) and _looks_like_float(raw):
             value = float(raw)
-        set_value(obj, key.strip(), value, f"{source} {key.strip()}")
+        set_value(obj, key.strip(), value, where)
         if sources is not None:
-            sources[resolve_key(obj, key.strip(), source)] = f"{source} {item}"
+            sources[resolve_key(obj, key.strip(), source)] = f"{source} {clipped(item)}"
     return obj
 
 
@@ -346,7 +354,7 @@ def apply_mapping(obj, mapping: dict, source: str, prefix: str = "", sources: di
         if dataclasses.is_dataclass(sub):
             apply_mapping(obj, value, source, path + ".", sources)
         else:
-            set_value(obj, path, value, f"{source}: key {path}")
+            set_value(obj, path, value, f"{source}: key {clipped(path)}")
             if sources is not None:
                 sources[resolve_key(obj, path, source)] = f"{source}: key {path}"
     return obj

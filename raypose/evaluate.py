@@ -74,7 +74,10 @@ class EvaluationError(RuntimeError):
 
 
 def resolve(uri: str) -> dict:
-    """{'kind': 'experiment'|'checkpoint', 'checkpoint': Location, 'best': dict|None}"""
+    """{'kind': 'experiment'|'checkpoint', 'checkpoint': Location, 'best': dict|None}
+
+    An experiment's best.json must name a checkpoint under the experiment itself (same scheme
+    and bucket, a path below the experiment's); EvaluationError otherwise."""
     loc = storage.parse(uri)
     fs = storage.filesystem(loc)
     try:
@@ -105,8 +108,19 @@ def resolve(uri: str) -> dict:
         raise EvaluationError(f"{best_loc.uri} is not a raypose best.json (no 'checkpoint' key)") from None
     if not ckpt_uri:
         raise EvaluationError(f"{best_loc.uri} names no checkpoint")
-    return {"kind": "experiment", "checkpoint": storage.parse(ckpt_uri), "best": best,
-            "experiment": loc}
+    # the evaluation reads that checkpoint and writes its report next to it: a best.json edited
+    # or copied to point elsewhere (/etc, another bucket, ../other) must not take it there
+    refused = (f"{best_loc.uri}: checkpoint {validate.shown(ckpt_uri)} is not inside the "
+               f"experiment {loc.uri}; best.json may only name a checkpoint under it")
+    if not isinstance(ckpt_uri, str):
+        raise EvaluationError(refused)
+    try:
+        ckpt_loc = storage.parse(ckpt_uri)
+    except storage.StorageError as e:
+        raise EvaluationError(f"{refused} ({e})") from None
+    if ckpt_loc.scheme != loc.scheme or not ckpt_loc.path.startswith(loc.path.rstrip("/") + "/"):
+        raise EvaluationError(refused)
+    return {"kind": "experiment", "checkpoint": ckpt_loc, "best": best, "experiment": loc}
 
 
 def read_best_json(best_loc: storage.Location):

@@ -47,6 +47,10 @@ from dataclasses import dataclass
 import yaml
 
 from raypose.config import Config, ConfigError, _coerce, get_value, resolve_key, set_value
+from raypose.validate import clipped, shown
+
+# how much of a whole trial's parameters an error message quotes
+PARAMS_SHOWN = 240
 
 DEFAULT_METRIC = "val_mpjpe"
 # What a sweep can rank trials by: every trial reports val_mpjpe per epoch and its running best,
@@ -157,8 +161,9 @@ class SearchSpace:
         params: {name: value} as suggest() returns it, or Tune's trial config from OptunaSearch."""
         unknown = sorted(set(params) - set(self.names))
         if unknown:
-            raise SearchSpaceError(f"{self.path}: trial parameters {unknown} are not in this "
-                                   f"search space; it has {self.names}")
+            raise SearchSpaceError(f"{self.path}: trial parameters {shown(unknown, PARAMS_SHOWN)} "
+                                   f"are not in this search space; it has "
+                                   f"{shown(self.names, PARAMS_SHOWN)}")
         cfg = copy.deepcopy(cfg) if cfg is not None else Config()
         for p in self.parameters:
             if p.name in params:
@@ -169,7 +174,8 @@ class SearchSpace:
         try:
             return cfg.validate()
         except ConfigError as e:
-            raise SearchSpaceError(f"{self.path}: trial parameters {params}: {e}") from None
+            raise SearchSpaceError(f"{self.path}: trial parameters "
+                                   f"{shown(params, PARAMS_SHOWN)}: {e}") from None
 
     def check_against(self, cfg: Config) -> None:
         """Check, before any trial runs, that every trial can build a valid config from cfg.
@@ -198,9 +204,10 @@ class SearchSpace:
                     set_value(trial, p.key, value, f"{self.path}: parameters.{p.name}")
                     trial.validate()
                 except ConfigError as e:
-                    given = "".join(f" and {n}={v!r}" for n, v in needs.items())
-                    raise SearchSpaceError(f"{self.path}: parameters.{p.name}: {label} {value!r}"
-                                           f"{given} gives an invalid config: {e}") from None
+                    given = "".join(f" and {n}={shown(v)}" for n, v in needs.items())
+                    raise SearchSpaceError(f"{self.path}: parameters.{p.name}: {label} "
+                                           f"{shown(value)}{given} gives an invalid config: "
+                                           f"{e}") from None
 
     @staticmethod
     def _required_values(p: Parameter, by_name: dict) -> dict:
@@ -215,8 +222,9 @@ class SearchSpace:
         """The same values as `--set KEY=VALUE` strings (dotted keys), e.g. for a job command line."""
         unknown = sorted(set(params) - set(self.names))
         if unknown:
-            raise SearchSpaceError(f"{self.path}: trial parameters {unknown} are not in this "
-                                   f"search space; it has {self.names}")
+            raise SearchSpaceError(f"{self.path}: trial parameters {shown(unknown, PARAMS_SHOWN)} "
+                                   f"are not in this search space; it has "
+                                   f"{shown(self.names, PARAMS_SHOWN)}")
         return [f"{p.key}={_format_override(params[p.name])}" for p in self.parameters
                 if p.name in params]
 
@@ -270,7 +278,8 @@ def load_space(path) -> SearchSpace:
     try:
         doc = read_yaml(path, "search-space file", SearchSpaceError, loader=_UniqueKeyLoader)
     except _DuplicateKey as e:
-        raise SearchSpaceError(f"{source}: line {e.line}: key {e.key!r} appears twice") from None
+        raise SearchSpaceError(f"{source}: line {e.line}: key {shown(e.key)} "
+                               "appears twice") from None
     return parse_space(doc, source)
 
 
@@ -281,16 +290,16 @@ def parse_space(doc, source: str = "<search space>") -> SearchSpace:
                                f"got {type(doc).__name__}")
     for key in doc:
         if key not in TOP_LEVEL_KEYS:
-            raise SearchSpaceError(f"{source}: unknown top-level key {key!r}; expected "
+            raise SearchSpaceError(f"{source}: unknown top-level key {shown(key)}; expected "
                                    f"{', '.join(TOP_LEVEL_KEYS)}")
     metric = doc.get("metric", DEFAULT_METRIC)
     if metric not in REPORTED_METRICS:
-        raise SearchSpaceError(f"{source}: metric {metric!r} is not one a trial reports for ranking; "
-                               f"expected one of {', '.join(REPORTED_METRICS)}")
+        raise SearchSpaceError(f"{source}: metric {shown(metric)} is not one a trial reports for "
+                               f"ranking; expected one of {', '.join(REPORTED_METRICS)}")
     params = doc.get("parameters")
     if not isinstance(params, dict) or not params:
         raise SearchSpaceError(f"{source}: parameters must be a non-empty mapping of "
-                               f"name: {{distribution: ...}}, got {params!r}")
+                               f"name: {{distribution: ...}}, got {shown(params)}")
     parsed, keys = [], {}
     for name, spec in params.items():
         param = _parse_parameter(name, spec, parsed, params, source)
@@ -303,7 +312,7 @@ def parse_space(doc, source: str = "<search space>") -> SearchSpace:
 
 
 def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -> Parameter:
-    where = f"{source}: parameters.{name}"
+    where = f"{source}: parameters.{clipped(name)}"
     if not isinstance(name, str):
         raise SearchSpaceError(f"{where}: parameter names must be config keys (strings)")
 
@@ -312,17 +321,17 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
 
     if not isinstance(spec, dict):
         raise fail(f"expected a mapping like {{distribution: uniform, low: 0.1, high: 0.9}}, "
-                   f"got {spec!r}")
+                   f"got {shown(spec)}")
     kind = spec.get("distribution")
     if kind is None:
         raise fail(f"missing distribution; expected one of {', '.join(FIELDS)}")
     if kind not in FIELDS:
-        raise fail(f"unknown distribution {kind!r}; expected one of {', '.join(FIELDS)}")
+        raise fail(f"unknown distribution {shown(kind)}; expected one of {', '.join(FIELDS)}")
     required, optional = FIELDS[kind]
     allowed = ("distribution", "condition") + required + optional
     for field in spec:
         if field not in allowed:
-            raise fail(f"unknown field {field!r} for {kind}; expected {', '.join(allowed)}")
+            raise fail(f"unknown field {shown(field)} for {kind}; expected {', '.join(allowed)}")
     missing = [f for f in required if f not in spec]
     if missing:
         raise fail(f"{kind} needs {' and '.join(required)}; missing {', '.join(missing)}")
@@ -360,7 +369,7 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
         step = _integer(spec.get("step", 1), "step", fail)
         log = spec.get("log", False)
         if not isinstance(log, bool):
-            raise fail(f"log must be true or false, got {log!r}")
+            raise fail(f"log must be true or false, got {shown(log)}")
         if low > high:
             raise fail(f"int needs low <= high, got low={low}, high={high}")
         if step < 1:
@@ -378,16 +387,16 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
     elif kind == "categorical":
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
-            raise fail(f"categorical needs choices: a non-empty list, got {choices!r}")
+            raise fail(f"categorical needs choices: a non-empty list, got {shown(choices)}")
         checked = []
         for i, choice in enumerate(choices):
             label = f"choices[{i}]"
             if not isinstance(choice, (bool, int, float, str)):
-                raise fail(f"{label} must be a number, a string or a bool, got {choice!r}")
+                raise fail(f"{label} must be a number, a string or a bool, got {shown(choice)}")
             choice = _maybe_float(choice) if is_float_key else choice
             _check_value(choice, default, key, f"{where}: {label}", label, fail)
             if any(_same(choice, c) for c in checked):
-                raise fail(f"{label} {choice!r} appears twice")
+                raise fail(f"{label} {shown(choice)} appears twice")
             checked.append(choice)
         fields = dict(choices=tuple(checked))
     else:  # fixed
@@ -403,31 +412,32 @@ def _parse_condition(condition, earlier: list, all_params: dict, fail) -> tuple:
     if condition is None:
         return ()
     if not isinstance(condition, dict) or not condition:
-        raise fail(f"condition must be a mapping like {{schedule: pretrain}}, got {condition!r}")
+        raise fail(f"condition must be a mapping like {{schedule: pretrain}}, "
+                   f"got {shown(condition)}")
     by_name = {p.name: p for p in earlier}
     parsed = []
     for other, values in condition.items():
         if other not in by_name:
             if other in all_params:
-                raise fail(f"condition on {other!r}, which is defined later in the file; "
-                           f"move {other} above this parameter")
-            raise fail(f"condition on unknown parameter {other!r}; defined so far: "
+                raise fail(f"condition on {shown(other)}, which is defined later in the file; "
+                           f"move it above this parameter")
+            raise fail(f"condition on unknown parameter {shown(other)}; defined so far: "
                        f"{', '.join(by_name) or 'none'}")
         target = by_name[other]
         if target.distribution not in ("categorical", "fixed"):
-            raise fail(f"condition on {other!r}, which is {target.distribution}; a condition "
+            raise fail(f"condition on {shown(other)}, which is {target.distribution}; a condition "
                        f"needs a categorical or fixed parameter")
         possible = target.choices if target.distribution == "categorical" else (target.value,)
         values = values if isinstance(values, list) else [values]
         if not values:
-            raise fail(f"condition on {other!r} lists no values")
+            raise fail(f"condition on {shown(other)} lists no values")
         if any(isinstance(c, float) for c in possible):
             values = [_maybe_float(v) for v in values]
         for v in values:
             if not any(_same(v, c) for c in possible):
-                raise fail(f"condition value {v!r} for {other!r} is not among its "
+                raise fail(f"condition value {shown(v)} for {shown(other)} is not among its "
                            f"{'choices' if target.distribution == 'categorical' else 'value'} "
-                           f"{list(possible)}")
+                           f"{shown(list(possible), PARAMS_SHOWN)}")
         parsed.append((other, tuple(values)))
     return tuple(parsed)
 
@@ -445,13 +455,13 @@ def _maybe_float(value):
 def _number(value, field, fail) -> float:
     value = _maybe_float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise fail(f"{field} must be a finite number, got {value!r}")
+        raise fail(f"{field} must be a finite number, got {shown(value)}")
     return value
 
 
 def _integer(value, field, fail) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise fail(f"{field} must be an integer, got {value!r}")
+        raise fail(f"{field} must be an integer, got {shown(value)}")
     return value
 
 
@@ -471,4 +481,4 @@ def _check_range(key, label, value, fail) -> None:
         set_value(cfg, key, value, label)
         cfg.validate()
     except ConfigError as e:
-        raise fail(f"{label} {value!r} is not a valid {key}: {e}") from None
+        raise fail(f"{label} {shown(value)} is not a valid {key}: {e}") from None

@@ -16,7 +16,7 @@ import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote_to_bytes, urlparse
 
 import fsspec
 
@@ -38,19 +38,72 @@ class Location:
         return Location(self.scheme, posixpath.join(self.path, *[str(p).strip("/") for p in parts]))
 
 
+# how much of a refused URI an error message quotes: whole for any realistic path
+URI_SHOWN = 240
+
+
 def parse(uri: str) -> Location:
+    """A Location from a plain path (relative to the current folder, ~ expanded), a file URI
+    (RFC 8089: file:///ABS/PATH or file://localhost/ABS/PATH, %-escapes decoded) or
+    s3://bucket/prefix.  A '..' segment is refused in a URI (an object key or a file URI must say
+    where it is); a plain path is made absolute, '..' resolved."""
+    from raypose.validate import shown
+
     if not uri:
         raise StorageError("storage URI is empty; give a path, file:///path or s3://bucket/prefix")
-    parsed = urlparse(str(uri))
+    text = str(uri)
+    named = shown(text, URI_SHOWN)
+    parsed = urlparse(text)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise StorageError(f"storage URI {uri!r} has no bucket; expected s3://bucket/prefix")
-        return Location("s3", f"{parsed.netloc}{parsed.path}".rstrip("/"))
-    if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else str(uri)
-        return Location("file", str(Path(path).expanduser().resolve()))
-    raise StorageError(f"storage URI {uri!r}: unsupported scheme {parsed.scheme!r}; "
+            raise StorageError(f"storage URI {named} has no bucket; expected s3://bucket/prefix")
+        _refuse_query(text, named)
+        path = f"{parsed.netloc}{parsed.path}".rstrip("/")
+        _refuse_parent_segment(path, named)
+        return Location("s3", path)
+    if parsed.scheme == "file":
+        return Location("file", _file_uri_path(parsed, text, named))
+    if parsed.scheme == "":
+        # a plain path is the user's own folder, made absolute here ('..' included)
+        return Location("file", str(Path(text).expanduser().resolve()))
+    raise StorageError(f"storage URI {named}: unsupported scheme {shown(parsed.scheme)}; "
                        "use a path, file:// or s3://")
+
+
+def _refuse_parent_segment(path: str, named: str) -> None:
+    if ".." in path.split("/"):
+        raise StorageError(f"storage URI {named} has a '..' path segment; write the path without "
+                           "'..' (for a local folder, its absolute path)")
+
+
+def _refuse_query(text: str, named: str) -> None:
+    # urlparse would cut the path at '?' or '#' and drop the rest without a word
+    if "?" in text or "#" in text:
+        raise StorageError(f"storage URI {named} holds '?' or '#', which would end its path there; "
+                           "storage paths cannot contain them")
+
+
+def _file_uri_path(parsed, text: str, named: str) -> str:
+    """The local absolute path of a file URI, by RFC 8089: the host is empty or localhost."""
+    from raypose.validate import shown
+
+    if parsed.netloc.lower() not in ("", "localhost"):
+        raise StorageError(f"storage URI {named} names the host {shown(parsed.netloc)}, not a "
+                           "local folder; write file:///ABSOLUTE/PATH (three slashes) or a "
+                           "plain path")
+    if "?" in text or "#" in text:
+        raise StorageError(f"storage URI {named} holds '?' or '#', which would end its path "
+                           "there; write them as %3F and %23")
+    # file names are bytes on POSIX: decode %-escapes as the file system would name them
+    path = os.fsdecode(unquote_to_bytes(parsed.path))
+    if not path.startswith("/"):
+        raise StorageError(f"storage URI {named} has no absolute path; write "
+                           "file:///ABSOLUTE/PATH (three slashes) or a plain path")
+    if "\x00" in path:
+        raise StorageError(f"storage URI {named} holds a NUL character (%00)")
+    _refuse_parent_segment(path, named)
+    # POSIX may give '//' at the start a meaning of its own; file:////x means /x
+    return str(Path("/" + path.lstrip("/")).resolve())
 
 
 def endpoint_url() -> str | None:

@@ -12,6 +12,10 @@ temporary sibling, which is renamed into place or removed.
 - Ray addresses (--address, RAY_ADDRESS) must be a GCS address HOST:PORT, ray://HOST:PORT,
   `auto` or `local`; something must answer a TCP connect on HOST:PORT within
   RAYPOSE_RAY_CONNECT_TIMEOUT seconds (default 5) before ray.init is called.
+- YAML (config files, search spaces, --set values) is refused past YAML_MAX_ALIASES alias uses
+  or YAML_MAX_NODES values with aliases expanded, before anything walks what was loaded.
+- A value quoted in an error message goes through `shown` (or `clipped`): at most its first 80
+  characters, so a message stays one short line whatever was typed.
 """
 
 import math
@@ -35,13 +39,37 @@ class InputError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
+# values quoted in error messages
+
+SHOWN_LIMIT = 80
+
+
+def clipped(text, limit: int = SHOWN_LIMIT) -> str:
+    """text as it is when it has at most `limit` characters, else its first `limit` characters
+    and "... (N characters)": an error message stays one readable line whatever was typed."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(value, limit: int = SHOWN_LIMIT) -> str:
+    """repr(value) for an error message, cut like `clipped` (N counts the whole repr)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's limit on digits converted to text
+        return f"<{type(value).__name__} too large to show>"
+    return clipped(text, limit)
+
+
+# ----------------------------------------------------------------------------------------------
 # names and numbers
 
 
 def check_name(name, where: str) -> str:
     """A run or sweep name that is safe as one path component in any storage."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise InputError(f"{where} {name!r} is not a valid name: use {NAME_RULE}")
+        raise InputError(f"{where} {shown(name)} is not a valid name: use {NAME_RULE}")
     return name
 
 
@@ -55,7 +83,8 @@ def env_seconds(var: str, default: float) -> float:
     except ValueError:
         value = float("nan")
     if not (math.isfinite(value) and value > 0):
-        raise InputError(f"environment variable {var}={raw!r} must be a positive number of seconds")
+        raise InputError(f"environment variable {var}={shown(raw)} must be a positive number of "
+                         "seconds")
     return value
 
 
@@ -68,7 +97,7 @@ def env_count(var: str, default: int) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise InputError(f"environment variable {var}={raw!r} must be a whole number >= 1")
+        raise InputError(f"environment variable {var}={shown(raw)} must be a whole number >= 1")
     return value
 
 
@@ -209,8 +238,8 @@ def ray_address(address, where: str):
                          "which ray.init does not take; give the GCS address HOST:6379 or "
                          "ray://HOST:10001 (for `ray job submit` set RAY_API_SERVER_ADDRESS instead)")
     if parsed.scheme not in ("gcs", "ray"):
-        raise InputError(f"{where} {text}: unsupported scheme {parsed.scheme!r}; expected HOST:PORT, "
-                         "ray://HOST:PORT, auto or local")
+        raise InputError(f"{where} {text}: unsupported scheme {shown(parsed.scheme)}; expected "
+                         "HOST:PORT, ray://HOST:PORT, auto or local")
     try:
         host, port = parsed.hostname, parsed.port
     except ValueError:
@@ -267,6 +296,90 @@ def ray_address_from(flag_value, flag: str = "--address"):
 # ----------------------------------------------------------------------------------------------
 # YAML files (configs and search spaces)
 
+# PyYAML builds each anchored value once and shares it, so nested aliases (a "billion laughs"
+# document) load in microseconds and then explode in whatever walks the result: repr in an error
+# message, json.dumps of the config. Real configs and search spaces use a handful of aliases and
+# a few hundred values, so documents past these bounds are refused before they are built.
+YAML_MAX_ALIASES = 100
+YAML_MAX_NODES = 10_000
+
+
+class YAMLLimitError(ValueError):
+    """A YAML document past YAML_MAX_ALIASES / YAML_MAX_NODES, or nested too deeply to read;
+    the message says which, without naming the source (the caller does)."""
+
+
+def _yaml_children(node) -> list:
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_yaml_size(root) -> None:
+    """YAMLLimitError when the composed node graph, with every alias expanded, is past the
+    bounds.  Iterative, and each node's expanded size is computed once, so a bomb is measured
+    in time linear in its text and stops at the first bound it crosses."""
+    sizes = {}  # id(node) -> its size with aliases expanded, once finished
+    open_ids = {id(root)}  # nodes whose children are being walked: an alias to one is a cycle
+    stack = [[root, iter(_yaml_children(root)), 1]]
+    aliases = 0
+
+    def too_many():
+        through = " through YAML aliases" if aliases else ""
+        return YAMLLimitError(f"it expands to more than {YAML_MAX_NODES} values{through}; a config "
+                              "or search space holds a few hundred at most")
+
+    while stack:
+        frame = stack[-1]
+        child = next(frame[1], None)
+        if child is None:
+            stack.pop()
+            open_ids.discard(id(frame[0]))
+            sizes[id(frame[0])] = frame[2]
+            if stack:
+                stack[-1][2] += frame[2]
+                if stack[-1][2] > YAML_MAX_NODES:
+                    raise too_many()
+            continue
+        if id(child) in open_ids:
+            raise YAMLLimitError(f"the YAML anchor on line {child.start_mark.line + 1} is used "
+                                 "inside itself (a structure that contains itself)")
+        if id(child) in sizes:  # a node reached again: an alias (*name) to it
+            aliases += 1
+            if aliases > YAML_MAX_ALIASES:
+                raise YAMLLimitError(f"it uses more than {YAML_MAX_ALIASES} YAML aliases (*name); "
+                                     "write the values out")
+            frame[2] += sizes[id(child)]
+            if frame[2] > YAML_MAX_NODES:
+                raise too_many()
+            continue
+        open_ids.add(id(child))
+        stack.append([child, iter(_yaml_children(child)), 1])
+
+
+def load_yaml_text(text: str, loader=None):
+    """yaml.load(text, loader) within YAML_MAX_ALIASES and YAML_MAX_NODES (YAMLLimitError);
+    PyYAML's own errors (yaml.YAMLError, and ValueError for values such as 2024-13-45 or an
+    int of more than 4300 digits) pass through."""
+    import yaml
+
+    reader = (loader or yaml.SafeLoader)(text)
+    try:
+        try:
+            root = reader.get_single_node()
+        except RecursionError:  # PyYAML composes nested collections recursively
+            raise YAMLLimitError("its collections are nested too deeply to read") from None
+        if root is None:
+            return None
+        _check_yaml_size(root)
+        return reader.construct_document(root)
+    finally:
+        reader.dispose()
+
 
 def read_yaml(path, what: str, error, loader=None):
     """The parsed YAML file, or `error` (an exception class) with one line naming the file and,
@@ -289,12 +402,16 @@ def read_yaml(path, what: str, error, loader=None):
         raise error(f"{what} {path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
                     "save it as UTF-8") from None
     try:
-        return yaml.load(text, Loader=loader or yaml.SafeLoader)
+        return load_yaml_text(text, loader)
+    except YAMLLimitError as e:
+        raise error(f"{what} {path}: refused: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or type(e).__name__
         raise error(f"{what} {path}: {where}not valid YAML ({problem})") from None
+    except ValueError as e:  # a value PyYAML recognises but cannot build
+        raise error(f"{what} {path}: a value is not valid YAML ({clipped(e, 160)})") from None
 
 
 @contextmanager

@@ -9,6 +9,7 @@ UTF-8, loopback TCP sockets that accept and never answer, ports where nothing li
 """
 
 import hashlib
+import json
 import math
 import os
 import socket
@@ -137,6 +138,18 @@ def workspace(tmp_path_factory):
     exp = root / "experiment"; exp.mkdir()
     (exp / "best.json").write_text("{not json")
     p["exp"] = str(exp)
+    # experiments whose best.json names a checkpoint outside them: another folder of this
+    # workspace (which would be read, and written next to), and a '..' path
+    for name, checkpoint in (("exp_outside", str(data)), ("exp_dotdot", "../dataset")):
+        folder = root / name
+        (folder / "train").mkdir(parents=True)
+        (folder / "best.json").write_text(json.dumps({"trial_id": "t1", "checkpoint": checkpoint}))
+        p[name] = str(folder)
+    # a billion-laughs config and search space (342 bytes, 9**9 strings once expanded)
+    bomb = b'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + b"".join(
+        f"{cur}: &{cur} [{','.join([f'*{prev}'] * 9)}]\n".encode()
+        for prev, cur in zip("abcdefgh", "bcdefghi"))
+    p["bomb"] = _write_yaml_bytes(root / "bomb.yaml", bomb)
     report = root / "report"; report.mkdir()
     (report / "report.json").write_text("{}")
     p["report_dir"] = str(report)
@@ -252,6 +265,11 @@ CASES = [
     ("train-config-missing", [*TRAIN, "--config", "{missing}.yaml"], "{missing}.yaml", {}),
     ("train-config-unknown-key", [*TRAIN, "--config", "{unknown_key}"], "learning_rate", {}),
     ("train-config-inf", [*TRAIN, "--config", "{inf_lr}"], "{inf_lr}", {}),
+    ("train-config-alias-bomb", [*TRAIN, "--config", "{bomb}"], "{bomb}: refused: it expands", {}),
+    ("train-set-alias-bomb", [*TRAIN, "--set", "nokey=[&a [x,x,x,x,x,x,x,x,x], " + ", ".join(
+        f"&{c} [{','.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")) + "]"],
+     "--set nokey: refused: it expands", {}),
+    ("train-set-bad-date", [*TRAIN, "--set", "seed=2024-13-45"], "--set seed", {}),
     ("train-data-is-file", ["train", "--data", "{file}", "--storage", "{storage}", "--name", "r"],
      "--data", {}),
     ("train-data-missing", ["train", "--data", "{missing}", "--storage", "{storage}", "--name", "r"],
@@ -264,6 +282,11 @@ CASES = [
      "--storage", {}),
     ("train-storage-scheme", ["train", "--data", "{data}", "--storage", "ftp://host/x", "--name", "r"],
      "--storage", {}),
+    # --address where nothing listens: were the storage accepted, that check fails, not Ray
+    ("train-storage-dotdot", [*TRAIN[:3], "--storage", "file://{storage}/../elsewhere", "--name", "r",
+                              "--address", "{closed}"], "--storage: storage URI", {}),
+    ("train-storage-file-host", [*TRAIN[:3], "--storage", "file://runs", "--name", "r",
+                                 "--address", "{closed}"], "file:///ABSOLUTE/PATH", {}),
     ("tune-storage-is-file", ["tune", "--space", "{space}", "--data", "{data}", "--storage", "{file}",
                               "--name", "s1"], "--storage", {}),
     ("train-address-http", [*TRAIN, "--address", "http://127.0.0.1:8265"], "--address", {}),
@@ -287,6 +310,7 @@ CASES = [
     ("tune-space-not-utf8", [*TUNE[:2], "{space_nonutf8}", *TUNE[3:]], "{space_nonutf8}: line", {}),
     ("tune-space-missing", [*TUNE[:2], "{missing}.yaml", *TUNE[3:]], "{missing}.yaml", {}),
     ("tune-space-is-config", [*TUNE[:2], "{unknown_key}", *TUNE[3:]], "{unknown_key}", {}),
+    ("tune-space-alias-bomb", [*TUNE[:2], "{bomb}", *TUNE[3:]], "{bomb}: refused: it expands", {}),
     ("tune-name-escapes", [*TUNE[:-1], "../x"], "--name", {}),
     ("tune-samples-zero", [*TUNE, "--samples", "0"], "--samples", {}),
     ("tune-max-concurrent-zero", [*TUNE, "--max-concurrent", "0"], "--max-concurrent", {}),
@@ -306,6 +330,12 @@ CASES = [
     ("evaluate-data-is-file", ["evaluate", "{exp}", "--data", "{file}"], "--data", {}),
     ("evaluate-batch-zero", ["evaluate", "{exp}", "--batch-size", "0"], "--batch-size", {}),
     ("evaluate-best-not-json", ["evaluate", "{exp}", "--out", "{new}"], "best.json", {}),
+    # the message names best.json by its resolved path: the workspace's may differ (symlinks)
+    ("evaluate-best-outside", ["evaluate", "{exp_outside}", "--out", "{new}"],
+     "is not inside the experiment", {}),
+    ("evaluate-best-dotdot", ["evaluate", "{exp_dotdot}", "--out", "{new}"],
+     "/best.json: checkpoint '../dataset' is not inside the experiment", {}),
+    ("evaluate-file-host", ["evaluate", "file://experiment"], "file:///ABSOLUTE/PATH", {}),
     ("evaluate-no-uri", ["evaluate"], "uri", {}),
     ("evaluate-s3-never-answers", ["evaluate", "s3://bucket/sweep"], "did not answer within 1 s", S3_SILENT),
     ("evaluate-s3-nothing-listens", ["evaluate", "s3://bucket/sweep"], "unreachable", S3_CLOSED),
@@ -482,6 +512,22 @@ def test_names():
     for bad in ("", ".hidden", "-x", "a..b", "..", "a/b", "a\\b", "A" * 101, "caf\u00e9", "a b", "a\n"):
         with pytest.raises(InputError, match="--name"):
             check_name(bad, "--name")
+
+
+def test_long_rejected_values_are_quoted_only_in_part(monkeypatch):
+    """A name or an environment value of 100,000 characters: the message quotes its first 80."""
+    from raypose.validate import env_count, env_seconds
+
+    huge = "n" * 100_000
+    with pytest.raises(InputError) as err:
+        check_name(huge, "--name")
+    assert str(err.value).startswith("--name 'nnn") and "... (100002 characters)" in str(err.value)
+    assert len(str(err.value)) < 400
+    monkeypatch.setenv("RAYPOSE_TEST_SECONDS", huge)
+    for read in (env_seconds, env_count):
+        with pytest.raises(InputError) as err:
+            read("RAYPOSE_TEST_SECONDS", 1)
+        assert "RAYPOSE_TEST_SECONDS='nnn" in str(err.value) and len(str(err.value)) < 400
 
 
 def test_ray_address_accepts_a_grpc_server_and_refuses_a_silent_one(monkeypatch):

@@ -1,6 +1,7 @@
 """The config tree: defaults <- YAML file <- --set overrides, with errors that name file/flag and key."""
 
 import json
+import sys
 
 import pytest
 
@@ -198,3 +199,146 @@ def test_worker_range_and_elastic_settings():
                      ("scaling.autoscaler_wait_s=-1", "scaling.autoscaler_wait_s")):
         with pytest.raises(ConfigError, match=key):
             load_config(overrides=["workers=4", bad])
+
+
+# --- hostile input: bounded messages, bounded YAML ------------------------------------------------
+
+# A billion-laughs document: nine levels of nine-item lists, each level's items aliases of the
+# level above it (the first one's are strings).  PyYAML loads its 342 bytes at once (each
+# anchored list is built once and shared), and they expand to 9**9 strings in whatever walks
+# the result: repr in an error message, json.dumps of the config.
+BOMB = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+# the same in one flow collection, as a --set value
+FLOW_BOMB = "[&a [lol,lol,lol,lol,lol,lol,lol,lol,lol], " + ", ".join(
+    f"&{cur} [{','.join([f'*{prev}'] * 9)}]" for prev, cur in zip("abcdefgh", "bcdefghi")) + "]"
+
+
+def test_billion_laughs_config_is_refused_fast_in_one_short_line(tmp_path):
+    import time
+
+    assert len(BOMB.encode()) == 342 and BOMB.count("*") == 72
+    path = _write(tmp_path, BOMB, "bomb.yaml")
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    # measured against the minutes and gigabytes the expansion would take
+    assert time.perf_counter() - start < 5
+    message = str(err.value)
+    assert message.startswith(f"config file {path}: refused: it expands to more than 10000 values")
+    assert "YAML aliases" in message and "\n" not in message and len(message) < 1024
+
+
+def test_read_yaml_refuses_what_would_expand_past_its_bounds(tmp_path):
+    from raypose.validate import YAML_MAX_ALIASES, YAML_MAX_NODES, read_yaml
+
+    def read(text, name):
+        return read_yaml(_write(tmp_path, text, name), "config file", ConfigError)
+
+    # up to the bounds: a mapping, its key, a list and its items are each one value
+    items = YAML_MAX_NODES - 3
+    assert len(read("k: [" + ",".join(["1"] * items) + "]\n", "full.yaml")["k"]) == items
+    with pytest.raises(ConfigError, match=f"full2.yaml: refused: it expands to more than "
+                                          f"{YAML_MAX_NODES} values; a config"):
+        read("k: [" + ",".join(["1"] * (items + 1)) + "]\n", "full2.yaml")
+    shared = "x: &x 1\nk: [" + ",".join(["*x"] * YAML_MAX_ALIASES) + "]\n"
+    assert read(shared, "aliases.yaml")["k"] == [1] * YAML_MAX_ALIASES
+    with pytest.raises(ConfigError, match=f"aliases2.yaml: refused: it uses more than "
+                                          f"{YAML_MAX_ALIASES} YAML aliases"):
+        read(shared.replace("]", ",*x]"), "aliases2.yaml")
+    with pytest.raises(ConfigError, match=r"self.yaml: refused: the YAML anchor on line 2 is used "
+                                          r"inside itself"):
+        read("seed: 1\nk: &k [1, *k]\n", "self.yaml")
+    with pytest.raises(ConfigError, match="deep.yaml: refused: its collections are nested too "
+                                          "deeply"):
+        read("k: " + "[" * 5000 + "]" * 5000 + "\n", "deep.yaml")
+
+
+def test_aliases_within_bounds_still_work(tmp_path):
+    path = _write(tmp_path, "data:\n  val_subjects: &held [S7, S8]\n  batch_size: &b 16\n"
+                            "schedule: {epochs: *b}\n")
+    cfg = load_config(path)
+    assert cfg.data.val_subjects == ["S7", "S8"] and cfg.schedule.epochs == 16
+
+
+# Python's limit on converting long digit strings to int (3.11, and 3.10 from 3.10.7 on)
+INT_DIGITS_LIMIT = hasattr(sys, "get_int_max_str_digits")
+
+
+@pytest.mark.parametrize("text, what", [
+    ("seed: 2024-13-45\n", "month must be in 1..12"),  # a date PyYAML matches, then cannot build
+    pytest.param("seed: " + "9" * 5000 + "\n", "4300 digits",
+                 marks=pytest.mark.skipif(not INT_DIGITS_LIMIT, reason="no int digits limit")),
+])
+def test_values_pyyaml_cannot_build_name_the_file(tmp_path, text, what):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"config file {path}: a value is not valid YAML (")
+    assert what in message and len(message) < 1024
+
+
+def test_set_values_are_loaded_within_the_same_bounds():
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=["nokey=" + FLOW_BOMB])
+    message = str(err.value)
+    assert message.startswith("--set nokey: refused: it expands to more than 10000 values")
+    assert len(message) < 1024
+    # text PyYAML cannot build is taken as typed, like any other text that is not YAML
+    assert load_config(overrides=["storage.uri=2024-13-45"]).storage.uri == "2024-13-45"
+
+
+def test_shown_and_clipped():
+    from raypose.validate import clipped, shown
+
+    assert shown("lr") == "'lr'" and shown(3) == "3" and shown(["a", 1]) == "['a', 1]"
+    long = "x" * 100
+    assert shown(long) == "'" + "x" * 79 + "... (102 characters)"
+    assert shown(long, limit=102) == repr(long)
+    assert shown(long, limit=10) == "'xxxxxxxxx... (102 characters)"
+    assert clipped(long) == "x" * 80 + "... (100 characters)" and clipped("short") == "short"
+    if INT_DIGITS_LIMIT:  # repr itself refuses such an int
+        assert shown(10 ** 5000) == "<int too large to show>"
+
+
+HUGE = "z" * 100_000
+
+
+@pytest.mark.parametrize("text, overrides, culprit", [
+    (f"seed: {HUGE}\n", (), "seed expects int"),
+    (f"optim:\n  name: {HUGE}\n", (), "optim.name must be adam or sgd"),
+    (f"model:\n  ? {HUGE}\n  : 1\n", (), "unknown key"),  # an explicit key: no length limit
+    (None, [f"seed={HUGE}"], "seed expects int"),
+    (None, [f"optim.name={HUGE}"], "optim.name must be adam or sgd"),
+    (None, [f"{HUGE}=1"], "unknown key"),
+    (None, [HUGE], "expected KEY=VALUE"),
+    (None, [f"val_subjects=[[{HUGE}]]"], "data.val_subjects must list"),
+])
+def test_rejected_values_are_quoted_only_in_part(tmp_path, text, overrides, culprit):
+    path = _write(tmp_path, text) if text else None
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    # an unknown key's message lists the ~50 known keys (~900 characters) on top
+    assert culprit in message and len(message) < 2048, message[:3000]
+    assert "z" * 100 not in message and "characters)" in message
+    if path:
+        assert str(path) in message
+
+
+def test_parse_workers_quotes_a_long_value_in_part():
+    from raypose.config import parse_workers
+
+    with pytest.raises(ConfigError) as err:
+        parse_workers("1:" + "9" * 5000, "--workers")
+    assert str(err.value).startswith("--workers must be N or MIN:MAX") and len(str(err.value)) < 200

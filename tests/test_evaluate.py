@@ -444,10 +444,14 @@ def write_best(fs, experiment: str, with_trials: bool = True, newer_keys: bool =
     paper-defaults trial and the validation mean-pose baseline)."""
     config = json.loads(fs.cat(f"{CKPT}/config.json"))
     state = json.loads(fs.cat(f"{CKPT}/state.json"))
+    # best.json names only checkpoints inside its experiment: the trial's run folder there
+    ckpt = f"{experiment}/train/t0/epoch_0002"
+    if not fs.exists(f"{ckpt}/manifest.json"):
+        fs.copy(CKPT, ckpt, recursive=True)
     params = {"lrn_alpha": 0.0025, "lr": 3e-4, "schedule": "joint"}
     rows = [
         {"trial_id": "t0", "params": params, "epochs": 2, "best_val_mpjpe": state["metrics"]["val_mpjpe"],
-         "best_epoch": 2, "checkpoint_path": CKPT, "stopped_early": False, "epoch_seconds": 6.0,
+         "best_epoch": 2, "checkpoint_path": ckpt, "stopped_early": False, "epoch_seconds": 6.0,
          "time_total_s": 9.0, "error": None},
         {"trial_id": "t1", "params": {**params, "lr": 1e-3}, "epochs": 1, "best_val_mpjpe": 480.0,
          "best_epoch": 1, "checkpoint_path": None, "stopped_early": True, "epoch_seconds": 3.0,
@@ -463,7 +467,7 @@ def write_best(fs, experiment: str, with_trials: bool = True, newer_keys: bool =
     best = {
         "experiment": f"s3://{experiment}", "trial_id": "t0", "params": params, "config": config,
         "metric": "val_mpjpe", "mode": "min", "value": state["metrics"]["val_mpjpe"], "epoch": 2,
-        "checkpoint": f"s3://{CKPT}",
+        "checkpoint": f"s3://{ckpt}",
         "study": {"url": f"sqlite:////nowhere/{name}/optuna.db", "name": name,
                   "copy": f"s3://{experiment}/optuna.db"},
         "trials": rows if with_trials else [], "wall_seconds": 30.0, "share_in_epochs": 0.6,
@@ -508,7 +512,8 @@ def check_experiment_outputs(s3, report, out, figures):
     assert {p.name for p in out.iterdir()} == BASE_FILES | figures
     assert set(report["figures"]) == {"skeletons.png", "joint_errors.png"} | figures
     remote = report["outputs"]["storage"][len("s3://"):]
-    assert remote.startswith(f"{RUN}/evaluation-epoch_0002-")
+    run = report["checkpoint"][len("s3://"):].rsplit("/", 1)[0]
+    assert remote.startswith(f"{run}/evaluation-epoch_0002-")
     s3.invalidate_cache()
     assert {p.rsplit("/", 1)[-1] for p in s3.ls(remote, detail=False)} == BASE_FILES | figures
     for name in figures | {"skeletons.png", "joint_errors.png"}:
@@ -533,7 +538,7 @@ def test_experiment_with_study_copy(s3, trained, evaluated, tmp_path):
     report = evaluate.evaluate(f"s3://{experiment}", out_dir=str(out))
     assert not ray.is_initialized()
     assert report["experiment"] == f"s3://{experiment}" and report["trial_id"] == best["trial_id"]
-    assert report["checkpoint"] == f"s3://{CKPT}"
+    assert report["checkpoint"] == best["checkpoint"]
     assert report["sweep"] == {"study_copy": f"s3://{experiment}/optuna.db",
                                "history_from": "optuna study copy", "trials": 8, "note": None,
                                "report_note": None}
@@ -554,7 +559,11 @@ def test_experiment_with_study_copy(s3, trained, evaluated, tmp_path):
     # the same checkpoint's earlier evaluation and the experiment folder are untouched
     assert report["outputs"]["storage"] != f"s3://{earlier}"
     assert snapshot(s3, earlier) == earlier_files
-    assert snapshot(s3, experiment) == experiment_files
+    # the experiment's own files are untouched; what is new is the evaluation's folder
+    after = snapshot(s3, experiment)
+    assert {k: after.get(k) for k in experiment_files} == experiment_files
+    remote = report["outputs"]["storage"][len("s3://"):]
+    assert all(k.startswith(remote + "/") for k in set(after) - set(experiment_files))
     # the numbers do not depend on how the checkpoint was named
     for key in ("per_action", "per_joint", "mean_over_actions", "mean_pose_baseline", "detection"):
         assert_close_tree(report[key], evaluated[0][key], path=key)

@@ -380,3 +380,81 @@ def test_check_against_a_base_config(tmp_path):
     bad_base.scaling.workers = 0
     with pytest.raises(SearchSpaceError, match="the base config is not valid: scaling.workers"):
         space.check_against(bad_base)
+
+
+# --- hostile input: bounded YAML, bounded messages ----------------------------------------------
+
+# the billion-laughs document of test_config.py: 9**9 strings through nested aliases
+BOMB = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+def test_billion_laughs_space_is_refused_fast_in_one_short_line(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    start = time.perf_counter()
+    message = _error(path)
+    # measured against the minutes and gigabytes the expansion would take
+    assert time.perf_counter() - start < 5
+    assert message.startswith(f"search-space file {path}: refused: it expands to more than "
+                              "10000 values") and "YAML aliases" in message
+    assert "\n" not in message and len(message) < 1024
+
+
+def test_aliases_within_bounds_still_work_and_duplicates_are_still_caught(tmp_path):
+    path = _space_file(tmp_path, "  lrn_alpha: &log {distribution: loguniform, low: 1.0e-4, "
+                                 "high: 1.0e-1}\n  lr: *log\n")
+    space = load_space(path)
+    assert [(p.key, p.low, p.high) for p in space.parameters] == [
+        ("model.lrn_alpha", 1e-4, 1e-1), ("optim.lr", 1e-4, 1e-1)]
+    path = _space_file(tmp_path, "  lr: {distribution: fixed, value: 0.1}\n"
+                                 "  lr: {distribution: fixed, value: 0.2}\n", name="twice.yaml")
+    assert _error(path) == f"{path}: line 3: key 'lr' appears twice"
+
+
+HUGE = "z" * 100_000
+SCHEDULE = "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n"
+
+
+@pytest.mark.parametrize("head, parameters, culprit", [
+    (f"metric: {HUGE}\n", "  lr: {distribution: fixed, value: 0.1}\n", "metric"),
+    (f"? {HUGE}\n: 1\n", "  lr: {distribution: fixed, value: 0.1}\n", "unknown top-level key"),
+    ("", f"  lr: {{distribution: fixed, value: {HUGE}}}\n", "parameters.lr: value"),
+    ("", f"  lr: {{distribution: {HUGE}}}\n", "unknown distribution"),
+    ("", f"  seed: {{distribution: categorical, choices: [1, {HUGE}]}}\n", "choices[1]"),
+    ("", f"  lr: {{distribution: uniform, low: {HUGE}, high: 1}}\n", "low must be"),
+    ("", f"  lr: {{distribution: uniform, low: 0.1, high: 1, ? {HUGE}: 1}}\n", "unknown field"),
+    ("", f"  epochs: {{distribution: int, low: 1, high: 2, log: {HUGE}}}\n", "log must be"),
+    ("", f"  ? {HUGE}\n  : {{distribution: fixed, value: 1}}\n", "unknown key"),
+    ("", SCHEDULE + f"  pretrain_share: {{distribution: fixed, value: 0.5, "
+                    f"condition: {{schedule: {HUGE}}}}}\n", "condition value"),
+    ("", SCHEDULE + f"  pretrain_share: {{distribution: fixed, value: 0.5, "
+                    f"condition: {{? {HUGE}: 1}}}}\n", "condition on unknown parameter"),
+])
+def test_rejected_values_are_quoted_only_in_part(tmp_path, head, parameters, culprit):
+    path = _space_file(tmp_path, parameters, head=head)
+    message = _error(path)
+    # an unknown key's message lists the ~50 known keys (~900 characters) on top
+    assert culprit in message and len(message) < 2048, message[:3000]
+    assert str(path) in message and "z" * 100 not in message and "characters)" in message
+
+
+def test_trial_parameters_are_quoted_only_in_part():
+    space = parse_space({"parameters": {"lr": {"distribution": "fixed", "value": 0.1}}}, "s.yaml")
+    with pytest.raises(SearchSpaceError) as err:
+        space.apply({"lr": 0.1, HUGE: 1})
+    assert "z" * 300 not in str(err.value) and len(str(err.value)) < 1024
+    with pytest.raises(SearchSpaceError) as err:
+        space.apply({"lr": HUGE})
+    assert "z" * 100 not in str(err.value) and len(str(err.value)) < 1024
