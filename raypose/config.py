@@ -8,6 +8,7 @@ checkpoint.  Keys are dotted paths (`model.lrn_alpha`) or, where unambiguous, ba
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 import yaml
@@ -26,6 +27,26 @@ class ConfigError(ValueError):
 # Upper bounds that catch typos (a width of 1e6 is 6.5e9 weights in fcr1 alone), not taste.
 MAX_WIDTH = 65536
 MAX_LRN_WINDOW = 95  # a window wider than twice the 48 x 48 LRN map adds nothing
+
+# The network's fixed shapes (raypose.model, which needs torch; this module does not), for the
+# memory estimate below. tests/test_guards.py holds them against the model itself.
+TRUNK_PARAMETERS = (3 * 9 * 9 + 1) * 32 + (32 * 5 * 5 + 1) * 64 + (64 * 5 * 5 + 1) * 64
+TRUNK_FEATURES = 64 * 10 * 10
+HEAD_OUTPUTS = {"regression": 17 * 3, "detection": 17 * 100}
+# floats per sample that a training forward pass keeps for its backward pass (float32; bf16
+# autocast keeps less): the input, relu(conv1), pool1 with its int64 indices (two floats' worth
+# each), relu(conv2) with the spatial LRN's four intermediates, pool2 with indices, conv3, pool3
+# with indices. Each head adds 3 * fc1_width (relu, dropout mask, dropout) + fc2_width + outputs.
+TRUNK_SAVED_FLOATS = (3 * 112 * 112 + 32 * 104 * 104 + 3 * 32 * 52 * 52 + 5 * 64 * 48 * 48
+                      + 3 * 64 * 24 * 24 + 64 * 20 * 20 + 3 * 64 * 10 * 10)
+# peak activation memory of a step over what the forward pass keeps: the backward pass's
+# gradients of the activations and the forward's short-lived outputs come on top (a float32 step
+# on the CPU peaks at about 1.5 to 1.7 times the kept floats; 2 leaves room)
+ACTIVATION_PEAK_FACTOR = 2.0
+# The share of the machine's physical memory that one training worker's estimate may take: Ray
+# reserves 30 % for its object store by default and its memory monitor kills workers at 95 %;
+# the rest holds Ray's own processes, the driver, the data reader and the operating system.
+MEMORY_SHARE = 0.5
 
 
 def parse_workers(text, flag: str) -> tuple:
@@ -154,7 +175,8 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def validate(self, sources: dict | None = None) -> "Config":
-        """Type-independent range checks that need no file system and no cluster.
+        """Type-independent range checks that need no file system and no cluster, then the
+        memory the model and the batch would take on this machine (check_memory).
 
         sources: {dotted key: where it was set ("--epochs", "--set lr", "config file F")}; the
         error names that source, so the user reads the flag or file they typed."""
@@ -215,11 +237,47 @@ class Config:
                            "must be >= 2 for the pretrain schedule (one epoch per stage at least)"))
         for ok, key, what in checks:
             if not ok:
-                source = (sources or {}).get(key)
-                prefix = f"{source}: " if source else ""
-                raise ConfigError(f"{prefix}{key} {what}; got {shown(get_value(self, key))}",
-                                  key=key)
-        return self
+                raise self._error(key, what, sources)
+        return self.check_memory(sources)
+
+    def _error(self, key: str, what: str, sources: dict | None) -> ConfigError:
+        source = (sources or {}).get(key)
+        prefix = f"{source}: " if source else ""
+        return ConfigError(f"{prefix}{key} {what}; got {shown(get_value(self, key))}", key=key)
+
+    def check_memory(self, sources: dict | None = None,
+                     memory: int | None = None) -> "Config":
+        """Refuses widths and batch sizes whose training_memory estimate exceeds MEMORY_SHARE of
+        this machine's physical memory (memory: that many bytes instead), naming the setting that
+        weighs most: data.batch_size when the activations outweigh the weights and their state,
+        else the width whose return to its default saves the most parameters."""
+        memory = machine_memory_bytes() if memory is None else memory
+        if not memory:
+            return self  # a platform that does not say: nothing to compare with
+        need = training_memory(self)
+        allowed = MEMORY_SHARE * memory
+        if need["total_bytes"] <= allowed:
+            return self
+        if need["activation_bytes"] > need["state_bytes"]:
+            key = "data.batch_size"
+        else:
+            defaults = ModelConfig()
+            heads = training_heads(self)
+
+            def saved(width_key):
+                model = dataclasses.replace(self.model, **{width_key: getattr(defaults, width_key)})
+                return need["parameters"] - parameter_count(model, heads)
+
+            key = "model." + max(("fc1_width", "fc2_width"), key=saved)
+        gb = 1e9
+        raise self._error(key, (
+            f"is too large for this machine's memory: one training worker would need about "
+            f"{need['total_bytes'] / gb:.1f} GB ({need['parameters']:,} parameters with their "
+            f"gradients and optimizer state: {need['state_bytes'] / gb:.1f} GB; the activations "
+            f"of a batch of {self.data.batch_size}: {need['activation_bytes'] / gb:.1f} GB), more "
+            f"than the {allowed / gb:.1f} GB allowed ({MEMORY_SHARE:.0%} of the machine's "
+            f"{memory / gb:.1f} GB); lower model.fc1_width, model.fc2_width or "
+            "data.batch_size"), sources)
 
     def worker_range(self) -> tuple:
         """(min, max) Ray Train workers; min == max for a fixed-size group."""
@@ -231,6 +289,55 @@ class Config:
             return 0
         n = round(self.schedule.epochs * self.schedule.pretrain_share)
         return min(max(n, 1), self.schedule.epochs - 1)
+
+
+def machine_memory_bytes() -> int | None:
+    """This machine's physical memory in bytes; None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def training_heads(cfg: Config) -> tuple:
+    """The heads of the largest model a run trains: both for joint training; the detection head
+    (the larger output) for the pretrain schedule, whose stages train one head each."""
+    return ("regression", "detection") if cfg.schedule.kind == "joint" else ("detection",)
+
+
+def parameter_count(model: ModelConfig, heads=("regression", "detection")) -> int:
+    """The parameters of raypose.model.LiChanNet with these heads, from the widths alone."""
+    f1, f2 = model.fc1_width, model.fc2_width
+    total = TRUNK_PARAMETERS
+    for head in heads:
+        total += (TRUNK_FEATURES + 1) * f1 + (f1 + 1) * f2 + (f2 + 1) * HEAD_OUTPUTS[head]
+    return total
+
+
+def saved_activation_floats(model: ModelConfig, heads=("regression", "detection")) -> int:
+    """Floats per sample that a training forward pass keeps for its backward pass."""
+    return TRUNK_SAVED_FLOATS + sum(3 * model.fc1_width + model.fc2_width + HEAD_OUTPUTS[head]
+                                    for head in heads)
+
+
+def training_memory(cfg: Config) -> dict:
+    """An estimate of one training worker's peak memory in bytes (float32 throughout): the
+    weights with their gradients, the optimizer's buffers (Adam's two moments, SGD's momentum)
+    and DDP's gradient buckets with more than one worker (state_bytes), and the activations of
+    one batch of data.batch_size (activation_bytes). Keys: parameters, state_bytes,
+    activation_bytes, total_bytes."""
+    heads = training_heads(cfg)
+    parameters = parameter_count(cfg.model, heads)
+    if cfg.optim.name == "adam":
+        buffers = 2
+    else:
+        buffers = 1 if cfg.optim.momentum > 0 else 0
+    copies = 2 + buffers + (1 if cfg.scaling.workers > 1 else 0)
+    state = 4 * parameters * copies
+    activations = int(4 * ACTIVATION_PEAK_FACTOR * cfg.data.batch_size
+                      * saved_activation_floats(cfg.model, heads))
+    return {"parameters": parameters, "state_bytes": state, "activation_bytes": activations,
+            "total_bytes": state + activations}
 
 
 ALIASES = {"lambda": "loss.detection_weight", "epochs": "schedule.epochs",
@@ -376,7 +483,10 @@ def load_config(path=None, overrides=(), base: Config | None = None,
 
 
 def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config from its to_dict() form (a checkpoint's config.json)."""
-    cfg = Config()
-    apply_mapping(cfg, d, "checkpoint config")
-    return cfg
+    """Rebuild a Config from its to_dict() form (a checkpoint's config.json), refusing one whose
+    model and batch would not fit this machine's memory (Config.check_memory) before anything
+    builds the model. Not the whole validate(): a sweep trial's storage.name holds slashes
+    (<experiment>/train/<trial>), which a name given by the user may not."""
+    cfg, sources = Config(), {}
+    apply_mapping(cfg, d, "checkpoint config", sources=sources)
+    return cfg.check_memory(sources)

@@ -46,12 +46,13 @@ import os
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from raypose.h5schema import DataError, validate_file
+from raypose.h5schema import DataError, check_same_skeleton, read_skeleton, validate_file
 from raypose.skeleton import H36M_SKELETON, OFFSET_SCALE_MM, Skeleton
 
 CROP_SIZE = 112
@@ -265,6 +266,10 @@ class PoseDataset:
     info: validate_file's summary of this file when the caller has validated it already (the
     driver does, once, for every worker); None validates here.
 
+    Skeletons must agree, or DataError names both files: a test.h5 with the train.h5 beside it
+    (a model trained on one reads the other), and the file with the info it is opened with (the
+    validation selection with train.h5's summary).
+
     Each process opens its own h5py handle on first use (the handle is never pickled).
 
     Attributes: indices (sorted int64 file rows of the selection; a "position" indexes this array),
@@ -291,6 +296,8 @@ class PoseDataset:
                                 f"had {self.info['n']} when it was validated; it changed since")
             subject_of_row = f["subject"].asstr()[:]
             action_of_row = f["action"].asstr()[:]
+            # validated here: the summary's own; else the file may not be the one summarised
+            self._check_skeleton(None if info is None else read_skeleton(f))
         # a file whose samples do not mirror into samples of the same data (a fixed side-colour
         # code, h5schema's mirror_consistent) is never flipped: the mirror would teach a look that
         # never occurs at test
@@ -324,6 +331,20 @@ class PoseDataset:
         self.sample_actions = action_ids[indices].astype(np.int64)  # per selected sample
         self.subjects = sorted(set(subject_of_row[indices].tolist()))
         self.sample_subjects = np.searchsorted(self.subjects, subject_of_row[indices]).astype(np.int64)
+
+    def _check_skeleton(self, ours: dict | None) -> None:
+        """ours: this file's skeleton when self.info summarises a file that may be another."""
+        skeleton = self.info.get("skeleton")
+        if skeleton is None:
+            return  # a summary from before validate_file reported skeletons
+        if ours is not None:
+            check_same_skeleton(self.path, ours, self.info.get("path", "the validated file"),
+                                skeleton)
+        here = Path(self.path)
+        if here.name == "test.h5" and (here.parent / "train.h5").is_file():
+            train = read_skeleton(here.parent / "train.h5")
+            if train is not None:  # else train.h5's own validation names what is wrong
+                check_same_skeleton(self.path, skeleton, here.parent / "train.h5", train)
 
     # process-local file handle -------------------------------------------------------------------
     def _h5(self) -> h5py.File:

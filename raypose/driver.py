@@ -34,6 +34,19 @@ def preflight(cfg: Config) -> storage.Location:
         raise ConfigError(f"data.epoch_samples: {cfg.data.epoch_samples} is more than the "
                           f"{data['train_samples']} samples of the training split of "
                           f"{cfg.data.path}/train.h5 (0 trains on all of them every epoch)")
+    # each worker takes whole batches from its 1/workers share of an epoch (loop.steps_in_epoch,
+    # drop_last): fewer samples than one batch per worker is an epoch without a training step,
+    # whose loss would be NaN. An elastic group is checked at its largest, where shares are least.
+    samples = cfg.data.epoch_samples or data["train_samples"]
+    workers = cfg.scaling.workers
+    if cfg.data.batch_size * workers > samples:
+        where = ("data.epoch_samples" if cfg.data.epoch_samples else
+                 f"the training split of {cfg.data.path}/train.h5")
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per worker with {workers} "
+                          f"worker(s) needs {cfg.data.batch_size * workers} samples per epoch, "
+                          f"but an epoch has {samples} ({where}), so it would take no training "
+                          "step; lower data.batch_size or the number of workers",
+                          key="data.batch_size")
     if cfg.data.augment and cfg.data.flip and not data["info"].get("mirror_consistent", True):
         print(f"[raypose] {cfg.data.path}: train.h5 has mirror_consistent=false (a fixed "
               "side-colour code), so training runs without the left/right flip", flush=True)

@@ -40,7 +40,9 @@ maps x to W - x.
 
 The colour statistics are computed over the written images (every 4th pixel in each direction of
 every image) and drive the AlexNet PCA colour noise: per sample, alpha ~ N(0, sigma) for each of the
-3 axes, and `rgb_eigvec @ (alpha * rgb_eigval)` is added to every pixel (on the [0, 1] scale).
+3 axes, and `rgb_eigvec @ (alpha * rgb_eigval)` is added to every pixel (on the [0, 1] scale);
+readers refuse NaN or inf in them. The splits of one folder share one skeleton: readers refuse a
+test.h5 whose `skeleton` differs from the train.h5 beside it (raypose.dataset.PoseDataset).
 Producers may add more attributes; readers ignore them.
 
 ## Writing and checking
@@ -311,11 +313,14 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
     """Checks a split file against the schema and returns a summary:
 
     {'path', 'n', 'subjects', 'actions', 'cameras', 'source', 'schema_version', 'joint_names',
-     'mirror_consistent', 'rgb_mean', 'rgb_eigval', 'rgb_eigvec'}
+     'skeleton', 'mirror_consistent', 'rgb_mean', 'rgb_eigval', 'rgb_eigvec'}
+
+    skeleton: the attribute's names, parents, joints_left and joints_right, as lists.
 
     Raises DataError (naming the file and the key) for a missing file, a file that is not HDF5, a
     missing dataset or attribute, a wrong shape or dtype, rows that disagree in number, an empty
-    file, a wrong schema_version, and (check_values=True) NaN/inf in joints_3d or joints_2d.
+    file, a wrong schema_version, NaN/inf in the colour statistics, and (check_values=True)
+    NaN/inf in joints_3d or joints_2d.
     """
     path = Path(path)
     name = display_name or path
@@ -351,6 +356,7 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
                 raise error("skeleton", f"expected JSON with names/parents/joints_left/joints_right ({exc})")
             if len(joint_names) != NUM_JOINTS or len(parents) != NUM_JOINTS:
                 raise error("skeleton", f"expected {NUM_JOINTS} joints, got {len(joint_names)}")
+            skeleton = _skeleton_summary(skeleton)
             source = attrs.get("source")
             if source is None:
                 raise error("source", f"attribute missing; expected one of {SOURCES}")
@@ -363,6 +369,11 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
                 if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
                     raise error(key, f"attribute: expected float array of shape {shape}, "
                                      f"got {value.dtype} {value.shape}")
+                if not np.isfinite(value).all():
+                    # the PCA colour noise adds rgb_eigvec @ (alpha * rgb_eigval) to every pixel:
+                    # one NaN makes every training image, and then the loss, NaN
+                    raise error(key, f"attribute holds NaN or inf ({value.tolist()}); the colour "
+                                     "statistics must be finite: write the file again")
                 colour[key] = value.astype(np.float32)
 
             mirror = attrs.get("mirror_consistent", True)
@@ -404,7 +415,7 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
                             raise error(key, f"NaN or inf in row {start + row}; poses must be finite")
             return {
                 "path": str(path), "n": int(n), "source": source, "schema_version": int(version),
-                "joint_names": joint_names,
+                "joint_names": joint_names, "skeleton": skeleton,
                 "subjects": _unique_strings(f["subject"]), "actions": _unique_strings(f["action"]),
                 "cameras": _unique_strings(f["camera"]), "mirror_consistent": mirror, **colour,
             }
@@ -412,3 +423,42 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{name}: cannot be read as HDF5 ({reason}); the file is truncated or "
                         "damaged, write it again") from None
+
+
+SKELETON_FIELDS = ("names", "parents", "joints_left", "joints_right")
+
+
+def _skeleton_summary(skeleton: dict) -> dict:
+    """The skeleton attribute's fields as plain lists (absent left/right lists as empty ones)."""
+    return {k: list(skeleton.get(k, [])) for k in SKELETON_FIELDS}
+
+
+def read_skeleton(source) -> dict | None:
+    """A split file's skeleton attribute (validate_file's 'skeleton') from its path or its open
+    h5py.File, read without checking the rest of the file; None when it cannot be read
+    (validate_file says why, for that file)."""
+    try:
+        if isinstance(source, h5py.File):
+            return _skeleton_summary(json.loads(source.attrs["skeleton"]))
+        with h5py.File(source, "r") as f:
+            return _skeleton_summary(json.loads(f.attrs["skeleton"]))
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def check_same_skeleton(path, skeleton: dict, reference_path, reference: dict) -> None:
+    """DataError naming both files when the skeleton of `path` differs from that of
+    `reference_path`: joints are stored by index, so a model that learnt one file's order would
+    read the other's joints as different ones."""
+    for key in SKELETON_FIELDS:
+        ours, theirs = list(skeleton.get(key, [])), list(reference.get(key, []))
+        if ours == theirs:
+            continue
+        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                  min(len(ours), len(theirs)))
+        ours_at = repr(ours[at]) if at < len(ours) else "nothing"
+        theirs_at = repr(theirs[at]) if at < len(theirs) else "nothing"
+        raise DataError(f"{path}: key 'skeleton': differs from the skeleton of {reference_path} "
+                        f"({key}[{at}] is {ours_at} here and {theirs_at} there); both splits "
+                        "must list the same joints in the same order: write them with the same "
+                        "skeleton")

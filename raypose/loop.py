@@ -124,9 +124,34 @@ def maybe_compile(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     return torch.compile(model) if cfg.scaling.compile else model
 
 
+class NonFiniteLossError(RuntimeError):
+    """A training step's loss was NaN or inf: the run stops instead of training on NaN weights."""
+
+
+# How often a step loop on an accelerator reads whether a loss was non-finite: each read waits
+# for the device, so it comes once per this many steps (and with the epoch's sums at its end);
+# the step it names is exact all the same, recorded on the device without a wait.
+NONFINITE_CHECK_STEPS = 50
+
+
+def nonfinite_loss_error(cfg: Config, step: int, epoch: int | None = None,
+                         epoch_steps: int = 0, where: str = "") -> NonFiniteLossError:
+    """The error for a NaN or inf loss at `step` (0-based) of `epoch` (0-based; None when the
+    caller has no epochs, as the benchmarks)."""
+    when = f"step {step + 1}" + (f" of {epoch_steps}" if epoch_steps else "")
+    if epoch is not None:
+        when = f"epoch {epoch + 1} of {cfg.schedule.epochs}, {when}"
+    return NonFiniteLossError(
+        f"the training loss became NaN or inf at {when}{where}; the run stops. Likely causes: "
+        f"a learning rate too high for this model (optim.lr {cfg.optim.lr:g}), NaN or inf in "
+        "the data's colour statistics (train.h5's rgb_eigval/rgb_eigvec attributes, which the "
+        "PCA colour noise adds to every pixel), or a checkpoint with NaN weights that the run "
+        "resumed from")
+
+
 def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torch.device,
                 max_steps: int = 0, world_size: int = 1, epoch: int | None = None,
-                epoch_steps: int = 0) -> dict:
+                epoch_steps: int = 0, check_every: int = 0) -> dict:
     """One pass over `batches` (training tensors already on device); returns the mean loss parts
     over all ranks, the samples this rank saw and the seconds spent.
 
@@ -134,12 +159,20 @@ def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torc
     rate follows cfg.optim.lr_schedule, set before every step (lr_factor); without them it stays
     as the optimiser has it (the benchmarks).
 
-    The step loop never waits for the device: loss sums stay on it and are read (and, with a
-    process group of world_size > 1, all-reduced) once, after the last step."""
+    The step loop does not wait for the device at every step: loss sums stay on it and are read
+    (and, with a process group of world_size > 1, all-reduced) once, after the last step.
+
+    A NaN or inf loss raises NonFiniteLossError naming the epoch and the step. The first such
+    step is recorded on the device at every step; the record is read every `check_every` steps
+    (0: every step on the CPU, where a read waits for nothing, else NONFINITE_CHECK_STEPS) and
+    after the last step, so an accelerator runs at most check_every - 1 steps past it."""
     model.train()
     scheduled = epoch is not None and epoch_steps > 0 and cfg.optim.lr_schedule != "constant"
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, regression, detection
     zero = torch.zeros((), device=device)
+    # the 0-based index of the first step with a non-finite loss; inf while there is none
+    first_bad = torch.full((), math.inf, dtype=torch.float64, device=device)
+    check_every = check_every or (1 if device.type == "cpu" else NONFINITE_CHECK_STEPS)
     steps = samples = 0
     start = time.perf_counter()
     for batch in batches:
@@ -156,13 +189,27 @@ def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torc
         sums += torch.stack([loss.detach(),
                              zero if parts["regression"] is None else parts["regression"],
                              zero if parts["detection"] is None else parts["detection"]])
+        # device ops only: a where on the device, the step index as a scalar argument
+        first_bad = torch.where(torch.isfinite(loss.detach()), first_bad,
+                                first_bad.clamp(max=steps))
         steps += 1
         samples += len(batch["image"])
+        if steps % check_every == 0:
+            bad = first_bad.item()
+            if math.isfinite(bad):
+                raise nonfinite_loss_error(cfg, int(bad), epoch, epoch_steps)
         if max_steps and steps >= max_steps:
             break
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums)  # every rank takes the same number of steps
-    totals = sums.tolist()  # the one wait for the device in this epoch
+    # the one wait for the device at the epoch's end: the sums and the steps since the last check
+    *totals, bad = torch.cat([sums, first_bad.view(1)]).tolist()
+    if math.isfinite(bad):
+        raise nonfinite_loss_error(cfg, int(bad), epoch, epoch_steps)
+    if steps and not math.isfinite(totals[0]):
+        # another rank's loss, in the all-reduced sums
+        raise nonfinite_loss_error(cfg, steps - 1, epoch, epoch_steps,
+                                   where=" (on another worker, by this step at the latest)")
     seconds = time.perf_counter() - start
     means = {f"train_{k}": (v / (steps * world_size) if steps else float("nan"))
              for k, v in zip(("loss", "regression", "detection"), totals)}

@@ -12,6 +12,7 @@ one-try reachability check every command makes before it starts, so that an endp
 accepts connections but never answers fails in seconds, with one line.
 """
 
+import contextlib
 import os
 import posixpath
 from dataclasses import dataclass
@@ -206,6 +207,55 @@ def retry_outage(what: str, step, deadline: float | None = None):
                   flush=True)
             time.sleep(pause)
             pause = min(pause * 2, 15.0)
+
+
+# AWS credentials that Ray Tune copies from the driver's environment into every trial's
+# runtime_env (ray/tune/execution/class_cache.py, ENV_VARS_TO_PROPAGATE), which Ray's runtime-env
+# agent writes to its log file
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                        "AWS_SECURITY_TOKEN")
+
+
+@contextlib.contextmanager
+def credentials_out_of_environment():
+    """While in this context, the AWS credentials of this process's environment are in a
+    private shared-credentials file (mode 0600, AWS_SHARED_CREDENTIALS_FILE, the profile that
+    AWS_PROFILE names or `default`) instead of its environment: botocore (s3fs) here still finds
+    them, and Ray Tune, which copies those variables into each trial's logged runtime_env, finds
+    none. Trials get their credentials as the cluster's processes do: from the node's own
+    environment (a local instance's processes inherited the driver's when it started them), a
+    credentials file, a profile or an instance role. No-op without credentials in the
+    environment."""
+    import shutil
+    import tempfile
+
+    found = {k: os.environ[k] for k in CREDENTIAL_VARIABLES if k in os.environ}
+    if not found:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="raypose-credentials-")  # 0700
+    path = os.path.join(folder, "credentials")
+    profile = os.environ.get("AWS_PROFILE") or "default"
+    lines = [f"[{profile}]"] + [f"{k.lower()} = {v}" for k, v in found.items()
+                                if k != "AWS_SECURITY_TOKEN"]
+    if "AWS_SESSION_TOKEN" not in found and "AWS_SECURITY_TOKEN" in found:
+        lines.append(f"aws_session_token = {found['AWS_SECURITY_TOKEN']}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    previous = os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+    for k in found:
+        del os.environ[k]
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
+    try:
+        yield
+    finally:
+        os.environ.update(found)
+        if previous is None:
+            os.environ.pop("AWS_SHARED_CREDENTIALS_FILE", None)
+        else:
+            os.environ["AWS_SHARED_CREDENTIALS_FILE"] = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def ray_storage(loc: Location):

@@ -489,7 +489,9 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
             sweep_record(cfg, space_path, samples, max_concurrent, study_url), indent=1))
     paper_point, paper_missing = paper_defaults_point(space, cfg)
     start = time.perf_counter()
-    with console.quiet():  # Optuna's and Tune's own lines go to the log file
+    # Optuna's and Tune's own lines go to the log file; Tune would copy AWS credentials from this
+    # process's environment into every trial's runtime_env, which Ray logs
+    with console.quiet(), storage.credentials_out_of_environment():
         tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point)
         grid = tuner.fit()
     wall = time.perf_counter() - start

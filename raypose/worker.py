@@ -12,7 +12,7 @@ import torch
 
 from raypose import checkpoint
 from raypose.console import worker_say
-from raypose.config import config_from_dict
+from raypose.config import ConfigError, config_from_dict
 from raypose.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
                           regression_epochs_done, stage_for_epoch, steps_in_epoch, train_epoch,
                           validate)
@@ -61,6 +61,15 @@ def train_loop(loop_config: dict) -> None:
               f"{checkpoint.spool_dir()}: workers that ended before their upload left them",
               flush=True)  # on this node's worker log: every rank may find some
     train_set, val_set = open_splits(cfg, info=data["info"])
+    epoch_steps = steps_in_epoch(len(train_set), cfg, world_size)  # the same for every epoch
+    if epoch_steps == 0:
+        # the driver's preflight refuses this for the run's config; a sweep trial's own batch
+        # size can still get here, and an epoch without a step would report a NaN loss
+        samples = cfg.data.epoch_samples or len(train_set)
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per worker with {world_size} "
+                          f"worker(s) needs {cfg.data.batch_size * world_size} samples per "
+                          f"epoch, but an epoch has {samples}, so it would take no training "
+                          "step; lower data.batch_size", key="data.batch_size")
     # a model without a regression head predicts nothing better than the mean pose: its
     # val_mpjpe is reported as this baseline (and ASHA ignores those epochs, see raypose.tune)
     baseline = data["baseline"]
@@ -89,7 +98,6 @@ def train_loop(loop_config: dict) -> None:
     train_model = maybe_compile(_wrap_ddp(model, device, world_size), cfg)
     startup_seconds = None
     upload = _upload_manifest_last(loop_config["run_uri"])
-    epoch_steps = steps_in_epoch(len(train_set), cfg, world_size)  # the same for every epoch
 
     for epoch in range(start_epoch, cfg.schedule.epochs):
         stage = stage_for_epoch(cfg, epoch)

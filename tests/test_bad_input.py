@@ -103,7 +103,9 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
     p = {"root": str(root)}
     data = root / "dataset"
-    synthesize(str(data), 60, 10, seed=0, progress=False)  # S1..S8 train, S9 S11 test
+    # S1..S8 train, S9 S11 test; 80 training samples besides S8's: at least one step of the
+    # default batch of 64, so that a case fails on its own culprit, not on an empty epoch
+    synthesize(str(data), 100, 10, seed=0, progress=False)
     p["data"] = str(data)
     (root / "storage").mkdir()
     p["storage"] = str(root / "storage")
@@ -253,6 +255,10 @@ CASES = [
     # more per epoch than the training split holds: named with the file, before Ray starts
     ("train-epoch-samples-over-split", [*TRAIN, "--set", "epoch_samples=100000"],
      "data.epoch_samples: 100000 is more than the", {}),
+    # a batch per worker larger than the training split: an epoch without a step
+    ("train-batch-over-split", [*TRAIN, "--set", "batch_size=81"],
+     ("data.batch_size: 81 per worker with 1 worker(s) needs 81 samples per epoch, "
+      "but an epoch has 80"), {}),
     ("train-weight-decay-nan", [*TRAIN, "--set", "weight_decay=nan"], "weight_decay", {}),
     ("train-epochs-zero", [*TRAIN[:7], "--epochs", "0"], "--epochs", {}),
     ("train-workers-zero", [*TRAIN, "--workers", "0"], "--workers", {}),

@@ -535,3 +535,67 @@ def test_empty_selection(data_file):
         PoseDataset(path, subjects=["S9"])
     with pytest.raises(DataError, match=r"train\.h5 for exclude_subjects=.*, actions=\['run'\]"):
         PoseDataset(path, exclude_subjects=["S1"], actions=["run"])
+
+
+def _split_folder(tmp_path, test_skeleton=H36M_SKELETON):
+    """tmp_path/train.h5 and tmp_path/test.h5, written by raypose's writer."""
+    write_split(tmp_path / "train.h5", source="synth", **pose_arrays(N))
+    write_split(tmp_path / "test.h5", source="synth", skeleton=test_skeleton, **pose_arrays(N))
+    return tmp_path / "train.h5", tmp_path / "test.h5"
+
+
+def test_test_split_with_another_skeleton_is_refused_naming_both_files(tmp_path):
+    from raypose.skeleton import Skeleton
+
+    # the same joints with left and right swapped in the stored order
+    names = list(H36M_SKELETON.names)
+    names[1:4], names[4:7] = names[4:7], names[1:4]
+    swapped = Skeleton(tuple(names), H36M_SKELETON.parents, H36M_SKELETON.joints_left,
+                       H36M_SKELETON.joints_right)
+    train, test = _split_folder(tmp_path, test_skeleton=swapped)
+    with pytest.raises(DataError, match=rf"{test}: key 'skeleton': differs from the skeleton of "
+                                        rf"{train} \(names\[1\] is 'LHip' here and 'RHip' there\)"):
+        PoseDataset(test)
+    PoseDataset(train)  # train.h5 is the reference, read on its own
+
+
+def test_test_split_skeleton_changed_with_h5py_is_refused(tmp_path):
+    import json
+
+    train, test = _split_folder(tmp_path)
+    assert len(PoseDataset(test)) == N  # the same skeleton: fine
+    with h5py.File(test, "a") as f:
+        skeleton = json.loads(f.attrs["skeleton"])
+        skeleton["parents"][16] = 14
+        f.attrs["skeleton"] = json.dumps(skeleton)
+    with pytest.raises(DataError, match=rf"{test}: .*{train} \(parents\[16\] is 14 here and 15"):
+        PoseDataset(test)
+    # a test.h5 alone in its folder has no train.h5 to disagree with
+    train.unlink()
+    assert len(PoseDataset(test)) == N
+
+
+def test_validation_selection_is_checked_against_the_summary_it_is_opened_with(tmp_path):
+    import json
+
+    from raypose.config import Config
+    from raypose.h5schema import validate_file
+    from raypose.loop import open_splits
+
+    train, _ = _split_folder(tmp_path)
+    info = validate_file(train)  # as the driver summarises train.h5 for every worker
+    with h5py.File(train, "a") as f:
+        skeleton = json.loads(f.attrs["skeleton"])
+        skeleton["joints_left"], skeleton["joints_right"] = (skeleton["joints_right"],
+                                                             skeleton["joints_left"])
+        f.attrs["skeleton"] = json.dumps(skeleton)
+    with pytest.raises(DataError, match=rf"{train}: key 'skeleton': differs from the skeleton of "
+                                        rf"{train} \(joints_left\[0\]"):
+        PoseDataset(train, subjects=["S8"], info=info)
+    cfg = Config()
+    cfg.data.path = str(tmp_path)
+    with pytest.raises(DataError, match=r"key 'skeleton'"):
+        open_splits(cfg, info=info)
+    # validated afresh, the file agrees with itself
+    train_set, val_set = open_splits(cfg)
+    assert len(val_set) == N // 3 and len(train_set) == N - N // 3

@@ -185,3 +185,55 @@ def test_failed_write_leaves_existing_file_untouched(good_file):
     # and a successful write replaces it
     write_split(good_file, source="h36m", **make_arrays(3, seed=4))
     assert validate_file(good_file)["n"] == 3 and validate_file(good_file)["source"] == "h36m"
+
+
+@pytest.mark.parametrize("key, index, value", [
+    ("rgb_eigval", (1,), np.nan),
+    ("rgb_eigvec", (2, 0), np.inf),
+    ("rgb_eigvec", (0, 1), -np.inf),
+    ("rgb_mean", (0,), np.nan),
+])
+def test_non_finite_colour_statistics_are_refused(good_file, key, index, value):
+    # the PCA colour noise adds rgb_eigvec @ (alpha * rgb_eigval) to every training pixel
+    with h5py.File(good_file, "a") as f:
+        stats = np.array(f.attrs[key])
+        stats[index] = value
+        f.attrs[key] = stats
+    with pytest.raises(DataError, match=rf"train\.h5: key '{key}': attribute holds NaN or inf"):
+        validate_file(good_file)
+    # the one check that reads no rows refuses it too
+    with pytest.raises(DataError, match=rf"key '{key}'"):
+        validate_file(good_file, check_values=False)
+
+
+def test_summary_holds_the_skeleton_and_skeletons_are_compared(tmp_path, good_file):
+    from raypose.h5schema import check_same_skeleton, read_skeleton
+    from raypose.skeleton import H36M_SKELETON
+
+    info = validate_file(good_file)
+    assert info["skeleton"] == {"names": list(H36M_SKELETON.names),
+                                "parents": list(H36M_SKELETON.parents),
+                                "joints_left": list(H36M_SKELETON.joints_left),
+                                "joints_right": list(H36M_SKELETON.joints_right)}
+    assert read_skeleton(good_file) == info["skeleton"]
+    with h5py.File(good_file, "r") as f:
+        assert read_skeleton(f) == info["skeleton"]
+    assert read_skeleton(tmp_path / "absent.h5") is None
+    check_same_skeleton("a.h5", info["skeleton"], "b.h5", read_skeleton(good_file))  # equal: fine
+
+    other = json.loads(json.dumps(info["skeleton"]))
+    other["parents"][3] = 0
+    with pytest.raises(DataError, match=r"test\.h5: key 'skeleton': differs from the skeleton "
+                                        r"of .*train\.h5 \(parents\[3\] is 0 here and 2 there\)"):
+        check_same_skeleton("test.h5", other, good_file, info["skeleton"])
+    other = json.loads(json.dumps(info["skeleton"]))
+    other["names"][1], other["names"][4] = other["names"][4], other["names"][1]
+    with pytest.raises(DataError, match=r"names\[1\] is 'LHip' here and 'RHip' there"):
+        check_same_skeleton("test.h5", other, good_file, info["skeleton"])
+    other["names"] = other["names"][:16]
+    with pytest.raises(DataError, match=r"names\[1\]"):
+        check_same_skeleton("test.h5", other, good_file, info["skeleton"])
+    shorter = json.loads(json.dumps(info["skeleton"]))
+    shorter["joints_left"] = shorter["joints_left"][:5]
+    with pytest.raises(DataError, match=r"joints_left\[5\] is nothing here and 13 there"):
+        check_same_skeleton("test.h5", shorter, good_file, info["skeleton"])

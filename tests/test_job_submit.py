@@ -442,7 +442,7 @@ def test_train_tune_and_evaluate_through_ray_client(dev_cluster, tiny_data, tmp_
     assert fs.exists(f"{BUCKET}/client/run/epoch_0002/manifest.json")
 
     out = raypose_client_run(["tune", "--space", "search_spaces/smoke.yaml", "--name", "sweep",
-                              "--samples", "2", "--epochs", "1", "--max-concurrent", "1", *common],
+                              "--samples", "2", "--epochs", "2", "--max-concurrent", "1", *common],
                              env, timeout=TUNE_TIMEOUT_S)
     assert "[raypose] best trial " in out, out
     best = json.loads(fs.cat(f"{BUCKET}/client/sweep/best.json"))
