@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import posixpath
+import time
 
 from raypose import capacity, checkpoint, datacache, storage
 from raypose.capacity import Capacity
@@ -202,12 +203,33 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, command: s
     kwargs = {"configure_logging": console.verbose(), "log_to_driver": console.verbose(),
               "logging_level": "INFO" if console.verbose() else "WARNING"}
     if address:
-        ray.init(address=address, **kwargs)
+        _connect(address, kwargs)
         _Connection.local = False
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
         _Connection.local = True
     console.route_ray_output(command)
+
+
+CLIENT_CONNECT_TRIES = 3
+
+
+def _connect(address: str, kwargs: dict) -> None:
+    """ray.init(address): a Ray Client server (ray://) that fails to start the session's own
+    server (ConnectionAbortedError "Initialization failure from server", e.g. its proxier
+    reading a process that has just exited) is tried again, up to CLIENT_CONNECT_TRIES times;
+    the next connection gets a new server."""
+    import ray
+
+    for attempt in range(1, CLIENT_CONNECT_TRIES + 1):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except ConnectionAbortedError:
+            ray.shutdown()
+            if not address.startswith("ray://") or attempt == CLIENT_CONNECT_TRIES:
+                raise
+            time.sleep(2.0 * attempt)
 
 
 class _Connection:
