@@ -384,18 +384,7 @@ def test_check_against_a_base_config(tmp_path):
 
 # --- hostile input: bounded YAML, bounded messages ----------------------------------------------
 
-# the billion-laughs document of test_config.py: 9**9 strings through nested aliases
-BOMB = """\
-a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
-b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
-c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
-d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
-e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
-f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
-g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
-h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
-i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
-"""
+from tests.test_config import BOMB  # noqa: E402  the billion-laughs document, 9**9 strings
 
 
 def test_billion_laughs_space_is_refused_fast_in_one_short_line(tmp_path):
