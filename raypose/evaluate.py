@@ -236,9 +236,15 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
             (stage / "report.md").write_text(markdown_report(report))
             (stage / "report.json").write_text(json.dumps(report, indent=1))
     upload_outputs(out, ["predictions.npz", *report["figures"], "report.md", "report.json"], remote)
-    print(summary_line(report), flush=True)
-    print(f"[raypose] report: {out.resolve() / 'report.md'} and {remote.uri}", flush=True)
+    print_result(report, out)
     return report
+
+
+def print_result(report: dict, out: Path) -> None:
+    """The evaluation's last two lines: the result, and where the report is."""
+    print(summary_line(report), flush=True)
+    print(f"[raypose] report: {out.resolve() / 'report.md'} and {report['outputs']['storage']}",
+          flush=True)
 
 
 def summary_line(report: dict) -> str:
@@ -603,7 +609,4 @@ def evaluate_on_cluster(uri: str, data_dir: str | None, out_dir: str | None, use
     with validate.staged_folder(out, OUTPUT_FILES) as stage:
         for name, data in files.items():
             (stage / name).write_bytes(data)
-    report = json.loads(files["report.json"])
-    print(summary_line(report), flush=True)
-    print(f"[raypose] report: {out.resolve() / 'report.md'} and {report['outputs']['storage']}",
-          flush=True)
+    print_result(json.loads(files["report.json"]), out)
