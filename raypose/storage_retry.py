@@ -114,3 +114,79 @@ class RetryingHandler(pyarrow.fs.FSSpecHandler):
 
     def open_output_stream(self, path, metadata):
         return pyarrow.PythonFile(_SpooledUpload(self.fs, path), mode="w")
+
+
+class _SealedUpload(_SpooledUpload):
+    """An upload that also writes the file's seal (raypose.seal) once the file is in storage."""
+
+    def __init__(self, fs, path: str):
+        super().__init__(fs, path)
+        self._data = io.BytesIO()
+
+    def write(self, b):
+        self._data.write(b)
+        return super().write(b)
+
+    def close(self):
+        if self.closed:
+            return
+        from raypose import seal
+
+        super().close()
+        text = seal.seal_text(seal.current_key(), self._path, self._data.getvalue()).encode()
+        retry_outage(f"writing {self._path}{seal.SUFFIX}",
+                     lambda: self._fs.pipe_file(self._path + seal.SUFFIX, text))
+
+
+class SealingHandler(RetryingHandler):
+    """The filesystem Ray Tune gets (raypose.seal): every file Tune would unpickle is sealed when
+    written and checked against its seal when read. The handler holds no key (it is pickled
+    into tuner.pkl and sent to Ray's processes): each process uses its own, seal.current_key."""
+
+    def _open_for_reading(self, path):
+        from raypose import seal
+
+        if not seal.guarded(path):
+            return super()._open_for_reading(path)
+
+        def read(p):
+            with self.fs.open(p, "rb") as f:
+                return f.read()
+
+        data = retry_outage(f"reading {path}", lambda: read(path))
+        try:
+            stamp = retry_outage(f"reading {path}{seal.SUFFIX}", lambda: read(path + seal.SUFFIX))
+        except FileNotFoundError:
+            stamp = None
+        seal.check(seal.current_key(), path, data, stamp, path)
+        return pyarrow.BufferReader(data)
+
+    def open_output_stream(self, path, metadata):
+        from raypose import seal
+
+        if not seal.guarded(path):
+            return super().open_output_stream(path, metadata)
+        return pyarrow.PythonFile(_SealedUpload(self.fs, path), mode="w")
+
+    def delete_file(self, path):
+        from raypose import seal
+
+        super().delete_file(path)
+        if seal.guarded(path):
+            try:
+                super().delete_file(path + seal.SUFFIX)
+            except FileNotFoundError:
+                pass
+
+    def move(self, src, dest):
+        from raypose import seal
+
+        if seal.guarded(src) or seal.guarded(dest):
+            # a guarded file is moved with its seal only when the seal covers its new name
+            data = self._open_for_reading(src).read()
+            stream = self.open_output_stream(dest, None)
+            stream.write(data)
+            stream.close()
+            self.delete_file(src)
+            return None
+        return super().move(src, dest)

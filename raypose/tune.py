@@ -32,7 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
-from raypose import console, storage, validate
+from raypose import console, seal, storage, validate
 from raypose.config import (Config, ConfigError, config_from_dict, get_value, load_config,
                             set_value, set_workers)
 from raypose.search_space import load_space
@@ -211,7 +211,8 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
     from ray.tune.logger import TBXLoggerCallback
 
     loc = storage.parse(cfg.storage.uri)
-    storage_path, storage_fs = storage.ray_storage(loc)
+    # Tune's own records go through a filesystem that seals the pickles among them (raypose.seal)
+    storage_path, storage_fs = seal.tune_storage(loc)
     from raypose.driver import forwarded_env, prepare_data
 
     # the data are validated and the baseline computed once, here, for every trial's workers
@@ -222,12 +223,10 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     callbacks = [TBXLoggerCallback(), make_copy_study_callback(study_url, loc.join(name, "optuna.db")),
                  console.make_sweep_callback(samples, cfg.schedule.epochs, METRIC, judged, space.names)]
-    exp_path = loc.join(name).uri if loc.scheme == "s3" else loc.join(name).path
     if resume:
         # Ray: finished trials are kept; unfinished ones restart and their Ray Train run resumes
         # from its latest checkpoint (same trial id -> same Train run name)
-        return tune.Tuner.restore(exp_path if storage_fs is None else loc.join(name).path,
-                                  trainable=trainable, resume_unfinished=True, resume_errored=True,
+        return tune.Tuner.restore(loc.join(name).path, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=storage_fs)
     return tune.Tuner(  # Ray: one trial = one Tune function = one Ray Train run
         trainable,
@@ -456,6 +455,9 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
                   f"using {here}, restored from {exp.join('optuna.db').uri}", flush=True)
             study_url = here
         seed_study(study_url, exp)
+        # nothing Tune would unpickle is read unless this machine's key sealed it
+        seal.verify_experiment(storage.filesystem(exp), exp.path,
+                               lambda p: f"s3://{p}" if loc.scheme == "s3" else p)
         os.environ[STUDY_URL_ENV] = study_url  # read by the restored searcher (make_searcher)
     else:
         samples = samples or DEFAULT_SAMPLES
