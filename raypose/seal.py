@@ -111,12 +111,15 @@ def check(key: bytes, path: str, data: bytes, seal: bytes | None, where: str) ->
 
     if seal is None:
         refuse(f"it has no seal ({PurePosixPath(path).name}{SUFFIX} is missing)")
-    parts = seal.decode(errors="replace").split()
-    if len(parts) != 3 or parts[0] != "hmac-sha256":
+    # one line per version of the file: two while the file is being replaced
+    lines = [line.split() for line in seal.decode(errors="replace").splitlines()[:2]]
+    if not lines or any(len(p) != 3 or p[0] != "hmac-sha256" for p in lines):
         refuse(f"its seal ({PurePosixPath(path).name}{SUFFIX}) is malformed")
-    if parts[1] != key_id(key):
-        refuse(f"it was sealed with another key (key id {parts[1]}; this machine's is {key_id(key)})")
-    if not hmac.compare_digest(seal_text(key, path, data).encode(), seal.strip() + b"\n"):
+    if all(p[1] != key_id(key) for p in lines):
+        refuse(f"it was sealed with another key (key id {lines[0][1]}; this machine's is "
+               f"{key_id(key)})")
+    expected = seal_text(key, path, data).split()[2]
+    if not any(hmac.compare_digest(expected, p[2]) for p in lines):
         refuse("its content does not match its seal (it was changed after the sweep wrote it)")
 
 

@@ -132,10 +132,18 @@ class _SealedUpload(_SpooledUpload):
             return
         from raypose import seal
 
+        stamp_path = self._path + seal.SUFFIX
+        new = seal.seal_text(seal.current_key(), self._path, self._data.getvalue()).encode()
+        # the seal holds both the old and the new file's lines while the file is replaced, so a
+        # process stopped between the two writes leaves a file its seal still covers
+        try:
+            old = retry_outage(f"reading {stamp_path}", lambda: self._fs.cat_file(stamp_path))
+        except FileNotFoundError:
+            old = b""
+        if old:
+            retry_outage(f"writing {stamp_path}", lambda: self._fs.pipe_file(stamp_path, old + new))
         super().close()
-        text = seal.seal_text(seal.current_key(), self._path, self._data.getvalue()).encode()
-        retry_outage(f"writing {self._path}{seal.SUFFIX}",
-                     lambda: self._fs.pipe_file(self._path + seal.SUFFIX, text))
+        retry_outage(f"writing {stamp_path}", lambda: self._fs.pipe_file(stamp_path, new))
 
 
 class SealingHandler(RetryingHandler):

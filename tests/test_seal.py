@@ -143,3 +143,18 @@ def test_resume_refuses_a_planted_pickle_and_resumes_a_sealed_sweep(ray_local, t
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert json.loads((exp / "best.json").read_text())["trials"]
     assert not marker.exists()
+
+
+def test_a_file_stopped_between_its_two_writes_still_reads(tune_fs, key):
+    """While a guarded file is replaced, its seal covers the old and the new content: a driver
+    killed between writing the file and its final seal leaves a sweep that still resumes."""
+    root, fs, plain = tune_fs
+    state = f"{root}/experiment_state-x.json"
+    _write(fs, state, b"old")
+    both = plain.cat_file(state + seal.SUFFIX) + seal.seal_text(key, state, b"new").encode()
+    plain.pipe_file(state + seal.SUFFIX, both)  # the seal as it is during the replacement
+    assert _read(fs, state) == b"old"
+    plain.pipe_file(state, b"new")  # the file written, the final seal not yet
+    assert _read(fs, state) == b"new"
+    _write(fs, state, b"newer")
+    assert len(plain.cat_file(state + seal.SUFFIX).splitlines()) == 1
