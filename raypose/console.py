@@ -207,15 +207,23 @@ class LineRelay:
                 return
 
     def _run(self):
-        while not self._stop.is_set():
+        import ray
+
+        # once Ray is shut down (an interrupted run), a call on the queue would start a new
+        # local instance
+        while not self._stop.is_set() and ray.is_initialized():
             try:
                 self._drain(self.POLL_S)
             except Exception:  # the queue's actor gone (Ray shut down): nothing more to print
                 return
 
     def __exit__(self, *exc):
+        import ray
+
         self._stop.set()
         self._thread.join()
+        if not ray.is_initialized():
+            return False
         try:
             self._drain(None)  # what the workers sent before the run ended
             self.handle.shutdown()

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import posixpath
+import re
 import time
 
 from raypose import capacity, checkpoint, datacache, storage
@@ -130,6 +131,94 @@ def latest_checkpoint(run: storage.Location) -> storage.Location | None:
     if result.checkpoint is None:
         return None
     return run.join(posixpath.basename(result.checkpoint.path.rstrip("/")))
+
+
+def recorded_checkpoints(run: storage.Location) -> set[str]:
+    """The names of the checkpoint folders in Ray Train's record of the run (those it keeps)."""
+    from ray.train import Result  # Ray: reads the run's checkpoint record, needs no cluster
+
+    from raypose.ray_internals import CHECKPOINT_RECORD
+
+    if not storage.exists(run.join(CHECKPOINT_RECORD)):
+        return set()
+    path, fs = storage.ray_storage(run)
+    result = Result.from_path(path, storage_filesystem=fs)
+    return {posixpath.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or ()}
+
+
+def remove_unrecorded(run: storage.Location) -> list[str]:
+    """Remove the checkpoint folders of a stopped run that Ray Train's record does not hold (an
+    upload cut by the stop, or one that finished after the last record); returns their names."""
+    fs = storage.filesystem(run)
+    try:
+        names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(run.path, detail=False)]
+    except FileNotFoundError:
+        return []
+    recorded = recorded_checkpoints(run)
+    gone = sorted(n for n in names if re.fullmatch(r"epoch_\d+", n) and n not in recorded)
+    for name in gone:
+        fs.rm(run.join(name).path, recursive=True)
+    return gone
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run or sweep stopped by Ctrl-C or SIGTERM; its message says how to resume it."""
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_interruptible(work, stopped):
+    """work() (a Ray Train or Tune fit) in a thread of its own, while this thread waits for it.
+
+    Ctrl-C (SIGINT) and SIGTERM reach this thread at once instead of Ray's own handlers (Ray
+    Train's first Ctrl-C waits for a graceful abort while epochs go on; Tune's saves and stops
+    the trials one by one): raypose disconnects from Ray, which ends the run's controller and
+    workers with their owner (a local instance that init_ray started stops whole), then calls
+    stopped(), which tidies storage and returns the line that says how to resume; that line is
+    printed and Interrupted raised (raypose.cli exits 130)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return work()  # signals reach only the main thread: nothing to take over
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = work()
+        except BaseException as e:  # handed to the waiting thread
+            outcome["error"] = e
+
+    # Tune would install its own SIGINT handler, which a thread other than the main one cannot
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    thread = threading.Thread(target=target, name="raypose-fit", daemon=True)
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        import ray
+
+        began = time.monotonic()
+        from raypose.console import say
+
+        say("[raypose] interrupted: stopping the workers")
+        ray.shutdown()
+        thread.join(5.0)  # the fit's last storage writes
+        line = stopped()
+        say(f"[raypose] {line} (stopped in {time.monotonic() - began:.1f} s)")
+        raise Interrupted(line) from None
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 # how many workers a run has, where they sit and how long it waits for them may change between

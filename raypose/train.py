@@ -9,13 +9,15 @@ state.json, manifest.json}, ...  plus Ray Train's own record of finished checkpo
 in that record; FailureConfig(max_failures) restarts a lost worker group from it.
 """
 
+import posixpath
 import time
 
 from raypose import console, nodes, storage
 from raypose import validate
 from raypose.config import Config, ConfigError, load_config, set_workers
-from raypose.driver import (check_resources, check_state_api, forwarded_env, init_ray, preflight,
-                             prepare_data)
+from raypose.driver import (check_resources, check_state_api, forwarded_env, init_ray,
+                             latest_checkpoint, preflight, prepare_data, remove_unrecorded,
+                             run_interruptible)
 
 # ----------------------------------------------------------------------------------------------
 # Runs on each Ray Train worker: raypose.worker, imported there (it imports torch)
@@ -90,10 +92,21 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
     check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")
     nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
     start = time.perf_counter()
+    run = loc.join(cfg.storage.name)
+
+    def stopped() -> str:
+        removed = remove_unrecorded(run)
+        latest = latest_checkpoint(run)
+        kept = (f"its last recorded checkpoint is {posixpath.basename(latest.path)}"
+                if latest else "no checkpoint was recorded")
+        tidied = f"; removed the unrecorded {', '.join(removed)}" if removed else ""
+        return (f"run {cfg.storage.name} stopped: {kept}{tidied}; the same command (--name "
+                f"{cfg.storage.name} --storage {loc.uri}) resumes it")
+
     with console.quiet(), console.LineRelay() as lines:
         trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch,
                                 lines=lines.handle)
-        result = trainer.fit()
+        result = run_interruptible(trainer.fit, stopped)
     metrics = result.metrics or {}
     print(f"[raypose] run {cfg.storage.name}: {metrics.get('epoch', '?')} epochs, "
           f"val_mpjpe {metrics.get('val_mpjpe', float('nan')):.1f} mm "

@@ -421,7 +421,8 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     continues that sweep when it exists and starts it otherwise. samples, max_concurrent and
     study_url: None means the default for a new sweep, the stored value on resume (where any
     other value is refused)."""
-    from raypose.driver import check_resources, check_state_api, init_ray, preflight
+    from raypose.driver import (check_resources, check_state_api, init_ray, preflight,
+                                run_interruptible)
 
     space = load_space(space_path)
     if samples is not None and samples < 1:
@@ -493,9 +494,27 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     start = time.perf_counter()
     # Optuna's and Tune's own lines go to the log file; Tune would copy AWS credentials from this
     # process's environment into every trial's runtime_env, which Ray logs
+
+    def stopped() -> str:
+        from raypose.driver import remove_unrecorded
+
+        fs = storage.filesystem(exp)
+        runs = exp.join("train")
+        removed = 0
+        if fs.exists(runs.path):
+            for path in fs.ls(runs.path, detail=False):
+                removed += len(remove_unrecorded(runs.join(path.rstrip("/").rsplit("/", 1)[-1])))
+        db = sqlite_path(study_url)
+        if loc.scheme != "file" and db is not None and db.exists():
+            copy_study(db, exp.join("optuna.db"))  # the study as the stop left it
+        tidied = f"; removed {removed} unrecorded checkpoint folder(s)" if removed else ""
+        return (f"sweep {name} stopped{tidied}; `raypose tune` with the same flags and --resume "
+                "continues it (finished trials are kept, the others resume from their last "
+                "recorded checkpoint)")
+
     with console.quiet(), storage.credentials_out_of_environment():
         tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point)
-        grid = tuner.fit()
+        grid = run_interruptible(tuner.fit, stopped)
     wall = time.perf_counter() - start
     rows, text, share = summarise(grid, wall, max_concurrent, space.names, paper_point)
     print(text, flush=True)
