@@ -12,6 +12,7 @@ import argparse
 import importlib
 import os
 import re
+import signal
 import sys
 import traceback
 
@@ -92,6 +93,10 @@ def _is_input_error(e: BaseException) -> bool:
     return isinstance(e, (ValueError, RuntimeError, OSError)) and type(e).__module__.startswith("raypose.")
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -104,10 +109,19 @@ def main(argv=None) -> int:
     debug = os.environ.get("RAYPOSE_DEBUG") == "1"
     if getattr(args, "verbose", False):
         os.environ["RAYPOSE_VERBOSE"] = "1"  # read by raypose.console, also in nested calls
+    # SIGTERM (`ray job stop`, Kubernetes, `kill`) stops a command as Ctrl-C does: Ray is shut down
+    # and the exit code is 130, instead of an end that leaves the local Ray instance running
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args._run(args) or 0
     except KeyboardInterrupt:
-        print(f"{command}: interrupted", file=sys.stderr)
+        from raypose.driver import shutdown_ray
+
+        stopped = shutdown_ray()
+        print(f"{command}: interrupted", file=sys.stderr, flush=True)
+        if not stopped:  # Ray's shutdown hangs on processes the signal ended: end without it
+            sys.stdout.flush()
+            os._exit(130)
         return 130
     except Exception as e:
         if debug:

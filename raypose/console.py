@@ -221,7 +221,9 @@ class LineRelay:
         import ray
 
         self._stop.set()
-        self._thread.join()
+        # a get() under way when Ray was shut down (an interrupted run) never returns; the
+        # thread is a daemon
+        self._thread.join(timeout=self.POLL_S + 2.0)
         if not ray.is_initialized():
             return False
         try:

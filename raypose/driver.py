@@ -9,6 +9,7 @@ import json
 import os
 import posixpath
 import re
+import sys
 import time
 
 from raypose import capacity, checkpoint, datacache, storage
@@ -161,6 +162,44 @@ def remove_unrecorded(run: storage.Location) -> list[str]:
     return gone
 
 
+def shutdown_ray(timeout: float = 4.0) -> bool:
+    """ray.shutdown(), bounded: after a signal to the whole process group (Ctrl-C in a terminal,
+    `ray job stop`) Ray's own processes may be gone already, and the shutdown can then wait a
+    minute for them. False when it did not finish within timeout."""
+    import threading
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return True
+    done = threading.Event()
+
+    def stop():
+        try:
+            ray.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=stop, name="raypose-ray-shutdown", daemon=True).start()
+    finished = done.wait(timeout)
+    if _Connection.local:
+        # the instance this process started: none of its processes outlives the command (a
+        # worker whose raylet a group-wide signal ended takes a while to notice)
+        import psutil
+
+        left = psutil.Process().children(recursive=True)
+        for p in left:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        for p in psutil.wait_procs(left, timeout=2.0)[1]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    return finished
+
+
 class Interrupted(KeyboardInterrupt):
     """A run or sweep stopped by Ctrl-C or SIGTERM; its message says how to resume it."""
 
@@ -202,13 +241,11 @@ def run_interruptible(work, stopped):
         while thread.is_alive():
             thread.join(0.2)
     except KeyboardInterrupt:
-        import ray
-
         began = time.monotonic()
         from raypose.console import say
 
         say("[raypose] interrupted: stopping the workers")
-        ray.shutdown()
+        shutdown_ray()
         thread.join(5.0)  # the fit's last storage writes
         line = stopped()
         say(f"[raypose] {line} (stopped in {time.monotonic() - began:.1f} s)")
@@ -298,6 +335,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, command: s
         ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
         _Connection.local = True
     console.route_ray_output(command)
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # ray.init installs SIGTERM handlers (Python's sys.exit, and its core worker's, which
+        # aborts the process and would leave a local instance running): SIGTERM stops raypose
+        # as Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 CLIENT_CONNECT_TRIES = 3
