@@ -136,44 +136,98 @@ def save(directory, model_state: dict, optimizer_state: dict, config: dict, stat
     return d
 
 
+def read_json(directory, name: str) -> dict:
+    """One of the checkpoint's JSON files (config.json, state.json, manifest.json) as a dict; a
+    CheckpointError naming the file when it is missing, not UTF-8, not JSON or not an object."""
+    d = Path(directory)
+    p = d / name
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {d}: {name} is missing")
+    try:
+        value = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"checkpoint {d}: {name} is not JSON (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {d}: {name} is not JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # e.g. an int of more digits than Python converts
+        raise CheckpointError(f"checkpoint {d}: {name} is not JSON ({type(e).__name__})") from None
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {d}: {name} cannot be read "
+                              f"({e.strerror or type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"checkpoint {d}: {name} holds a JSON {_json_type(value)}, "
+                              "expected an object")
+    return value
+
+
+def _json_type(value) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
+
+
+def _check_manifest(d: Path, manifest: dict) -> dict:
+    """The manifest's own form: every key verify and its readers use, of the right type."""
+    def bad(what):
+        return CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} is not a raypose manifest ({what})")
+
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise bad("'files' is missing or not an object")
+    for key in ("config_sha256", "raypose_version"):
+        if not isinstance(manifest.get(key), str):
+            raise bad(f"{key!r} is missing or not a string")
+    for name in PAYLOAD_FILES:
+        if name not in files:
+            raise CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} does not list {name}")
+        entry = files[name]
+        size = entry.get("size") if isinstance(entry, dict) else None
+        digest = entry.get("sha256") if isinstance(entry, dict) else None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str):
+            raise bad(f"the entry of {name} needs a 'size' (a whole number) and a 'sha256' (a string)")
+    return manifest
+
+
 def verify(directory) -> dict:
     """Check every file against the manifest; returns the manifest. Raises CheckpointError."""
     d = Path(directory)
-    mpath = d / MANIFEST_FILE
-    if not mpath.is_file():
+    if not (d / MANIFEST_FILE).is_file():
         raise CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} is missing")
-    try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} is not a raypose manifest") from None
+    manifest = read_json(d, MANIFEST_FILE)
+    files = _check_manifest(d, manifest)["files"]
     for name in PAYLOAD_FILES:
         p = d / name
-        if name not in files:
-            raise CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} does not list {name}")
         if not p.is_file():
             raise CheckpointError(f"checkpoint {d}: {name} is missing")
         if p.stat().st_size != files[name]["size"] or sha256_file(p) != files[name]["sha256"]:
             raise CheckpointError(f"checkpoint {d}: {name} does not match its manifest "
                                   "(sha256 or size differ): the file is corrupt or from another checkpoint")
-    config = json.loads((d / CONFIG_FILE).read_text())
-    if config_hash(config) != manifest.get("config_sha256"):
+    config = read_json(d, CONFIG_FILE)
+    if config_hash(config) != manifest["config_sha256"]:
         raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} does not match the manifest's config hash")
     return manifest
 
 
-def load(directory, verify_manifest: bool = True, map_location="cpu") -> dict:
-    """Load a checkpoint directory: {'model', 'optimizer', 'config', 'state', 'manifest'}."""
+def load_metadata(directory, verify_manifest: bool = True) -> dict:
+    """The checkpoint's JSON files, without its weights: {'config', 'state', 'manifest'}, each
+    file checked to be a JSON object (CheckpointError naming it). A caller checks the config
+    before load_weights builds anything from it."""
     d = Path(directory)
     manifest = verify(d) if verify_manifest else None
-    weights = {name: _load_weights(d, name, map_location) for name in (MODEL_FILE, OPTIMIZER_FILE)}
-    return {
-        "model": weights[MODEL_FILE],
-        "optimizer": weights[OPTIMIZER_FILE],
-        "config": json.loads((d / CONFIG_FILE).read_text()),
-        "state": json.loads((d / STATE_FILE).read_text()),
-        "manifest": manifest,
-    }
+    return {"config": read_json(d, CONFIG_FILE), "state": read_json(d, STATE_FILE),
+            "manifest": manifest}
+
+
+def load_weights(directory, map_location="cpu") -> dict:
+    """{'model', 'optimizer'}: the two state_dicts, loaded with weights_only=True."""
+    d = Path(directory)
+    return {"model": _load_weights(d, MODEL_FILE, map_location),
+            "optimizer": _load_weights(d, OPTIMIZER_FILE, map_location)}
+
+
+def load(directory, verify_manifest: bool = True, map_location="cpu") -> dict:
+    """Load a checkpoint directory: {'model', 'optimizer', 'config', 'state', 'manifest'}."""
+    meta = load_metadata(directory, verify_manifest)
+    return {**load_weights(directory, map_location), **meta}
 
 
 def _load_weights(d: Path, name: str, map_location):

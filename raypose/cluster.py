@@ -61,6 +61,11 @@ class ClusterError(RuntimeError):
     """A dev-cluster problem; the message says what, where (flag, port, file) and what to do."""
 
 
+class ClusterInputError(ClusterError, ValueError):
+    """A flag of `raypose cluster` that no cluster could take (a port past 65535, a bad bucket
+    name): refused before anything is read, written or started, with exit code 2."""
+
+
 def _psutil():
     """psutil, imported when needed (a dependency of raypose)."""
     import psutil
@@ -218,9 +223,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _check_port(port: int, flag: str) -> None:
+def _check_port_number(port: int, flag: str) -> None:
     if not 1 <= port <= 65535:
-        raise ClusterError(f"{flag} {port}: not a TCP port (1-65535)")
+        raise ClusterInputError(f"{flag} {port}: not a TCP port (1-65535)")
+
+
+def _check_port(port: int, flag: str) -> None:
+    _check_port_number(port, flag)
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -308,11 +317,38 @@ def _client_env(dashboard_port: int, s3_port: int, bucket: str, token_path: Path
     }
 
 
+def check_up_flags(dashboard_port: int, s3_port: int, bucket: str, num_cpus: int | None,
+                   ray_port: int | None) -> None:
+    """`cluster up`'s flags on their own (no port is tried here): ClusterInputError naming the
+    flag."""
+    from raypose.validate import shown
+
+    if num_cpus is not None and num_cpus < 1:
+        raise ClusterInputError(f"--num-cpus {num_cpus}: must be at least 1")
+    if not bucket or bucket != bucket.lower() or not 3 <= len(bucket) <= 63 or "/" in bucket:
+        raise ClusterInputError(f"--bucket {shown(bucket)}: an S3 bucket name is 3-63 lowercase "
+                                "characters, without '/'")
+    _check_port_number(dashboard_port, "--dashboard-port")
+    _check_port_number(s3_port, "--s3-port")
+    if ray_port:  # 0 or none: a free port
+        _check_port_number(ray_port, "--ray-port")
+    if dashboard_port == s3_port:
+        raise ClusterInputError(f"--dashboard-port and --s3-port are both {s3_port}; "
+                                f"give them different ports")
+    if RAY_WORKER_PORTS[0] <= dashboard_port <= RAY_WORKER_PORTS[1]:
+        raise ClusterInputError(f"--dashboard-port {dashboard_port} is inside Ray's worker port "
+                                f"range {RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}; choose a port "
+                                "outside it")
+
+
 def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: int = DEFAULT_S3_PORT,
        bucket: str = DEFAULT_BUCKET, num_cpus: int | None = None, ray_port: int | None = None,
        timeout: float = 120.0) -> dict:
     """Starts the dev cluster and returns its state (ports, pids, env); if it is already running,
     returns the recorded state with "already_running": True and starts nothing."""
+    # The flags first, before anything is read, started or written.
+    check_up_flags(dashboard_port, s3_port, bucket, num_cpus, ray_port)
+    num_cpus = (os.cpu_count() or 1) if num_cpus is None else num_cpus
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
     state = read_state(state_dir)
     if state is not None:
@@ -320,19 +356,7 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
             return {**state, "already_running": True}
         down(state_dir)  # stale: its processes are gone; clear leftovers and the state file
 
-    # Everything that can be checked is checked before anything starts.
-    num_cpus = (os.cpu_count() or 1) if num_cpus is None else num_cpus
-    if num_cpus < 1:
-        raise ClusterError(f"--num-cpus {num_cpus}: must be at least 1")
-    if not bucket or bucket != bucket.lower() or not 3 <= len(bucket) <= 63 or "/" in bucket:
-        raise ClusterError(f"--bucket {bucket!r}: an S3 bucket name is 3-63 lowercase characters, "
-                           f"without '/'")
-    if dashboard_port == s3_port:
-        raise ClusterError(f"--dashboard-port and --s3-port are both {s3_port}; "
-                           f"give them different ports")
-    if RAY_WORKER_PORTS[0] <= dashboard_port <= RAY_WORKER_PORTS[1]:
-        raise ClusterError(f"--dashboard-port {dashboard_port} is inside Ray's worker port range "
-                           f"{RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}; choose a port outside it")
+    # Everything else that can be checked is checked before anything starts.
     ray_exe = _find_executable("ray", "install raypose's dependencies (pip install -e .)")
     moto_exe = _find_executable("moto_server", "install the test extra: pip install -e '.[test]' "
                                                "(it brings moto[server])")
@@ -672,6 +696,9 @@ def run(args):
         else:
             print("\n".join(shell_lines(env(state_dir))))
         return 0
+    except ClusterInputError as e:  # bad input: the error contract's one line and exit code 2
+        print(f"raypose cluster {args.action}: error: {e}", file=sys.stderr)
+        return 2
     except ClusterError as e:
         print(f"raypose cluster {args.action}: {e}", file=sys.stderr)
         return 1

@@ -490,3 +490,16 @@ def config_from_dict(d: dict) -> Config:
     cfg, sources = Config(), {}
     apply_mapping(cfg, d, "checkpoint config", sources=sources)
     return cfg.check_memory(sources)
+
+
+def config_from_checkpoint(d, source: str) -> Config:
+    """A checkpoint's config.json (d, its parsed content) as a Config, with every check of
+    Config.validate (types, ranges, then check_memory) and the message naming source (the
+    checkpoint's file) and the key; for a caller that builds the model from it. A sweep trial's
+    storage.name holds slashes (<experiment>/train/<trial>), which a name given by the user may
+    not: it is kept as it is and not checked."""
+    cfg, sources = Config(), {}
+    apply_mapping(cfg, d, source, sources=sources)
+    named = dataclasses.replace(cfg, storage=dataclasses.replace(cfg.storage, name="checkpoint"))
+    named.validate(sources)
+    return cfg

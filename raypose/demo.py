@@ -53,6 +53,10 @@ def demo_config(args, data: Path) -> Config:
         raise ConfigError(f"--epoch-samples {args.epoch_samples} is more than --train {args.train}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.epoch_samples and args.batch_size * args.workers > args.epoch_samples:
+        raise ConfigError(f"--batch-size {args.batch_size} with --workers {args.workers} needs "
+                          f"{args.batch_size * args.workers} samples per epoch, more than "
+                          f"--epoch-samples {args.epoch_samples}: an epoch would take no training step")
     cfg = Config()
     set_value(cfg, "data.path", str(data), "--root")
     set_value(cfg, "storage.uri", args.storage or str(Path(args.root) / "experiments"), "--storage")
@@ -87,6 +91,56 @@ def check_inputs(args, cfg: Config) -> None:
     validate.ray_address_from(None)
 
 
+def demo_split(n_train: int, cfg: Config) -> tuple:
+    """(validation subjects without a sample, training samples) of the train.h5 that
+    `--train n_train` renders: synth spreads the samples evenly over its training subjects."""
+    from raypose.synth import TRAIN_SUBJECTS, subject_counts
+
+    counts = subject_counts(n_train, TRAIN_SUBJECTS)
+    empty = [s for s in cfg.data.val_subjects if counts.get(s, 0) == 0]
+    return empty, sum(c for s, c in counts.items() if s not in cfg.data.val_subjects)
+
+
+def check_render(args, cfg: Config) -> None:
+    """The data that --train would render, checked before it is rendered: every validation
+    subject gets a sample, and the training split fills an epoch (--epoch-samples, or a batch
+    per worker). ConfigError naming --train and the smallest value that works."""
+    from raypose.synth import TRAIN_SUBJECTS
+
+    foreign = [s for s in cfg.data.val_subjects if s not in TRAIN_SUBJECTS]
+    if foreign:  # no --train would render them
+        raise ConfigError(f"data.val_subjects: {', '.join(map(str, foreign))} is not a subject of "
+                          f"the synthetic train.h5 ({', '.join(TRAIN_SUBJECTS)})")
+    per_epoch = args.epoch_samples or args.batch_size * args.workers
+
+    def fits(n):
+        empty, train = demo_split(n, cfg)
+        return not empty and train >= per_epoch
+
+    if fits(args.train):
+        return
+    empty, train = demo_split(args.train, cfg)
+    # the smallest --train that fits: both counts grow with --train, so a binary search
+    low, high = args.train, max(2 * args.train, 8)
+    while not fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    need = high
+    if empty:
+        why = (f"no sample of the validation subject {', '.join(empty)} (the samples are spread "
+               f"evenly over {', '.join(TRAIN_SUBJECTS)})")
+    elif args.epoch_samples:
+        why = (f"{train} training samples besides the validation subjects', fewer than "
+               f"--epoch-samples {args.epoch_samples}")
+    else:
+        why = (f"{train} training samples besides the validation subjects', fewer than one batch "
+               f"per worker (--batch-size {args.batch_size} x --workers {args.workers})")
+    raise ConfigError(f"--train {args.train}: the synthetic train.h5 would hold {why}; give "
+                      f"--train {need} or more (nothing was written)")
+
+
 def run(args) -> int:
     from raypose import evaluate, synth, tune
     from raypose.search_space import load_space
@@ -98,6 +152,7 @@ def run(args) -> int:
     load_space(args.space).check_against(cfg)
     check_inputs(args, cfg)
     if not ((data / "train.h5").exists() and (data / "test.h5").exists()):
+        check_render(args, cfg)
         print(f"[raypose demo] 1/3 rendering synthetic data into {data}", flush=True)
         synth.synthesize(str(data), args.train, args.test, seed=0)
     else:

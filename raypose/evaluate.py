@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from raypose import checkpoint, datacache, storage, validate
-from raypose.config import ConfigError, config_from_dict
+from raypose.config import ConfigError, config_from_checkpoint
 from raypose.dataset import PoseDataset
 from raypose.loop import build_model, predict
 from raypose.metrics import body_size, grouped_report, mean_pose_baseline
@@ -135,13 +135,44 @@ def read_best_json(best_loc: storage.Location):
                               "best.json when it finishes") from None
 
 
+STAGES = ("joint", "regression", "detection")
+
+
+def check_state(local_ckpt: Path, state: dict) -> dict:
+    """The keys of state.json that an evaluation reads, of the right types; returns the heads
+    (absent in older checkpoints: both). CheckpointError naming the file otherwise."""
+    where = f"checkpoint {local_ckpt}: {checkpoint.STATE_FILE}"
+    epoch = state.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise checkpoint.CheckpointError(f"{where}: 'epoch' must be a whole number >= 0, got "
+                                         f"{validate.shown(epoch)}")
+    if state.get("stage") not in STAGES:
+        raise checkpoint.CheckpointError(f"{where}: 'stage' must be one of {', '.join(STAGES)}, got "
+                                         f"{validate.shown(state.get('stage'))}")
+    heads = state.get("heads", {"regression": True, "detection": True})
+    if not (isinstance(heads, dict) and all(isinstance(heads.get(h), bool)
+                                            for h in ("regression", "detection"))):
+        raise checkpoint.CheckpointError(f"{where}: 'heads' must be an object with 'regression' and "
+                                         f"'detection' true or false, got {validate.shown(heads)}")
+    if not (heads["regression"] or heads["detection"]):
+        raise checkpoint.CheckpointError(f"{where}: 'heads' names no head")
+    return heads
+
+
 def load_model(local_ckpt: Path, device: torch.device):
-    """Verify the manifest, then rebuild the model from the checkpoint's own config."""
-    loaded = checkpoint.load(local_ckpt)  # verifies sha256 of every file; weights_only=True
-    cfg = config_from_dict(loaded["config"])
-    heads = loaded["state"].get("heads", {"regression": True, "detection": True})
+    """Verify the manifest, check config.json (every Config check, the machine's memory
+    included) and state.json, and only then load the weights (weights_only=True) into the model
+    rebuilt from the checkpoint's own config."""
+    loaded = checkpoint.load_metadata(local_ckpt)  # verifies sha256 of every file
+    try:
+        cfg = config_from_checkpoint(loaded["config"],
+                                     f"checkpoint {local_ckpt}: {checkpoint.CONFIG_FILE}")
+    except ConfigError as e:  # a fault of the checkpoint: named as such, with its file and key
+        raise checkpoint.CheckpointError(str(e)) from None
+    heads = check_state(local_ckpt, loaded["state"])
     stage = "joint" if heads["regression"] and heads["detection"] else (
         "regression" if heads["regression"] else "detection")
+    loaded.update(checkpoint.load_weights(local_ckpt))  # nothing is unpickled before the checks
     model = build_model(cfg, stage)
     try:
         model.load_state_dict(loaded["model"])

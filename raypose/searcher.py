@@ -72,6 +72,60 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
 
 
+SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
+OPTUNA_TABLES = ("studies", "version_info")  # tables every Optuna RDB storage holds
+
+
+def check_study_db(study_url: str) -> None:
+    """--study-db, before Optuna opens it (Optuna adds its tables to any SQLite file it is given):
+    a SQLite file that exists must be empty or an Optuna database. Refuses, with a ConfigError
+    naming --study-db, a file that is not SQLite, a folder, and a SQLite database of something
+    else (tables, none of them Optuna's). A file that does not exist yet, an empty file and
+    non-SQLite URLs (PostgreSQL, MySQL: the server says) pass. Reads the file only."""
+    import sqlite3
+
+    from raypose.config import ConfigError
+    from raypose.validate import clipped
+
+    db = sqlite_path(study_url)
+    if db is None or not db.exists():
+        return
+    where = f"--study-db {clipped(study_url, 240)}"  # a path: shown whole unless absurd
+    if db.is_dir():
+        raise ConfigError(f"{where}: is a folder, expected an Optuna SQLite file "
+                          "(or a path that does not exist yet)")
+    try:
+        with open(db, "rb") as f:
+            header = f.read(100)  # the database header
+    except OSError as e:
+        raise ConfigError(f"{where}: the file cannot be read "
+                          f"({e.strerror or type(e).__name__})") from None
+    if not header:
+        return  # an empty file: SQLite takes it for an empty database
+    if not header.startswith(SQLITE_HEADER):
+        raise ConfigError(f"{where}: the file is not a SQLite database; give an Optuna "
+                          "SQLite file or a path that does not exist yet")
+    # read without writing: immutable=1 makes SQLite create no -shm/-wal files beside it, except
+    # for a WAL database whose -wal file holds changes not yet in the file itself
+    live_wal = len(header) > 18 and header[18] == 2 and Path(f"{db}-wal").exists()
+    options = "mode=ro" if live_wal else "mode=ro&immutable=1"
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?{options}", uri=True)
+        try:
+            tables = sorted(row[0] for row in con.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"))
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(f"{where}: the file is not a readable SQLite database "
+                          f"({clipped(e, 120)})") from None
+    if not tables or all(t in tables for t in OPTUNA_TABLES):
+        return
+    raise ConfigError(f"{where}: the file is a SQLite database of something else (tables "
+                      f"{clipped(', '.join(tables), 120)}), not an Optuna study database; give "
+                      "an Optuna SQLite file or a path that does not exist yet")
+
+
 def read_state(path: str) -> dict:
     """The JSON StudySearcher.save wrote; ValueError for anything else (read as text only)."""
     with open(path, "rb") as f:

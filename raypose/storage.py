@@ -108,7 +108,15 @@ def _file_uri_path(parsed, text: str, named: str) -> str:
 
 
 def endpoint_url() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    """The S3 endpoint from the environment (AWS_ENDPOINT_URL_S3 over AWS_ENDPOINT_URL), checked:
+    a malformed one (no http(s)://, a port past 65535) is refused in one line naming the variable,
+    before any connection is tried."""
+    from raypose.validate import endpoint_url as checked
+
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if os.environ.get(var):
+            return checked(os.environ[var], f"environment variable {var}")
+    return None
 
 
 def endpoint_text() -> str:

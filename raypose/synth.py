@@ -448,6 +448,14 @@ def textured_background(rng: np.random.Generator, b: int, size: int = IMAGE_SIZE
 # scenes
 
 
+def subject_counts(n: int, subjects) -> dict:
+    """{subject: samples} of a split of n samples over these subjects, as sample_scenes draws
+    them (whatever the seed): n // len(subjects) each, and one more for each of the first
+    n % len(subjects) subjects. Lets a caller check a split before rendering it."""
+    k = len(subjects)
+    return {s: n // k + (1 if i < n % k else 0) for i, s in enumerate(subjects)}
+
+
 def sample_scenes(rng: np.random.Generator, bodies: list, n: int) -> dict:
     """Draws n scenes: subject, action, phase, camera, placement; subjects and actions balanced."""
     subject_idx = rng.permutation(np.arange(n) % len(bodies))

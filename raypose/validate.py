@@ -12,6 +12,8 @@ temporary sibling, which is renamed into place or removed.
 - Ray addresses (--address, RAY_ADDRESS) must be a GCS address HOST:PORT, ray://HOST:PORT,
   `auto` or `local`; something must answer a TCP connect on HOST:PORT within
   RAYPOSE_RAY_CONNECT_TIMEOUT seconds (default 5) before ray.init is called.
+- S3 endpoints (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL) must be http(s)://HOST[:PORT] with a port
+  in 1..65535; raypose.storage checks the one in use before any connection.
 - YAML (config files, search spaces, --set values) is refused past YAML_MAX_ALIASES alias uses
   or YAML_MAX_NODES values with aliases expanded, before anything walks what was loaded.
 - A value quoted in an error message goes through `shown` (or `clipped`): at most its first 80
@@ -217,6 +219,34 @@ def replace_atomically(target):
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def endpoint_url(url: str, where: str) -> str:
+    """An S3 endpoint URL (AWS_ENDPOINT_URL and the like): http(s)://HOST[:PORT][/PATH] with a
+    port in 1 to 65535; returns it unchanged, or raises one line naming `where`. The message
+    quotes the part at fault, never the whole URL (it may carry a user:password@)."""
+    expected = "expected http://HOST[:PORT] or https://HOST[:PORT]"
+    text = str(url).strip()
+    try:
+        parsed = urlparse(text)
+    except ValueError:  # e.g. an unclosed [ of an IPv6 address
+        raise InputError(f"{where}: not a URL; {expected}") from None
+    if "://" not in text:
+        raise InputError(f"{where}: not an S3 endpoint URL (no http:// or https://); {expected}")
+    if parsed.scheme.lower() not in ("http", "https"):
+        raise InputError(f"{where}: not an S3 endpoint URL (the scheme {shown(parsed.scheme)}); "
+                         f"{expected}")
+    try:
+        port = parsed.port
+    except ValueError:  # not a number, or past 65535
+        raw = parsed.netloc.rpartition("@")[2].rpartition(":")[2]
+        raise InputError(f"{where}: port {clipped(raw) if raw.isdigit() else shown(raw)} is not a TCP port "
+                         f"(1 to 65535); {expected}") from None
+    if port is not None and not 1 <= port <= 65535:
+        raise InputError(f"{where}: port {port} is not a TCP port (1 to 65535); {expected}")
+    if not parsed.hostname:
+        raise InputError(f"{where}: the URL names no host; {expected}")
+    return url
 
 
 # ----------------------------------------------------------------------------------------------

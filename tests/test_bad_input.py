@@ -192,6 +192,7 @@ TRAIN = ["train", "--data", "{data}", "--storage", "{storage}", "--name", "run1"
 TUNE = ["tune", "--space", "{space}", "--data", "{data}", "--storage", "{storage}", "--name", "s1"]
 S3_SILENT = {"AWS_ENDPOINT_URL": "http://{silent}"}
 S3_CLOSED = {"AWS_ENDPOINT_URL": "http://{closed}"}
+S3_PORT_99999 = {"AWS_ENDPOINT_URL": "http://127.0.0.1:99999"}
 
 CASES = [
     # data synth
@@ -306,6 +307,8 @@ CASES = [
      "did not answer within 1 s", S3_SILENT),
     ("train-s3-nothing-listens", ["train", "--data", "{data}", "--storage", "s3://bucket/runs",
                                   "--name", "r"], "unreachable", S3_CLOSED),
+    ("train-s3-port-out-of-range", ["train", "--data", "{data}", "--storage", "s3://bucket/runs",
+                                    "--name", "r"], "AWS_ENDPOINT_URL: port 99999", S3_PORT_99999),
     ("train-s3-timeout-env", ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
      "RAYPOSE_S3_CHECK_TIMEOUT", {**S3_SILENT, "RAYPOSE_S3_CHECK_TIMEOUT": "-1"}),
     ("train-s3-outage-env", ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
@@ -345,6 +348,13 @@ CASES = [
     ("evaluate-no-uri", ["evaluate"], "uri", {}),
     ("evaluate-s3-never-answers", ["evaluate", "s3://bucket/sweep"], "did not answer within 1 s", S3_SILENT),
     ("evaluate-s3-nothing-listens", ["evaluate", "s3://bucket/sweep"], "unreachable", S3_CLOSED),
+    ("evaluate-s3-port-out-of-range", ["evaluate", "s3://bucket/sweep"],
+     "environment variable AWS_ENDPOINT_URL: port 99999 is not a TCP port", S3_PORT_99999),
+    ("evaluate-s3-endpoint-s3-port-out-of-range", ["evaluate", "s3://bucket/sweep"],
+     "environment variable AWS_ENDPOINT_URL_S3: port 70000 is not a TCP port",
+     {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:70000"}),
+    ("evaluate-s3-endpoint-no-scheme", ["evaluate", "s3://bucket/sweep"],
+     "environment variable AWS_ENDPOINT_URL: not an S3 endpoint URL", {"AWS_ENDPOINT_URL": "localhost:9000"}),
     # report
     ("report-missing", ["report", "{missing}", "--out", "{new}"], "{missing}", {}),
     ("report-best-not-json", ["report", "{exp}", "--out", "{new}"], "best.json", {}),
@@ -352,6 +362,8 @@ CASES = [
     ("report-out-holds-report", ["report", "{exp}", "--out", "{sweep_report_dir}"], "--force", {}),
     ("report-s3-never-answers", ["report", "s3://bucket/sweep"], "did not answer within 1 s", S3_SILENT),
     ("report-s3-nothing-listens", ["report", "s3://bucket/sweep"], "unreachable", S3_CLOSED),
+    ("report-s3-port-out-of-range", ["report", "s3://bucket/sweep"], "AWS_ENDPOINT_URL: port 99999",
+     S3_PORT_99999),
     # bench train
     ("bench-repeats-zero", ["bench", "train", "--data", "{data}", "--repeats", "0"], "--repeats", {}),
     ("bench-data-is-file", ["bench", "train", "--data", "{file}"], "--data", {}),
@@ -368,6 +380,16 @@ CASES = [
      "--epoch-samples", {}),
     ("demo-epoch-samples-over-train", ["demo", "--root", "{new}", "--train", "100"],
      "--epoch-samples 1600 is more than --train 100", {}),
+    # --train too small for the validation subject or an epoch: refused before rendering
+    ("demo-train-3", ["demo", "--root", "{new}", "--train", "3", "--epoch-samples", "0"],
+     "--train 3: the synthetic train.h5 would hold no sample of the validation subject S8", {}),
+    ("demo-train-3-epoch-3", ["demo", "--root", "{new}", "--train", "3", "--epoch-samples", "3",
+                              "--batch-size", "1"], "--train 3", {}),
+    ("demo-train-under-a-batch", ["demo", "--root", "{new}", "--train", "20", "--epoch-samples", "0",
+                                  "--workers", "2"],
+     "--train 20: the synthetic train.h5 would hold 16 training samples", {}),
+    ("demo-batch-over-epoch-samples", ["demo", "--root", "{new}", "--epoch-samples", "8"],
+     "--batch-size 16 with --workers 1 needs 16 samples per epoch, more than --epoch-samples 8", {}),
     ("demo-val-samples-negative", ["demo", "--root", "{new}", "--val-samples", "-1"],
      "--val-samples", {}),
     ("demo-root-is-file", ["demo", "--root", "{file}"], "--root", {}),
@@ -379,6 +401,14 @@ CASES = [
     # cluster: its flags
     ("cluster-unknown-action", ["cluster", "restart"], "restart", {}),
     ("cluster-port-not-int", ["cluster", "up", "--dashboard-port", "web"], "--dashboard-port", {}),
+    ("cluster-s3-port-too-large", ["cluster", "up", "--state-dir", "{new}", "--s3-port", "70000"],
+     "raypose cluster up: error: --s3-port 70000: not a TCP port (1-65535)", {}),
+    ("cluster-dashboard-port-zero", ["cluster", "up", "--state-dir", "{new}", "--dashboard-port", "0"],
+     "--dashboard-port 0: not a TCP port", {}),
+    ("cluster-ray-port-too-large", ["cluster", "up", "--state-dir", "{new}", "--ray-port", "99999"],
+     "--ray-port 99999: not a TCP port", {}),
+    ("cluster-bucket-uppercase", ["cluster", "up", "--state-dir", "{new}", "--bucket", "MyBucket"],
+     "--bucket 'MyBucket'", {}),
     # no command at all
     ("no-command", [], "command", {}),
     ("unknown-command", ["fit"], "fit", {}),
@@ -448,6 +478,10 @@ SUBPROCESS_CASES = [
      "--out", {}),
     ("jobs-report", [sys.executable, str(REPO / "jobs" / "report.py"), "s3://bucket/sweep"],
      "did not answer within 1 s", S3_SILENT),
+    ("raypose-cli-s3-port-out-of-range", [sys.executable, "-m", "raypose.cli", "evaluate", "s3://bucket/sweep"],
+     "environment variable AWS_ENDPOINT_URL: port 99999", S3_PORT_99999),
+    ("raypose-cli-cluster-s3-port", [sys.executable, "-m", "raypose.cli", "cluster", "up", "--state-dir",
+                                     "{new}", "--s3-port", "70000"], "--s3-port 70000", {}),
     ("jobs-train-usage", [sys.executable, str(REPO / "jobs" / "train.py"), "--epochs", "x"],
      "--epochs", {}),
 ]
@@ -600,3 +634,46 @@ def test_staged_folder_replaces_a_report_and_keeps_other_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         "report.json": "new", "report.md": "new", "notes.txt": "mine"}
+
+
+def test_s3_endpoint_urls():
+    """AWS_ENDPOINT_URL(_S3): what an S3 client takes passes unchanged; a port outside 1..65535,
+    no http(s)://, or no host is refused in one line naming the variable, and a password in the
+    URL is never quoted."""
+    from raypose.validate import endpoint_url
+
+    for url in ("http://127.0.0.1:9000", "https://s3.us-east-1.amazonaws.com", "http://[::1]:9000",
+                "https://minio.example:443/prefix", "HTTP://localhost:1", "http://host:65535"):
+        assert endpoint_url(url, "environment variable AWS_ENDPOINT_URL") == url
+    refused = {"http://127.0.0.1:99999": "port 99999 is not a TCP port (1 to 65535)",
+               "http://127.0.0.1:0": "port 0 is not a TCP port",
+               "http://[::1]:70000": "port 70000 is not a TCP port",
+               "http://user:secret@host:port": "port 'port' is not a TCP port",
+               "127.0.0.1:9000": "not an S3 endpoint URL (no http:// or https://)",
+               "ftp://host:21": "not an S3 endpoint URL (the scheme 'ftp')",
+               "http://": "the URL names no host", "http://user:secret@:9000": "the URL names no host",
+               "http://[::1:9000": "not a URL",
+               "http://h:" + "9" * 500: f"port {'9' * 80}... (500 characters) is not a TCP port"}
+    for url, says in refused.items():
+        with pytest.raises(InputError) as err:
+            endpoint_url(url, "environment variable AWS_ENDPOINT_URL_S3")
+        message = str(err.value)
+        assert message.startswith(f"environment variable AWS_ENDPOINT_URL_S3: {says}"), (url, message)
+        assert "secret" not in message and "\n" not in message
+
+
+def test_s3_endpoint_variable_is_checked_where_storage_reads_it(monkeypatch, s3_bucket):
+    """storage.endpoint_url() is what every S3 filesystem uses: AWS_ENDPOINT_URL_S3 wins over
+    AWS_ENDPOINT_URL, the one in use is checked, and a good one reaches the (moto) server."""
+    from raypose import storage
+
+    endpoint, bucket = s3_bucket
+    loc = storage.parse(f"s3://{bucket}/x")
+    storage.check_reachable(loc, create=False)  # the conftest server, by AWS_ENDPOINT_URL
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:99999")
+    with pytest.raises(InputError, match=r"^environment variable AWS_ENDPOINT_URL_S3: port 99999"):
+        storage.check_reachable(loc, create=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:99999")  # not the one in use
+    storage.check_reachable(loc, create=False)
+    assert storage.endpoint_url() == endpoint

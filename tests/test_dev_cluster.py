@@ -158,6 +158,21 @@ def test_up_with_a_busy_port_fails_before_starting_anything(state_dir, capsys, f
     assert sorted(p.name for p in state_dir.iterdir()) == []
 
 
+@pytest.mark.parametrize("flag, value", [("--s3-port", "70000"), ("--s3-port", "0"),
+                                         ("--dashboard-port", "65536"), ("--ray-port", "99999"),
+                                         ("--s3-port", "-1")])
+def test_up_refuses_a_port_outside_1_to_65535_with_exit_2(state_dir, capsys, flag, value):
+    """Bad input, not a failure: exit code 2 and the contract's one line, before anything is
+    looked up, started or written (the state dir stays empty)."""
+    code = main(["cluster", "up", "--state-dir", str(state_dir), flag, value])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, lines
+    assert lines == [f"raypose cluster up: error: {flag} {value}: not a TCP port (1-65535)"]
+    assert sorted(p.name for p in state_dir.iterdir()) == []
+    with pytest.raises(cluster.ClusterInputError):
+        cluster.up(state_dir, **{flag[2:].replace("-", "_"): int(value)})
+
+
 def test_up_names_a_missing_executable(state_dir, tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

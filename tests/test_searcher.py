@@ -320,3 +320,91 @@ def test_the_study_is_seeded_takes_the_points_once_and_a_resume_draws_new_values
     # a second searcher on the study, with the same points, does not enqueue them again
     _, more = lrs(b, ["t4"], points=[{"lr": 3e-4}])
     assert more[0] not in first + [again]
+
+
+# ----------------------------------------------------------------------------------------------
+# --study-db: an existing file must be an Optuna database (or empty) before Optuna opens it
+
+
+def _files(folder) -> dict:
+    """{name: bytes} of every file in folder: a check that reads must leave all of them as they were
+    and add none (no -journal, -wal or -shm beside the database)."""
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _sqlite(path, *statements):
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    for statement in statements:
+        con.execute(statement)
+    con.commit()
+    con.close()
+    return path
+
+
+@pytest.mark.parametrize("journal", ["delete", "wal"])
+def test_study_db_of_another_application_is_refused_and_left_alone(tmp_path, journal):
+    import optuna
+
+    from raypose.config import ConfigError
+    from raypose.searcher import check_study_db
+
+    db = _sqlite(tmp_path / "shop.db", f"PRAGMA journal_mode={journal}",
+                 "CREATE TABLE customers (id INTEGER, name TEXT)",
+                 "INSERT INTO customers VALUES (1, 'Ada')")
+    before = _files(tmp_path)
+    url = f"sqlite:///{db}"
+    with pytest.raises(ConfigError) as err:
+        check_study_db(url)
+    message = str(err.value)
+    assert message.startswith(f"--study-db {url}: the file is a SQLite database of something else "
+                              "(tables customers), not an Optuna study database"), message
+    assert "\n" not in message
+    assert _files(tmp_path) == before  # read only: not a byte changed, no file added
+    # what the check prevents: Optuna opening that file adds its own tables to it
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.study.get_all_study_names(storage=url)
+    assert _files(tmp_path) != before
+
+
+def test_study_db_that_is_not_sqlite_is_refused(tmp_path):
+    from raypose.config import ConfigError
+    from raypose.searcher import check_study_db
+
+    text = tmp_path / "notes.db"
+    text.write_text("my notes, not a database\n")
+    with pytest.raises(ConfigError, match=r"^--study-db sqlite:///\S+/notes\.db: the file is not a "
+                                          r"SQLite database"):
+        check_study_db(f"sqlite:///{text}")
+    # a SQLite header over a damaged file: SQLite itself refuses it
+    damaged = _sqlite(tmp_path / "damaged.db", "CREATE TABLE t (x INTEGER)")
+    data = bytearray(damaged.read_bytes())
+    data[16:100] = b"\xff" * 84
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"^--study-db \S+/damaged\.db: the file is not a readable "
+                                          r"SQLite database \(file is not a database\)$"):
+        check_study_db(f"sqlite:///{damaged}")
+    with pytest.raises(ConfigError, match=r"^--study-db \S+: is a folder"):
+        check_study_db(f"sqlite:///{tmp_path}")
+    assert sorted(_files(tmp_path)) == ["damaged.db", "notes.db"]
+
+
+def test_study_db_missing_empty_or_optuna_is_accepted(tmp_path):
+    import optuna
+
+    from raypose.searcher import check_study_db
+
+    check_study_db(f"sqlite:///{tmp_path / 'new' / 'optuna.db'}")  # does not exist yet
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    check_study_db(f"sqlite:///{empty}")
+    blank = _sqlite(tmp_path / "blank.db", "PRAGMA user_version = 7")  # SQLite, no tables
+    assert blank.read_bytes().startswith(b"SQLite format 3\x00")
+    check_study_db(f"sqlite:///{blank}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(storage=study_url, study_name="sweep").enqueue_trial({"x": 1.0})
+    check_study_db(study_url)
+    check_study_db("postgresql://user@db.example/optuna")  # a server database: not a local file
+    assert not (tmp_path / "new").exists()
