@@ -23,10 +23,11 @@ from raypose.metrics import mean_pose_baseline
 # Before Ray starts: config, data, storage, resume
 
 
-def preflight(cfg: Config) -> storage.Location:
+def preflight(cfg: Config, create: bool = True) -> storage.Location:
     """Every check that needs no cluster: config ranges, data files and splits, storage.
     Raises one clear error before Ray starts anything. Makes the data path and a local
-    storage path absolute."""
+    storage path absolute. create=False: a local storage folder that does not exist is an error
+    instead of being made (a resume, which needs what is there)."""
     cfg.validate()
     check_elastic_supported(cfg)
     # workers (and Tune trials, which run in their own folders) see the driver's data by an
@@ -55,7 +56,7 @@ def preflight(cfg: Config) -> storage.Location:
               "side-colour code), so training runs without the left/right flip", flush=True)
     loc = storage.parse(cfg.storage.uri)
     cfg.storage.uri = loc.uri  # absolute too, for the same reason as the data path
-    storage.check_reachable(loc)
+    storage.check_reachable(loc, create=create)
     check_resume_config(cfg, loc.join(cfg.storage.name))
     return loc
 

@@ -36,8 +36,8 @@ from raypose import console, seal, storage, validate
 from raypose.config import (Config, ConfigError, config_from_dict, get_value, load_config,
                             set_value, set_workers)
 from raypose.search_space import load_space
-from raypose.searcher import (METRIC, MODE, STUDY_URL_ENV, judged, make_scheduler, make_searcher,
-                              sqlite_path, trial_state)
+from raypose.searcher import (METRIC, MODE, STUDY_URL_ENV, check_study_db, judged,
+                              make_scheduler, make_searcher, sqlite_path, trial_state)
 
 TRIAL_DRIVER_MEMORY = 768 * 1024**2  # bytes; see build_tuner
 # The paper's settings (PAPER.md), by config key; everything else keeps the base config's default
@@ -430,7 +430,14 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     cfg.storage.name = name
     # every trial's config must be valid: check the base and the space's extremes up front
     space.check_against(cfg)
-    loc = preflight(cfg)
+    if study_url is not None:
+        check_study_db(study_url)  # before Optuna adds its tables to someone else's database
+    # a resume makes nothing: a refused one leaves storage as it was
+    given = storage.parse(cfg.storage.uri)
+    if resume is True and given.scheme == "file" and not Path(given.path).is_dir():
+        raise ConfigError(f"--resume: no sweep named {name!r} under {given.uri} (the folder does "
+                          "not exist)")
+    loc = preflight(cfg, create=resume is not True)
     exp = loc.join(name)
     if resume == "auto":
         # a RayJob's retries run the same entrypoint: the first attempt starts the sweep, later
@@ -455,6 +462,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
             print(f"[raypose] the sweep's Optuna study {study_url} cannot be created here; "
                   f"using {here}, restored from {exp.join('optuna.db').uri}", flush=True)
             study_url = here
+        check_study_db(study_url)
         seed_study(study_url, exp)
         # nothing Tune would unpickle is read unless this machine's key sealed it
         seal.verify_experiment(storage.filesystem(exp), exp.path,

@@ -124,6 +124,13 @@ def workspace(tmp_path_factory):
     with h5py.File(root / "foreign.h5", "w") as f:
         f["foo"] = np.zeros(3)
     p["foreign_h5"] = str(root / "foreign.h5")
+    import sqlite3
+
+    foreign_db = sqlite3.connect(root / "accounts.db")  # another application's database
+    foreign_db.execute("CREATE TABLE accounts (id INTEGER)")
+    foreign_db.commit()
+    foreign_db.close()
+    p["foreign_db"] = str(root / "accounts.db")
     p["png"] = str(root / "samples.png")
     (root / "samples.png").write_bytes(b"\x89PNG\r\n\x1a\n not really, but it exists")
     p["nonutf8"] = _write_yaml_bytes(root / "latin1.yaml", "optim:\n  name: 'adam'  # r\xe9glage\n"
@@ -330,6 +337,10 @@ CASES = [
     ("tune-gpus-two", [*TUNE, "--gpus-per-worker", "2"], "--gpus-per-worker", {}),
     ("tune-address-http", [*TUNE, "--address", "https://head:8265"], "--address", {}),
     ("tune-resume-unknown", [*TUNE, "--resume"], "--resume", {}),
+    # nothing is made for a resume that is refused: the storage folder stays missing
+    ("tune-resume-missing-storage", ["tune", "--space", "{space}", "--data", "{data}", "--storage",
+                                     "{missing}/sweeps", "--name", "s1", "--resume"], "--resume", {}),
+    ("tune-foreign-study-db", [*TUNE, "--study-db", "sqlite:///{foreign_db}"], "--study-db", {}),
     ("tune-data-is-file", ["tune", "--space", "{space}", "--data", "{file}", "--storage", "{storage}",
                            "--name", "s1"], "--data", {}),
     # evaluate
