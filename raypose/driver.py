@@ -333,7 +333,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, command: s
         _connect(address, kwargs)
         _Connection.local = False
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        # "local": a new instance even where another runs on this host or a `ray start` left
+        # its address file behind (ray.init() would join that one, or hang on a dead one)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                 dashboard_host="127.0.0.1", **kwargs)
         _Connection.local = True
     console.route_ray_output(command)
     import signal

@@ -7,9 +7,11 @@ as Ctrl-C in a terminal does."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,8 +26,8 @@ STOP_WITHIN_S = 10  # the issue's bound; it measured 1.5-3 s on this 2-core mach
 class Raypose:
     """`raypose ARGS` in a new process group; its output is collected while it runs."""
 
-    def __init__(self, *args):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, *args, env=None):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen([sys.executable, "-m", "raypose.cli", *args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -105,11 +107,16 @@ def test_a_run_stops_mid_epoch_and_resumes_from_its_last_recorded_epoch(tiny_dat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_run_stops_during_start_up(tiny_data, tmp_path, sig):
+def test_a_run_stops_during_start_up(tiny_data, tmp_path, sig, request):
     """Ctrl-C reaches the whole process group (the local Ray instance too) while Ray starts;
     SIGTERM (`kill`, Kubernetes) reaches the raypose process alone, once Ray is up and the run's
-    workers are starting."""
-    train = Raypose(*_train_args(tiny_data, tmp_path / "runs", "r", 200))
+    workers are starting. A `ray start` whose head died left its address file in Ray's temporary
+    folder: a run without --address starts its own instance all the same."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))  # Ray's socket paths stay short
+    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
+    (ray_tmp / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
+    train = Raypose(*_train_args(tiny_data, tmp_path / "runs", "r", 200),
+                    env={"RAY_TMPDIR": str(ray_tmp)})
     if sig == signal.SIGINT:
         train.wait_for("Ray's own log lines", 120)  # Ray is starting
         time.sleep(1.0)
