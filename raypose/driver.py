@@ -4,6 +4,7 @@ that need no cluster (preflight), connecting to Ray, and the checks made once co
 Where Ray plugs in is marked `# Ray:`.  Nothing here runs on a worker.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -112,6 +113,21 @@ def _prepare_data(train_file, mtime_ns, size, val_subjects, max_train, max_val) 
             "baseline": mean_pose_baseline(train.root_relative_poses(), val.root_relative_poses())}
 
 
+@contextlib.contextmanager
+def _ray_train_quiet():
+    """Ray Train's INFO lines while raypose reads a run's record before Ray starts ("A run
+    snapshot was found ..."): not for the terminal, where no log file has taken them yet."""
+    import logging
+
+    logger = logging.getLogger("ray.train")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def latest_checkpoint(run: storage.Location) -> storage.Location | None:
     """The checkpoint Ray Train resumes this run from: the latest one in Ray Train's own record of
     finished checkpoints. A folder that an interrupted upload left behind is not in the record and
@@ -125,7 +141,8 @@ def latest_checkpoint(run: storage.Location) -> storage.Location | None:
         return None  # no checkpoint of this run ever finished
     path, fs = storage.ray_storage(run)
     try:
-        result = Result.from_path(path, storage_filesystem=fs)
+        with _ray_train_quiet():
+            result = Result.from_path(path, storage_filesystem=fs)
     except Exception as e:  # Ray's error for a record it cannot read
         reason = str(e).split(". ")[0].strip()[:300]
         raise ConfigError(f"run {run.uri}: Ray Train cannot resume from its checkpoint record "
@@ -144,7 +161,8 @@ def recorded_checkpoints(run: storage.Location) -> set[str]:
     if not storage.exists(run.join(CHECKPOINT_RECORD)):
         return set()
     path, fs = storage.ray_storage(run)
-    result = Result.from_path(path, storage_filesystem=fs)
+    with _ray_train_quiet():
+        result = Result.from_path(path, storage_filesystem=fs)
     return {posixpath.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or ()}
 
 

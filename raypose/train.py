@@ -12,7 +12,7 @@ in that record; FailureConfig(max_failures) restarts a lost worker group from it
 import posixpath
 import time
 
-from raypose import console, nodes, storage
+from raypose import console, nodes, runlock, storage
 from raypose import validate
 from raypose.config import Config, ConfigError, load_config, set_workers
 from raypose.driver import (check_resources, check_state_api, forwarded_env, init_ray,
@@ -87,6 +87,11 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
 def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = None):
     """Checks, then the trainer; returns Ray's Result."""
     loc = preflight(cfg)
+    with runlock.hold(loc, cfg.storage.name, "raypose train"):  # before Ray starts
+        return _run_locked(cfg, loc, stop_after_epoch, address)
+
+
+def _run_locked(cfg: Config, loc: storage.Location, stop_after_epoch: int, address: str | None):
     init_ray(address, command="train")
     check_state_api()
     check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")

@@ -32,7 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
-from raypose import console, seal, storage, validate
+from raypose import console, runlock, seal, storage, validate
 from raypose.config import (Config, ConfigError, config_from_dict, get_value, load_config,
                             set_value, set_workers)
 from raypose.search_space import load_space
@@ -421,8 +421,7 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     continues that sweep when it exists and starts it otherwise. samples, max_concurrent and
     study_url: None means the default for a new sweep, the stored value on resume (where any
     other value is refused)."""
-    from raypose.driver import (check_resources, check_state_api, init_ray, preflight,
-                                run_interruptible)
+    from raypose.driver import preflight
 
     space = load_space(space_path)
     if samples is not None and samples < 1:
@@ -472,6 +471,20 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         samples = samples or DEFAULT_SAMPLES
         study_url = study_url or default_study_url(loc, name)
         check_no_stale_study(study_url, name)
+    # one sweep of this name at a time, refused before Ray starts (released in the finally below)
+    lock = runlock.hold(loc, name, "raypose tune")
+    lock.__enter__()
+    try:
+        return _run_sweep_locked(cfg, space, space_path, name, loc, exp, samples, max_concurrent,
+                                 resume, study_url, address)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_sweep_locked(cfg, space, space_path, name, loc, exp, samples, max_concurrent, resume,
+                      study_url, address) -> dict:
+    from raypose.driver import check_resources, check_state_api, init_ray, run_interruptible
+
     init_ray(address, command="tune")
     check_state_api(sweep=True)
     capacity = check_resources(

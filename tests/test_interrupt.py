@@ -28,7 +28,10 @@ class Raypose:
 
     def __init__(self, *args, env=None):
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "raypose.cli", *args], env=env,
+        # -X faulthandler: a process that does not stop is sent SIGABRT, which prints where each
+        # of its threads was
+        self.proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "raypose.cli",
+                                      *args], env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         os.set_blocking(self.proc.stdout.fileno(), False)
@@ -58,6 +61,10 @@ class Raypose:
         start = time.time()
         try:
             self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGABRT)
+            time.sleep(2)
+            raise AssertionError(f"still running 60 s after the signal:\n{self.read()[-12000:]}")
         finally:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -80,6 +87,14 @@ def test_a_run_stops_mid_epoch_and_resumes_from_its_last_recorded_epoch(tiny_dat
     run = tmp_path / "runs" / "r"
     train = Raypose(*_train_args(tiny_data, tmp_path / "runs", "r", 200))
     train.wait_for("epoch 3/200", 180)
+    # the same run started again meanwhile is refused in one line, before it starts Ray
+    second = subprocess.run([sys.executable, "-m", "raypose.cli",
+                             *_train_args(tiny_data, tmp_path / "runs", "r", 200)],
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "Ray's own log lines" not in second.stdout  # Ray was never started
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'r' under" in lines[0] and "is already running" in lines[0], lines
     ray_processes = train.descendants()
     assert ray_processes  # the local Ray instance this run started
     took = train.interrupt()
@@ -89,6 +104,7 @@ def test_a_run_stops_mid_epoch_and_resumes_from_its_last_recorded_epoch(tiny_dat
     assert train.out.rstrip().endswith("raypose train: interrupted")
     assert "Traceback" not in train.out
     assert _no_process_left(ray_processes) == []
+    assert not list((tmp_path / "runs" / ".raypose-locks").iterdir())  # the lock was released
     # every checkpoint folder left is one Ray Train recorded; the latest is the one it resumes from
     snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
     folders = sorted(p.name for p in run.glob("epoch_*"))
