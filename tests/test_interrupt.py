@@ -7,6 +7,7 @@ as Ctrl-C in a terminal does."""
 
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -147,13 +148,27 @@ def test_a_run_stops_during_start_up(tiny_data, tmp_path, sig, request):
     assert _no_process_left(ray_processes) == []
 
 
+class Planted:
+    """A pickle whose loading writes a marker file (what an attacker's os.system would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
 @pytest.mark.slow
-def test_a_sweep_stops_and_resumes(tiny_data, tmp_path):
+def test_a_sweep_stops_resumes_and_never_loads_a_planted_pickle(tiny_data, tmp_path):
+    """Ctrl-C mid-sweep; then a pickle planted as Tune's tuner.pkl makes `--resume` refuse in one
+    line (exit 2) without loading it (raypose.seal); with Tune's own file back, the resume runs
+    the trial's remaining epoch."""
     args = ["tune", "--space", SMOKE, "--data", str(tiny_data), "--storage", str(tmp_path / "exp"),
-            "--name", "s", "--samples", "2", "--epochs", "3", "--workers-per-trial", "1",
-            "--max-concurrent", "1", "--set", "data.batch_size=8"]
+            "--name", "s", "--samples", "1", "--epochs", "2", "--workers-per-trial", "1",
+            "--set", "data.batch_size=8"]
+    exp = tmp_path / "exp" / "s"
     sweep = Raypose(*args)
-    sweep.wait_for("epoch 2/3", 240)
+    sweep.wait_for("epoch 1/2", 240)
     ray_processes = sweep.descendants()
     took = sweep.interrupt()
     assert sweep.proc.returncode == 130, sweep.out[-3000:]
@@ -161,13 +176,28 @@ def test_a_sweep_stops_and_resumes(tiny_data, tmp_path):
     assert "sweep s stopped" in sweep.out and "--resume continues it" in sweep.out, sweep.out[-3000:]
     assert "Traceback" not in sweep.out
     assert _no_process_left(ray_processes) == []
-    for run in (tmp_path / "exp" / "s" / "train").iterdir():  # only recorded folders are left
+    for run in (exp / "train").iterdir():  # only recorded folders are left
         record = run / "checkpoint_manager_snapshot.json"
         text = record.read_text() if record.exists() else ""
         assert all(p.name in text for p in run.glob("epoch_*")), run
 
+    marker = tmp_path / "marker"
+    original = (exp / "tuner.pkl").read_bytes()
+    assert (exp / "tuner.pkl.raypose-seal").exists()
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    refused = subprocess.run([sys.executable, "-m", "raypose.cli", *args, "--resume"],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing to read" in lines[0] and "tuner.pkl" in lines[0], lines
+    assert "Ray's own log lines" not in refused.stdout  # refused before Ray started
+    assert not marker.exists()
+
+    (exp / "tuner.pkl").write_bytes(original)
     resumed = subprocess.run([sys.executable, "-m", "raypose.cli", *args, "--resume"],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    best = json.loads((tmp_path / "exp" / "s" / "best.json").read_text())
-    assert len(best["trials"]) == 2
+    assert "epoch 2/2" in resumed.stdout, resumed.stdout[-3000:]
+    best = json.loads((exp / "best.json").read_text())
+    assert len(best["trials"]) == 1 and best["trials"][0]["epochs"] == 2
+    assert not marker.exists()
