@@ -3,7 +3,7 @@
 #   cluster/dev_cluster.sh up [--state-dir DIR] [--dashboard-port 8265] [--s3-port 9000] [--bucket raypose]
 #   eval "$(cluster/dev_cluster.sh env)"
 #   cluster/dev_cluster.sh down
-# All the logic lives in raypose/cluster.py (`raypose cluster --help`).
+# All the logic lives in raypose/cluster/dev.py (`raypose cluster --help`).
 set -eu
 if command -v raypose >/dev/null 2>&1; then
     exec raypose cluster "$@"

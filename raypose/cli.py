@@ -18,16 +18,16 @@ import traceback
 
 # (command path, module, help)
 COMMANDS = [
-    (("data", "synth"), "raypose.synth", "render the synthetic dataset (train.h5, test.h5)"),
-    (("data", "h36m"), "raypose.h36m", "convert a processed Human3.6M tree to raypose HDF5"),
-    (("data", "samples"), "raypose.synth", "write a grid of sample crops from an HDF5 file as PNG"),
-    (("model-summary",), "raypose.model_summary", "print each layer's output shape and the parameter count"),
-    (("train",), "raypose.train", "train on Ray Train (data-parallel workers, CPU or GPU)"),
-    (("tune",), "raypose.tune", "search hyperparameters with Ray Tune + Optuna"),
-    (("evaluate",), "raypose.evaluate", "evaluate the best (or a named) checkpoint on the test split"),
-    (("report",), "raypose.report", "report what a sweep found: learning curves, joint vs pretrain, best settings"),
-    (("bench", "train"), "raypose.bench", "measure samples/s: host feed, device augmentation, plain PyTorch loop, Ray Train loop"),
-    (("cluster",), "raypose.cluster", "start, stop or describe the local dev cluster (Ray head + S3 server)"),
+    (("data", "synth"), "raypose.data.synth", "render the synthetic dataset (train.h5, test.h5)"),
+    (("data", "h36m"), "raypose.data.h36m", "convert a processed Human3.6M tree to raypose HDF5"),
+    (("data", "samples"), "raypose.data.synth", "write a grid of sample crops from an HDF5 file as PNG"),
+    (("model-summary",), "raypose.model.summary", "print each layer's output shape and the parameter count"),
+    (("train",), "raypose.train.run", "train on Ray Train (data-parallel workers, CPU or GPU)"),
+    (("tune",), "raypose.search.sweep", "search hyperparameters with Ray Tune + Optuna"),
+    (("evaluate",), "raypose.evaluation.evaluate", "evaluate the best (or a named) checkpoint on the test split"),
+    (("report",), "raypose.evaluation.report", "report what a sweep found: learning curves, joint vs pretrain, best settings"),
+    (("bench", "train"), "raypose.train.bench", "measure samples/s: host feed, device augmentation, plain PyTorch loop, Ray Train loop"),
+    (("cluster",), "raypose.cluster.dev", "start, stop or describe the local dev cluster (Ray head + S3 server)"),
     (("demo",), "raypose.demo", "the whole chain on this machine: data, sweep, evaluation"),
 ]
 
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     try:
         return args._run(args) or 0
     except KeyboardInterrupt:
-        from raypose.driver import shutdown_ray
+        from raypose.cluster.driver import shutdown_ray
 
         stopped = shutdown_ray()
         print(f"{command}: interrupted", file=sys.stderr, flush=True)

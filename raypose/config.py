@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 MAX_WIDTH = 65536
 MAX_LRN_WINDOW = 95  # a window wider than twice the 48 x 48 LRN map adds nothing
 
-# The network's fixed shapes (raypose.model, which needs torch; this module does not), for the
+# The network's fixed shapes (raypose.model.network, which needs torch; this module does not), for the
 # memory estimate below. tests/test_guards.py holds them against the model itself.
 TRUNK_PARAMETERS = (3 * 9 * 9 + 1) * 32 + (32 * 5 * 5 + 1) * 64 + (64 * 5 * 5 + 1) * 64
 TRUNK_FEATURES = 64 * 10 * 10
@@ -76,7 +76,7 @@ def set_workers(cfg, text, flag: str, sources: dict) -> None:
 
 @dataclass
 class ModelConfig:
-    """The network's settings (raypose.model); here so that config stays free of torch."""
+    """The network's settings (raypose.model.network); here so that config stays free of torch."""
 
     lrn_alpha: float = 0.0025  # paper value
     lrn_beta: float = 0.75  # paper value
@@ -88,7 +88,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "data/synth"  # directory holding train.h5 and test.h5, or s3://... (raypose.datacache)
+    path: str = "data/synth"  # directory holding train.h5 and test.h5, or s3://... (raypose.data.cache)
     val_subjects: list = field(default_factory=lambda: ["S8"])  # held out of train.h5 for validation
     batch_size: int = 64  # per worker
     augment: bool = True  # random 112 crop, PCA colour noise, left/right flip
@@ -98,7 +98,7 @@ class DataConfig:
     max_val_samples: int = 0
     # training samples per epoch (0 = the whole training split): epochs take consecutive slices
     # of one shuffled pass, so a run of a few short epochs sees new samples in each
-    # (raypose.dataset.epoch_positions)
+    # (raypose.data.dataset.epoch_positions)
     epoch_samples: int = 0
 
 
@@ -117,7 +117,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     # constant: lr throughout; cosine: the rate falls from lr to 0 along a half cosine over each
     # stage's epochs (the joint schedule's, or each stage of the pretrain schedule), set before
-    # every step. raypose/loop.py: lr_factor; measured in README, "Training".
+    # every step. raypose/train/loop.py: lr_factor; measured in README, "Training".
     lr_schedule: str = "constant"
 
 
@@ -306,7 +306,7 @@ def training_heads(cfg: Config) -> tuple:
 
 
 def parameter_count(model: ModelConfig, heads=("regression", "detection")) -> int:
-    """The parameters of raypose.model.LiChanNet with these heads, from the widths alone."""
+    """The parameters of raypose.model.network.LiChanNet with these heads, from the widths alone."""
     f1, f2 = model.fc1_width, model.fc2_width
     total = TRUNK_PARAMETERS
     for head in heads:

@@ -286,7 +286,7 @@ class SweepProgressState:
 
     def started(self, trial_id: str, params: dict) -> None:
         n = self.number(trial_id)
-        from raypose.tune import format_value  # the sweep summary's format for parameter values
+        from raypose.search.sweep import format_value  # the sweep summary's format for parameter values
 
         shown = " ".join(f"{k}={format_value(v)}" for k, v in params.items())
         self._print(f"{PREFIX} trial {n}/{self.total} {trial_id} started: {shown}")

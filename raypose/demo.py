@@ -74,7 +74,8 @@ def demo_config(args, data: Path) -> Config:
 
 def check_inputs(args, cfg: Config) -> None:
     """The demo's paths and the Ray address, checked before any data is rendered."""
-    from raypose import storage, validate
+    from raypose import validate
+    from raypose import storage
 
     validate.output_dir(args.root, "--root")
     data = Path(args.root) / "data"
@@ -94,7 +95,7 @@ def check_inputs(args, cfg: Config) -> None:
 def demo_split(n_train: int, cfg: Config) -> tuple:
     """(validation subjects without a sample, training samples) of the train.h5 that
     `--train n_train` renders: synth spreads the samples evenly over its training subjects."""
-    from raypose.synth import TRAIN_SUBJECTS, subject_counts
+    from raypose.data.synth import TRAIN_SUBJECTS, subject_counts
 
     counts = subject_counts(n_train, TRAIN_SUBJECTS)
     empty = [s for s in cfg.data.val_subjects if counts.get(s, 0) == 0]
@@ -105,7 +106,7 @@ def check_render(args, cfg: Config) -> None:
     """The data that --train would render, checked before it is rendered: every validation
     subject gets a sample, and the training split fills an epoch (--epoch-samples, or a batch
     per worker). ConfigError naming --train and the smallest value that works."""
-    from raypose.synth import TRAIN_SUBJECTS
+    from raypose.data.synth import TRAIN_SUBJECTS
 
     foreign = [s for s in cfg.data.val_subjects if s not in TRAIN_SUBJECTS]
     if foreign:  # no --train would render them
@@ -142,8 +143,10 @@ def check_render(args, cfg: Config) -> None:
 
 
 def run(args) -> int:
-    from raypose import evaluate, synth, tune
-    from raypose.search_space import load_space
+    from raypose.evaluation import evaluate
+    from raypose.data import synth
+    from raypose.search import sweep as tune
+    from raypose.search.space import load_space
 
     start = time.perf_counter()
     data = Path(args.root) / "data"

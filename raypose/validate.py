@@ -134,7 +134,7 @@ def existing_dir(path, where: str, what: str = "folder") -> Path:
 
 
 def data_location(path, where: str):
-    """--data: an object-storage URI (checked for its form here; raypose.datacache reads its
+    """--data: an object-storage URI (checked for its form here; raypose.data.cache reads its
     manifest before any work) or an existing local folder."""
     text = str(path)
     if "://" in text:

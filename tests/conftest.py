@@ -66,7 +66,7 @@ def ray_cluster(head_args: dict, node_args=(), **init_kwargs):
 def free_port() -> int:
     """A free loopback port outside Ray's worker port range (a server there would collide with
     a Ray worker started later)."""
-    from raypose.cluster import RAY_WORKER_PORTS
+    from raypose.cluster.dev import RAY_WORKER_PORTS
 
     while True:
         with socket.socket() as s:
@@ -141,7 +141,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """A small synthetic dataset (train.h5 with the validation subject S8, test.h5), made once."""
-    from raypose.synth import synthesize
+    from raypose.data.synth import synthesize
 
     d = tmp_path_factory.mktemp("tiny_data")
     synthesize(str(d), 100, 40, seed=0, progress=False)

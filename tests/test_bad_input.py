@@ -88,17 +88,17 @@ def _write_yaml_bytes(path: Path, data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from raypose.synth import synthesize
+    from raypose.data.synth import synthesize
 
     # imported here, not timed in the cases: torch, h5py, botocore and Ray's Python modules (which
     # train's resume check imports without starting anything) take seconds to import
     import ray.train  # noqa: F401
-    import raypose.bench  # noqa: F401
+    import raypose.train.bench  # noqa: F401
     import raypose.demo  # noqa: F401
-    import raypose.evaluate  # noqa: F401
-    import raypose.report  # noqa: F401
-    import raypose.train  # noqa: F401
-    import raypose.tune  # noqa: F401
+    import raypose.evaluation.evaluate  # noqa: F401
+    import raypose.evaluation.report  # noqa: F401
+    import raypose.train.run  # noqa: F401
+    import raypose.search.sweep  # noqa: F401
 
     root = tmp_path_factory.mktemp("bad_input")
     p = {"root": str(root)}

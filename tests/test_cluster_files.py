@@ -105,7 +105,7 @@ def test_rayjob_runs_an_existing_entrypoint_with_flags_tune_accepts():
     assert words[1] == "jobs/tune.py"
     args = words[2:]
     assert (REPO / args[args.index("--space") + 1]).is_file()
-    if (REPO / "raypose" / "tune.py").is_file():
+    if (REPO / "raypose" / "search" / "sweep.py").is_file():
         from raypose.cli import build_parser
 
         parsed = build_parser(["tune"]).parse_args(["tune", *args])  # SystemExit on an unknown flag

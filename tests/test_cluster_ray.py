@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from raypose.driver import preflight
-from raypose.train import build_trainer
+from raypose.cluster.driver import preflight
+from raypose.train.run import build_trainer
 from tests.conftest import free_port, ray_cluster, tiny_config, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,9 +183,9 @@ def test_sweep_trial_lost_with_its_node_is_retried_from_its_checkpoint(tiny_data
                                                                       monkeypatch):
     import optuna
 
-    from raypose.tune import run_sweep
+    from raypose.search.sweep import run_sweep
 
-    # The head has too little memory for a trial's Tune function (raypose.tune reserves 768 MiB
+    # The head has too little memory for a trial's Tune function (raypose.search.sweep reserves 768 MiB
     # for it), so every trial driver runs on the other node, and killing that node loses the trial
     with ray_cluster({"num_cpus": 1, "memory": 256 * 1024**2},
                      [{"num_cpus": 1, "memory": 4 * 1024**3}],
@@ -487,7 +487,7 @@ def test_wait_for_the_autoscaler_gives_up_in_one_line(fake_autoscaling_cluster, 
     assert "scaling.autoscaler_wait_s" in errors[0]
 
 
-# raypose.capacity in this process, by GCS address and by Ray Client
+# raypose.cluster.capacity in this process, by GCS address and by Ray Client
 
 
 def _live_placement_groups(address) -> list:
@@ -504,7 +504,7 @@ def test_check_resources_waits_for_the_autoscaler_in_process(fake_autoscaling_cl
                                                              tmp_path, capsys, monkeypatch,
                                                              client, group):
     """group: ask the way raypose asks on Ray before 2.54, with a placement group."""
-    from raypose import capacity
+    from raypose.cluster import capacity
 
     monkeypatch.setattr(capacity, "_request_breaks_the_autoscaler", lambda: group)
     cluster = fake_autoscaling_cluster({"gpu_node": {"CPU": 1, "GPU": 1}})
@@ -532,7 +532,7 @@ def test_check_resources_gives_up_on_the_autoscaler_by_ray_client(fake_autoscali
                                                                    tiny_data, tmp_path):
     """Under Ray Client: the request stands while raypose waits, is withdrawn when it gives up,
     and the error is one line with the flags, the ask, what is up and where to look."""
-    from raypose.capacity import ClusterWaitError, check_resources
+    from raypose.cluster.capacity import ClusterWaitError, check_resources
 
     cluster = fake_autoscaling_cluster({"cpu_node": {"CPU": 2}})
     cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__workers=1,
@@ -574,7 +574,7 @@ def test_check_resources_gives_up_on_the_autoscaler_by_ray_client(fake_autoscali
 def test_local_instance_refuses_a_gpu_at_once(ray_local, tiny_data, tmp_path, capsys):
     """Ray started by raypose itself (local=True): no autoscaler, so what does not fit now is
     refused at once, in one line, without waiting or asking anything."""
-    from raypose.capacity import check_resources
+    from raypose.cluster.capacity import check_resources
     from raypose.config import ConfigError
 
     cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__workers=1,
@@ -604,13 +604,13 @@ def test_local_instance_refuses_a_gpu_at_once(ray_local, tiny_data, tmp_path, ca
     ({"CPU": 0.0}, {"CPU": 1.0}, 0),                          # a head without CPUs
 ])
 def test_workers_that_fit_on_a_node(node, bundle, expected):
-    from raypose.capacity import fits
+    from raypose.cluster.capacity import fits
 
     assert fits(node, bundle) == expected
 
 
 def test_brief_shows_what_a_person_asks_for():
-    from raypose.capacity import brief
+    from raypose.cluster.capacity import brief
 
     assert brief({"memory": 1e9, "object_store_memory": 1e9, "node:__internal_head__": 1.0,
                   "node:10.0.0.1": 1.0, "accelerator_type:H100": 1.0, "GPU": 1.0, "CPU": 2.0,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from raypose import console
-from raypose.tune import METRIC, judged
+from raypose.search.sweep import METRIC, judged
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 config.json, state.json or manifest.json is malformed gives `raypose evaluate` one line naming the
 checkpoint and the file, exit code 2, with storage and --out untouched; and the checkpoint's
 config is checked (every Config check, the machine's memory included) before its weights are
-loaded. No Ray: the checkpoints are written with raypose.checkpoint.save from a small model."""
+loaded. No Ray: the checkpoints are written with raypose.storage.checkpoint.save from a small model."""
 
 import json
 import uuid
@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from raypose import checkpoint, evaluate
-from raypose.checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, STATE_FILE
+from raypose.storage import checkpoint
+from raypose.evaluation import evaluate
+from raypose.storage.checkpoint import CONFIG_FILE, MANIFEST_FILE, MODEL_FILE, STATE_FILE
 from raypose.cli import main as cli_main
 from raypose.config import Config
-from raypose.loop import build_model, build_optimizer
+from raypose.train.loop import build_model, build_optimizer
 
 GIB = 1024 ** 3
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from raypose import datacache
+from raypose.data import cache as datacache
 from raypose.cli import main
-from raypose.tune import run_sweep
+from raypose.search.sweep import run_sweep
 from tests.conftest import tiny_config  # at import time: importing conftest resets AWS variables
 from tests.test_datacache import NOTHING_DOWNLOADED, cache, data_uri, proxy, sizes  # noqa: F401
 

@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 import h5py
 import pytest
 
-from raypose import datacache
-from raypose.datacache import DataCacheError, local_data_dir
+from raypose.data import cache as datacache
+from raypose.data.cache import DataCacheError, local_data_dir
 from tests.counting_proxy import CountingProxy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_a_new_manifest_replaces_the_cached_file(data_uri, proxy, cache, tmp_pat
     assert (folder / "test.h5").read_bytes() == (other / "test.h5").read_bytes()
 
 
-FETCH = ("import sys; from raypose.datacache import local_data_dir; "
+FETCH = ("import sys; from raypose.data.cache import local_data_dir; "
          "print('folder', local_data_dir(sys.argv[1], ('train.h5',)), flush=True)")
 
 

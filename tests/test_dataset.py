@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from raypose.dataset import (CENTRE_OFFSET, CROP_SIZE, IMAGE_MEAN, IMAGE_STD, MAX_OFFSET,
+from raypose.data.dataset import (CENTRE_OFFSET, CROP_SIZE, IMAGE_MEAN, IMAGE_STD, MAX_OFFSET,
                              PoseDataset, augmentation_draws, detection_targets, epoch_order,
                              epoch_positions, iterate_batches, shard_positions)
-from raypose.h5schema import KEYS, DataError, write_split
-from raypose.skeleton import H36M_SKELETON, OFFSET_SCALE_MM, parent_relative
+from raypose.data.schema import KEYS, DataError, write_split
+from raypose.data.skeleton import H36M_SKELETON, OFFSET_SCALE_MM, parent_relative
 
 N = 12
 
@@ -58,7 +58,7 @@ def pixels(image: torch.Tensor) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------
 # the numpy reference of a training batch: per-sample loops, written for reading, not for speed.
-# Training uses raypose.dataset.augment_batch (torch, on the device); the two must agree.
+# Training uses raypose.data.dataset.augment_batch (torch, on the device); the two must agree.
 
 
 def flip_sample(image, joints_2d, joints_3d, skeleton=H36M_SKELETON):
@@ -224,9 +224,9 @@ def test_epoch_samples_take_new_samples_each_epoch():
 
 
 def test_training_epochs_follow_epoch_samples(data_file):
-    # the training loop's batches (raypose.loop.epoch_batches) read the config's epoch_samples
+    # the training loop's batches (raypose.train.loop.epoch_batches) read the config's epoch_samples
     from raypose.config import Config
-    from raypose.loop import epoch_batches
+    from raypose.train.loop import epoch_batches
 
     cfg = Config()
     cfg.data.batch_size, cfg.data.epoch_samples = 2, 4  # 3 epochs per pass over N = 12
@@ -410,7 +410,7 @@ def test_training_crops_keep_every_joint_synthetic(tiny_data):
 
 
 def test_training_crops_keep_every_joint_h36m(tmp_path):
-    from raypose.h36m import convert
+    from raypose.data.h36m import convert
     from tests.test_h36m import CAM_A, CAM_B, write_sequence
 
     root = tmp_path / "processed"
@@ -425,7 +425,7 @@ def test_training_crops_keep_every_joint_h36m(tmp_path):
 
 
 def test_crop_offsets_by_hand():
-    from raypose.dataset import crop_offsets
+    from raypose.data.dataset import crop_offsets
 
     joints = torch.zeros((4, 17, 2))
     joints[0] = torch.tensor([10.5, 20.0])  # everything at one point: 0..10 in x, 0..16 in y
@@ -545,7 +545,7 @@ def _split_folder(tmp_path, test_skeleton=H36M_SKELETON):
 
 
 def test_test_split_with_another_skeleton_is_refused_naming_both_files(tmp_path):
-    from raypose.skeleton import Skeleton
+    from raypose.data.skeleton import Skeleton
 
     # the same joints with left and right swapped in the stored order
     names = list(H36M_SKELETON.names)
@@ -579,8 +579,8 @@ def test_validation_selection_is_checked_against_the_summary_it_is_opened_with(t
     import json
 
     from raypose.config import Config
-    from raypose.h5schema import validate_file
-    from raypose.loop import open_splits
+    from raypose.data.schema import validate_file
+    from raypose.train.loop import open_splits
 
     train, _ = _split_folder(tmp_path)
     info = validate_file(train)  # as the driver summarises train.h5 for every worker

@@ -53,7 +53,7 @@ def _split_counts(path) -> dict:
 
 def test_subject_counts_are_those_synthesize_writes(tiny_data, tmp_path):
     """demo's check predicts the split from synth.subject_counts; the files say the same."""
-    from raypose.synth import TEST_SUBJECTS, TRAIN_SUBJECTS, subject_counts, synthesize
+    from raypose.data.synth import TEST_SUBJECTS, TRAIN_SUBJECTS, subject_counts, synthesize
 
     assert _split_counts(tiny_data / "train.h5") == subject_counts(100, TRAIN_SUBJECTS)
     assert _split_counts(tiny_data / "test.h5") == subject_counts(40, TEST_SUBJECTS)
@@ -76,7 +76,7 @@ def test_demo_names_the_smallest_train_that_works(flags, culprit, smallest, tmp_
 
     from raypose.config import Config, ConfigError
     from raypose.demo import check_render
-    from raypose.synth import synthesize
+    from raypose.data.synth import synthesize
 
     args = _demo_args(**flags)
     with pytest.raises(ConfigError) as err:

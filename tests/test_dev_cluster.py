@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from raypose import cluster
+from raypose.cluster import dev as cluster
 from raypose.cli import main
 
 from tests.conftest import free_port

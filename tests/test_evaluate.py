@@ -3,7 +3,7 @@ through s3fs exactly as AWS would be.  One tiny Ray Train run per module makes t
 evaluation itself runs without Ray.
 
 Checked: report.json / report.md / predictions.npz / PNGs locally and in the bucket, the report's
-numbers against raypose.metrics on the same predictions (and on predictions made here from the
+numbers against raypose.evaluation.metrics on the same predictions (and on predictions made here from the
 checkpoint), real pictures, the experiment path (best.json, with and without the Optuna study
 copy), and one clear error for each kind of bad checkpoint or experiment with storage untouched.
 """
@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from raypose import checkpoint, evaluate
+from raypose.storage import checkpoint
+from raypose.evaluation import evaluate
 from raypose.cli import main as cli_main
-from raypose.evaluate import EvaluationError
+from raypose.evaluation.evaluate import EvaluationError
 from tests.conftest import free_port, tiny_config
 
 BUCKET = "raypose-eval"
@@ -76,7 +77,7 @@ def trained(s3, tiny_data):
     local Ray instance, checkpoints in the bucket; Ray is shut down right after training."""
     import ray
 
-    from raypose.train import run_training
+    from raypose.train.run import run_training
 
     cfg = tiny_config(tiny_data, f"s3://{BUCKET}/exp", name="evalrun", schedule__epochs=2,
                       model__fc1_width=64, model__fc2_width=128)
@@ -205,7 +206,7 @@ def test_report_and_figures_locally_and_in_the_bucket(s3, evaluated):
     # the numbers: every action and joint, all three protocols, finite, MPJPE >= P-MPJPE
     test_actions = set(np.load(out / "predictions.npz")["actions"].tolist())
     assert set(report["per_action"]) == test_actions and len(test_actions) >= 3
-    from raypose.skeleton import H36M_SKELETON
+    from raypose.data.skeleton import H36M_SKELETON
 
     for protocol in ("mpjpe", "p_mpjpe", "n_mpjpe"):
         assert list(report["per_joint"][protocol]) == list(H36M_SKELETON.names)
@@ -262,10 +263,10 @@ def test_picture_check_rejects_blank_images():
 
 
 def test_report_numbers_equal_raypose_metrics(s3, trained, evaluated, tiny_data, tmp_path):
-    from raypose.dataset import PoseDataset
-    from raypose.loop import build_model, predict
-    from raypose.metrics import grouped_report, mean_pose_baseline, mpjpe
-    from raypose.skeleton import H36M_SKELETON
+    from raypose.data.dataset import PoseDataset
+    from raypose.train.loop import build_model, predict
+    from raypose.evaluation.metrics import grouped_report, mean_pose_baseline, mpjpe
+    from raypose.data.skeleton import H36M_SKELETON
 
     report, out = evaluated
     saved = np.load(out / "predictions.npz")
@@ -439,7 +440,7 @@ def test_pickled_objects_are_never_loaded(s3, trained, tmp_path):
 
 
 def write_best(fs, experiment: str, with_trials: bool = True, newer_keys: bool = False) -> dict:
-    """A best.json as raypose.tune.run_sweep writes it, pointing at the trained checkpoint;
+    """A best.json as raypose.search.sweep.run_sweep writes it, pointing at the trained checkpoint;
     newer_keys adds what later sweeps write (trial states, schedules, per-epoch histories, the
     paper-defaults trial and the validation mean-pose baseline)."""
     config = json.loads(fs.cat(f"{CKPT}/config.json"))
@@ -612,7 +613,7 @@ def test_sweep_figures_without_any_history(tmp_path):
 def test_experiment_figures_follow_the_sweep_source(evaluated, tiny_data, tmp_path):
     """write_figures draws sweep_history.png only when there is a history, param_importance.png
     always (with the note when there are no importances), and says so in report['sweep']."""
-    from raypose.dataset import PoseDataset
+    from raypose.data.dataset import PoseDataset
     from raypose import storage
 
     report, out = evaluated
@@ -674,7 +675,7 @@ def _report_for_markdown(per_action: dict, baseline_per_action: dict, overall_ba
 
 
 def test_paper_rows_match_the_converters_action_names():
-    """raypose.h36m names actions after their directories (TakingPhoto, WalkingDog); the paper's
+    """raypose.data.h36m names actions after their directories (TakingPhoto, WalkingDog); the paper's
     table writes "Taking Photo", "Walking Dog".  Both spellings, and the original "Photo" and
     "WalkDog", find the paper's number."""
     multi_task = evaluate.PAPER_RESULTS["DconvMP-HML (multi-task, paper)"]
@@ -722,7 +723,7 @@ def test_per_subject_shows_a_body_larger_than_the_training_bodies():
     """A test subject 10 % larger than every training body, predicted as the training mean pose
     of its own shape: its size reads 1.1x, and the error that is only scale disappears under
     N-MPJPE while MPJPE keeps it."""
-    from raypose.skeleton import H36M_SKELETON
+    from raypose.data.skeleton import H36M_SKELETON
 
     rng = np.random.default_rng(5)
     train = rng.normal(scale=200, size=(40, 17, 3))

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raypose import checkpoint, storage
+from raypose.storage import checkpoint
+from raypose import storage
 from raypose.config import ConfigError
-from raypose.driver import latest_checkpoint, preflight
-from raypose.train import build_trainer
-from raypose.tune import (SWEEP_RECORD, default_study_url, existing_checkpoint, run_sweep,
+from raypose.cluster.driver import latest_checkpoint, preflight
+from raypose.train.run import build_trainer
+from raypose.search.sweep import (SWEEP_RECORD, default_study_url, existing_checkpoint, run_sweep,
                           sweep_record)
 from tests.conftest import tiny_config
 

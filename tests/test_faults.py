@@ -15,10 +15,11 @@ from tcp_proxy import TcpProxy
 def test_s3_outage_during_checkpoint_upload(ray_local, tiny_data, s3_bucket, monkeypatch, tmp_path):
     import s3fs
 
-    from raypose import checkpoint, storage
-    from raypose.evaluate import EvaluationError, evaluate
-    from raypose.driver import latest_checkpoint, preflight
-    from raypose.train import build_trainer
+    from raypose.storage import checkpoint
+    from raypose import storage
+    from raypose.evaluation.evaluate import EvaluationError, evaluate
+    from raypose.cluster.driver import latest_checkpoint, preflight
+    from raypose.train.run import build_trainer
 
     endpoint, bucket = s3_bucket
     proxy = TcpProxy(int(endpoint.rsplit(":", 1)[1]))

@@ -7,9 +7,9 @@ import optuna
 import pytest
 from PIL import Image
 
-from raypose.figures import (joint_error_figure, learning_curves_figure, param_importance_figure,
+from raypose.evaluation.figures import (joint_error_figure, learning_curves_figure, param_importance_figure,
                              param_importances, skeleton_figure, sweep_history_figure)
-from raypose.skeleton import H36M_SKELETON
+from raypose.data.skeleton import H36M_SKELETON
 
 # a standing pose in camera coordinates (mm): x right, y down, z forward
 STANDING = np.array([

@@ -25,7 +25,7 @@ def no_ray(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was about to start")
 
-    monkeypatch.setattr("raypose.train.init_ray", refuse)
+    monkeypatch.setattr("raypose.train.run.init_ray", refuse)
     ray_tmp = tmp_path / "ray"
     ray_tmp.mkdir()
     monkeypatch.setenv("RAY_TMPDIR", str(ray_tmp))
@@ -53,7 +53,7 @@ def _train(data, storage, *extra):
 
 
 def test_tiny_data_has_80_training_samples(tiny_data):
-    from raypose.driver import prepare_data
+    from raypose.cluster.driver import prepare_data
 
     # the numbers the messages below name: S1..S8 with S8 held out for validation
     assert prepare_data(tiny_config(tiny_data, "unused"))["train_samples"] == 80
@@ -90,8 +90,8 @@ def test_epoch_samples_count_as_the_epoch(tiny_data, no_ray, capsys):
 
 
 def test_preflight_takes_one_step_per_epoch_at_the_boundary(tiny_data, tmp_path):
-    from raypose.driver import preflight
-    from raypose.loop import steps_in_epoch
+    from raypose.cluster.driver import preflight
+    from raypose.train.loop import steps_in_epoch
 
     # 2 workers x 40 = the 80 samples: one step each, allowed
     cfg = tiny_config(tiny_data, tmp_path / "storage", data__batch_size=40)
@@ -116,7 +116,7 @@ def test_preflight_takes_one_step_per_epoch_at_the_boundary(tiny_data, tmp_path)
 @pytest.mark.parametrize("fc1, fc2", [(1024, 2048), (64, 128), (3000, 17), (1, 1)])
 @pytest.mark.parametrize("heads", [("regression", "detection"), ("regression",), ("detection",)])
 def test_parameter_estimate_matches_the_model(fc1, fc2, heads):
-    from raypose.model import LiChanNet, count_parameters
+    from raypose.model.network import LiChanNet, count_parameters
 
     cfg = ModelConfig(fc1_width=fc1, fc2_width=fc2)
     model = LiChanNet(cfg, regression="regression" in heads, detection="detection" in heads)
@@ -124,7 +124,7 @@ def test_parameter_estimate_matches_the_model(fc1, fc2, heads):
 
 
 def test_default_model_parameter_count_and_memory_estimate():
-    from raypose.model import LiChanNet, count_parameters
+    from raypose.model.network import LiChanNet, count_parameters
 
     cfg = Config()
     need = training_memory(cfg)
@@ -149,7 +149,7 @@ def test_default_model_parameter_count_and_memory_estimate():
 
 @pytest.mark.parametrize("fc1, fc2", [(1024, 2048), (64, 128), (4096, 512)])
 def test_activation_estimate_matches_what_a_forward_pass_keeps(fc1, fc2):
-    from raypose.model import LiChanNet
+    from raypose.model.network import LiChanNet
 
     torch.manual_seed(0)
     model = LiChanNet(ModelConfig(fc1_width=fc1, fc2_width=fc2)).train()
@@ -278,7 +278,7 @@ def test_a_nan_loss_fails_the_ray_train_run_with_its_line(ray_local, tiny_data, 
 def test_a_sweep_trial_whose_loss_goes_nan_fails_in_optuna(ray_local, tiny_data, tmp_path):
     import optuna
 
-    from raypose.tune import run_sweep
+    from raypose.search.sweep import run_sweep
 
     space = tmp_path / "space.yaml"
     space.write_text("parameters:\n"
@@ -297,7 +297,7 @@ def test_a_sweep_trial_whose_loss_goes_nan_fails_in_optuna(ray_local, tiny_data,
 def test_a_worker_refuses_an_epoch_without_a_step(ray_local, tiny_data, tmp_path):
     # preflight refuses this on the driver; a sweep trial's own batch size reaches the workers
     from raypose import storage
-    from raypose.train import build_trainer
+    from raypose.train.run import build_trainer
 
     cfg = tiny_config(tiny_data, tmp_path / "exp", data__batch_size=41,
                       storage__max_failures=0)  # 2 workers x 41 > the 80 samples

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from raypose import cli
-from raypose.h36m import H36M_17_OF_32, convert
-from raypose.h5schema import DataError, validate_file
+from raypose.data.h36m import H36M_17_OF_32, convert
+from raypose.data.schema import DataError, validate_file
 
 W, H = 200, 160  # frame size
 CAM_A, CAM_B = 54138969, 55011271

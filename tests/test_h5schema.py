@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from raypose.h5schema import (KEYS, SCHEMA_VERSION, DataError, SplitWriter, validate_file,
+from raypose.data.schema import (KEYS, SCHEMA_VERSION, DataError, SplitWriter, validate_file,
                               write_split)
 
 
@@ -207,8 +207,8 @@ def test_non_finite_colour_statistics_are_refused(good_file, key, index, value):
 
 
 def test_summary_holds_the_skeleton_and_skeletons_are_compared(tmp_path, good_file):
-    from raypose.h5schema import check_same_skeleton, read_skeleton
-    from raypose.skeleton import H36M_SKELETON
+    from raypose.data.schema import check_same_skeleton, read_skeleton
+    from raypose.data.skeleton import H36M_SKELETON
 
     info = validate_file(good_file)
     assert info["skeleton"] == {"names": list(H36M_SKELETON.names),

@@ -161,7 +161,7 @@ class Planted:
 @pytest.mark.slow
 def test_a_sweep_stops_resumes_and_never_loads_a_planted_pickle(tiny_data, tmp_path):
     """Ctrl-C mid-sweep; then a pickle planted as Tune's tuner.pkl makes `--resume` refuse in one
-    line (exit 2) without loading it (raypose.seal); with Tune's own file back, the resume runs
+    line (exit 2) without loading it (raypose.storage.seal); with Tune's own file back, the resume runs
     the trial's remaining epoch."""
     args = ["tune", "--space", SMOKE, "--data", str(tiny_data), "--storage", str(tmp_path / "exp"),
             "--name", "s", "--samples", "1", "--epochs", "2", "--workers-per-trial", "1",

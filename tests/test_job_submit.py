@@ -1,6 +1,6 @@
 """Issue 6 end to end: the documented submit path against the local dev cluster, for real.
 
-One dev cluster (`raypose.cluster.up`: `ray start --head` with its dashboard and a moto S3 server on
+One dev cluster (`raypose.cluster.dev.up`: `ray start --head` with its dashboard and a moto S3 server on
 127.0.0.1, token auth on) serves the whole module. Jobs go in through the `ray` CLI with only the
 variables `cluster.env()` gives, the shared cluster/runtime_env.yaml and `--working-dir .`:
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from raypose import cluster
+from raypose.cluster import dev as cluster
 
 from tests.conftest import free_port
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from raypose.config import Config
-from raypose.dataset import iterate_batches
-from raypose.loop import build_model, build_optimizer, open_splits, train_epoch, validate
-from raypose.metrics import mean_pose_baseline
-from raypose.synth import synthesize
+from raypose.data.dataset import iterate_batches
+from raypose.train.loop import build_model, build_optimizer, open_splits, train_epoch, validate
+from raypose.evaluation.metrics import mean_pose_baseline
+from raypose.data.synth import synthesize
 
 STEPS = 125  # x 32 samples: ~10 passes over the 400 training samples, ~1-2 min on 2 CPU cores
 

@@ -1,4 +1,4 @@
-"""The training step (raypose.loop): when bf16 autocast is on, and what it changes (the layers'
+"""The training step (raypose.train.loop): when bf16 autocast is on, and what it changes (the layers'
 compute dtype) and what it keeps (float32 weights, optimiser and losses); a NaN or inf loss
 stops the run."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from raypose.config import Config
-from raypose.loop import (NonFiniteLossError, amp_active, autocast_for, build_model,
+from raypose.train.loop import (NonFiniteLossError, amp_active, autocast_for, build_model,
                           build_optimizer, cpu_has_bf16_instructions, train_epoch)
-from raypose.losses import multitask_loss
+from raypose.model.losses import multitask_loss
 
 CPU = torch.device("cpu")
 
@@ -117,7 +117,7 @@ def test_nan_weights_stop_the_first_step_naming_epoch_step_and_causes():
 
 
 def test_a_huge_learning_rate_stops_the_run_on_tiny_data(tiny_data):
-    from raypose.loop import epoch_batches, open_splits, steps_in_epoch
+    from raypose.train.loop import epoch_batches, open_splits, steps_in_epoch
 
     cfg = Config()
     cfg.data.path = str(tiny_data)

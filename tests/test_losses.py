@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from raypose.losses import detection_loss, multitask_loss, regression_loss
+from raypose.model.losses import detection_loss, multitask_loss, regression_loss
 
 
 def test_regression_loss_hand_computed():

@@ -1,4 +1,4 @@
-"""The learning-rate schedule (raypose.loop: lr_factor, steps_in_epoch, train_epoch): a half cosine
+"""The learning-rate schedule (raypose.train.loop: lr_factor, steps_in_epoch, train_epoch): a half cosine
 over each stage's epochs, set before every step, a function of (epoch, step) alone."""
 
 import math
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from raypose.config import Config, ConfigError, load_config
-from raypose.dataset import PoseDataset
-from raypose.loop import epoch_batches, lr_factor, stage_epochs, steps_in_epoch, train_epoch
+from raypose.data.dataset import PoseDataset
+from raypose.train.loop import epoch_batches, lr_factor, stage_epochs, steps_in_epoch, train_epoch
 
 CPU = torch.device("cpu")
 

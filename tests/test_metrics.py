@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from raypose.metrics import (align, body_size, grouped_report, mean_pose_baseline, mpjpe, n_mpjpe, p_mpjpe,
+from raypose.evaluation.metrics import (align, body_size, grouped_report, mean_pose_baseline, mpjpe, n_mpjpe, p_mpjpe,
                              per_joint_error)
 
 

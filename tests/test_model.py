@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from raypose import cli
 from raypose.config import load_config
-from raypose.model import (LiChanNet, ModelConfig, SpatialLRN, count_parameters,
+from raypose.model.network import (LiChanNet, ModelConfig, SpatialLRN, count_parameters,
                            regression_from_pretrained)
 
 

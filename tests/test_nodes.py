@@ -1,4 +1,4 @@
-"""Per-node checks (raypose.nodes) on a real 2-node Ray cluster (ray.cluster_utils.Cluster, 1 CPU
+"""Per-node checks (raypose.cluster.nodes) on a real 2-node Ray cluster (ray.cluster_utils.Cluster, 1 CPU
 per node), with real files and a real moto S3 server over HTTP.
 
 Both nodes run on this machine and share its file system and network, so a node that cannot see
@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from raypose import nodes, storage
+from raypose.cluster import nodes
+from raypose import storage
 from tests.conftest import free_port, ray_cluster, tiny_config
 
 

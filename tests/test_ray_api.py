@@ -1,8 +1,8 @@
-"""raypose reaches Ray through its public API only; the few names it cannot (raypose.ray_internals)
+"""raypose reaches Ray through its public API only; the few names it cannot (raypose.cluster.ray_internals)
 are checked against the Ray in use here, so a Ray release that changes one fails these tests
 instead of a user's run.
 
-Scans raypose's own source (every module but raypose/ray_internals.py) for Ray names that start
+Scans raypose's own source (every module but raypose/cluster/ray_internals.py) for Ray names that start
 with `_`, `ray.core.generated`, `internal_kv` and Ray names that Ray marks DeveloperAPI."""
 
 import ast
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "raypose"
-ISOLATED = PACKAGE / "ray_internals.py"
+ISOLATED = PACKAGE / "cluster" / "ray_internals.py"
 
 
 def _sources():
@@ -65,13 +65,13 @@ def test_no_developer_api_outside_the_isolated_module():
 
 
 def test_the_isolated_names_are_what_raypose_expects():
-    """Each name of raypose.ray_internals exists in this Ray and still does what raypose relies
-    on; an import that fails here fails the test (raypose.ray_internals has no fallback)."""
+    """Each name of raypose.cluster.ray_internals exists in this Ray and still does what raypose relies
+    on; an import that fails here fails the test (raypose.cluster.ray_internals has no fallback)."""
     import inspect
 
     import ray.train
 
-    from raypose import ray_internals
+    from raypose.cluster import ray_internals
 
     # the file name raypose looks for; test_train_ray checks that a real run writes it
     assert ray_internals.CHECKPOINT_RECORD == "checkpoint_manager_snapshot.json"
@@ -88,8 +88,8 @@ def test_the_isolated_names_are_what_raypose_expects():
 def test_every_run_is_a_torch_trainer(tiny_data, tmp_path):
     from ray.train.torch import TorchTrainer
 
-    from raypose.driver import preflight
-    from raypose.train import build_trainer
+    from raypose.cluster.driver import preflight
+    from raypose.train.run import build_trainer
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tiny_data, tmp_path / "exp")
@@ -101,7 +101,7 @@ def test_every_run_is_a_torch_trainer(tiny_data, tmp_path):
 def test_elastic_groups_follow_the_ray_release(tiny_data, tmp_path, workers):
     """MIN:MAX workers run where Ray Train is elastic and are refused in one line elsewhere."""
     from raypose.config import ConfigError, set_workers
-    from raypose.driver import elastic_supported, preflight
+    from raypose.cluster.driver import elastic_supported, preflight
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tiny_data, tmp_path / "exp")

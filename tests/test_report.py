@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raypose import report
+from raypose.evaluation import report
 from raypose.cli import main as cli_main
 from raypose.config import Config, apply_overrides, load_config
-from raypose.report import SweepReportError
+from raypose.evaluation.report import SweepReportError
 
 PAPER = {"lrn_alpha": 0.0025, "lrn_beta": 0.75, "schedule": "joint", "lambda": 1.0, "lr": 3e-4}
 BASELINE = 250.0
@@ -357,7 +357,7 @@ def test_a_checkpoint_or_nothing_is_not_an_experiment(tmp_path):
     (ckpt / "manifest.json").write_text("{}")
     with pytest.raises(SweepReportError, match="is a checkpoint, not an experiment"):
         report.sweep_report(str(ckpt), str(tmp_path / "out"))
-    from raypose.evaluate import EvaluationError
+    from raypose.evaluation.evaluate import EvaluationError
 
     with pytest.raises(EvaluationError, match="does not exist"):
         report.sweep_report(str(tmp_path / "nowhere"), str(tmp_path / "out"))

@@ -1,4 +1,4 @@
-"""One run or sweep per name (raypose.runlock), on a local folder and on moto S3 over HTTP."""
+"""One run or sweep per name (raypose.storage.runlock), on a local folder and on moto S3 over HTTP."""
 
 import json
 import socket
@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from raypose import runlock, storage
+from raypose.storage import runlock
+from raypose import storage
 
 
 @pytest.fixture(params=["local", "s3"])

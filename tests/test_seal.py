@@ -1,4 +1,4 @@
-"""The sweep's trust boundary (raypose.seal): Tune's pickles are read back only when sealed with
+"""The sweep's trust boundary (raypose.storage.seal): Tune's pickles are read back only when sealed with
 this machine's key; a pickle planted in storage never runs. A real resume that refuses a planted
 tuner.pkl: tests/test_interrupt.py::test_a_sweep_stops_resumes_and_never_loads_a_planted_pickle."""
 
@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raypose import seal, storage
+from raypose.storage import seal
+from raypose import storage
 from raypose.config import ConfigError
 
 KEY = "k" * 40

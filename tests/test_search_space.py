@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from raypose.config import Config, apply_overrides
-from raypose.search_space import SearchSpaceError, load_space, parse_space
+from raypose.search.space import SearchSpaceError, load_space, parse_space
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "search_spaces" / "default.yaml"

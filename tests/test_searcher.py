@@ -1,4 +1,4 @@
-"""raypose.searcher: ASHA and the Optuna study searcher inside a real local Tune run on scripted
+"""raypose.search.searcher: ASHA and the Optuna study searcher inside a real local Tune run on scripted
 results, and the searcher's saved state (JSON, never a pickle) re-opening the study elsewhere."""
 
 import json
@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from raypose.searcher import STUDY_URL_ENV, make_scheduler, make_searcher
+from raypose.search.searcher import STUDY_URL_ENV, make_scheduler, make_searcher
 
 
 def scripted_trial(config):
@@ -57,7 +57,7 @@ def lr_scripted_trial(config):
 
 
 def lr_space():
-    from raypose.search_space import parse_space
+    from raypose.search.space import parse_space
 
     return parse_space({"parameters": {"lr": {"distribution": "loguniform", "low": 1.0e-5,
                                               "high": 1.0e-2}}}, "test space")
@@ -107,7 +107,7 @@ def test_optuna_records_paper_trial_pruned_trials_and_no_detection_epochs(ray_lo
     import optuna
     from ray import tune
 
-    from raypose.search_space import parse_space
+    from raypose.search.space import parse_space
 
     space = parse_space({"parameters": {
         "schedule": {"distribution": "categorical", "choices": ["joint", "pretrain"]},
@@ -247,7 +247,7 @@ class _WritesMarker:
 
 def test_restore_never_unpickles(tmp_path):
     """A searcher state that is a pickle, or JSON of another shape, is refused with ValueError."""
-    from raypose.searcher import StudySearcher
+    from raypose.search.searcher import StudySearcher
 
     searcher = make_searcher(lr_space(), 0, f"sqlite:///{tmp_path / 'optuna.db'}", "s")
     assert isinstance(searcher, StudySearcher)
@@ -348,7 +348,7 @@ def test_study_db_of_another_application_is_refused_and_left_alone(tmp_path, jou
     import optuna
 
     from raypose.config import ConfigError
-    from raypose.searcher import check_study_db
+    from raypose.search.searcher import check_study_db
 
     db = _sqlite(tmp_path / "shop.db", f"PRAGMA journal_mode={journal}",
                  "CREATE TABLE customers (id INTEGER, name TEXT)",
@@ -370,7 +370,7 @@ def test_study_db_of_another_application_is_refused_and_left_alone(tmp_path, jou
 
 def test_study_db_that_is_not_sqlite_is_refused(tmp_path):
     from raypose.config import ConfigError
-    from raypose.searcher import check_study_db
+    from raypose.search.searcher import check_study_db
 
     text = tmp_path / "notes.db"
     text.write_text("my notes, not a database\n")
@@ -393,7 +393,7 @@ def test_study_db_that_is_not_sqlite_is_refused(tmp_path):
 def test_study_db_missing_empty_or_optuna_is_accepted(tmp_path):
     import optuna
 
-    from raypose.searcher import check_study_db
+    from raypose.search.searcher import check_study_db
 
     check_study_db(f"sqlite:///{tmp_path / 'new' / 'optuna.db'}")  # does not exist yet
     empty = tmp_path / "empty.db"

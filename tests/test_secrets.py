@@ -3,7 +3,7 @@ the user's AWS credentials (moto accepts any), and after a train run, a sweep an
 each its own `raypose` process with its own Ray instance, the marker is looked for in every file
 of Ray's temp folder (session logs, the runtime-env agent's log among them), raypose's logs, the
 local study cache, the evaluation's output and every object in the bucket. The key that seals
-the sweep's Tune state (raypose.seal) is a secret too, and is looked for the same way."""
+the sweep's Tune state (raypose.storage.seal) is a secret too, and is looked for the same way."""
 
 import os
 import shutil
@@ -25,7 +25,7 @@ def test_a_marker_secret_appears_in_no_file(tiny_data, s3_bucket, tmp_path):
     endpoint, bucket = s3_bucket
     marker_id = f"AKIDMARKER{uuid.uuid4().hex[:10].upper()}"
     marker_secret = f"raypose-marker-secret-{uuid.uuid4().hex}"
-    marker_seal_key = f"raypose-marker-seal-key-{uuid.uuid4().hex}"  # raypose.seal's key
+    marker_seal_key = f"raypose-marker-seal-key-{uuid.uuid4().hex}"  # raypose.storage.seal's key
     # short: Ray's Unix socket paths under its temp folder are limited to 107 bytes
     ray_tmp = Path(tempfile.mkdtemp(prefix="rp-sec-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_"))}

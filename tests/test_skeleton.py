@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from raypose.skeleton import (H36M_SKELETON, OFFSET_SCALE_MM, Skeleton, from_parent_relative,
+from raypose.data.skeleton import (H36M_SKELETON, OFFSET_SCALE_MM, Skeleton, from_parent_relative,
                               parent_relative, root_relative)
 
 # A standing pose in camera coordinates (mm; x right, y down, z forward), root at (10, 0, 3000).

@@ -30,8 +30,8 @@ parameters:
 def test_two_worker_train_run_on_s3(ray_local, tiny_data, s3_bucket):
     import s3fs
 
-    from raypose import checkpoint
-    from raypose.train import run_training
+    from raypose.storage import checkpoint
+    from raypose.train.run import run_training
 
     endpoint, bucket = s3_bucket
     cfg = tiny_config(tiny_data, f"s3://{bucket}/exp", name="smoke")
@@ -64,8 +64,8 @@ def test_sweep_where_asha_stops_a_trial_then_evaluate(ray_one_cpu, tiny_data, s3
     import optuna
     import s3fs
 
-    from raypose.evaluate import evaluate
-    from raypose.tune import run_sweep
+    from raypose.evaluation.evaluate import evaluate
+    from raypose.search.sweep import run_sweep
 
     endpoint, bucket = s3_bucket
     monkeypatch.setenv("RAYPOSE_LOCAL_DIR", str(tmp_path / "local"))

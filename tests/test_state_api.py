@@ -7,7 +7,7 @@ from conftest import ray_cluster
 
 
 def test_a_single_run_warns_about_a_cluster_without_a_dashboard(capsys):
-    from raypose.driver import check_state_api, state_api_available
+    from raypose.cluster.driver import check_state_api, state_api_available
 
     with ray_cluster({"num_cpus": 1, "include_dashboard": False}):
         assert not state_api_available()
@@ -24,7 +24,7 @@ def test_a_sweep_is_refused_on_a_cluster_without_a_dashboard():
     import pytest
 
     from raypose.config import ConfigError
-    from raypose.driver import check_state_api
+    from raypose.cluster.driver import check_state_api
 
     with ray_cluster({"num_cpus": 1, "include_dashboard": False}):
         with pytest.raises(ConfigError, match=r"no dashboard \(no State API\).*sweep would stall"):
@@ -32,6 +32,6 @@ def test_a_sweep_is_refused_on_a_cluster_without_a_dashboard():
 
 
 def test_the_local_instance_serves_the_state_api(ray_local):
-    from raypose.driver import state_api_available
+    from raypose.cluster.driver import state_api_available
 
     assert state_api_available()

@@ -1,5 +1,5 @@
 """Storage URIs (raypose.storage.parse) and what an experiment's best.json may point at
-(raypose.evaluate.resolve): no Ray, no S3 server; local folders under tmp_path only.
+(raypose.evaluation.evaluate.resolve): no Ray, no S3 server; local folders under tmp_path only.
 
 - a '..' segment is refused in every form of URI, with one line that quotes the URI;
 - file URIs follow RFC 8089: file:///ABS and file://localhost/ABS are local, %-escapes are
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from raypose import cli, storage, validate
+from raypose import cli, validate
+from raypose import storage
 from raypose.storage import Location, StorageError
 
 
@@ -202,7 +203,7 @@ def write_best(exp: Path, checkpoint) -> None:
 ])
 def test_best_json_pointing_outside_its_experiment_is_refused(experiment, checkpoint, tmp_path,
                                                               monkeypatch):
-    from raypose import evaluate
+    from raypose.evaluation import evaluate
 
     tmp = str(tmp_path)
     if isinstance(checkpoint, str):
@@ -223,7 +224,7 @@ def test_best_json_pointing_outside_its_experiment_is_refused(experiment, checkp
 
 
 def test_a_long_checkpoint_value_is_quoted_only_in_part(experiment):
-    from raypose import evaluate
+    from raypose.evaluation import evaluate
 
     checkpoint = "/elsewhere/" + "x" * 100_000
     write_best(experiment, checkpoint)
@@ -254,7 +255,7 @@ def test_a_checkpoint_under_the_experiment_is_taken(experiment, tmp_path, monkey
     if form == "relative-experiment":
         monkeypatch.chdir(tmp_path)
         uri = "sweeps/s1"
-    from raypose import evaluate
+    from raypose.evaluation import evaluate
 
     target = evaluate.resolve(uri)
     assert target["kind"] == "experiment"

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raypose import cli, synth
-from raypose.skeleton import H36M_SKELETON
-from raypose.h5schema import validate_file
+from raypose import cli
+from raypose.data import synth
+from raypose.data.skeleton import H36M_SKELETON
+from raypose.data.schema import validate_file
 
 # a camera whose crop is the image itself around the principal point: crop pixel (64, 64) is the
 # image point (0, 0), 1 crop pixel = 1 image pixel, f = 1000 px
@@ -111,7 +112,7 @@ def test_flipped_sample_looks_like_an_unflipped_one(side_colours):
         scenes["sides_swapped"][:] = False  # as write_synthetic_split does
     out = synth.render_scenes(scenes, bodies, rng)
     images, j2 = out["images"], out["joints_2d"]
-    # the flip augmentation (raypose.dataset.augment_batch): columns reversed, x -> W - x, and
+    # the flip augmentation (raypose.data.dataset.augment_batch): columns reversed, x -> W - x, and
     # left and right joints swapped
     flipped = images[:, :, ::-1]
     f2 = j2[:, H36M_SKELETON.flip_permutation()].copy()
@@ -138,7 +139,7 @@ def test_flipped_sample_looks_like_an_unflipped_one(side_colours):
 
 @pytest.mark.parametrize("side_colours", synth.SIDE_COLOURS)
 def test_files_say_whether_flip_is_honest_and_training_follows(tmp_path, side_colours):
-    from raypose.dataset import PoseDataset
+    from raypose.data.dataset import PoseDataset
 
     out = tmp_path / side_colours
     assert cli.main(["data", "synth", "--out", str(out), "--train", "30", "--test", "10", "--seed", "3",

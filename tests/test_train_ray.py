@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from raypose import checkpoint, storage
+from raypose.storage import checkpoint
+from raypose import storage
 from raypose.config import ConfigError
-from raypose.driver import preflight
-from raypose.train import build_trainer, run_training
+from raypose.cluster.driver import preflight
+from raypose.train.run import build_trainer, run_training
 from tests.conftest import tiny_config
 
 
@@ -93,8 +94,8 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     assert [(r["epoch"], r["stage"]) for r in recorded(log)] == [(1, "detection"), (2, "regression")]
     assert result.metrics["epoch"] == 2
     # Ray Train recorded both checkpoints that raypose's upload function put in place, in the
-    # record that raypose.driver.latest_checkpoint reads
-    from raypose.ray_internals import CHECKPOINT_RECORD
+    # record that raypose.cluster.driver.latest_checkpoint reads
+    from raypose.cluster.ray_internals import CHECKPOINT_RECORD
 
     assert (tmp_path / "exp" / "pre" / CHECKPOINT_RECORD).is_file()
     assert sorted(os.path.basename(c.path) for c, _ in result.best_checkpoints) == [
@@ -198,7 +199,7 @@ def test_gpu_flag_without_gpu_fails_before_workers(tiny_data, tmp_path):
     import ray
     from ray.util.state import list_actors
 
-    from raypose.driver import init_ray
+    from raypose.cluster.driver import init_ray
 
     cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__gpu=True)
     init_ray(num_cpus=2, command="test")

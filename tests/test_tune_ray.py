@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from raypose.tune import run_sweep
+from raypose.search.sweep import run_sweep
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
