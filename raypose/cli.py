@@ -20,14 +20,38 @@ import traceback
 COMMANDS = [
     (("data", "synth"), "raypose.data.synth", "render the synthetic dataset (train.h5, test.h5)"),
     (("data", "h36m"), "raypose.data.h36m", "convert a processed Human3.6M tree to raypose HDF5"),
-    (("data", "samples"), "raypose.data.synth", "write a grid of sample crops from an HDF5 file as PNG"),
-    (("model-summary",), "raypose.model.summary", "print each layer's output shape and the parameter count"),
+    (
+        ("data", "samples"),
+        "raypose.data.synth",
+        "write a grid of sample crops from an HDF5 file as PNG",
+    ),
+    (
+        ("model-summary",),
+        "raypose.model.summary",
+        "print each layer's output shape and the parameter count",
+    ),
     (("train",), "raypose.train.run", "train on Ray Train (data-parallel workers, CPU or GPU)"),
     (("tune",), "raypose.search.sweep", "search hyperparameters with Ray Tune + Optuna"),
-    (("evaluate",), "raypose.evaluation.evaluate", "evaluate the best (or a named) checkpoint on the test split"),
-    (("report",), "raypose.evaluation.report", "report what a sweep found: learning curves, joint vs pretrain, best settings"),
-    (("bench", "train"), "raypose.train.bench", "measure samples/s: host feed, device augmentation, plain PyTorch loop, Ray Train loop"),
-    (("cluster",), "raypose.cluster.dev", "start, stop or describe the local dev cluster (Ray head + S3 server)"),
+    (
+        ("evaluate",),
+        "raypose.evaluation.evaluate",
+        "evaluate the best (or a named) checkpoint on the test split",
+    ),
+    (
+        ("report",),
+        "raypose.evaluation.report",
+        "report what a sweep found: learning curves, joint vs pretrain, best settings",
+    ),
+    (
+        ("bench", "train"),
+        "raypose.train.bench",
+        "measure samples/s: host feed, device augmentation, plain PyTorch loop, Ray Train loop",
+    ),
+    (
+        ("cluster",),
+        "raypose.cluster.dev",
+        "start, stop or describe the local dev cluster (Ray head + S3 server)",
+    ),
     (("demo",), "raypose.demo", "the whole chain on this machine: data, sweep, evaluation"),
 ]
 
@@ -72,17 +96,21 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
         if len(path) == 2:
             if path[0] not in groups:
                 group = top.add_parser(path[0], help=f"{path[0]} commands")
-                groups[path[0]] = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND",
-                                                       required=True)
+                groups[path[0]] = group.add_subparsers(
+                    dest="subcommand", metavar="SUBCOMMAND", required=True
+                )
             subparsers = groups[path[0]]
         sub = subparsers.add_parser(path[-1], help=help_text, description=help_text)
         suffix = "_" + path[-1] if path == ("data", "samples") else ""
-        if list(argv[:len(path)]) == list(path):
+        if list(argv[: len(path)]) == list(path):
             _Lazy(module, "add_arguments" + suffix)(sub)
         if path in VERBOSE_COMMANDS:
-            sub.add_argument("--verbose", action="store_true",
-                             help="also show Ray's and Tune's own log lines (always in the log file "
-                                  "whose path is printed)")
+            sub.add_argument(
+                "--verbose",
+                action="store_true",
+                help="also show Ray's and Tune's own log lines (always in the log file "
+                "whose path is printed)",
+            )
         sub.set_defaults(_run=_Lazy(module, "run" + suffix))
     return parser
 
@@ -90,7 +118,9 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
 def _is_input_error(e: BaseException) -> bool:
     # raypose's own errors (DataError, ConfigError, StorageError, InputError, ...) say what was
     # wrong and where; anything else is a failure of the run or a bug
-    return isinstance(e, (ValueError, RuntimeError, OSError)) and type(e).__module__.startswith("raypose.")
+    return isinstance(e, (ValueError, RuntimeError, OSError)) and type(e).__module__.startswith(
+        "raypose."
+    )
 
 
 def _terminate(signum, frame):
@@ -103,7 +133,9 @@ def main(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if not hasattr(args, "_run"):
         parser.error("no command given; `raypose --help` lists them")
-    command = "raypose " + " ".join(c for c in (args.command, getattr(args, "subcommand", None)) if c)
+    command = "raypose " + " ".join(
+        c for c in (args.command, getattr(args, "subcommand", None)) if c
+    )
     if unknown:  # argparse would blame `raypose`; name the command the flag was given to
         parser.exit(2, f"{command}: error: unrecognized arguments: {' '.join(unknown)}\n")
     debug = os.environ.get("RAYPOSE_DEBUG") == "1"

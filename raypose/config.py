@@ -37,8 +37,15 @@ HEAD_OUTPUTS = {"regression": 17 * 3, "detection": 17 * 100}
 # autocast keeps less): the input, relu(conv1), pool1 with its int64 indices (two floats' worth
 # each), relu(conv2) with the spatial LRN's four intermediates, pool2 with indices, conv3, pool3
 # with indices. Each head adds 3 * fc1_width (relu, dropout mask, dropout) + fc2_width + outputs.
-TRUNK_SAVED_FLOATS = (3 * 112 * 112 + 32 * 104 * 104 + 3 * 32 * 52 * 52 + 5 * 64 * 48 * 48
-                      + 3 * 64 * 24 * 24 + 64 * 20 * 20 + 3 * 64 * 10 * 10)
+TRUNK_SAVED_FLOATS = (
+    3 * 112 * 112
+    + 32 * 104 * 104
+    + 3 * 32 * 52 * 52
+    + 5 * 64 * 48 * 48
+    + 3 * 64 * 24 * 24
+    + 64 * 20 * 20
+    + 3 * 64 * 10 * 10
+)
 # peak activation memory of a step over what the forward pass keeps: the backward pass's
 # gradients of the activations and the forward's short-lived outputs come on top (a float32 step
 # on the CPU peaks at about 1.5 to 1.7 times the kept floats; 2 leaves room)
@@ -57,11 +64,13 @@ def parse_workers(text, flag: str) -> tuple:
     try:
         numbers = (int(low), int(high)) if sep else (int(text), int(text))
     except ValueError:
-        raise ConfigError(f"{flag} must be N or MIN:MAX (whole numbers), "
-                          f"got {shown(text)}") from None
+        raise ConfigError(
+            f"{flag} must be N or MIN:MAX (whole numbers), got {shown(text)}"
+        ) from None
     if numbers[0] < 1 or numbers[0] > numbers[1]:
-        raise ConfigError(f"{flag} must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, "
-                          f"got {shown(text)}")
+        raise ConfigError(
+            f"{flag} must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got {shown(text)}"
+        )
     return (numbers[0] if sep else 0, numbers[1])
 
 
@@ -81,15 +90,21 @@ class ModelConfig:
     lrn_alpha: float = 0.0025  # paper value
     lrn_beta: float = 0.75  # paper value
     lrn_window: int = 5  # square spatial neighbourhood of the LRN
-    dropout: float = 0.25  # probability of dropping a unit after fcr1/fcd1 (author's code keeps 25 %: 0.75)
+    dropout: float = (
+        0.25  # probability of dropping a unit after fcr1/fcd1 (author's code keeps 25 %: 0.75)
+    )
     fc1_width: int = 1024
     fc2_width: int = 2048
 
 
 @dataclass
 class DataConfig:
-    path: str = "data/synth"  # directory holding train.h5 and test.h5, or s3://... (raypose.data.cache)
-    val_subjects: list = field(default_factory=lambda: ["S8"])  # held out of train.h5 for validation
+    path: str = (
+        "data/synth"  # directory holding train.h5 and test.h5, or s3://... (raypose.data.cache)
+    )
+    val_subjects: list = field(
+        default_factory=lambda: ["S8"]
+    )  # held out of train.h5 for validation
     batch_size: int = 64  # per worker
     augment: bool = True  # random 112 crop, PCA colour noise, left/right flip
     color_noise: float = 0.1  # std of the AlexNet PCA colour noise
@@ -192,40 +207,79 @@ class Config:
         checks += [
             (self.scaling.workers >= 1, "scaling.workers", "must be >= 1"),
             (self.scaling.cpus_per_worker >= 1, "scaling.cpus_per_worker", "must be >= 1"),
-            (0 <= self.scaling.min_workers <= self.scaling.workers, "scaling.min_workers",
-             f"must be 0 (fixed) or between 1 and scaling.workers ({self.scaling.workers})"),
-            (self.scaling.placement in ("PACK", "SPREAD"), "scaling.placement", "must be PACK or SPREAD"),
+            (
+                0 <= self.scaling.min_workers <= self.scaling.workers,
+                "scaling.min_workers",
+                f"must be 0 (fixed) or between 1 and scaling.workers ({self.scaling.workers})",
+            ),
+            (
+                self.scaling.placement in ("PACK", "SPREAD"),
+                "scaling.placement",
+                "must be PACK or SPREAD",
+            ),
             (self.scaling.resize_interval_s > 0, "scaling.resize_interval_s", "must be > 0"),
             (self.scaling.autoscaler_wait_s >= 0, "scaling.autoscaler_wait_s", "must be >= 0"),
             (self.schedule.epochs >= 1, "schedule.epochs", "must be >= 1"),
-            (self.schedule.kind in ("joint", "pretrain"), "schedule.kind", "must be joint or pretrain"),
-            (0.0 < self.schedule.pretrain_share < 1.0, "schedule.pretrain_share", "must be in (0, 1)"),
+            (
+                self.schedule.kind in ("joint", "pretrain"),
+                "schedule.kind",
+                "must be joint or pretrain",
+            ),
+            (
+                0.0 < self.schedule.pretrain_share < 1.0,
+                "schedule.pretrain_share",
+                "must be in (0, 1)",
+            ),
             (self.data.path != "", "data.path", "must name a folder"),
             (self.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
             (self.data.color_noise >= 0, "data.color_noise", "must be >= 0"),
             (self.data.max_train_samples >= 0, "data.max_train_samples", "must be >= 0 (0 = all)"),
             (self.data.max_val_samples >= 0, "data.max_val_samples", "must be >= 0 (0 = all)"),
             (self.data.epoch_samples >= 0, "data.epoch_samples", "must be >= 0 (0 = all)"),
-            (len(self.data.val_subjects) >= 1 and all(isinstance(s, str) and s.strip()
-                                                      for s in self.data.val_subjects),
-             "data.val_subjects", "must list at least one subject, e.g. S8"),
+            (
+                len(self.data.val_subjects) >= 1
+                and all(isinstance(s, str) and s.strip() for s in self.data.val_subjects),
+                "data.val_subjects",
+                "must list at least one subject, e.g. S8",
+            ),
             (self.optim.name in ("adam", "sgd"), "optim.name", "must be adam or sgd"),
             (self.optim.lr > 0, "optim.lr", "must be > 0"),
-            (self.optim.lr_schedule in ("cosine", "constant"), "optim.lr_schedule",
-             "must be cosine or constant"),
+            (
+                self.optim.lr_schedule in ("cosine", "constant"),
+                "optim.lr_schedule",
+                "must be cosine or constant",
+            ),
             (0.0 <= self.optim.momentum < 1.0, "optim.momentum", "must be in [0, 1)"),
             (self.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
             (self.loss.detection_weight >= 0, "loss.detection_weight", "must be >= 0"),
             (self.model.lrn_alpha >= 0, "model.lrn_alpha", "must be >= 0"),
             (self.model.lrn_beta >= 0, "model.lrn_beta", "must be >= 0"),
-            (1 <= self.model.lrn_window <= MAX_LRN_WINDOW and self.model.lrn_window % 2 == 1,
-             "model.lrn_window", f"must be an odd integer in [1, {MAX_LRN_WINDOW}]"),
+            (
+                1 <= self.model.lrn_window <= MAX_LRN_WINDOW and self.model.lrn_window % 2 == 1,
+                "model.lrn_window",
+                f"must be an odd integer in [1, {MAX_LRN_WINDOW}]",
+            ),
             (0.0 <= self.model.dropout < 1.0, "model.dropout", "must be in [0, 1)"),
-            (1 <= self.model.fc1_width <= MAX_WIDTH, "model.fc1_width", f"must be in [1, {MAX_WIDTH}]"),
-            (1 <= self.model.fc2_width <= MAX_WIDTH, "model.fc2_width", f"must be in [1, {MAX_WIDTH}]"),
-            (self.storage.uri != "", "storage.uri", "must be a path, file://... or s3://bucket/prefix"),
-            (bool(NAME_PATTERN.fullmatch(name)) and ".." not in name, "storage.name",
-             f"must be {NAME_RULE}"),
+            (
+                1 <= self.model.fc1_width <= MAX_WIDTH,
+                "model.fc1_width",
+                f"must be in [1, {MAX_WIDTH}]",
+            ),
+            (
+                1 <= self.model.fc2_width <= MAX_WIDTH,
+                "model.fc2_width",
+                f"must be in [1, {MAX_WIDTH}]",
+            ),
+            (
+                self.storage.uri != "",
+                "storage.uri",
+                "must be a path, file://... or s3://bucket/prefix",
+            ),
+            (
+                bool(NAME_PATTERN.fullmatch(name)) and ".." not in name,
+                "storage.name",
+                f"must be {NAME_RULE}",
+            ),
             (self.storage.max_failures >= 0, "storage.max_failures", "must be >= 0"),
             (self.storage.keep_checkpoints >= 1, "storage.keep_checkpoints", "must be >= 1"),
             (self.storage.checkpoint_every >= 1, "storage.checkpoint_every", "must be >= 1"),
@@ -233,8 +287,13 @@ class Config:
             (0 <= self.seed < 2**32, "seed", "must be in [0, 2**32)"),
         ]
         if self.schedule.kind == "pretrain":
-            checks.append((self.schedule.epochs >= 2, "schedule.epochs",
-                           "must be >= 2 for the pretrain schedule (one epoch per stage at least)"))
+            checks.append(
+                (
+                    self.schedule.epochs >= 2,
+                    "schedule.epochs",
+                    "must be >= 2 for the pretrain schedule (one epoch per stage at least)",
+                )
+            )
         for ok, key, what in checks:
             if not ok:
                 raise self._error(key, what, sources)
@@ -245,8 +304,7 @@ class Config:
         prefix = f"{source}: " if source else ""
         return ConfigError(f"{prefix}{key} {what}; got {shown(get_value(self, key))}", key=key)
 
-    def check_memory(self, sources: dict | None = None,
-                     memory: int | None = None) -> "Config":
+    def check_memory(self, sources: dict | None = None, memory: int | None = None) -> "Config":
         """Refuses widths and batch sizes whose training_memory estimate exceeds MEMORY_SHARE of
         this machine's physical memory (memory: that many bytes instead), naming the setting that
         weighs most: data.batch_size when the activations outweigh the weights and their state,
@@ -270,14 +328,19 @@ class Config:
 
             key = "model." + max(("fc1_width", "fc2_width"), key=saved)
         gb = 1e9
-        raise self._error(key, (
-            f"is too large for this machine's memory: one training worker would need about "
-            f"{need['total_bytes'] / gb:.1f} GB ({need['parameters']:,} parameters with their "
-            f"gradients and optimizer state: {need['state_bytes'] / gb:.1f} GB; the activations "
-            f"of a batch of {self.data.batch_size}: {need['activation_bytes'] / gb:.1f} GB), more "
-            f"than the {allowed / gb:.1f} GB allowed ({MEMORY_SHARE:.0%} of the machine's "
-            f"{memory / gb:.1f} GB); lower model.fc1_width, model.fc2_width or "
-            "data.batch_size"), sources)
+        raise self._error(
+            key,
+            (
+                f"is too large for this machine's memory: one training worker would need about "
+                f"{need['total_bytes'] / gb:.1f} GB ({need['parameters']:,} parameters with their "
+                f"gradients and optimizer state: {need['state_bytes'] / gb:.1f} GB; the activations "
+                f"of a batch of {self.data.batch_size}: {need['activation_bytes'] / gb:.1f} GB), more "
+                f"than the {allowed / gb:.1f} GB allowed ({MEMORY_SHARE:.0%} of the machine's "
+                f"{memory / gb:.1f} GB); lower model.fc1_width, model.fc2_width or "
+                "data.batch_size"
+            ),
+            sources,
+        )
 
     def worker_range(self) -> tuple:
         """(min, max) Ray Train workers; min == max for a fixed-size group."""
@@ -316,8 +379,9 @@ def parameter_count(model: ModelConfig, heads=("regression", "detection")) -> in
 
 def saved_activation_floats(model: ModelConfig, heads=("regression", "detection")) -> int:
     """Floats per sample that a training forward pass keeps for its backward pass."""
-    return TRUNK_SAVED_FLOATS + sum(3 * model.fc1_width + model.fc2_width + HEAD_OUTPUTS[head]
-                                    for head in heads)
+    return TRUNK_SAVED_FLOATS + sum(
+        3 * model.fc1_width + model.fc2_width + HEAD_OUTPUTS[head] for head in heads
+    )
 
 
 def training_memory(cfg: Config) -> dict:
@@ -334,14 +398,23 @@ def training_memory(cfg: Config) -> dict:
         buffers = 1 if cfg.optim.momentum > 0 else 0
     copies = 2 + buffers + (1 if cfg.scaling.workers > 1 else 0)
     state = 4 * parameters * copies
-    activations = int(4 * ACTIVATION_PEAK_FACTOR * cfg.data.batch_size
-                      * saved_activation_floats(cfg.model, heads))
-    return {"parameters": parameters, "state_bytes": state, "activation_bytes": activations,
-            "total_bytes": state + activations}
+    activations = int(
+        4 * ACTIVATION_PEAK_FACTOR * cfg.data.batch_size * saved_activation_floats(cfg.model, heads)
+    )
+    return {
+        "parameters": parameters,
+        "state_bytes": state,
+        "activation_bytes": activations,
+        "total_bytes": state + activations,
+    }
 
 
-ALIASES = {"lambda": "loss.detection_weight", "epochs": "schedule.epochs",
-           "schedule": "schedule.kind", "workers": "scaling.workers"}
+ALIASES = {
+    "lambda": "loss.detection_weight",
+    "epochs": "schedule.epochs",
+    "schedule": "schedule.kind",
+    "workers": "scaling.workers",
+}
 
 
 def _leaf_paths(obj, prefix=""):
@@ -378,8 +451,10 @@ def resolve_key(obj, key: str, source: str) -> str:
 
 def _coerce(value, default, path: str, source: str):
     def bad():
-        return ConfigError(f"{source}: {path} expects {type(default).__name__}, "
-                           f"got {shown(value)} ({type(value).__name__})")
+        return ConfigError(
+            f"{source}: {path} expects {type(default).__name__}, "
+            f"got {shown(value)} ({type(value).__name__})"
+        )
 
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -450,8 +525,10 @@ def apply_mapping(obj, mapping: dict, source: str, prefix: str = "", sources: di
     """Apply a nested dict (a YAML file's content) with the same checks as --set.
     sources, when given, records {dotted key: source} for Config.validate's messages."""
     if not isinstance(mapping, dict):
-        raise ConfigError(f"{source}: expected a mapping at {prefix or 'the top level'}, "
-                          f"got {type(mapping).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at {prefix or 'the top level'}, "
+            f"got {type(mapping).__name__}"
+        )
     for key, value in mapping.items():
         path = f"{prefix}{key}"
         try:
@@ -467,8 +544,9 @@ def apply_mapping(obj, mapping: dict, source: str, prefix: str = "", sources: di
     return obj
 
 
-def load_config(path=None, overrides=(), base: Config | None = None,
-                sources: dict | None = None) -> Config:
+def load_config(
+    path=None, overrides=(), base: Config | None = None, sources: dict | None = None
+) -> Config:
     """Defaults <- YAML file <- --set overrides, validated.  sources (filled in when given) maps
     each key set here to where it was set, for the caller's own later validate()."""
     from raypose.validate import read_yaml

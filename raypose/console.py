@@ -34,6 +34,11 @@ class _State:
     terminal = None  # the real stdout while quiet() sends everything else to the log
 
 
+def format_value(v) -> str:
+    """A hyperparameter's value as the sweep's lines and tables show it."""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def say(line: str) -> None:
     """One of raypose's own lines, to the terminal even inside quiet()."""
     print(line, file=_State.terminal or sys.stdout, flush=True)
@@ -71,7 +76,10 @@ def quiet():
     _State.terminal = sys.stdout
     route_loggers()
     try:
-        with contextlib.redirect_stdout(_LogStream("stdout")), contextlib.redirect_stderr(_LogStream("stderr")):
+        with (
+            contextlib.redirect_stdout(_LogStream("stdout")),
+            contextlib.redirect_stderr(_LogStream("stderr")),
+        ):
             yield
     finally:
         _State.terminal = None
@@ -145,14 +153,20 @@ def route_loggers() -> None:
         root.addHandler(_file_handler())
     if root.level > logging.INFO:
         root.setLevel(logging.INFO)
-    for name in list(tops) + [n for n in list(logging.root.manager.loggerDict)
-                              if n.startswith(tuple(t + "." for t in tops))]:
+    for name in list(tops) + [
+        n
+        for n in list(logging.root.manager.loggerDict)
+        if n.startswith(tuple(t + "." for t in tops))
+    ]:
         logger = logging.getLogger(name)
         if isinstance(logger, logging.PlaceHolder):
             continue
         # Ray installs its own stderr handlers at import and in ray.init
-        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.StreamHandler)
-                           or getattr(h, "raypose", False)]
+        logger.handlers = [
+            h
+            for h in logger.handlers
+            if not isinstance(h, logging.StreamHandler) or getattr(h, "raypose", False)
+        ]
         if name in tops:
             logger.propagate = True
         elif not logger.propagate and not _has_ours(logger):
@@ -166,8 +180,11 @@ def route_ray_output(command: str) -> None:
     from the workers reach the terminal through a LineRelay."""
     path = open_log(command)
     route_loggers()
-    print(f"{PREFIX} Ray's own log lines: {path}" + ("" if verbose() else " (--verbose shows them here)"),
-          flush=True)
+    print(
+        f"{PREFIX} Ray's own log lines: {path}"
+        + ("" if verbose() else " (--verbose shows them here)"),
+        flush=True,
+    )
 
 
 class LineRelay:
@@ -263,9 +280,21 @@ def duration(seconds: float) -> str:
 class SweepProgressState:
     """The bookkeeping behind the sweep's lines; plain Python, so tests can drive it directly."""
 
-    def __init__(self, total_trials: int, max_epochs: int, metric: str, judged, out=None,
-                 clock=time.monotonic):
-        self.total, self.max_epochs, self.metric, self.judged = total_trials, max_epochs, metric, judged
+    def __init__(
+        self,
+        total_trials: int,
+        max_epochs: int,
+        metric: str,
+        judged,
+        out=None,
+        clock=time.monotonic,
+    ):
+        self.total, self.max_epochs, self.metric, self.judged = (
+            total_trials,
+            max_epochs,
+            metric,
+            judged,
+        )
         self.out, self.clock = out, clock
         self.start = clock()
         self.numbers: dict = {}  # trial id -> 1-based number in start order
@@ -286,8 +315,6 @@ class SweepProgressState:
 
     def started(self, trial_id: str, params: dict) -> None:
         n = self.number(trial_id)
-        from raypose.search.sweep import format_value  # the sweep summary's format for parameter values
-
         shown = " ".join(f"{k}={format_value(v)}" for k, v in params.items())
         self._print(f"{PREFIX} trial {n}/{self.total} {trial_id} started: {shown}")
 
@@ -300,20 +327,28 @@ class SweepProgressState:
         judged = self.judged(result)
         if judged and value is not None and (self.best is None or value < self.best[0]):
             self.best = (value, trial_id)
-        val = f"val_mpjpe {value:.1f} mm" if judged and value is not None else "no regression head yet"
+        val = (
+            f"val_mpjpe {value:.1f} mm"
+            if judged and value is not None
+            else "no regression head yet"
+        )
         base = result.get("val_mean_pose_mpjpe")
-        self._print(f"{PREFIX} trial {self.number(trial_id)}/{self.total} {trial_id} epoch "
-                    f"{epoch}/{result.get('epochs_planned', self.max_epochs)} {result.get('stage', '')}: "
-                    f"loss {result.get('train_loss', float('nan')):.4f}  {val}"
-                    + (f" (mean pose {base:.1f})" if base is not None else "")
-                    + f"  {result.get('samples_per_s', 0.0):.1f} samples/s")
+        self._print(
+            f"{PREFIX} trial {self.number(trial_id)}/{self.total} {trial_id} epoch "
+            f"{epoch}/{result.get('epochs_planned', self.max_epochs)} {result.get('stage', '')}: "
+            f"loss {result.get('train_loss', float('nan')):.4f}  {val}"
+            + (f" (mean pose {base:.1f})" if base is not None else "")
+            + f"  {result.get('samples_per_s', 0.0):.1f} samples/s"
+        )
 
     def ended(self, trial_id: str, how: str, best_value=None) -> None:
         epochs = self.epochs.get(trial_id, 0)
         self.finished[trial_id] = epochs
         best = f", best val_mpjpe {best_value:.1f} mm" if best_value is not None else ""
-        self._print(f"{PREFIX} trial {self.number(trial_id)}/{self.total} {trial_id} {how} after "
-                    f"{epochs} epoch(s){best}")
+        self._print(
+            f"{PREFIX} trial {self.number(trial_id)}/{self.total} {trial_id} {how} after "
+            f"{epochs} epoch(s){best}"
+        )
         self._print(self.progress_line())
 
     def seconds_left(self) -> float | None:
@@ -324,7 +359,9 @@ class SweepProgressState:
         done = sum(self.epochs.values())
         if done == 0:
             return None
-        per_trial = (sum(self.finished.values()) / len(self.finished)) if self.finished else self.max_epochs
+        per_trial = (
+            (sum(self.finished.values()) / len(self.finished)) if self.finished else self.max_epochs
+        )
         running = [t for t in self.epochs if t not in self.finished]
         pending = self.total - len(self.finished) - len(running)
         left = sum(max(per_trial - self.epochs[t], 0.5) for t in running) + pending * per_trial
@@ -333,13 +370,21 @@ class SweepProgressState:
     def progress_line(self) -> str:
         done = len(self.finished)
         running = len([t for t in self.epochs if t not in self.finished])
-        best = (f"best val_mpjpe {self.best[0]:.1f} mm (trial {self.number(self.best[1])})"
-                if self.best else "no judged result yet")
+        best = (
+            f"best val_mpjpe {self.best[0]:.1f} mm (trial {self.number(self.best[1])})"
+            if self.best
+            else "no judged result yet"
+        )
         left = self.seconds_left()
-        eta = "" if done == self.total else (
-            f" · about {duration(left)} left" if left is not None else "")
-        return (f"{PREFIX} sweep {bar(done, self.total)} {done}/{self.total} trials done · "
-                f"{running} running · {best} · {duration(self.clock() - self.start)} so far{eta}")
+        eta = (
+            ""
+            if done == self.total
+            else (f" · about {duration(left)} left" if left is not None else "")
+        )
+        return (
+            f"{PREFIX} sweep {bar(done, self.total)} {done}/{self.total} trials done · "
+            f"{running} running · {best} · {duration(self.clock() - self.start)} so far{eta}"
+        )
 
 
 def make_sweep_callback(total_trials: int, max_epochs: int, metric: str, judged, space_names):
@@ -353,8 +398,9 @@ def make_sweep_callback(total_trials: int, max_epochs: int, metric: str, judged,
             state.start = state.clock()  # a resumed sweep estimates from its own restart
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            state.started(trial.trial_id, {k: v for k, v in (trial.config or {}).items()
-                                           if k in space_names})
+            state.started(
+                trial.trial_id, {k: v for k, v in (trial.config or {}).items() if k in space_names}
+            )
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             state.result(trial.trial_id, result)

@@ -15,48 +15,81 @@ import datetime
 import time
 from pathlib import Path
 
+from raypose import console
 from raypose.config import Config, ConfigError, set_value
 
 SPACE = Path(__file__).resolve().parent.parent / "search_spaces" / "smoke.yaml"
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--root", default="runs/demo", help="folder for data, experiments and reports")
-    parser.add_argument("--storage", default=None,
-                        help="experiment storage (default: <root>/experiments; s3://... works too)")
+    parser.add_argument(
+        "--root", default="runs/demo", help="folder for data, experiments and reports"
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="experiment storage (default: <root>/experiments; s3://... works too)",
+    )
     parser.add_argument("--samples", type=int, default=6, help="trials in the sweep")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per trial (at most)")
-    parser.add_argument("--train", type=int, default=8000,
-                        help="synthetic samples in train.h5 (training and validation subjects)")
-    parser.add_argument("--epoch-samples", type=int, default=1600,
-                        help="training samples per epoch, new ones each epoch until a pass over "
-                             "the training split is used up (0: the whole split every epoch)")
-    parser.add_argument("--val-samples", type=int, default=400,
-                        help="validation samples scored after each epoch (0: all)")
+    parser.add_argument(
+        "--train",
+        type=int,
+        default=8000,
+        help="synthetic samples in train.h5 (training and validation subjects)",
+    )
+    parser.add_argument(
+        "--epoch-samples",
+        type=int,
+        default=1600,
+        help="training samples per epoch, new ones each epoch until a pass over "
+        "the training split is used up (0: the whole split every epoch)",
+    )
+    parser.add_argument(
+        "--val-samples",
+        type=int,
+        default=400,
+        help="validation samples scored after each epoch (0: all)",
+    )
     parser.add_argument("--test", type=int, default=300, help="synthetic test samples")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per trial")
-    parser.add_argument("--max-concurrent", type=int, default=None,
-                        help="trials at a time (default: as many as the CPUs fit)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at a time (default: as many as the CPUs fit)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="per worker")
     parser.add_argument("--space", default=str(SPACE), help="search-space YAML")
 
 
 def demo_config(args, data: Path) -> Config:
     """The sweep's base config from the demo's flags; raises ConfigError naming the flag."""
-    for flag, value in (("--samples", args.samples), ("--train", args.train), ("--test", args.test)):
+    for flag, value in (
+        ("--samples", args.samples),
+        ("--train", args.train),
+        ("--test", args.test),
+    ):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1, got {value}")
-    for flag, value in (("--epoch-samples", args.epoch_samples), ("--val-samples", args.val_samples)):
+    for flag, value in (
+        ("--epoch-samples", args.epoch_samples),
+        ("--val-samples", args.val_samples),
+    ):
         if value < 0:
             raise ConfigError(f"{flag} must be >= 0 (0: all), got {value}")
-    if args.epoch_samples > args.train:  # the training split is a part of --train (preflight checks it)
+    if (
+        args.epoch_samples > args.train
+    ):  # the training split is a part of --train (preflight checks it)
         raise ConfigError(f"--epoch-samples {args.epoch_samples} is more than --train {args.train}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     if args.epoch_samples and args.batch_size * args.workers > args.epoch_samples:
-        raise ConfigError(f"--batch-size {args.batch_size} with --workers {args.workers} needs "
-                          f"{args.batch_size * args.workers} samples per epoch, more than "
-                          f"--epoch-samples {args.epoch_samples}: an epoch would take no training step")
+        raise ConfigError(
+            f"--batch-size {args.batch_size} with --workers {args.workers} needs "
+            f"{args.batch_size * args.workers} samples per epoch, more than "
+            f"--epoch-samples {args.epoch_samples}: an epoch would take no training step"
+        )
     cfg = Config()
     set_value(cfg, "data.path", str(data), "--root")
     set_value(cfg, "storage.uri", args.storage or str(Path(args.root) / "experiments"), "--storage")
@@ -66,24 +99,32 @@ def demo_config(args, data: Path) -> Config:
     set_value(cfg, "data.batch_size", args.batch_size, "--batch-size")
     set_value(cfg, "data.epoch_samples", args.epoch_samples, "--epoch-samples")
     set_value(cfg, "data.max_val_samples", args.val_samples, "--val-samples")
-    return cfg.validate({"data.path": "--root", "storage.uri": "--storage",
-                         "schedule.epochs": "--epochs", "scaling.workers": "--workers",
-                         "data.batch_size": "--batch-size", "data.epoch_samples": "--epoch-samples",
-                         "data.max_val_samples": "--val-samples"})
+    return cfg.validate(
+        {
+            "data.path": "--root",
+            "storage.uri": "--storage",
+            "schedule.epochs": "--epochs",
+            "scaling.workers": "--workers",
+            "data.batch_size": "--batch-size",
+            "data.epoch_samples": "--epoch-samples",
+            "data.max_val_samples": "--val-samples",
+        }
+    )
 
 
 def check_inputs(args, cfg: Config) -> None:
     """The demo's paths and the Ray address, checked before any data is rendered."""
-    from raypose import validate
-    from raypose import storage
+    from raypose import storage, validate
 
     validate.output_dir(args.root, "--root")
     data = Path(args.root) / "data"
     validate.output_dir(data, "--root")
     present = [n for n in ("train.h5", "test.h5") if (data / n).exists()]
     if len(present) == 1:  # rendering would replace the one that is there
-        raise validate.InputError(f"--root {args.root}: {data / present[0]} exists without its "
-                                  "other split; remove it or use another --root")
+        raise validate.InputError(
+            f"--root {args.root}: {data / present[0]} exists without its "
+            "other split; remove it or use another --root"
+        )
     loc = storage.parse(cfg.storage.uri)
     if loc.scheme == "s3":
         storage.check_reachable(loc, create=False)
@@ -110,8 +151,10 @@ def check_render(args, cfg: Config) -> None:
 
     foreign = [s for s in cfg.data.val_subjects if s not in TRAIN_SUBJECTS]
     if foreign:  # no --train would render them
-        raise ConfigError(f"data.val_subjects: {', '.join(map(str, foreign))} is not a subject of "
-                          f"the synthetic train.h5 ({', '.join(TRAIN_SUBJECTS)})")
+        raise ConfigError(
+            f"data.val_subjects: {', '.join(map(str, foreign))} is not a subject of "
+            f"the synthetic train.h5 ({', '.join(TRAIN_SUBJECTS)})"
+        )
     per_epoch = args.epoch_samples or args.batch_size * args.workers
 
     def fits(n):
@@ -130,21 +173,29 @@ def check_render(args, cfg: Config) -> None:
         low, high = (low, middle) if fits(middle) else (middle, high)
     need = high
     if empty:
-        why = (f"no sample of the validation subject {', '.join(empty)} (the samples are spread "
-               f"evenly over {', '.join(TRAIN_SUBJECTS)})")
+        why = (
+            f"no sample of the validation subject {', '.join(empty)} (the samples are spread "
+            f"evenly over {', '.join(TRAIN_SUBJECTS)})"
+        )
     elif args.epoch_samples:
-        why = (f"{train} training samples besides the validation subjects', fewer than "
-               f"--epoch-samples {args.epoch_samples}")
+        why = (
+            f"{train} training samples besides the validation subjects', fewer than "
+            f"--epoch-samples {args.epoch_samples}"
+        )
     else:
-        why = (f"{train} training samples besides the validation subjects', fewer than one batch "
-               f"per worker (--batch-size {args.batch_size} x --workers {args.workers})")
-    raise ConfigError(f"--train {args.train}: the synthetic train.h5 would hold {why}; give "
-                      f"--train {need} or more (nothing was written)")
+        why = (
+            f"{train} training samples besides the validation subjects', fewer than one batch "
+            f"per worker (--batch-size {args.batch_size} x --workers {args.workers})"
+        )
+    raise ConfigError(
+        f"--train {args.train}: the synthetic train.h5 would hold {why}; give "
+        f"--train {need} or more (nothing was written)"
+    )
 
 
 def run(args) -> int:
-    from raypose.evaluation import evaluate
     from raypose.data import synth
+    from raypose.evaluation import evaluate
     from raypose.search import sweep as tune
     from raypose.search.space import load_space
 
@@ -161,12 +212,19 @@ def run(args) -> int:
     else:
         print(f"[raypose demo] 1/3 using the synthetic data in {data}", flush=True)
     name = "demo-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    print(f"[raypose demo] 2/3 sweep {name}: {args.samples} trials of up to {args.epochs} epochs, "
-          f"{args.workers} Ray Train worker(s) each, the paper's settings first", flush=True)
+    print(
+        f"[raypose demo] 2/3 sweep {name}: {args.samples} trials of up to {args.epochs} epochs, "
+        f"{args.workers} Ray Train worker(s) each, the paper's settings first",
+        flush=True,
+    )
     try:
-        best = tune.run_sweep(cfg, args.space, name, args.samples, max_concurrent=args.max_concurrent)
+        best = tune.run_sweep(
+            cfg, args.space, name, args.samples, max_concurrent=args.max_concurrent
+        )
         print("[raypose demo] 3/3 evaluating the best checkpoint on the test split", flush=True)
-        report = evaluate.evaluate(best["experiment"], out_dir=str(Path(args.root) / "reports" / name))
+        report = evaluate.evaluate(
+            best["experiment"], out_dir=str(Path(args.root) / "reports" / name)
+        )
     finally:
         import ray
 
@@ -176,11 +234,19 @@ def run(args) -> int:
     paper = best.get("paper_defaults") or {}
     versus_paper = ""
     if paper.get("value"):
-        versus_paper = (f"; on validation {best['value']:.1f} mm against the paper settings' "
-                        f"{paper['value']:.1f} mm ({best['value'] / paper['value']:.2f}x)")
-    print(f"[raypose demo] done in {time.perf_counter() - start:.0f} s. Best trial {best['trial_id']} "
-          f"({', '.join(f'{k}={tune.format_value(v)}' for k, v in best['params'].items())})", flush=True)
-    print(f"[raypose demo] test MPJPE {test:.1f} mm vs mean-pose baseline {baseline:.1f} mm "
-          f"({test / baseline:.2f}x, means over actions){versus_paper}", flush=True)
+        versus_paper = (
+            f"; on validation {best['value']:.1f} mm against the paper settings' "
+            f"{paper['value']:.1f} mm ({best['value'] / paper['value']:.2f}x)"
+        )
+    print(
+        f"[raypose demo] done in {time.perf_counter() - start:.0f} s. Best trial {best['trial_id']} "
+        f"({', '.join(f'{k}={console.format_value(v)}' for k, v in best['params'].items())})",
+        flush=True,
+    )
+    print(
+        f"[raypose demo] test MPJPE {test:.1f} mm vs mean-pose baseline {baseline:.1f} mm "
+        f"({test / baseline:.2f}x, means over actions){versus_paper}",
+        flush=True,
+    )
     print(f"[raypose demo] report: {report['outputs']['local']}/report.md", flush=True)
     return 0

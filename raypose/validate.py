@@ -30,7 +30,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-NAME_RULE = "a letter or digit, then up to 99 letters, digits, '.', '_' or '-' (ASCII), without '..'"
+NAME_RULE = (
+    "a letter or digit, then up to 99 letters, digits, '.', '_' or '-' (ASCII), without '..'"
+)
 
 # timeouts (seconds) and their environment variables; README lists them
 RAY_CONNECT_TIMEOUT = ("RAYPOSE_RAY_CONNECT_TIMEOUT", 5.0)
@@ -85,8 +87,9 @@ def env_seconds(var: str, default: float) -> float:
     except ValueError:
         value = float("nan")
     if not (math.isfinite(value) and value > 0):
-        raise InputError(f"environment variable {var}={shown(raw)} must be a positive number of "
-                         "seconds")
+        raise InputError(
+            f"environment variable {var}={shown(raw)} must be a positive number of seconds"
+        )
     return value
 
 
@@ -133,28 +136,13 @@ def existing_dir(path, where: str, what: str = "folder") -> Path:
     return p
 
 
-def data_location(path, where: str):
-    """--data: an object-storage URI (checked for its form here; raypose.data.cache reads its
-    manifest before any work) or an existing local folder."""
-    text = str(path)
-    if "://" in text:
-        from raypose import storage
-
-        try:
-            loc = storage.parse(text)
-        except (ValueError, RuntimeError) as e:
-            raise InputError(f"{where} {text}: {e}") from None
-        if loc.scheme != "s3" or not loc.path.strip("/"):
-            raise InputError(f"{where} {text}: expected a local folder or s3://bucket/prefix")
-        return text
-    return existing_dir(path, where, "data folder")
-
-
 def output_dir(path, where: str) -> Path:
     """A folder to write into: absent (it will be made) or a folder; nothing on the way may be a file."""
     p = Path(path)
     if p.exists() and not p.is_dir():
-        raise InputError(f"{where} {path}: is a file, expected a folder (or a path that does not exist)")
+        raise InputError(
+            f"{where} {path}: is a file, expected a folder (or a path that does not exist)"
+        )
     for parent in p.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -168,27 +156,15 @@ def output_dir(path, where: str) -> Path:
     return p
 
 
-def storage_location(uri, where: str):
-    """The storage Location of a --storage value; a local one must be a folder or absent."""
-    from raypose import storage
-
-    try:
-        loc = storage.parse(uri)
-    except storage.StorageError as e:
-        raise InputError(f"{where}: {e}") from None
-    if loc.scheme == "file":
-        output_dir(loc.path, where)
-    return loc
-
-
 def refuse_existing(paths, where: str, force: bool) -> None:
     """Outputs that exist are refused unless --force; a folder is never taken for a file."""
     for p in map(Path, paths):
         if p.is_dir():
             raise InputError(f"{where}: {p} is a folder, expected a file (or nothing) there")
         if p.exists() and not force:
-            raise InputError(f"{where}: {p} already exists; pass --force to replace it "
-                             "(nothing was written)")
+            raise InputError(
+                f"{where}: {p} already exists; pass --force to replace it (nothing was written)"
+            )
 
 
 def output_file(path, where: str, force: bool, suffixes=()) -> Path:
@@ -210,8 +186,9 @@ def replace_atomically(target):
     the old one."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}",
-                               dir=target.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}", dir=target.parent
+    )
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -234,14 +211,17 @@ def endpoint_url(url: str, where: str) -> str:
     if "://" not in text:
         raise InputError(f"{where}: not an S3 endpoint URL (no http:// or https://); {expected}")
     if parsed.scheme.lower() not in ("http", "https"):
-        raise InputError(f"{where}: not an S3 endpoint URL (the scheme {shown(parsed.scheme)}); "
-                         f"{expected}")
+        raise InputError(
+            f"{where}: not an S3 endpoint URL (the scheme {shown(parsed.scheme)}); {expected}"
+        )
     try:
         port = parsed.port
     except ValueError:  # not a number, or past 65535
         raw = parsed.netloc.rpartition("@")[2].rpartition(":")[2]
-        raise InputError(f"{where}: port {clipped(raw) if raw.isdigit() else shown(raw)} is not a TCP port "
-                         f"(1 to 65535); {expected}") from None
+        raise InputError(
+            f"{where}: port {clipped(raw) if raw.isdigit() else shown(raw)} is not a TCP port "
+            f"(1 to 65535); {expected}"
+        ) from None
     if port is not None and not 1 <= port <= 65535:
         raise InputError(f"{where}: port {port} is not a TCP port (1 to 65535); {expected}")
     if not parsed.hostname:
@@ -264,12 +244,16 @@ def ray_address(address, where: str):
     text = str(address).strip()
     parsed = urlparse(text if "://" in text else f"gcs://{text}")
     if parsed.scheme in ("http", "https"):
-        raise InputError(f"{where} {text}: an http:// URL is a dashboard / job-server address, "
-                         "which ray.init does not take; give the GCS address HOST:6379 or "
-                         "ray://HOST:10001 (for `ray job submit` set RAY_API_SERVER_ADDRESS instead)")
+        raise InputError(
+            f"{where} {text}: an http:// URL is a dashboard / job-server address, "
+            "which ray.init does not take; give the GCS address HOST:6379 or "
+            "ray://HOST:10001 (for `ray job submit` set RAY_API_SERVER_ADDRESS instead)"
+        )
     if parsed.scheme not in ("gcs", "ray"):
-        raise InputError(f"{where} {text}: unsupported scheme {shown(parsed.scheme)}; expected "
-                         "HOST:PORT, ray://HOST:PORT, auto or local")
+        raise InputError(
+            f"{where} {text}: unsupported scheme {shown(parsed.scheme)}; expected "
+            "HOST:PORT, ray://HOST:PORT, auto or local"
+        )
     try:
         host, port = parsed.hostname, parsed.port
     except ValueError:
@@ -281,16 +265,22 @@ def ray_address(address, where: str):
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             answer = _grpc_greeting(sock)
-    except socket.timeout:
-        raise InputError(f"{where} {text}: {host}:{port} did not answer within {timeout:g} s "
-                         f"({var}); is this the Ray head's GCS port (6379) or Ray Client "
-                         "port (10001)?") from None
+    except TimeoutError:
+        raise InputError(
+            f"{where} {text}: {host}:{port} did not answer within {timeout:g} s "
+            f"({var}); is this the Ray head's GCS port (6379) or Ray Client "
+            "port (10001)?"
+        ) from None
     except OSError as e:
-        raise InputError(f"{where} {text}: cannot reach {host}:{port} ({e.strerror or type(e).__name__}, "
-                         f"waited up to {timeout:g} s, {var}); is the Ray cluster up?") from None
+        raise InputError(
+            f"{where} {text}: cannot reach {host}:{port} ({e.strerror or type(e).__name__}, "
+            f"waited up to {timeout:g} s, {var}); is the Ray cluster up?"
+        ) from None
     if answer is not None:
-        raise InputError(f"{where} {text}: {host}:{port} {answer}; is this the Ray head's GCS "
-                         "port (6379) or Ray Client port (10001)?")
+        raise InputError(
+            f"{where} {text}: {host}:{port} {answer}; is this the Ray head's GCS "
+            "port (6379) or Ray Client port (10001)?"
+        )
     return address
 
 
@@ -360,8 +350,10 @@ def _check_yaml_size(root) -> None:
 
     def too_many():
         through = " through YAML aliases" if aliases else ""
-        return YAMLLimitError(f"it expands to more than {YAML_MAX_NODES} values{through}; a config "
-                              "or search space holds a few hundred at most")
+        return YAMLLimitError(
+            f"it expands to more than {YAML_MAX_NODES} values{through}; a config "
+            "or search space holds a few hundred at most"
+        )
 
     while stack:
         frame = stack[-1]
@@ -376,13 +368,17 @@ def _check_yaml_size(root) -> None:
                     raise too_many()
             continue
         if id(child) in open_ids:
-            raise YAMLLimitError(f"the YAML anchor on line {child.start_mark.line + 1} is used "
-                                 "inside itself (a structure that contains itself)")
+            raise YAMLLimitError(
+                f"the YAML anchor on line {child.start_mark.line + 1} is used "
+                "inside itself (a structure that contains itself)"
+            )
         if id(child) in sizes:  # a node reached again: an alias (*name) to it
             aliases += 1
             if aliases > YAML_MAX_ALIASES:
-                raise YAMLLimitError(f"it uses more than {YAML_MAX_ALIASES} YAML aliases (*name); "
-                                     "write the values out")
+                raise YAMLLimitError(
+                    f"it uses more than {YAML_MAX_ALIASES} YAML aliases (*name); "
+                    "write the values out"
+                )
             frame[2] += sizes[id(child)]
             if frame[2] > YAML_MAX_NODES:
                 raise too_many()
@@ -428,9 +424,11 @@ def read_yaml(path, what: str, error, loader=None):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise error(f"{what} {path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
-                    "save it as UTF-8") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(
+            f"{what} {path}: line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+            "save it as UTF-8"
+        ) from None
     try:
         return load_yaml_text(text, loader)
     except YAMLLimitError as e:

@@ -20,8 +20,11 @@ import pytest
 # environment as it is, which a test may have changed on purpose.
 _SESSION_DIR_ENV = "RAYPOSE_TEST_SESSION_DIR"
 _OWNS_AUTH_DIR = not os.path.isdir(os.environ.get(_SESSION_DIR_ENV, ""))
-_AUTH_DIR = (Path(tempfile.mkdtemp(prefix="raypose-test-auth-")) if _OWNS_AUTH_DIR
-             else Path(os.environ[_SESSION_DIR_ENV]))
+_AUTH_DIR = (
+    Path(tempfile.mkdtemp(prefix="raypose-test-auth-"))
+    if _OWNS_AUTH_DIR
+    else Path(os.environ[_SESSION_DIR_ENV])
+)
 _TOKEN_PATH = _AUTH_DIR / "auth_token"
 if _OWNS_AUTH_DIR:
     os.environ[_SESSION_DIR_ENV] = str(_AUTH_DIR)
@@ -34,8 +37,14 @@ if _OWNS_AUTH_DIR:
     os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
     os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
     # a shell that loaded `raypose cluster env` must not leak its addresses into the tests
-    for _var in ("AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "RAY_ADDRESS",
-                 "RAY_API_SERVER_ADDRESS", "RAYPOSE_STORAGE"):
+    for _var in (
+        "AWS_SESSION_TOKEN",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ENDPOINT_URL",
+        "RAY_ADDRESS",
+        "RAY_API_SERVER_ADDRESS",
+        "RAYPOSE_STORAGE",
+    ):
         os.environ.pop(_var, None)
     os.environ.pop("AWS_PROFILE", None)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -129,9 +138,14 @@ def ray_local():
     # workers import test helpers (scripted Tune functions) from the tests folder
     tests_dir = Path(__file__).resolve().parent
     pythonpath = os.pathsep.join([str(tests_dir.parent), str(tests_dir)])
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True, configure_logging=False,
-             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+        runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+    )
     try:
         yield ray
     finally:

@@ -112,13 +112,20 @@ class TcpProxy:
                     other.sendall(data)
                     if s is client:
                         self.bytes_up += len(data)
-                        if data[:7].split(b" ", 1)[0] in (b"GET", b"PUT", b"POST", b"HEAD",
-                                                          b"DELETE"):
+                        if data[:7].split(b" ", 1)[0] in (
+                            b"GET",
+                            b"PUT",
+                            b"POST",
+                            b"HEAD",
+                            b"DELETE",
+                        ):
                             self.requests.append((time.monotonic(), data.split(b"\r\n", 1)[0]))
                         if self.marker is not None and self.marker in data:
                             self.marker = None
                             self.cut_at = time.monotonic()
-                            threading.Thread(target=self.set_mode, args=("down",), daemon=True).start()
+                            threading.Thread(
+                                target=self.set_mode, args=("down",), daemon=True
+                            ).start()
                             return
         except OSError:
             return

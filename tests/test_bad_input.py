@@ -22,10 +22,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from tcp_proxy import close_listener
 
 from raypose import cli
-from raypose.validate import NAME_PATTERN, check_name, InputError, ray_address
-from tcp_proxy import close_listener
+from raypose.validate import NAME_PATTERN, InputError, check_name, ray_address
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE_SPACE = REPO / "search_spaces" / "smoke.yaml"
@@ -88,17 +88,17 @@ def _write_yaml_bytes(path: Path, data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from raypose.data.synth import synthesize
-
     # imported here, not timed in the cases: torch, h5py, botocore and Ray's Python modules (which
     # train's resume check imports without starting anything) take seconds to import
     import ray.train  # noqa: F401
-    import raypose.train.bench  # noqa: F401
+
     import raypose.demo  # noqa: F401
     import raypose.evaluation.evaluate  # noqa: F401
     import raypose.evaluation.report  # noqa: F401
-    import raypose.train.run  # noqa: F401
     import raypose.search.sweep  # noqa: F401
+    import raypose.train.bench  # noqa: F401
+    import raypose.train.run  # noqa: F401
+    from raypose.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("bad_input")
     p = {"root": str(root)}
@@ -112,9 +112,11 @@ def workspace(tmp_path_factory):
     p["file"] = _write_yaml_bytes(root / "notes.txt", b"just a text file\n")
     p["missing"] = str(root / "does-not-exist")
     p["new"] = str(root / "new-output")
-    p["empty_dir"] = str(root / "empty"); (root / "empty").mkdir()
+    p["empty_dir"] = str(root / "empty")
+    (root / "empty").mkdir()
     # an HDF5 file cut in half: its superblock is intact, the rest is gone
-    trunc = root / "truncated"; trunc.mkdir()
+    trunc = root / "truncated"
+    trunc.mkdir()
     blob = (data / "train.h5").read_bytes()
     (trunc / "train.h5").write_bytes(blob[: len(blob) // 2])
     (trunc / "test.h5").write_bytes(blob[: len(blob) // 2])
@@ -133,18 +135,23 @@ def workspace(tmp_path_factory):
     p["foreign_db"] = str(root / "accounts.db")
     p["png"] = str(root / "samples.png")
     (root / "samples.png").write_bytes(b"\x89PNG\r\n\x1a\n not really, but it exists")
-    p["nonutf8"] = _write_yaml_bytes(root / "latin1.yaml", "optim:\n  name: 'adam'  # r\xe9glage\n"
-                                     .encode("latin-1"))
+    p["nonutf8"] = _write_yaml_bytes(
+        root / "latin1.yaml", "optim:\n  name: 'adam'  # r\xe9glage\n".encode("latin-1")
+    )
     p["badyaml"] = _write_yaml_bytes(root / "bad.yaml", b"optim:\n  lr: 0.1\n   name: adam\n")
     p["unknown_key"] = _write_yaml_bytes(root / "unknown.yaml", b"optim:\n  learning_rate: 0.1\n")
     p["inf_lr"] = _write_yaml_bytes(root / "inf.yaml", b"optim:\n  lr: .inf\n")
-    p["bad_metric"] = _write_yaml_bytes(root / "metric.yaml", SMOKE_SPACE.read_bytes().replace(
-        b"metric: val_mpjpe", b"metric: accuracy"))
-    p["space_nonutf8"] = _write_yaml_bytes(root / "space-latin1.yaml",
-                                           SMOKE_SPACE.read_bytes() + "# \xe9\n".encode("latin-1"))
+    p["bad_metric"] = _write_yaml_bytes(
+        root / "metric.yaml",
+        SMOKE_SPACE.read_bytes().replace(b"metric: val_mpjpe", b"metric: accuracy"),
+    )
+    p["space_nonutf8"] = _write_yaml_bytes(
+        root / "space-latin1.yaml", SMOKE_SPACE.read_bytes() + "# \xe9\n".encode("latin-1")
+    )
     p["space"] = str(SMOKE_SPACE)
     # an experiment folder whose best.json is not JSON, and earlier reports in --out folders
-    exp = root / "experiment"; exp.mkdir()
+    exp = root / "experiment"
+    exp.mkdir()
     (exp / "best.json").write_text("{not json")
     p["exp"] = str(exp)
     # experiments whose best.json names a checkpoint outside them: another folder of this
@@ -157,20 +164,26 @@ def workspace(tmp_path_factory):
     # a billion-laughs config and search space (342 bytes, 9**9 strings once expanded)
     bomb = b'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + b"".join(
         f"{cur}: &{cur} [{','.join([f'*{prev}'] * 9)}]\n".encode()
-        for prev, cur in zip("abcdefgh", "bcdefghi"))
+        for prev, cur in zip("abcdefgh", "bcdefghi")
+    )
     p["bomb"] = _write_yaml_bytes(root / "bomb.yaml", bomb)
-    report = root / "report"; report.mkdir()
+    report = root / "report"
+    report.mkdir()
     (report / "report.json").write_text("{}")
     p["report_dir"] = str(report)
-    sweep_report = root / "sweep-report"; sweep_report.mkdir()
+    sweep_report = root / "sweep-report"
+    sweep_report.mkdir()
     (sweep_report / "sweep_report.md").write_text("# earlier\n")
     p["sweep_report_dir"] = str(sweep_report)
     # a demo root holding only one split: rendering would replace it
-    half = root / "half-demo" / "data"; half.mkdir(parents=True)
+    half = root / "half-demo" / "data"
+    half.mkdir(parents=True)
     (half / "train.h5").write_bytes((data / "train.h5").read_bytes())
     p["half_root"] = str(root / "half-demo")
-    p["h36m_root"] = str(root / "h36m"); (root / "h36m").mkdir()
-    test_only = root / "test-only"; test_only.mkdir()
+    p["h36m_root"] = str(root / "h36m")
+    (root / "h36m").mkdir()
+    test_only = root / "test-only"
+    test_only.mkdir()
     (test_only / "test.h5").write_bytes((data / "test.h5").read_bytes())
     p["test_only"] = str(test_only)
     silent = SilentServer()
@@ -187,8 +200,11 @@ def snapshot(root: str) -> dict:
         for name in files:
             path = Path(dirpath) / name
             stat = path.stat()
-            out[str(path.relative_to(root))] = (stat.st_size, stat.st_mtime_ns,
-                                                hashlib.sha256(path.read_bytes()).hexdigest())
+            out[str(path.relative_to(root))] = (
+                stat.st_size,
+                stat.st_mtime_ns,
+                hashlib.sha256(path.read_bytes()).hexdigest(),
+            )
     return out
 
 
@@ -209,34 +225,98 @@ CASES = [
     ("synth-train-zero", ["data", "synth", "--out", "{new}", "--train", "0"], "--train", {}),
     ("synth-train-not-int", ["data", "synth", "--out", "{new}", "--train", "ten"], "--train", {}),
     ("synth-seed-negative", ["data", "synth", "--out", "{new}", "--seed", "-1"], "--seed", {}),
-    ("synth-unknown-flag", ["data", "synth", "--out", "{new}", "--frames", "3"],
-     "raypose data synth: error: unrecognized arguments: --frames", {}),
+    (
+        "synth-unknown-flag",
+        ["data", "synth", "--out", "{new}", "--frames", "3"],
+        "raypose data synth: error: unrecognized arguments: --frames",
+        {},
+    ),
     ("data-no-subcommand", ["data"], "SUBCOMMAND", {}),
     ("data-unknown-subcommand", ["data", "convert"], "convert", {}),
     # data h36m
     ("h36m-root-missing", ["data", "h36m", "--root", "{missing}", "--out", "{new}"], "--root", {}),
     ("h36m-root-is-file", ["data", "h36m", "--root", "{file}", "--out", "{new}"], "--root", {}),
     ("h36m-no-root", ["data", "h36m", "--out", "{new}"], "--root", {}),
-    ("h36m-existing-dataset", ["data", "h36m", "--root", "{h36m_root}", "--out", "{data}"], "--force", {}),
-    ("h36m-margin-nan", ["data", "h36m", "--root", "{h36m_root}", "--margin", "nan"], "--margin", {}),
-    ("h36m-margin-large", ["data", "h36m", "--root", "{h36m_root}", "--margin", "3"], "--margin", {}),
+    (
+        "h36m-existing-dataset",
+        ["data", "h36m", "--root", "{h36m_root}", "--out", "{data}"],
+        "--force",
+        {},
+    ),
+    (
+        "h36m-margin-nan",
+        ["data", "h36m", "--root", "{h36m_root}", "--margin", "nan"],
+        "--margin",
+        {},
+    ),
+    (
+        "h36m-margin-large",
+        ["data", "h36m", "--root", "{h36m_root}", "--margin", "3"],
+        "--margin",
+        {},
+    ),
     ("h36m-out-is-file", ["data", "h36m", "--root", "{h36m_root}", "--out", "{file}"], "--out", {}),
     # data samples
-    ("samples-data-missing", ["data", "samples", "--data", "{missing}", "--out", "{new}.png"], "--data", {}),
-    ("samples-data-is-folder", ["data", "samples", "--data", "{data}", "--out", "{new}.png"], "--data", {}),
-    ("samples-truncated-h5", ["data", "samples", "--data", "{truncated_h5}", "--out", "{new}.png"],
-     "{truncated_h5}", {}),
-    ("samples-not-hdf5", ["data", "samples", "--data", "{file}", "--out", "{new}.png"], "{file}", {}),
-    ("samples-foreign-h5", ["data", "samples", "--data", "{foreign_h5}", "--out", "{new}.png"],
-     "schema_version", {}),
-    ("samples-existing-png", ["data", "samples", "--data", "{data}/train.h5", "--out", "{png}"], "--force", {}),
-    ("samples-out-is-folder", ["data", "samples", "--data", "{data}/train.h5", "--out", "{empty_dir}"],
-     "--out", {}),
-    ("samples-out-not-png", ["data", "samples", "--data", "{data}/train.h5", "--out", "{new}.jpg"], "--out", {}),
-    ("samples-n-zero", ["data", "samples", "--data", "{data}/train.h5", "--out", "{new}.png", "--n", "0"],
-     "--n", {}),
-    ("samples-scale-huge", ["data", "samples", "--data", "{data}/train.h5", "--out", "{new}.png",
-                            "--scale", "1000"], "--scale", {}),
+    (
+        "samples-data-missing",
+        ["data", "samples", "--data", "{missing}", "--out", "{new}.png"],
+        "--data",
+        {},
+    ),
+    (
+        "samples-data-is-folder",
+        ["data", "samples", "--data", "{data}", "--out", "{new}.png"],
+        "--data",
+        {},
+    ),
+    (
+        "samples-truncated-h5",
+        ["data", "samples", "--data", "{truncated_h5}", "--out", "{new}.png"],
+        "{truncated_h5}",
+        {},
+    ),
+    (
+        "samples-not-hdf5",
+        ["data", "samples", "--data", "{file}", "--out", "{new}.png"],
+        "{file}",
+        {},
+    ),
+    (
+        "samples-foreign-h5",
+        ["data", "samples", "--data", "{foreign_h5}", "--out", "{new}.png"],
+        "schema_version",
+        {},
+    ),
+    (
+        "samples-existing-png",
+        ["data", "samples", "--data", "{data}/train.h5", "--out", "{png}"],
+        "--force",
+        {},
+    ),
+    (
+        "samples-out-is-folder",
+        ["data", "samples", "--data", "{data}/train.h5", "--out", "{empty_dir}"],
+        "--out",
+        {},
+    ),
+    (
+        "samples-out-not-png",
+        ["data", "samples", "--data", "{data}/train.h5", "--out", "{new}.jpg"],
+        "--out",
+        {},
+    ),
+    (
+        "samples-n-zero",
+        ["data", "samples", "--data", "{data}/train.h5", "--out", "{new}.png", "--n", "0"],
+        "--n",
+        {},
+    ),
+    (
+        "samples-scale-huge",
+        ["data", "samples", "--data", "{data}/train.h5", "--out", "{new}.png", "--scale", "1000"],
+        "--scale",
+        {},
+    ),
     # model-summary
     ("summary-zero-width", ["model-summary", "--set", "fc1_width=0"], "fc1_width", {}),
     ("summary-nan-alpha", ["model-summary", "--set", "lrn_alpha=nan"], "lrn_alpha", {}),
@@ -261,12 +341,22 @@ CASES = [
     ("train-no-val-subjects", [*TRAIN, "--set", "val_subjects="], "val_subjects", {}),
     ("train-epoch-samples-negative", [*TRAIN, "--set", "epoch_samples=-1"], "epoch_samples", {}),
     # more per epoch than the training split holds: named with the file, before Ray starts
-    ("train-epoch-samples-over-split", [*TRAIN, "--set", "epoch_samples=100000"],
-     "data.epoch_samples: 100000 is more than the", {}),
+    (
+        "train-epoch-samples-over-split",
+        [*TRAIN, "--set", "epoch_samples=100000"],
+        "data.epoch_samples: 100000 is more than the",
+        {},
+    ),
     # a batch per worker larger than the training split: an epoch without a step
-    ("train-batch-over-split", [*TRAIN, "--set", "batch_size=81"],
-     ("data.batch_size: 81 per worker with 1 worker(s) needs 81 samples per epoch, "
-      "but an epoch has 80"), {}),
+    (
+        "train-batch-over-split",
+        [*TRAIN, "--set", "batch_size=81"],
+        (
+            "data.batch_size: 81 per worker with 1 worker(s) needs 81 samples per epoch, "
+            "but an epoch has 80"
+        ),
+        {},
+    ),
     ("train-weight-decay-nan", [*TRAIN, "--set", "weight_decay=nan"], "weight_decay", {}),
     ("train-epochs-zero", [*TRAIN[:7], "--epochs", "0"], "--epochs", {}),
     ("train-workers-zero", [*TRAIN, "--workers", "0"], "--workers", {}),
@@ -280,46 +370,128 @@ CASES = [
     ("train-config-unknown-key", [*TRAIN, "--config", "{unknown_key}"], "learning_rate", {}),
     ("train-config-inf", [*TRAIN, "--config", "{inf_lr}"], "{inf_lr}", {}),
     ("train-config-alias-bomb", [*TRAIN, "--config", "{bomb}"], "{bomb}: refused: it expands", {}),
-    ("train-set-alias-bomb", [*TRAIN, "--set", "nokey=[&a [x,x,x,x,x,x,x,x,x], " + ", ".join(
-        f"&{c} [{','.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")) + "]"],
-     "--set nokey: refused: it expands", {}),
+    (
+        "train-set-alias-bomb",
+        [
+            *TRAIN,
+            "--set",
+            "nokey=[&a [x,x,x,x,x,x,x,x,x], "
+            + ", ".join(f"&{c} [{','.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi"))
+            + "]",
+        ],
+        "--set nokey: refused: it expands",
+        {},
+    ),
     ("train-set-bad-date", [*TRAIN, "--set", "seed=2024-13-45"], "--set seed", {}),
-    ("train-data-is-file", ["train", "--data", "{file}", "--storage", "{storage}", "--name", "r"],
-     "--data", {}),
-    ("train-data-missing", ["train", "--data", "{missing}", "--storage", "{storage}", "--name", "r"],
-     "--data", {}),
-    ("train-data-empty-folder", ["train", "--data", "{empty_dir}", "--storage", "{storage}",
-                                 "--name", "r"], "train.h5", {}),
-    ("train-data-truncated", ["train", "--data", "{truncated}", "--storage", "{storage}", "--name", "r"],
-     "train.h5", {}),
-    ("train-storage-is-file", ["train", "--data", "{data}", "--storage", "{file}", "--name", "r"],
-     "--storage", {}),
-    ("train-storage-scheme", ["train", "--data", "{data}", "--storage", "ftp://host/x", "--name", "r"],
-     "--storage", {}),
+    (
+        "train-data-is-file",
+        ["train", "--data", "{file}", "--storage", "{storage}", "--name", "r"],
+        "--data",
+        {},
+    ),
+    (
+        "train-data-missing",
+        ["train", "--data", "{missing}", "--storage", "{storage}", "--name", "r"],
+        "--data",
+        {},
+    ),
+    (
+        "train-data-empty-folder",
+        ["train", "--data", "{empty_dir}", "--storage", "{storage}", "--name", "r"],
+        "train.h5",
+        {},
+    ),
+    (
+        "train-data-truncated",
+        ["train", "--data", "{truncated}", "--storage", "{storage}", "--name", "r"],
+        "train.h5",
+        {},
+    ),
+    (
+        "train-storage-is-file",
+        ["train", "--data", "{data}", "--storage", "{file}", "--name", "r"],
+        "--storage",
+        {},
+    ),
+    (
+        "train-storage-scheme",
+        ["train", "--data", "{data}", "--storage", "ftp://host/x", "--name", "r"],
+        "--storage",
+        {},
+    ),
     # --address where nothing listens: were the storage accepted, that check fails, not Ray
-    ("train-storage-dotdot", [*TRAIN[:3], "--storage", "file://{storage}/../elsewhere", "--name", "r",
-                              "--address", "{closed}"], "--storage: storage URI", {}),
-    ("train-storage-file-host", [*TRAIN[:3], "--storage", "file://runs", "--name", "r",
-                                 "--address", "{closed}"], "file:///ABSOLUTE/PATH", {}),
-    ("tune-storage-is-file", ["tune", "--space", "{space}", "--data", "{data}", "--storage", "{file}",
-                              "--name", "s1"], "--storage", {}),
+    (
+        "train-storage-dotdot",
+        [
+            *TRAIN[:3],
+            "--storage",
+            "file://{storage}/../elsewhere",
+            "--name",
+            "r",
+            "--address",
+            "{closed}",
+        ],
+        "--storage: storage URI",
+        {},
+    ),
+    (
+        "train-storage-file-host",
+        [*TRAIN[:3], "--storage", "file://runs", "--name", "r", "--address", "{closed}"],
+        "file:///ABSOLUTE/PATH",
+        {},
+    ),
+    (
+        "tune-storage-is-file",
+        ["tune", "--space", "{space}", "--data", "{data}", "--storage", "{file}", "--name", "s1"],
+        "--storage",
+        {},
+    ),
     ("train-address-http", [*TRAIN, "--address", "http://127.0.0.1:8265"], "--address", {}),
     ("train-address-nothing-listens", [*TRAIN, "--address", "{closed}"], "--address", {}),
-    ("train-address-never-answers", [*TRAIN, "--address", "{silent}"], "did not answer within 1 s", {}),
+    (
+        "train-address-never-answers",
+        [*TRAIN, "--address", "{silent}"],
+        "did not answer within 1 s",
+        {},
+    ),
     ("train-address-garbage", [*TRAIN, "--address", "localhost"], "--address", {}),
     ("train-ray-address-http", TRAIN, "RAY_ADDRESS", {"RAY_ADDRESS": "http://127.0.0.1:8265"}),
-    ("train-ray-timeout-env", [*TRAIN, "--address", "{closed}"], "RAYPOSE_RAY_CONNECT_TIMEOUT",
-     {"RAYPOSE_RAY_CONNECT_TIMEOUT": "soon"}),
-    ("train-s3-never-answers", ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
-     "did not answer within 1 s", S3_SILENT),
-    ("train-s3-nothing-listens", ["train", "--data", "{data}", "--storage", "s3://bucket/runs",
-                                  "--name", "r"], "unreachable", S3_CLOSED),
-    ("train-s3-port-out-of-range", ["train", "--data", "{data}", "--storage", "s3://bucket/runs",
-                                    "--name", "r"], "AWS_ENDPOINT_URL: port 99999", S3_PORT_99999),
-    ("train-s3-timeout-env", ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
-     "RAYPOSE_S3_CHECK_TIMEOUT", {**S3_SILENT, "RAYPOSE_S3_CHECK_TIMEOUT": "-1"}),
-    ("train-s3-outage-env", ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
-     "RAYPOSE_UPLOAD_RETRY_S", {**S3_SILENT, "RAYPOSE_UPLOAD_RETRY_S": "five minutes"}),
+    (
+        "train-ray-timeout-env",
+        [*TRAIN, "--address", "{closed}"],
+        "RAYPOSE_RAY_CONNECT_TIMEOUT",
+        {"RAYPOSE_RAY_CONNECT_TIMEOUT": "soon"},
+    ),
+    (
+        "train-s3-never-answers",
+        ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
+        "did not answer within 1 s",
+        S3_SILENT,
+    ),
+    (
+        "train-s3-nothing-listens",
+        ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
+        "unreachable",
+        S3_CLOSED,
+    ),
+    (
+        "train-s3-port-out-of-range",
+        ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
+        "AWS_ENDPOINT_URL: port 99999",
+        S3_PORT_99999,
+    ),
+    (
+        "train-s3-timeout-env",
+        ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
+        "RAYPOSE_S3_CHECK_TIMEOUT",
+        {**S3_SILENT, "RAYPOSE_S3_CHECK_TIMEOUT": "-1"},
+    ),
+    (
+        "train-s3-outage-env",
+        ["train", "--data", "{data}", "--storage", "s3://bucket/runs", "--name", "r"],
+        "RAYPOSE_UPLOAD_RETRY_S",
+        {**S3_SILENT, "RAYPOSE_UPLOAD_RETRY_S": "five minutes"},
+    ),
     ("train-epochs-not-int", [*TRAIN[:7], "--epochs", "two"], "--epochs", {}),
     # tune
     ("tune-metric-not-reported", [*TUNE[:2], "{bad_metric}", *TUNE[3:]], "metric", {}),
@@ -338,11 +510,40 @@ CASES = [
     ("tune-address-http", [*TUNE, "--address", "https://head:8265"], "--address", {}),
     ("tune-resume-unknown", [*TUNE, "--resume"], "--resume", {}),
     # nothing is made for a resume that is refused: the storage folder stays missing
-    ("tune-resume-missing-storage", ["tune", "--space", "{space}", "--data", "{data}", "--storage",
-                                     "{missing}/sweeps", "--name", "s1", "--resume"], "--resume", {}),
+    (
+        "tune-resume-missing-storage",
+        [
+            "tune",
+            "--space",
+            "{space}",
+            "--data",
+            "{data}",
+            "--storage",
+            "{missing}/sweeps",
+            "--name",
+            "s1",
+            "--resume",
+        ],
+        "--resume",
+        {},
+    ),
     ("tune-foreign-study-db", [*TUNE, "--study-db", "sqlite:///{foreign_db}"], "--study-db", {}),
-    ("tune-data-is-file", ["tune", "--space", "{space}", "--data", "{file}", "--storage", "{storage}",
-                           "--name", "s1"], "--data", {}),
+    (
+        "tune-data-is-file",
+        [
+            "tune",
+            "--space",
+            "{space}",
+            "--data",
+            "{file}",
+            "--storage",
+            "{storage}",
+            "--name",
+            "s1",
+        ],
+        "--data",
+        {},
+    ),
     # evaluate
     ("evaluate-missing", ["evaluate", "{missing}"], "{missing}", {}),
     ("evaluate-out-is-file", ["evaluate", "{exp}", "--out", "{file}"], "--out", {}),
@@ -351,75 +552,174 @@ CASES = [
     ("evaluate-batch-zero", ["evaluate", "{exp}", "--batch-size", "0"], "--batch-size", {}),
     ("evaluate-best-not-json", ["evaluate", "{exp}", "--out", "{new}"], "best.json", {}),
     # the message names best.json by its resolved path: the workspace's may differ (symlinks)
-    ("evaluate-best-outside", ["evaluate", "{exp_outside}", "--out", "{new}"],
-     "is not inside the experiment", {}),
-    ("evaluate-best-dotdot", ["evaluate", "{exp_dotdot}", "--out", "{new}"],
-     "/best.json: checkpoint '../dataset' is not inside the experiment", {}),
+    (
+        "evaluate-best-outside",
+        ["evaluate", "{exp_outside}", "--out", "{new}"],
+        "is not inside the experiment",
+        {},
+    ),
+    (
+        "evaluate-best-dotdot",
+        ["evaluate", "{exp_dotdot}", "--out", "{new}"],
+        "/best.json: checkpoint '../dataset' is not inside the experiment",
+        {},
+    ),
     ("evaluate-file-host", ["evaluate", "file://experiment"], "file:///ABSOLUTE/PATH", {}),
     ("evaluate-no-uri", ["evaluate"], "uri", {}),
-    ("evaluate-s3-never-answers", ["evaluate", "s3://bucket/sweep"], "did not answer within 1 s", S3_SILENT),
+    (
+        "evaluate-s3-never-answers",
+        ["evaluate", "s3://bucket/sweep"],
+        "did not answer within 1 s",
+        S3_SILENT,
+    ),
     ("evaluate-s3-nothing-listens", ["evaluate", "s3://bucket/sweep"], "unreachable", S3_CLOSED),
-    ("evaluate-s3-port-out-of-range", ["evaluate", "s3://bucket/sweep"],
-     "environment variable AWS_ENDPOINT_URL: port 99999 is not a TCP port", S3_PORT_99999),
-    ("evaluate-s3-endpoint-s3-port-out-of-range", ["evaluate", "s3://bucket/sweep"],
-     "environment variable AWS_ENDPOINT_URL_S3: port 70000 is not a TCP port",
-     {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:70000"}),
-    ("evaluate-s3-endpoint-no-scheme", ["evaluate", "s3://bucket/sweep"],
-     "environment variable AWS_ENDPOINT_URL: not an S3 endpoint URL", {"AWS_ENDPOINT_URL": "localhost:9000"}),
+    (
+        "evaluate-s3-port-out-of-range",
+        ["evaluate", "s3://bucket/sweep"],
+        "environment variable AWS_ENDPOINT_URL: port 99999 is not a TCP port",
+        S3_PORT_99999,
+    ),
+    (
+        "evaluate-s3-endpoint-s3-port-out-of-range",
+        ["evaluate", "s3://bucket/sweep"],
+        "environment variable AWS_ENDPOINT_URL_S3: port 70000 is not a TCP port",
+        {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:70000"},
+    ),
+    (
+        "evaluate-s3-endpoint-no-scheme",
+        ["evaluate", "s3://bucket/sweep"],
+        "environment variable AWS_ENDPOINT_URL: not an S3 endpoint URL",
+        {"AWS_ENDPOINT_URL": "localhost:9000"},
+    ),
     # report
     ("report-missing", ["report", "{missing}", "--out", "{new}"], "{missing}", {}),
     ("report-best-not-json", ["report", "{exp}", "--out", "{new}"], "best.json", {}),
     ("report-out-is-file", ["report", "{exp}", "--out", "{file}"], "--out", {}),
     ("report-out-holds-report", ["report", "{exp}", "--out", "{sweep_report_dir}"], "--force", {}),
-    ("report-s3-never-answers", ["report", "s3://bucket/sweep"], "did not answer within 1 s", S3_SILENT),
+    (
+        "report-s3-never-answers",
+        ["report", "s3://bucket/sweep"],
+        "did not answer within 1 s",
+        S3_SILENT,
+    ),
     ("report-s3-nothing-listens", ["report", "s3://bucket/sweep"], "unreachable", S3_CLOSED),
-    ("report-s3-port-out-of-range", ["report", "s3://bucket/sweep"], "AWS_ENDPOINT_URL: port 99999",
-     S3_PORT_99999),
+    (
+        "report-s3-port-out-of-range",
+        ["report", "s3://bucket/sweep"],
+        "AWS_ENDPOINT_URL: port 99999",
+        S3_PORT_99999,
+    ),
     # bench train
-    ("bench-repeats-zero", ["bench", "train", "--data", "{data}", "--repeats", "0"], "--repeats", {}),
+    (
+        "bench-repeats-zero",
+        ["bench", "train", "--data", "{data}", "--repeats", "0"],
+        "--repeats",
+        {},
+    ),
     ("bench-data-is-file", ["bench", "train", "--data", "{file}"], "--data", {}),
     ("bench-data-half-dataset", ["bench", "train", "--data", "{test_only}"], "--data", {}),
     ("bench-device-tpu", ["bench", "train", "--data", "{data}", "--device", "tpu"], "--device", {}),
-    ("bench-batch-zero", ["bench", "train", "--data", "{data}", "--batch-size", "0"], "--batch-size", {}),
+    (
+        "bench-batch-zero",
+        ["bench", "train", "--data", "{data}", "--batch-size", "0"],
+        "--batch-size",
+        {},
+    ),
     ("bench-lr-inf", ["bench", "train", "--data", "{data}", "--set", "lr=inf"], "--set lr=inf", {}),
-    ("bench-ray-address-http", ["bench", "train", "--data", "{data}"], "RAY_ADDRESS",
-     {"RAY_ADDRESS": "http://127.0.0.1:8265"}),
+    (
+        "bench-ray-address-http",
+        ["bench", "train", "--data", "{data}"],
+        "RAY_ADDRESS",
+        {"RAY_ADDRESS": "http://127.0.0.1:8265"},
+    ),
     # demo: every flag before any data is rendered
     ("demo-samples-zero", ["demo", "--root", "{new}", "--samples", "0"], "--samples", {}),
     ("demo-epochs-zero", ["demo", "--root", "{new}", "--epochs", "0"], "--epochs", {}),
-    ("demo-epoch-samples-negative", ["demo", "--root", "{new}", "--epoch-samples", "-1"],
-     "--epoch-samples", {}),
-    ("demo-epoch-samples-over-train", ["demo", "--root", "{new}", "--train", "100"],
-     "--epoch-samples 1600 is more than --train 100", {}),
+    (
+        "demo-epoch-samples-negative",
+        ["demo", "--root", "{new}", "--epoch-samples", "-1"],
+        "--epoch-samples",
+        {},
+    ),
+    (
+        "demo-epoch-samples-over-train",
+        ["demo", "--root", "{new}", "--train", "100"],
+        "--epoch-samples 1600 is more than --train 100",
+        {},
+    ),
     # --train too small for the validation subject or an epoch: refused before rendering
-    ("demo-train-3", ["demo", "--root", "{new}", "--train", "3", "--epoch-samples", "0"],
-     "--train 3: the synthetic train.h5 would hold no sample of the validation subject S8", {}),
-    ("demo-train-3-epoch-3", ["demo", "--root", "{new}", "--train", "3", "--epoch-samples", "3",
-                              "--batch-size", "1"], "--train 3", {}),
-    ("demo-train-under-a-batch", ["demo", "--root", "{new}", "--train", "20", "--epoch-samples", "0",
-                                  "--workers", "2"],
-     "--train 20: the synthetic train.h5 would hold 16 training samples", {}),
-    ("demo-batch-over-epoch-samples", ["demo", "--root", "{new}", "--epoch-samples", "8"],
-     "--batch-size 16 with --workers 1 needs 16 samples per epoch, more than --epoch-samples 8", {}),
-    ("demo-val-samples-negative", ["demo", "--root", "{new}", "--val-samples", "-1"],
-     "--val-samples", {}),
+    (
+        "demo-train-3",
+        ["demo", "--root", "{new}", "--train", "3", "--epoch-samples", "0"],
+        "--train 3: the synthetic train.h5 would hold no sample of the validation subject S8",
+        {},
+    ),
+    (
+        "demo-train-3-epoch-3",
+        ["demo", "--root", "{new}", "--train", "3", "--epoch-samples", "3", "--batch-size", "1"],
+        "--train 3",
+        {},
+    ),
+    (
+        "demo-train-under-a-batch",
+        ["demo", "--root", "{new}", "--train", "20", "--epoch-samples", "0", "--workers", "2"],
+        "--train 20: the synthetic train.h5 would hold 16 training samples",
+        {},
+    ),
+    (
+        "demo-batch-over-epoch-samples",
+        ["demo", "--root", "{new}", "--epoch-samples", "8"],
+        "--batch-size 16 with --workers 1 needs 16 samples per epoch, more than --epoch-samples 8",
+        {},
+    ),
+    (
+        "demo-val-samples-negative",
+        ["demo", "--root", "{new}", "--val-samples", "-1"],
+        "--val-samples",
+        {},
+    ),
     ("demo-root-is-file", ["demo", "--root", "{file}"], "--root", {}),
     ("demo-half-dataset", ["demo", "--root", "{half_root}"], "--root", {}),
     ("demo-storage-is-file", ["demo", "--root", "{new}", "--storage", "{file}"], "--storage", {}),
-    ("demo-metric-not-reported", ["demo", "--root", "{new}", "--space", "{bad_metric}"], "metric", {}),
-    ("demo-ray-address-http", ["demo", "--root", "{new}"], "RAY_ADDRESS",
-     {"RAY_ADDRESS": "http://127.0.0.1:8265"}),
+    (
+        "demo-metric-not-reported",
+        ["demo", "--root", "{new}", "--space", "{bad_metric}"],
+        "metric",
+        {},
+    ),
+    (
+        "demo-ray-address-http",
+        ["demo", "--root", "{new}"],
+        "RAY_ADDRESS",
+        {"RAY_ADDRESS": "http://127.0.0.1:8265"},
+    ),
     # cluster: its flags
     ("cluster-unknown-action", ["cluster", "restart"], "restart", {}),
     ("cluster-port-not-int", ["cluster", "up", "--dashboard-port", "web"], "--dashboard-port", {}),
-    ("cluster-s3-port-too-large", ["cluster", "up", "--state-dir", "{new}", "--s3-port", "70000"],
-     "raypose cluster up: error: --s3-port 70000: not a TCP port (1-65535)", {}),
-    ("cluster-dashboard-port-zero", ["cluster", "up", "--state-dir", "{new}", "--dashboard-port", "0"],
-     "--dashboard-port 0: not a TCP port", {}),
-    ("cluster-ray-port-too-large", ["cluster", "up", "--state-dir", "{new}", "--ray-port", "99999"],
-     "--ray-port 99999: not a TCP port", {}),
-    ("cluster-bucket-uppercase", ["cluster", "up", "--state-dir", "{new}", "--bucket", "MyBucket"],
-     "--bucket 'MyBucket'", {}),
+    (
+        "cluster-s3-port-too-large",
+        ["cluster", "up", "--state-dir", "{new}", "--s3-port", "70000"],
+        "raypose cluster up: error: --s3-port 70000: not a TCP port (1-65535)",
+        {},
+    ),
+    (
+        "cluster-dashboard-port-zero",
+        ["cluster", "up", "--state-dir", "{new}", "--dashboard-port", "0"],
+        "--dashboard-port 0: not a TCP port",
+        {},
+    ),
+    (
+        "cluster-ray-port-too-large",
+        ["cluster", "up", "--state-dir", "{new}", "--ray-port", "99999"],
+        "--ray-port 99999: not a TCP port",
+        {},
+    ),
+    (
+        "cluster-bucket-uppercase",
+        ["cluster", "up", "--state-dir", "{new}", "--bucket", "MyBucket"],
+        "--bucket 'MyBucket'",
+        {},
+    ),
     # no command at all
     ("no-command", [], "command", {}),
     ("unknown-command", ["fit"], "fit", {}),
@@ -464,12 +764,23 @@ def test_bad_input_one_line_exit_2(argv, culprit, env, workspace, tmp_path, monk
 
 
 def test_at_least_60_cases_over_every_command():
-    commands = {tuple(c[1][:2]) if c[1][:1] in (["data"], ["bench"]) else tuple(c[1][:1])
-                for c in CASES}
+    commands = {
+        tuple(c[1][:2]) if c[1][:1] in (["data"], ["bench"]) else tuple(c[1][:1]) for c in CASES
+    }
     assert len(CASES) >= 60
-    for command in [("data", "synth"), ("data", "h36m"), ("data", "samples"), ("model-summary",),
-                    ("train",), ("tune",), ("evaluate",), ("report",), ("bench", "train"),
-                    ("demo",), ("cluster",)]:
+    for command in [
+        ("data", "synth"),
+        ("data", "h36m"),
+        ("data", "samples"),
+        ("model-summary",),
+        ("train",),
+        ("tune",),
+        ("evaluate",),
+        ("report",),
+        ("bench", "train"),
+        ("demo",),
+        ("cluster",),
+    ]:
         assert command in commands, command
 
 
@@ -477,40 +788,97 @@ def test_at_least_60_cases_over_every_command():
 # the same through real processes: the exit code and stderr a shell (or `ray job submit`) sees
 
 SUBPROCESS_CASES = [
-    ("raypose-cli", [sys.executable, "-m", "raypose.cli", "data", "synth", "--out", "{data}"],
-     "--force", {}),
-    ("raypose-cli-ray-address", [sys.executable, "-m", "raypose.cli", *TRAIN], "RAY_ADDRESS",
-     {"RAY_ADDRESS": "http://127.0.0.1:8265"}),
-    ("jobs-train", [sys.executable, str(REPO / "jobs" / "train.py"), *TRAIN[1:5], "--name", "../../x"],
-     "--name", {}),
-    ("jobs-tune", [sys.executable, str(REPO / "jobs" / "tune.py"), *TUNE[1:2], "{bad_metric}", *TUNE[3:]],
-     "metric", {}),
-    ("jobs-evaluate", [sys.executable, str(REPO / "jobs" / "evaluate.py"), "{exp}", "--out", "{file}"],
-     "--out", {}),
-    ("jobs-report", [sys.executable, str(REPO / "jobs" / "report.py"), "s3://bucket/sweep"],
-     "did not answer within 1 s", S3_SILENT),
-    ("raypose-cli-s3-port-out-of-range", [sys.executable, "-m", "raypose.cli", "evaluate", "s3://bucket/sweep"],
-     "environment variable AWS_ENDPOINT_URL: port 99999", S3_PORT_99999),
-    ("raypose-cli-cluster-s3-port", [sys.executable, "-m", "raypose.cli", "cluster", "up", "--state-dir",
-                                     "{new}", "--s3-port", "70000"], "--s3-port 70000", {}),
-    ("jobs-train-usage", [sys.executable, str(REPO / "jobs" / "train.py"), "--epochs", "x"],
-     "--epochs", {}),
+    (
+        "raypose-cli",
+        [sys.executable, "-m", "raypose.cli", "data", "synth", "--out", "{data}"],
+        "--force",
+        {},
+    ),
+    (
+        "raypose-cli-ray-address",
+        [sys.executable, "-m", "raypose.cli", *TRAIN],
+        "RAY_ADDRESS",
+        {"RAY_ADDRESS": "http://127.0.0.1:8265"},
+    ),
+    (
+        "jobs-train",
+        [sys.executable, str(REPO / "jobs" / "train.py"), *TRAIN[1:5], "--name", "../../x"],
+        "--name",
+        {},
+    ),
+    (
+        "jobs-tune",
+        [sys.executable, str(REPO / "jobs" / "tune.py"), *TUNE[1:2], "{bad_metric}", *TUNE[3:]],
+        "metric",
+        {},
+    ),
+    (
+        "jobs-evaluate",
+        [sys.executable, str(REPO / "jobs" / "evaluate.py"), "{exp}", "--out", "{file}"],
+        "--out",
+        {},
+    ),
+    (
+        "jobs-report",
+        [sys.executable, str(REPO / "jobs" / "report.py"), "s3://bucket/sweep"],
+        "did not answer within 1 s",
+        S3_SILENT,
+    ),
+    (
+        "raypose-cli-s3-port-out-of-range",
+        [sys.executable, "-m", "raypose.cli", "evaluate", "s3://bucket/sweep"],
+        "environment variable AWS_ENDPOINT_URL: port 99999",
+        S3_PORT_99999,
+    ),
+    (
+        "raypose-cli-cluster-s3-port",
+        [
+            sys.executable,
+            "-m",
+            "raypose.cli",
+            "cluster",
+            "up",
+            "--state-dir",
+            "{new}",
+            "--s3-port",
+            "70000",
+        ],
+        "--s3-port 70000",
+        {},
+    ),
+    (
+        "jobs-train-usage",
+        [sys.executable, str(REPO / "jobs" / "train.py"), "--epochs", "x"],
+        "--epochs",
+        {},
+    ),
 ]
 
 
-@pytest.mark.parametrize("argv, culprit, env", [c[1:] for c in SUBPROCESS_CASES],
-                         ids=[c[0] for c in SUBPROCESS_CASES])
+@pytest.mark.parametrize(
+    "argv, culprit, env", [c[1:] for c in SUBPROCESS_CASES], ids=[c[0] for c in SUBPROCESS_CASES]
+)
 def test_bad_input_in_a_real_process(argv, culprit, env, workspace, tmp_path):
     ray_tmp = tmp_path / "ray"
     ray_tmp.mkdir()
-    environ = {**os.environ, **SHORT_TIMEOUTS, "RAY_TMPDIR": str(ray_tmp),
-               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    environ = {
+        **os.environ,
+        **SHORT_TIMEOUTS,
+        "RAY_TMPDIR": str(ray_tmp),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     environ.pop("RAYPOSE_DEBUG", None)
     environ.update({k: _fill(v, workspace) for k, v in env.items()})
     before = snapshot(workspace["root"])
     start = time.perf_counter()
-    proc = subprocess.run([_fill(a, workspace) for a in argv], capture_output=True, text=True,
-                          env=environ, cwd=workspace["root"], timeout=120)
+    proc = subprocess.run(
+        [_fill(a, workspace) for a in argv],
+        capture_output=True,
+        text=True,
+        env=environ,
+        cwd=workspace["root"],
+        timeout=120,
+    )
     seconds = time.perf_counter() - start
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
@@ -523,13 +891,26 @@ def test_bad_input_in_a_real_process(argv, culprit, env, workspace, tmp_path):
 
 def test_debug_shows_the_traceback(workspace, tmp_path):
     """RAYPOSE_DEBUG=1 adds the traceback; the last line is still the one-line error."""
-    environ = {**os.environ, "RAYPOSE_DEBUG": "1", "RAY_TMPDIR": str(tmp_path),
-               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-m", "raypose.cli", "model-summary", "--set", "fc1_width=0"],
-                          capture_output=True, text=True, env=environ, timeout=120)
+    environ = {
+        **os.environ,
+        "RAYPOSE_DEBUG": "1",
+        "RAY_TMPDIR": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "raypose.cli", "model-summary", "--set", "fc1_width=0"],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("raypose model-summary: error: --set fc1_width=0")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("raypose model-summary: error: --set fc1_width=0")
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +920,16 @@ def test_debug_shows_the_traceback(workspace, tmp_path):
 def test_force_replaces_samples_png(workspace, tmp_path):
     out = tmp_path / "grid.png"
     out.write_bytes(b"old")
-    args = ["data", "samples", "--data", f"{workspace['data']}/train.h5", "--out", str(out), "--n", "4"]
+    args = [
+        "data",
+        "samples",
+        "--data",
+        f"{workspace['data']}/train.h5",
+        "--out",
+        str(out),
+        "--n",
+        "4",
+    ]
     assert cli.main(args) == 2 and out.read_bytes() == b"old"  # refused without --force
     assert cli.main([*args, "--force"]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -560,7 +950,19 @@ def test_force_replaces_a_dataset(tmp_path):
 def test_names():
     for good in ("a", "run-1", "sweep_2.b", "A" * 100):
         assert check_name(good, "--name") == good and NAME_PATTERN.fullmatch(good)
-    for bad in ("", ".hidden", "-x", "a..b", "..", "a/b", "a\\b", "A" * 101, "caf\u00e9", "a b", "a\n"):
+    for bad in (
+        "",
+        ".hidden",
+        "-x",
+        "a..b",
+        "..",
+        "a/b",
+        "a\\b",
+        "A" * 101,
+        "caf\u00e9",
+        "a b",
+        "a\n",
+    ):
         with pytest.raises(InputError, match="--name"):
             check_name(bad, "--name")
 
@@ -644,7 +1046,10 @@ def test_staged_folder_replaces_a_report_and_keeps_other_files(tmp_path):
         (stage / "report.md").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert {p.name: p.read_text() for p in out.iterdir()} == {
-        "report.json": "new", "report.md": "new", "notes.txt": "mine"}
+        "report.json": "new",
+        "report.md": "new",
+        "notes.txt": "mine",
+    }
 
 
 def test_s3_endpoint_urls():
@@ -653,23 +1058,35 @@ def test_s3_endpoint_urls():
     URL is never quoted."""
     from raypose.validate import endpoint_url
 
-    for url in ("http://127.0.0.1:9000", "https://s3.us-east-1.amazonaws.com", "http://[::1]:9000",
-                "https://minio.example:443/prefix", "HTTP://localhost:1", "http://host:65535"):
+    for url in (
+        "http://127.0.0.1:9000",
+        "https://s3.us-east-1.amazonaws.com",
+        "http://[::1]:9000",
+        "https://minio.example:443/prefix",
+        "HTTP://localhost:1",
+        "http://host:65535",
+    ):
         assert endpoint_url(url, "environment variable AWS_ENDPOINT_URL") == url
-    refused = {"http://127.0.0.1:99999": "port 99999 is not a TCP port (1 to 65535)",
-               "http://127.0.0.1:0": "port 0 is not a TCP port",
-               "http://[::1]:70000": "port 70000 is not a TCP port",
-               "http://user:secret@host:port": "port 'port' is not a TCP port",
-               "127.0.0.1:9000": "not an S3 endpoint URL (no http:// or https://)",
-               "ftp://host:21": "not an S3 endpoint URL (the scheme 'ftp')",
-               "http://": "the URL names no host", "http://user:secret@:9000": "the URL names no host",
-               "http://[::1:9000": "not a URL",
-               "http://h:" + "9" * 500: f"port {'9' * 80}... (500 characters) is not a TCP port"}
+    refused = {
+        "http://127.0.0.1:99999": "port 99999 is not a TCP port (1 to 65535)",
+        "http://127.0.0.1:0": "port 0 is not a TCP port",
+        "http://[::1]:70000": "port 70000 is not a TCP port",
+        "http://user:secret@host:port": "port 'port' is not a TCP port",
+        "127.0.0.1:9000": "not an S3 endpoint URL (no http:// or https://)",
+        "ftp://host:21": "not an S3 endpoint URL (the scheme 'ftp')",
+        "http://": "the URL names no host",
+        "http://user:secret@:9000": "the URL names no host",
+        "http://[::1:9000": "not a URL",
+        "http://h:" + "9" * 500: f"port {'9' * 80}... (500 characters) is not a TCP port",
+    }
     for url, says in refused.items():
         with pytest.raises(InputError) as err:
             endpoint_url(url, "environment variable AWS_ENDPOINT_URL_S3")
         message = str(err.value)
-        assert message.startswith(f"environment variable AWS_ENDPOINT_URL_S3: {says}"), (url, message)
+        assert message.startswith(f"environment variable AWS_ENDPOINT_URL_S3: {says}"), (
+            url,
+            message,
+        )
         assert "secret" not in message and "\n" not in message
 
 

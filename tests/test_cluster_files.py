@@ -10,8 +10,18 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
-TUNE_FLAGS = {"--space", "--data", "--storage", "--name", "--samples", "--epochs",
-              "--workers-per-trial", "--gpus-per-worker", "--max-concurrent", "--resume"}
+TUNE_FLAGS = {
+    "--space",
+    "--data",
+    "--storage",
+    "--name",
+    "--samples",
+    "--epochs",
+    "--workers-per-trial",
+    "--gpus-per-worker",
+    "--max-concurrent",
+    "--resume",
+}
 S3_SECRETS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"}
 
 
@@ -21,7 +31,9 @@ def load(name):
 
 def ray_containers(cluster_spec):
     """(group name, container) for every container of the head and worker groups."""
-    yield from (("head", c) for c in cluster_spec["headGroupSpec"]["template"]["spec"]["containers"])
+    yield from (
+        ("head", c) for c in cluster_spec["headGroupSpec"]["template"]["spec"]["containers"]
+    )
     for group in cluster_spec["workerGroupSpecs"]:
         yield from ((group["groupName"], c) for c in group["template"]["spec"]["containers"])
 
@@ -58,8 +70,10 @@ def test_launcher_has_cpu_head_and_autoscaled_gpu_workers():
     assert cfg["file_mounts"]["/home/ray/.ray/auth_token"].startswith("~/")
 
 
-@pytest.mark.parametrize("name,path", [("kuberay-raycluster.yaml", ("spec",)),
-                                       ("kuberay-rayjob.yaml", ("spec", "rayClusterSpec"))])
+@pytest.mark.parametrize(
+    "name,path",
+    [("kuberay-raycluster.yaml", ("spec",)), ("kuberay-rayjob.yaml", ("spec", "rayClusterSpec"))],
+)
 def test_kuberay_cluster_spec(name, path):
     doc = load(name)
     assert doc["apiVersion"] == "ray.io/v1"
@@ -117,7 +131,9 @@ def test_rayjob_runs_an_existing_entrypoint_with_flags_tune_accepts():
 
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"]
-    assert not any(k.startswith("AWS_") or k.startswith("RAY_AUTH") for k in runtime_env["env_vars"])
+    assert not any(
+        k.startswith("AWS_") or k.startswith("RAY_AUTH") for k in runtime_env["env_vars"]
+    )
     assert "--resume auto" in spec["entrypoint"]
     assert spec["backoffLimit"] >= 1  # retries, which --resume auto turns into continuations
     # the submitter gets the token from KubeRay (the cluster's authOptions)
@@ -130,7 +146,9 @@ def test_evaluation_rayjob_runs_its_driver_where_a_gpu_is():
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
     # it submits to the RayCluster of kuberay-raycluster.yaml, which has authOptions
-    assert spec["clusterSelector"] == {"ray.io/cluster": load("kuberay-raycluster.yaml")["metadata"]["name"]}
+    assert spec["clusterSelector"] == {
+        "ray.io/cluster": load("kuberay-raycluster.yaml")["metadata"]["name"]
+    }
     assert "rayClusterSpec" not in spec
     words = shlex.split(spec["entrypoint"])
     assert words[:2] == ["python", "jobs/evaluate.py"] and (REPO / words[1]).is_file()
@@ -141,7 +159,9 @@ def test_evaluation_rayjob_runs_its_driver_where_a_gpu_is():
     # the head has no GPU: the entrypoint asks for one, so Ray runs the driver on a GPU node
     assert spec["entrypointNumGpus"] >= 1
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
-    assert not any(k.startswith("AWS_") or k.startswith("RAY_AUTH") for k in runtime_env["env_vars"])
+    assert not any(
+        k.startswith("AWS_") or k.startswith("RAY_AUTH") for k in runtime_env["env_vars"]
+    )
 
 
 def test_launcher_and_readme_submit_evaluation_with_a_gpu_and_sweeps_with_auto_resume():
@@ -169,7 +189,8 @@ SECRET_PATTERNS = {
     "AWS secret access key": re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"),
     "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
     "inline secret value": re.compile(
-        r"(?i)(secret_access_key|auth_token|password)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{16,}"),
+        r"(?i)(secret_access_key|auth_token|password)\s*[:=]\s*['\"]?[A-Za-z0-9/+]{16,}"
+    ),
 }
 
 

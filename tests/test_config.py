@@ -5,8 +5,14 @@ import sys
 
 import pytest
 
-from raypose.config import (Config, ConfigError, apply_overrides, config_from_dict, load_config,
-                            resolve_key)
+from raypose.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    resolve_key,
+)
 
 
 def _write(tmp_path, text, name="run.yaml"):
@@ -24,7 +30,9 @@ def test_defaults_are_the_paper_settings():
 
 
 def test_yaml_file_then_set_overrides(tmp_path):
-    path = _write(tmp_path, """
+    path = _write(
+        tmp_path,
+        """
 model:
   lrn_alpha: 0.01
   dropout: 0.5
@@ -35,12 +43,17 @@ lambda: 2
 seed: 7
 data:
   val_subjects: [S7, S8]
-""")
-    cfg = load_config(path, ["lr=1e-4", "model.dropout=0.75", "workers=2", "schedule.pretrain_share=0.25"])
+""",
+    )
+    cfg = load_config(
+        path, ["lr=1e-4", "model.dropout=0.75", "workers=2", "schedule.pretrain_share=0.25"]
+    )
     assert cfg.model.lrn_alpha == 0.01
     assert cfg.model.dropout == 0.75  # --set wins over the file
     assert cfg.schedule.kind == "pretrain" and cfg.schedule.epochs == 4
-    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)  # "1e-4" is a number, not a string
+    assert cfg.optim.lr == 1e-4 and isinstance(
+        cfg.optim.lr, float
+    )  # "1e-4" is a number, not a string
     assert cfg.loss.detection_weight == 2.0 and isinstance(cfg.loss.detection_weight, float)
     assert cfg.scaling.workers == 2 and cfg.seed == 7
     assert cfg.data.val_subjects == ["S7", "S8"]
@@ -48,8 +61,9 @@ data:
 
 
 def test_set_parses_yaml_scalars():
-    cfg = apply_overrides(Config(), ["augment=false", "val_subjects=S1,S5", "optim.name=sgd",
-                                     "momentum=0.8"])
+    cfg = apply_overrides(
+        Config(), ["augment=false", "val_subjects=S1,S5", "optim.name=sgd", "momentum=0.8"]
+    )
     assert cfg.data.augment is False and cfg.data.val_subjects == ["S1", "S5"]
     assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.8
 
@@ -115,10 +129,14 @@ def test_workers_below_one_names_scaling_workers(tmp_path, source):
 
 
 def test_range_checks():
-    for override, key in (("lr=0", "optim.lr"), ("dropout=1.0", "model.dropout"),
-                          ("lrn_window=4", "model.lrn_window"), ("schedule=cosine", "schedule.kind"),
-                          ("lambda=-1", "loss.detection_weight"), ("pretrain_share=1.0",
-                                                                  "schedule.pretrain_share")):
+    for override, key in (
+        ("lr=0", "optim.lr"),
+        ("dropout=1.0", "model.dropout"),
+        ("lrn_window=4", "model.lrn_window"),
+        ("schedule=cosine", "schedule.kind"),
+        ("lambda=-1", "loss.detection_weight"),
+        ("pretrain_share=1.0", "schedule.pretrain_share"),
+    ):
         with pytest.raises(ConfigError, match=key):
             load_config(overrides=[override])
     with pytest.raises(ConfigError, match="schedule.epochs must be >= 2 for the pretrain"):
@@ -142,8 +160,17 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_config_from_dict_round_trip():
-    cfg = load_config(overrides=["lrn_alpha=0.05", "schedule=pretrain", "epochs=6", "lambda=0.5",
-                                 "val_subjects=S6,S7", "storage.uri=s3://bucket/prefix", "gpu=true"])
+    cfg = load_config(
+        overrides=[
+            "lrn_alpha=0.05",
+            "schedule=pretrain",
+            "epochs=6",
+            "lambda=0.5",
+            "val_subjects=S6,S7",
+            "storage.uri=s3://bucket/prefix",
+            "gpu=true",
+        ]
+    )
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
     assert config_from_dict(json.loads(cfg.to_json())) == cfg  # through a checkpoint's config.json
@@ -157,24 +184,30 @@ def test_config_from_dict_rejects_foreign_keys():
         config_from_dict(d)
 
 
-@pytest.mark.parametrize("kind, epochs, share, expected", [
-    ("joint", 10, 0.5, 0),
-    ("pretrain", 10, 0.5, 5),
-    ("pretrain", 10, 0.26, 3),  # round(2.6)
-    ("pretrain", 2, 0.1, 1),    # at least one detection epoch
-    ("pretrain", 4, 0.9, 3),    # at least one regression epoch
-    ("pretrain", 3, 0.5, 2),    # round(1.5) = 2
-])
+@pytest.mark.parametrize(
+    "kind, epochs, share, expected",
+    [
+        ("joint", 10, 0.5, 0),
+        ("pretrain", 10, 0.5, 5),
+        ("pretrain", 10, 0.26, 3),  # round(2.6)
+        ("pretrain", 2, 0.1, 1),  # at least one detection epoch
+        ("pretrain", 4, 0.9, 3),  # at least one regression epoch
+        ("pretrain", 3, 0.5, 2),  # round(1.5) = 2
+    ],
+)
 def test_pretrain_epochs(kind, epochs, share, expected):
     cfg = load_config(overrides=[f"schedule={kind}", f"epochs={epochs}", f"pretrain_share={share}"])
     assert cfg.pretrain_epochs() == expected
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("2", (0, 2)),     # a fixed group: min_workers 0 means "not elastic"
-    ("1:3", (1, 3)),   # elastic: at least 1, at most 3
-    ("2:2", (2, 2)),   # elastic in form, fixed in effect
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("2", (0, 2)),  # a fixed group: min_workers 0 means "not elastic"
+        ("1:3", (1, 3)),  # elastic: at least 1, at most 3
+        ("2:2", (2, 2)),  # elastic in form, fixed in effect
+    ],
+)
 def test_parse_workers(text, expected):
     from raypose.config import parse_workers
 
@@ -194,9 +227,11 @@ def test_worker_range_and_elastic_settings():
     assert cfg.worker_range() == (4, 4)
     cfg = load_config(overrides=["workers=4", "scaling.min_workers=2", "scaling.placement=SPREAD"])
     assert cfg.worker_range() == (2, 4)
-    for bad, key in (("scaling.min_workers=5", "scaling.min_workers"),
-                     ("scaling.placement=STRICT_PACK", "scaling.placement"),
-                     ("scaling.autoscaler_wait_s=-1", "scaling.autoscaler_wait_s")):
+    for bad, key in (
+        ("scaling.min_workers=5", "scaling.min_workers"),
+        ("scaling.placement=STRICT_PACK", "scaling.placement"),
+        ("scaling.autoscaler_wait_s=-1", "scaling.autoscaler_wait_s"),
+    ):
         with pytest.raises(ConfigError, match=key):
             load_config(overrides=["workers=4", bad])
 
@@ -219,8 +254,13 @@ h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
 i: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
 """
 # the same in one flow collection, as a --set value
-FLOW_BOMB = "[&a [lol,lol,lol,lol,lol,lol,lol,lol,lol], " + ", ".join(
-    f"&{cur} [{','.join([f'*{prev}'] * 9)}]" for prev, cur in zip("abcdefgh", "bcdefghi")) + "]"
+FLOW_BOMB = (
+    "[&a [lol,lol,lol,lol,lol,lol,lol,lol,lol], "
+    + ", ".join(
+        f"&{cur} [{','.join([f'*{prev}'] * 9)}]" for prev, cur in zip("abcdefgh", "bcdefghi")
+    )
+    + "]"
+)
 
 
 def test_billion_laughs_config_is_refused_fast_in_one_short_line(tmp_path):
@@ -247,25 +287,35 @@ def test_read_yaml_refuses_what_would_expand_past_its_bounds(tmp_path):
     # up to the bounds: a mapping, its key, a list and its items are each one value
     items = YAML_MAX_NODES - 3
     assert len(read("k: [" + ",".join(["1"] * items) + "]\n", "full.yaml")["k"]) == items
-    with pytest.raises(ConfigError, match=f"full2.yaml: refused: it expands to more than "
-                                          f"{YAML_MAX_NODES} values; a config"):
+    with pytest.raises(
+        ConfigError,
+        match=f"full2.yaml: refused: it expands to more than {YAML_MAX_NODES} values; a config",
+    ):
         read("k: [" + ",".join(["1"] * (items + 1)) + "]\n", "full2.yaml")
     shared = "x: &x 1\nk: [" + ",".join(["*x"] * YAML_MAX_ALIASES) + "]\n"
     assert read(shared, "aliases.yaml")["k"] == [1] * YAML_MAX_ALIASES
-    with pytest.raises(ConfigError, match=f"aliases2.yaml: refused: it uses more than "
-                                          f"{YAML_MAX_ALIASES} YAML aliases"):
+    with pytest.raises(
+        ConfigError,
+        match=f"aliases2.yaml: refused: it uses more than {YAML_MAX_ALIASES} YAML aliases",
+    ):
         read(shared.replace("]", ",*x]"), "aliases2.yaml")
-    with pytest.raises(ConfigError, match=r"self.yaml: refused: the YAML anchor on line 2 is used "
-                                          r"inside itself"):
+    with pytest.raises(
+        ConfigError,
+        match=r"self.yaml: refused: the YAML anchor on line 2 is used "
+        r"inside itself",
+    ):
         read("seed: 1\nk: &k [1, *k]\n", "self.yaml")
-    with pytest.raises(ConfigError, match="deep.yaml: refused: its collections are nested too "
-                                          "deeply"):
+    with pytest.raises(
+        ConfigError, match="deep.yaml: refused: its collections are nested too deeply"
+    ):
         read("k: " + "[" * 5000 + "]" * 5000 + "\n", "deep.yaml")
 
 
 def test_aliases_within_bounds_still_work(tmp_path):
-    path = _write(tmp_path, "data:\n  val_subjects: &held [S7, S8]\n  batch_size: &b 16\n"
-                            "schedule: {epochs: *b}\n")
+    path = _write(
+        tmp_path,
+        "data:\n  val_subjects: &held [S7, S8]\n  batch_size: &b 16\nschedule: {epochs: *b}\n",
+    )
     cfg = load_config(path)
     assert cfg.data.val_subjects == ["S7", "S8"] and cfg.schedule.epochs == 16
 
@@ -274,11 +324,20 @@ def test_aliases_within_bounds_still_work(tmp_path):
 INT_DIGITS_LIMIT = hasattr(sys, "get_int_max_str_digits")
 
 
-@pytest.mark.parametrize("text, what", [
-    ("seed: 2024-13-45\n", "month must be in 1..12"),  # a date PyYAML matches, then cannot build
-    pytest.param("seed: " + "9" * 5000 + "\n", "4300 digits",
-                 marks=pytest.mark.skipif(not INT_DIGITS_LIMIT, reason="no int digits limit")),
-])
+@pytest.mark.parametrize(
+    "text, what",
+    [
+        (
+            "seed: 2024-13-45\n",
+            "month must be in 1..12",
+        ),  # a date PyYAML matches, then cannot build
+        pytest.param(
+            "seed: " + "9" * 5000 + "\n",
+            "4300 digits",
+            marks=pytest.mark.skipif(not INT_DIGITS_LIMIT, reason="no int digits limit"),
+        ),
+    ],
+)
 def test_values_pyyaml_cannot_build_name_the_file(tmp_path, text, what):
     path = _write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
@@ -308,22 +367,25 @@ def test_shown_and_clipped():
     assert shown(long, limit=10) == "'xxxxxxxxx... (102 characters)"
     assert clipped(long) == "x" * 80 + "... (100 characters)" and clipped("short") == "short"
     if INT_DIGITS_LIMIT:  # repr itself refuses such an int
-        assert shown(10 ** 5000) == "<int too large to show>"
+        assert shown(10**5000) == "<int too large to show>"
 
 
 HUGE = "z" * 100_000
 
 
-@pytest.mark.parametrize("text, overrides, culprit", [
-    (f"seed: {HUGE}\n", (), "seed expects int"),
-    (f"optim:\n  name: {HUGE}\n", (), "optim.name must be adam or sgd"),
-    (f"model:\n  ? {HUGE}\n  : 1\n", (), "unknown key"),  # an explicit key: no length limit
-    (None, [f"seed={HUGE}"], "seed expects int"),
-    (None, [f"optim.name={HUGE}"], "optim.name must be adam or sgd"),
-    (None, [f"{HUGE}=1"], "unknown key"),
-    (None, [HUGE], "expected KEY=VALUE"),
-    (None, [f"val_subjects=[[{HUGE}]]"], "data.val_subjects must list"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, culprit",
+    [
+        (f"seed: {HUGE}\n", (), "seed expects int"),
+        (f"optim:\n  name: {HUGE}\n", (), "optim.name must be adam or sgd"),
+        (f"model:\n  ? {HUGE}\n  : 1\n", (), "unknown key"),  # an explicit key: no length limit
+        (None, [f"seed={HUGE}"], "seed expects int"),
+        (None, [f"optim.name={HUGE}"], "optim.name must be adam or sgd"),
+        (None, [f"{HUGE}=1"], "unknown key"),
+        (None, [HUGE], "expected KEY=VALUE"),
+        (None, [f"val_subjects=[[{HUGE}]]"], "data.val_subjects must list"),
+    ],
+)
 def test_rejected_values_are_quoted_only_in_part(tmp_path, text, overrides, culprit):
     path = _write(tmp_path, text) if text else None
     with pytest.raises(ConfigError) as err:

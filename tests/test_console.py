@@ -25,9 +25,17 @@ class Clock:
 
 
 def result(epoch, value, planned=2, head=True, stage="joint"):
-    return {"epoch": epoch, "epochs_planned": planned, "has_regression_head": head, "stage": stage,
-            "train_loss": 0.5, "val_mpjpe": value, METRIC: value, "val_mean_pose_mpjpe": 250.0,
-            "samples_per_s": 20.0}
+    return {
+        "epoch": epoch,
+        "epochs_planned": planned,
+        "has_regression_head": head,
+        "stage": stage,
+        "train_loss": 0.5,
+        "val_mpjpe": value,
+        METRIC: value,
+        "val_mean_pose_mpjpe": 250.0,
+        "samples_per_s": 20.0,
+    }
 
 
 def test_sweep_lines_each_once_with_best_and_time_left():
@@ -48,14 +56,18 @@ def test_sweep_lines_each_once_with_best_and_time_left():
     # one line per epoch per trial, each once
     epoch_lines = [line for line in lines if " epoch " in line]
     assert len(epoch_lines) == 3
-    assert "trial 1/4 a epoch 1/2 joint" in epoch_lines[0] and "val_mpjpe 200.0 mm" in epoch_lines[0]
+    assert (
+        "trial 1/4 a epoch 1/2 joint" in epoch_lines[0] and "val_mpjpe 200.0 mm" in epoch_lines[0]
+    )
     # a detection-stage result is not a pose error and never becomes the best
     assert "no regression head yet" in epoch_lines[1]
     assert lines[-2] == "[raypose] trial 1/4 a finished after 2 epoch(s), best val_mpjpe 180.0 mm"
     # 3 epochs took 100 s; left: trial b 1 more epoch (finished trials averaged 2), 2 pending
     # trials of 2 epochs -> 5 epochs at 100/3 s each = 166.7 s
-    assert lines[-1] == ("[raypose] sweep [#####---------------] 1/4 trials done · 1 running · "
-                         "best val_mpjpe 180.0 mm (trial 1) · 1 min 40 s so far · about 2 min 47 s left")
+    assert lines[-1] == (
+        "[raypose] sweep [#####---------------] 1/4 trials done · 1 running · "
+        "best val_mpjpe 180.0 mm (trial 1) · 1 min 40 s so far · about 2 min 47 s left"
+    )
     assert state.seconds_left() == pytest.approx(5 * 100 / 3)
 
 
@@ -120,17 +132,51 @@ def test_sweep_output_is_one_line_per_epoch_per_trial(tiny_data, tmp_path):
     env = dict(os.environ, RAYPOSE_LOG_DIR=str(tmp_path / "logs"), PYTHONPATH=str(REPO))
     env.pop(console.VERBOSE_ENV, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "raypose.cli", "tune", "--space", str(REPO / "search_spaces" / "smoke.yaml"),
-         "--data", str(tiny_data), "--storage", str(tmp_path / "exp"), "--name", "quiet",
-         "--samples", "2", "--max-concurrent", "1", "--set", "schedule.epochs=2",
-         "--set", "data.batch_size=8"],
-        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "raypose.cli",
+            "tune",
+            "--space",
+            str(REPO / "search_spaces" / "smoke.yaml"),
+            "--data",
+            str(tiny_data),
+            "--storage",
+            str(tmp_path / "exp"),
+            "--name",
+            "quiet",
+            "--samples",
+            "2",
+            "--max-concurrent",
+            "1",
+            "--set",
+            "schedule.epochs=2",
+            "--set",
+            "data.batch_size=8",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    epoch_lines = [line for line in lines if " epoch " in line and line.startswith("[raypose] trial")]
-    assert len(epoch_lines) == len(set(epoch_lines)) >= 3  # 2 trials, ASHA may stop one after 1 epoch
-    for noise in ("Reporting training result", "Configuration for experiment", "Trial status",
-                  "(RayTrainWorker", "(TrainController", "Token authentication", "A new study"):
+    epoch_lines = [
+        line for line in lines if " epoch " in line and line.startswith("[raypose] trial")
+    ]
+    assert (
+        len(epoch_lines) == len(set(epoch_lines)) >= 3
+    )  # 2 trials, ASHA may stop one after 1 epoch
+    for noise in (
+        "Reporting training result",
+        "Configuration for experiment",
+        "Trial status",
+        "(RayTrainWorker",
+        "(TrainController",
+        "Token authentication",
+        "A new study",
+    ):
         assert noise not in proc.stdout + proc.stderr, noise
     assert sum("trials done" in line for line in lines) == 2  # one progress line per trial
     log_line = next(line for line in lines if line.startswith("[raypose] Ray's own log lines: "))

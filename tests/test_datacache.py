@@ -62,8 +62,11 @@ def test_synth_writes_a_manifest_of_size_sha256_and_schema(tiny_data):
     assert sorted(manifest["files"]) == ["test.h5", "train.h5"]
     for name, entry in manifest["files"].items():
         data = (tiny_data / name).read_bytes()
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                         "schema_version": 1}
+        assert entry == {
+            "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "schema_version": 1,
+        }
 
 
 def test_write_manifest_lists_only_the_files_present(tmp_path, tiny_data):
@@ -121,7 +124,9 @@ def test_a_corrupted_cached_file_is_fetched_again(data_uri, proxy, cache, tiny_d
     assert cached.read_bytes() == (tiny_data / "train.h5").read_bytes()
 
 
-def test_a_new_manifest_replaces_the_cached_file(data_uri, proxy, cache, tmp_path, tiny_data, s3_bucket):
+def test_a_new_manifest_replaces_the_cached_file(
+    data_uri, proxy, cache, tmp_path, tiny_data, s3_bucket
+):
     """New data uploaded under the same URI: the cached copy no longer matches and is replaced."""
     import s3fs
 
@@ -137,24 +142,39 @@ def test_a_new_manifest_replaces_the_cached_file(data_uri, proxy, cache, tmp_pat
     assert (folder / "test.h5").read_bytes() == (other / "test.h5").read_bytes()
 
 
-FETCH = ("import sys; from raypose.data.cache import local_data_dir; "
-         "print('folder', local_data_dir(sys.argv[1], ('train.h5',)), flush=True)")
+FETCH = (
+    "import sys; from raypose.data.cache import local_data_dir; "
+    "print('folder', local_data_dir(sys.argv[1], ('train.h5',)), flush=True)"
+)
 
 
 def test_two_processes_on_one_node_share_one_download(data_uri, s3_server, cache, tiny_data):
     # slowed to about 3 MB/s, so the first download still runs when the second process asks
     proxy = CountingProxy(urlparse(s3_server).port, seconds_per_block=0.02)
-    env = {**os.environ, "AWS_ENDPOINT_URL": proxy.endpoint,
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": proxy.endpoint,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     try:
-        first = subprocess.Popen([sys.executable, "-c", FETCH, data_uri], env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            [sys.executable, "-c", FETCH, data_uri],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while proxy.bytes_down < 256 * 1024:  # the first process is downloading train.h5
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
             time.sleep(0.01)
-        second = subprocess.Popen([sys.executable, "-c", FETCH, data_uri], env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        second = subprocess.Popen(
+            [sys.executable, "-c", FETCH, data_uri],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         outputs = [p.communicate(timeout=120)[0] for p in (first, second)]
         assert all(p.returncode == 0 for p in (first, second)), outputs
         # the first download was still running when the second process asked, yet the file
@@ -163,10 +183,16 @@ def test_two_processes_on_one_node_share_one_download(data_uri, s3_server, cache
         assert size <= proxy.bytes_down < size + NOTHING_DOWNLOADED, proxy.bytes_down
         fetched = [line for out in outputs for line in out.splitlines() if "data: fetched" in line]
         assert len(fetched) == 1, outputs
-        folders = {line.split(" ", 1)[1] for out in outputs for line in out.splitlines()
-                   if line.startswith("folder ")}
+        folders = {
+            line.split(" ", 1)[1]
+            for out in outputs
+            for line in out.splitlines()
+            if line.startswith("folder ")
+        }
         assert len(folders) == 1
-        assert (Path(folders.pop()) / "train.h5").read_bytes() == (tiny_data / "train.h5").read_bytes()
+        assert (Path(folders.pop()) / "train.h5").read_bytes() == (
+            tiny_data / "train.h5"
+        ).read_bytes()
     finally:
         proxy.close()
 
@@ -176,7 +202,8 @@ def test_missing_manifest_is_one_line_naming_the_uri(s3_bucket, tiny_data, cache
 
     endpoint, bucket = s3_bucket
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}).put_file(
-        str(tiny_data / "train.h5"), f"{bucket}/nomanifest/train.h5")
+        str(tiny_data / "train.h5"), f"{bucket}/nomanifest/train.h5"
+    )
     with pytest.raises(DataCacheError) as e:
         local_data_dir(f"s3://{bucket}/nomanifest")
     message = str(e.value)
@@ -184,20 +211,23 @@ def test_missing_manifest_is_one_line_naming_the_uri(s3_bucket, tiny_data, cache
     assert not any(cache.rglob("*.h5"))  # nothing was fetched
 
 
-def test_missing_or_mismatching_files_are_one_line_naming_the_uri(data_uri, s3_bucket, cache, tmp_path):
+def test_missing_or_mismatching_files_are_one_line_naming_the_uri(
+    data_uri, s3_bucket, cache, tmp_path
+):
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_bucket[0]})
-    root = data_uri[len("s3://"):]
+    root = data_uri[len("s3://") :]
     manifest = json.loads(fs.cat(f"{root}/manifest.json"))
     fs.rm(f"{root}/test.h5")
-    with pytest.raises(DataCacheError, match=f"{data_uri}/test.h5 is listed in manifest.json but "
-                                             "does not exist"):
+    with pytest.raises(
+        DataCacheError, match=f"{data_uri}/test.h5 is listed in manifest.json but does not exist"
+    ):
         local_data_dir(data_uri, ("test.h5",))
     del manifest["files"]["test.h5"]
     manifest["files"]["train.h5"]["sha256"] = "0" * 64
     fs.pipe(f"{root}/manifest.json", json.dumps(manifest).encode())
-    with pytest.raises(DataCacheError, match=f"manifest.json lists no test.h5"):
+    with pytest.raises(DataCacheError, match="manifest.json lists no test.h5"):
         local_data_dir(data_uri, ("test.h5",))
     with pytest.raises(DataCacheError) as e:
         local_data_dir(data_uri, ("train.h5",))

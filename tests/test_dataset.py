@@ -9,9 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from raypose.data.dataset import (CENTRE_OFFSET, CROP_SIZE, IMAGE_MEAN, IMAGE_STD, MAX_OFFSET,
-                             PoseDataset, augmentation_draws, detection_targets, epoch_order,
-                             epoch_positions, iterate_batches, shard_positions)
+from raypose.data.dataset import (
+    CROP_SIZE,
+    IMAGE_MEAN,
+    IMAGE_STD,
+    MAX_OFFSET,
+    PoseDataset,
+    augmentation_draws,
+    detection_targets,
+    epoch_order,
+    epoch_positions,
+    iterate_batches,
+    shard_positions,
+)
 from raypose.data.schema import KEYS, DataError, write_split
 from raypose.data.skeleton import H36M_SKELETON, OFFSET_SCALE_MM, parent_relative
 
@@ -90,8 +100,13 @@ def reference_crop_offset(joints_2d, u):
 def reference_normals(u):
     """Box-Muller, as the library draws them: (4,) uniforms -> (3,) standard normals."""
     r1, r2 = np.sqrt(-2 * np.log(u[0])), np.sqrt(-2 * np.log(u[2]))
-    return np.array([r1 * np.cos(2 * np.pi * u[1]), r1 * np.sin(2 * np.pi * u[1]),
-                     r2 * np.cos(2 * np.pi * u[3])])
+    return np.array(
+        [
+            r1 * np.cos(2 * np.pi * u[1]),
+            r1 * np.sin(2 * np.pi * u[1]),
+            r2 * np.cos(2 * np.pi * u[3]),
+        ]
+    )
 
 
 def reference_batch(ds: PoseDataset, positions, epoch: int) -> dict:
@@ -112,7 +127,7 @@ def reference_batch(ds: PoseDataset, positions, epoch: int) -> dict:
         else:
             ox = oy = 8
             flip, alpha = False, np.zeros(3)
-        crop = images[k, oy:oy + 112, ox:ox + 112]
+        crop = images[k, oy : oy + 112, ox : ox + 112]
         j2 = joints_2d_box[k] - np.float32([ox, oy])
         j3 = joints_3d_all[k]
         if flip:
@@ -216,9 +231,13 @@ def test_epoch_samples_take_new_samples_each_epoch():
     np.testing.assert_array_equal(np.concatenate(epochs[3:]), epoch_order(10, True, 1, 1)[:9])
     # 0, or at least the whole split: every position every epoch, as without the setting
     for m in (0, 10, 11):
-        np.testing.assert_array_equal(epoch_positions(10, True, 1, 4, m), epoch_order(10, True, 1, 4))
+        np.testing.assert_array_equal(
+            epoch_positions(10, True, 1, 4, m), epoch_order(10, True, 1, 4)
+        )
     # shards split the epoch's slice: 2 ranks of 4 positions each from 8 per epoch of 20
-    shards = [shard_positions(20, True, 2, 1, r, 2, drop_last=True, epoch_samples=8) for r in range(2)]
+    shards = [
+        shard_positions(20, True, 2, 1, r, 2, drop_last=True, epoch_samples=8) for r in range(2)
+    ]
     assert [len(s) for s in shards] == [4, 4]
     np.testing.assert_array_equal(np.concatenate(shards), epoch_order(20, True, 2, 0)[8:16])
 
@@ -234,7 +253,9 @@ def test_training_epochs_follow_epoch_samples(data_file):
     rows = [np.concatenate([b["row"].numpy() for b in epoch_batches(ds, cfg, e)]) for e in range(2)]
     assert [len(r) for r in rows] == [4, 4]
     assert not set(rows[0]) & set(rows[1])  # two epochs of one pass: new samples
-    np.testing.assert_array_equal(np.concatenate(rows), ds.indices[epoch_order(len(ds), True, 0, 0)[:8]])
+    np.testing.assert_array_equal(
+        np.concatenate(rows), ds.indices[epoch_order(len(ds), True, 0, 0)[:8]]
+    )
 
 
 def test_epoch_order_shuffles_blocks_and_within_buffers():
@@ -244,9 +265,10 @@ def test_epoch_order_shuffles_blocks_and_within_buffers():
     assert not np.array_equal(order, epoch_order(1000, True, 3, 3, 10, 4))
     # each run of 40 positions holds exactly 4 whole blocks of 10: read as at most 4 runs
     for start in range(0, 1000, 40):
-        blocks = np.unique(order[start:start + 40] // 10)
-        assert len(blocks) == 4 and sorted(order[start:start + 40].tolist()) == sorted(
-            (blocks[:, None] * 10 + np.arange(10)).ravel().tolist())
+        blocks = np.unique(order[start : start + 40] // 10)
+        assert len(blocks) == 4 and sorted(order[start : start + 40].tolist()) == sorted(
+            (blocks[:, None] * 10 + np.arange(10)).ravel().tolist()
+        )
     assert np.mean(np.abs(np.diff(order[:40])) == 1) < 0.3  # shuffled inside the buffer
     np.testing.assert_array_equal(epoch_order(7, False, 0, 0), np.arange(7))
 
@@ -280,14 +302,21 @@ def test_batch_without_augmentation(data_file):
     np.testing.assert_allclose(px[0, 0], [16, 16, 50], atol=0.01)
     np.testing.assert_allclose(px[111, 111], [2 * 119, 2 * 119, 50], atol=0.01)
     np.testing.assert_allclose(batch["joints_2d"][0], arrays["joints_2d"][5] - 8, atol=1e-5)
-    np.testing.assert_array_equal(batch["detection"][0], detection_targets(arrays["joints_2d"][5:6] - 8)[0])
+    np.testing.assert_array_equal(
+        batch["detection"][0], detection_targets(arrays["joints_2d"][5:6] - 8)[0]
+    )
     j3 = arrays["joints_3d"][2].astype(np.float64)
     np.testing.assert_allclose(batch["joints_3d"][1], j3 - j3[0], atol=1e-3)
-    np.testing.assert_allclose(batch["offsets"][1], parent_relative(j3) / OFFSET_SCALE_MM, atol=1e-6)
+    np.testing.assert_allclose(
+        batch["offsets"][1], parent_relative(j3) / OFFSET_SCALE_MM, atol=1e-6
+    )
     # offsets of the Head are the Head minus the Neck, scaled; the root's offset is 0
     np.testing.assert_allclose(batch["offsets"][1, 10], (j3[10] - j3[9]) / 1200, atol=1e-6)
     np.testing.assert_allclose(batch["offsets"][1, 0], 0)
-    assert [ds.action_names[a] for a in batch["action"]] == [arrays["action"][5], arrays["action"][2]]
+    assert [ds.action_names[a] for a in batch["action"]] == [
+        arrays["action"][5],
+        arrays["action"][2],
+    ]
     item = ds[5]
     assert item["image"].shape == (3, 112, 112)
     torch.testing.assert_close(item["image"], batch["image"][0])
@@ -307,8 +336,10 @@ def test_augmentation_moves_joints_with_the_crop(data_file):
         assert 0 <= ox <= 16 and 0 <= oy <= 16
         offsets.append((ox, oy))
         np.testing.assert_allclose(px[5, 9, :2], [2 * (ox + 9), 2 * (oy + 5)], atol=0.01)
-        np.testing.assert_allclose(batch["joints_2d"][k], arrays["joints_2d"][k] - [ox, oy], atol=1e-5)
-        expected = detection_targets(arrays["joints_2d"][k:k + 1] - np.float32([ox, oy]))[0]
+        np.testing.assert_allclose(
+            batch["joints_2d"][k], arrays["joints_2d"][k] - [ox, oy], atol=1e-5
+        )
+        expected = detection_targets(arrays["joints_2d"][k : k + 1] - np.float32([ox, oy]))[0]
         np.testing.assert_array_equal(batch["detection"][k].numpy(), expected)
     assert len(set(offsets)) > 6  # the crops really vary
     # deterministic in (seed, epoch, position), whatever the batch
@@ -317,7 +348,9 @@ def test_augmentation_moves_joints_with_the_crop(data_file):
     torch.testing.assert_close(ds.get_batch([4], epoch=3)["joints_2d"][0], batch["joints_2d"][4])
     other = ds.get_batch(positions, epoch=4)
     assert not torch.equal(other["joints_2d"], batch["joints_2d"])
-    reseeded = PoseDataset(path, augment=True, color_noise=0.0, flip=False, seed=8).get_batch(positions, 3)
+    reseeded = PoseDataset(path, augment=True, color_noise=0.0, flip=False, seed=8).get_batch(
+        positions, 3
+    )
     assert not torch.equal(reseeded["joints_2d"], batch["joints_2d"])
 
 
@@ -343,40 +376,64 @@ def test_augmentation_flip_and_colour_noise(data_file):
         np.testing.assert_array_equal(batch["detection"][k].numpy(), detection_targets(j2[None])[0])
     assert 2 <= n_flipped <= N - 2
     # colour noise: one RGB shift per sample, the same at every pixel
-    plain = PoseDataset(path, augment=True, color_noise=0.0, flip=False, seed=5).get_batch([0, 1], 2)
-    noisy = PoseDataset(path, augment=True, color_noise=0.1, flip=False, seed=5).get_batch([0, 1], 2)
+    plain = PoseDataset(path, augment=True, color_noise=0.0, flip=False, seed=5).get_batch(
+        [0, 1], 2
+    )
+    noisy = PoseDataset(path, augment=True, color_noise=0.1, flip=False, seed=5).get_batch(
+        [0, 1], 2
+    )
     shift = pixels(noisy["image"][0]) - pixels(plain["image"][0])
     assert np.ptp(shift.reshape(-1, 3), axis=0).max() < 1e-3
     assert 0.05 < np.abs(shift[0, 0]).max() < 60  # on the 0..255 scale
-    assert not np.allclose(shift[0, 0], (pixels(noisy["image"][1]) - pixels(plain["image"][1]))[0, 0])
+    assert not np.allclose(
+        shift[0, 0], (pixels(noisy["image"][1]) - pixels(plain["image"][1]))[0, 0]
+    )
 
 
 def test_device_path_matches_the_numpy_reference(data_file):
     path, _ = data_file
     positions = np.array([7, 0, 11, 3, 3, 5, 9, 1])
-    for augment, noise, flip, seed, epoch in [(True, 0.1, True, 4, 2), (True, 0.3, True, 9, 0),
-                                              (True, 0.1, False, 1, 5), (False, 0.1, True, 0, 0)]:
+    for augment, noise, flip, seed, epoch in [
+        (True, 0.1, True, 4, 2),
+        (True, 0.3, True, 9, 0),
+        (True, 0.1, False, 1, 5),
+        (False, 0.1, True, 0, 0),
+    ]:
         ds = PoseDataset(path, augment=augment, color_noise=noise, flip=flip, seed=seed)
         expected = reference_batch(ds, positions, epoch)
         for channels_last in (False, True):
             batch = ds.get_batch(positions, epoch=epoch, channels_last=channels_last)
             assert batch["image"].is_contiguous(
-                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format
+            )
             for key, value in expected.items():
-                np.testing.assert_allclose(batch[key].numpy(), value, atol=1e-5, rtol=0,
-                                           err_msg=f"{key} (augment={augment}, flip={flip})")
+                np.testing.assert_allclose(
+                    batch[key].numpy(),
+                    value,
+                    atol=1e-5,
+                    rtol=0,
+                    err_msg=f"{key} (augment={augment}, flip={flip})",
+                )
         np.testing.assert_array_equal(batch["row"].numpy(), ds.indices[positions])
         if augment and flip:
-            assert 0 < (batch["joints_2d"][:, 1, 0] != torch.from_numpy(
-                reference_batch(PoseDataset(path, augment=True, flip=False, seed=seed),
-                                positions, epoch)["joints_2d"][:, 1, 0])).sum()
+            assert (
+                0
+                < (
+                    batch["joints_2d"][:, 1, 0]
+                    != torch.from_numpy(
+                        reference_batch(
+                            PoseDataset(path, augment=True, flip=False, seed=seed), positions, epoch
+                        )["joints_2d"][:, 1, 0]
+                    )
+                ).sum()
+            )
     # the threaded, windowed reader gives the same batches as one get_batch per chunk
     ds = PoseDataset(path, augment=True, seed=2)
     for prefetch in (0, 2):
         batches = list(iterate_batches(ds, 5, shuffle=True, seed=2, epoch=1, prefetch=prefetch))
         order = shard_positions(N, True, 2, 1)
         for k, batch in enumerate(batches):
-            single = ds.get_batch(order[5 * k:5 * k + 5], epoch=1)
+            single = ds.get_batch(order[5 * k : 5 * k + 5], epoch=1)
             for key in single:
                 torch.testing.assert_close(batch[key], single[key])
 
@@ -396,8 +453,10 @@ def share_losing_with_any_offset(ds: PoseDataset) -> float:
     """The share a crop drawn uniformly from 0..16 on each axis (the old rule) would lose."""
     j2 = ds._poses()["joints_2d"]  # (N, 17, 2), 128 box
     offsets = np.arange(MAX_OFFSET + 1)
-    keep = [((j2[..., a, None] >= offsets) & (j2[..., a, None] < offsets + CROP_SIZE)).all(axis=1)
-            for a in range(2)]  # (N, 17 offsets) per axis
+    keep = [
+        ((j2[..., a, None] >= offsets) & (j2[..., a, None] < offsets + CROP_SIZE)).all(axis=1)
+        for a in range(2)
+    ]  # (N, 17 offsets) per axis
     return 1 - float((keep[0].mean(axis=1) * keep[1].mean(axis=1)).mean())
 
 
@@ -415,8 +474,12 @@ def test_training_crops_keep_every_joint_h36m(tmp_path):
 
     root = tmp_path / "processed"
     shifts = [(0, 0), (-50, -30), (20, 15), (-10, 25), (35, -20), (5, 5)]
-    write_sequence(root, "S1", "Walking-1",
-                   [(CAM_A if i % 2 else CAM_B, i + 1, shift, 120) for i, shift in enumerate(shifts)])
+    write_sequence(
+        root,
+        "S1",
+        "Walking-1",
+        [(CAM_A if i % 2 else CAM_B, i + 1, shift, 120) for i, shift in enumerate(shifts)],
+    )
     write_sequence(root, "S9", "Directions-2", [(CAM_A, 1, (0, 0), 150)])
     result = convert(root, tmp_path / "out", progress=False)
     ds = PoseDataset(result["train"], augment=True, seed=0)
@@ -431,7 +494,9 @@ def test_crop_offsets_by_hand():
     joints[0] = torch.tensor([10.5, 20.0])  # everything at one point: 0..10 in x, 0..16 in y
     joints[0, 1] = torch.tensor([115.2, 30.0])  # x reaches 115.2: ox >= 4
     joints[1, :, 0], joints[1, :, 1] = 3.0, 60.0
-    joints[1, 1, 0] = 125.0  # x spans 3..125 (> 112): no offset keeps both, the middle (14 + 3) // 2
+    joints[1, 1, 0] = (
+        125.0  # x spans 3..125 (> 112): no offset keeps both, the middle (14 + 3) // 2
+    )
     joints[2, :] = torch.tensor([-5.0, 130.0])  # outside the box: the nearest offsets, 0 and 16
     joints[3, :] = 64.0  # centred: any offset
     low = crop_offsets(joints, torch.full((4, 2), 1e-6))
@@ -444,7 +509,11 @@ def test_crop_offsets_by_hand():
 def test_filters_and_helpers(data_file):
     path, arrays = data_file
     ds = PoseDataset(path, subjects=["S1", "S8"], actions=["walk"])
-    expected = [i for i in range(N) if arrays["subject"][i] in ("S1", "S8") and arrays["action"][i] == "walk"]
+    expected = [
+        i
+        for i in range(N)
+        if arrays["subject"][i] in ("S1", "S8") and arrays["action"][i] == "walk"
+    ]
     np.testing.assert_array_equal(ds.indices, expected)
     held_out = PoseDataset(path, exclude_subjects=["S8"])
     assert "S8" not in held_out.subjects and len(held_out) == 8
@@ -461,7 +530,11 @@ def test_iterate_batches_cover_the_shard(data_file):
     ds = PoseDataset(path, augment=True)
     rows = []
     for rank in range(2):
-        batches = list(iterate_batches(ds, batch_size=4, shuffle=True, seed=0, epoch=1, rank=rank, world_size=2))
+        batches = list(
+            iterate_batches(
+                ds, batch_size=4, shuffle=True, seed=0, epoch=1, rank=rank, world_size=2
+            )
+        )
         assert [len(b["image"]) for b in batches] == [4, 2]
         rows.append(torch.cat([b["row"] for b in batches]).tolist())
     assert sorted(rows[0] + rows[1]) == list(range(N))
@@ -509,13 +582,16 @@ def _corrupt(path, kind):
                 f[key].resize(0, axis=0)
 
 
-@pytest.mark.parametrize("kind, message", [
-    ("missing key", r"key 'camera': dataset missing"),
-    ("wrong shape", r"key 'joints_2d': expected shape \(N, 17, 2\), got \(12, 17, 3\)"),
-    ("wrong dtype", r"key 'joints_3d': expected dtype float32, got float64"),
-    ("nan", r"key 'joints_2d': NaN or inf in row 4"),
-    ("empty", r"key 'images': file is empty"),
-])
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing key", r"key 'camera': dataset missing"),
+        ("wrong shape", r"key 'joints_2d': expected shape \(N, 17, 2\), got \(12, 17, 3\)"),
+        ("wrong dtype", r"key 'joints_3d': expected dtype float32, got float64"),
+        ("nan", r"key 'joints_2d': NaN or inf in row 4"),
+        ("empty", r"key 'images': file is empty"),
+    ],
+)
 def test_bad_file(tmp_path, kind, message):
     path = tmp_path / "bad.h5"
     write_split(path, **pose_arrays(N))
@@ -531,7 +607,9 @@ def test_missing_file(tmp_path):
 
 def test_empty_selection(data_file):
     path, _ = data_file
-    with pytest.raises(DataError, match=r"no samples in .*train\.h5 for subjects=\['S9'\].*'subject'"):
+    with pytest.raises(
+        DataError, match=r"no samples in .*train\.h5 for subjects=\['S9'\].*'subject'"
+    ):
         PoseDataset(path, subjects=["S9"])
     with pytest.raises(DataError, match=r"train\.h5 for exclude_subjects=.*, actions=\['run'\]"):
         PoseDataset(path, exclude_subjects=["S1"], actions=["run"])
@@ -550,11 +628,15 @@ def test_test_split_with_another_skeleton_is_refused_naming_both_files(tmp_path)
     # the same joints with left and right swapped in the stored order
     names = list(H36M_SKELETON.names)
     names[1:4], names[4:7] = names[4:7], names[1:4]
-    swapped = Skeleton(tuple(names), H36M_SKELETON.parents, H36M_SKELETON.joints_left,
-                       H36M_SKELETON.joints_right)
+    swapped = Skeleton(
+        tuple(names), H36M_SKELETON.parents, H36M_SKELETON.joints_left, H36M_SKELETON.joints_right
+    )
     train, test = _split_folder(tmp_path, test_skeleton=swapped)
-    with pytest.raises(DataError, match=rf"{test}: key 'skeleton': differs from the skeleton of "
-                                        rf"{train} \(names\[1\] is 'LHip' here and 'RHip' there\)"):
+    with pytest.raises(
+        DataError,
+        match=rf"{test}: key 'skeleton': differs from the skeleton of "
+        rf"{train} \(names\[1\] is 'LHip' here and 'RHip' there\)",
+    ):
         PoseDataset(test)
     PoseDataset(train)  # train.h5 is the reference, read on its own
 
@@ -586,11 +668,16 @@ def test_validation_selection_is_checked_against_the_summary_it_is_opened_with(t
     info = validate_file(train)  # as the driver summarises train.h5 for every worker
     with h5py.File(train, "a") as f:
         skeleton = json.loads(f.attrs["skeleton"])
-        skeleton["joints_left"], skeleton["joints_right"] = (skeleton["joints_right"],
-                                                             skeleton["joints_left"])
+        skeleton["joints_left"], skeleton["joints_right"] = (
+            skeleton["joints_right"],
+            skeleton["joints_left"],
+        )
         f.attrs["skeleton"] = json.dumps(skeleton)
-    with pytest.raises(DataError, match=rf"{train}: key 'skeleton': differs from the skeleton of "
-                                        rf"{train} \(joints_left\[0\]"):
+    with pytest.raises(
+        DataError,
+        match=rf"{train}: key 'skeleton': differs from the skeleton of "
+        rf"{train} \(joints_left\[0\]",
+    ):
         PoseDataset(train, subjects=["S8"], info=info)
     cfg = Config()
     cfg.data.path = str(tmp_path)

@@ -18,10 +18,36 @@ def test_demo_writes_everything_under_its_root(tmp_path):
     cwd.mkdir()
     env = dict(os.environ, RAYPOSE_LOG_DIR=str(tmp_path / "logs"), PYTHONPATH=str(REPO))
     proc = subprocess.run(
-        [sys.executable, "-m", "raypose.cli", "demo", "--root", str(root), "--samples", "2",
-         "--epochs", "2", "--train", "120", "--test", "40", "--max-concurrent", "1",
-         "--batch-size", "8", "--epoch-samples", "40", "--val-samples", "0"],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "raypose.cli",
+            "demo",
+            "--root",
+            str(root),
+            "--samples",
+            "2",
+            "--epochs",
+            "2",
+            "--train",
+            "120",
+            "--test",
+            "40",
+            "--max-concurrent",
+            "1",
+            "--batch-size",
+            "8",
+            "--epoch-samples",
+            "40",
+            "--val-samples",
+            "0",
+        ],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list(cwd.iterdir()) == []  # nothing written where it was started
     reports = list((root / "reports").glob("demo-*/report.md"))
@@ -63,26 +89,36 @@ def test_subject_counts_are_those_synthesize_writes(tiny_data, tmp_path):
     assert subject_counts(3, TRAIN_SUBJECTS)["S8"] == 0
 
 
-@pytest.mark.parametrize("flags, culprit, smallest", [
-    ({"train": 3, "epoch_samples": 0}, "no sample of the validation subject S8", 19),
-    ({"train": 4, "epoch_samples": 4, "batch_size": 1}, "no sample of the validation subject S8", 5),
-    ({"train": 20, "epoch_samples": 0, "workers": 2}, "16 training samples", 39),
-    ({"train": 50, "epoch_samples": 45}, "40 training samples", 56),
-])
+@pytest.mark.parametrize(
+    "flags, culprit, smallest",
+    [
+        ({"train": 3, "epoch_samples": 0}, "no sample of the validation subject S8", 19),
+        (
+            {"train": 4, "epoch_samples": 4, "batch_size": 1},
+            "no sample of the validation subject S8",
+            5,
+        ),
+        ({"train": 20, "epoch_samples": 0, "workers": 2}, "16 training samples", 39),
+        ({"train": 50, "epoch_samples": 45}, "40 training samples", 56),
+    ],
+)
 def test_demo_names_the_smallest_train_that_works(flags, culprit, smallest, tmp_path):
     """The refusal names --train and the smallest value that passes; that value's data, rendered
     for real here, holds the validation subject and fills an epoch, and one less does not pass."""
     import re
 
     from raypose.config import Config, ConfigError
-    from raypose.demo import check_render
     from raypose.data.synth import synthesize
+    from raypose.demo import check_render
 
     args = _demo_args(**flags)
     with pytest.raises(ConfigError) as err:
         check_render(args, Config())
     message = str(err.value)
-    assert message.startswith(f"--train {args.train}: the synthetic train.h5 would hold ") and culprit in message
+    assert (
+        message.startswith(f"--train {args.train}: the synthetic train.h5 would hold ")
+        and culprit in message
+    )
     assert re.search(rf"give --train {smallest} or more \(nothing was written\)$", message), message
     check_render(_demo_args(**{**flags, "train": smallest}), Config())
     with pytest.raises(ConfigError):
@@ -98,17 +134,41 @@ def test_demo_refuses_a_small_train_before_writing_anything(tmp_path):
     """`raypose demo --train 3` as a real process: one line naming --train, exit code 2, and
     --root not even created (it rendered train.h5 and test.h5 before refusing, before the fix)."""
     root = tmp_path / "demo"
-    env = dict(os.environ, RAYPOSE_LOG_DIR=str(tmp_path / "logs"), PYTHONPATH=str(REPO),
-               RAY_TMPDIR=str(tmp_path / "ray"))
+    env = dict(
+        os.environ,
+        RAYPOSE_LOG_DIR=str(tmp_path / "logs"),
+        PYTHONPATH=str(REPO),
+        RAY_TMPDIR=str(tmp_path / "ray"),
+    )
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "raypose.cli", "demo", "--root", str(root),
-                           "--train", "3", "--epoch-samples", "0"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raypose.cli",
+            "demo",
+            "--root",
+            str(root),
+            "--train",
+            "3",
+            "--epoch-samples",
+            "0",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert lines == [("raypose demo: error: --train 3: the synthetic train.h5 would hold no sample "
-                      "of the validation subject S8 (the samples are spread evenly over S1, S5, S6, "
-                      "S7, S8); give --train 19 or more (nothing was written)")], proc.stderr
+    assert lines == [
+        (
+            "raypose demo: error: --train 3: the synthetic train.h5 would hold no sample "
+            "of the validation subject S8 (the samples are spread evenly over S1, S5, S6, "
+            "S7, S8); give --train 19 or more (nothing was written)"
+        )
+    ], proc.stderr
     assert proc.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no --root, no data, no Ray, no logs

@@ -15,14 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from raypose.cluster import dev as cluster
 from raypose.cli import main
-
+from raypose.cluster import dev as cluster
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
 
 
 def running(record) -> bool:
@@ -45,8 +42,13 @@ def test_up_serves_dashboard_bucket_and_jobs_then_down_stops_everything(state_di
     dashboard_port, s3_port = free_port(), free_port()
     state = None
     try:
-        state = cluster.up(state_dir, dashboard_port=dashboard_port, s3_port=s3_port,
-                           bucket="raypose-dev", num_cpus=1)
+        state = cluster.up(
+            state_dir,
+            dashboard_port=dashboard_port,
+            s3_port=s3_port,
+            bucket="raypose-dev",
+            num_cpus=1,
+        )
         assert Path(state["ray_temp_dir"]).parent == state_dir
         token_path = state_dir / "auth_token"
         assert token_path.stat().st_mode & 0o777 == 0o600
@@ -69,17 +71,21 @@ def test_up_serves_dashboard_bucket_and_jobs_then_down_stops_everything(state_di
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(dashboard + "/api/version", timeout=10)
         assert refused.value.code == 401
-        request = urllib.request.Request(dashboard + "/api/version",
-                                         headers={"Authorization": f"Bearer {token}"})
+        request = urllib.request.Request(
+            dashboard + "/api/version", headers={"Authorization": f"Bearer {token}"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             assert json.load(response)["ray_version"]
 
         # The bucket exists, seen over HTTP like any S3 endpoint.
         import s3fs
 
-        fs = s3fs.S3FileSystem(key=cluster.LOCAL_S3_CREDENTIAL, secret=cluster.LOCAL_S3_CREDENTIAL,
-                               client_kwargs={"endpoint_url": variables["AWS_ENDPOINT_URL"]},
-                               skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(
+            key=cluster.LOCAL_S3_CREDENTIAL,
+            secret=cluster.LOCAL_S3_CREDENTIAL,
+            client_kwargs={"endpoint_url": variables["AWS_ENDPOINT_URL"]},
+            skip_instance_cache=True,
+        )
         assert fs.exists("raypose-dev")
 
         # A second `up` finds it running and starts nothing.
@@ -90,7 +96,8 @@ def test_up_serves_dashboard_bucket_and_jobs_then_down_stops_everything(state_di
         # runtime_env; the job's driver and a task reach the cluster and the bucket.
         job_dir = tmp_path / "job"
         job_dir.mkdir()
-        (job_dir / "job.py").write_text(textwrap.dedent("""
+        (job_dir / "job.py").write_text(
+            textwrap.dedent("""
             import os
             import ray
             import s3fs
@@ -104,15 +111,34 @@ def test_up_serves_dashboard_bucket_and_jobs_then_down_stops_everything(state_di
             endpoint = ray.get(endpoint_seen_by_a_worker.remote())
             s3fs.S3FileSystem().pipe("raypose-dev/from-job.txt", endpoint.encode())
             print("dedup", os.environ["RAY_DEDUP_LOGS"])
-        """))
-        submit_env = {k: v for k, v in os.environ.items()
-                      if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "AWS_ENDPOINT_URL")}
+        """)
+        )
+        submit_env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "AWS_ENDPOINT_URL")
+        }
         submit_env.update(variables)
         ray_exe = cluster._find_executable("ray", "")
         result = subprocess.run(
-            [ray_exe, "job", "submit", "--working-dir", str(job_dir),
-             "--runtime-env", str(REPO / "cluster" / "runtime_env.yaml"), "--", "python", "job.py"],
-            env=submit_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+            [
+                ray_exe,
+                "job",
+                "submit",
+                "--working-dir",
+                str(job_dir),
+                "--runtime-env",
+                str(REPO / "cluster" / "runtime_env.yaml"),
+                "--",
+                "python",
+                "job.py",
+            ],
+            env=submit_env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "dedup 0" in result.stdout
         assert fs.cat("raypose-dev/from-job.txt").decode() == variables["AWS_ENDPOINT_URL"]
@@ -123,8 +149,12 @@ def test_up_serves_dashboard_bucket_and_jobs_then_down_stops_everything(state_di
         assert not (state_dir / cluster.STATE_FILE).exists()
         still_running = [r for r in state["processes"] if running(r)]
         assert still_running == []
-        assert cluster._ray_processes(state["ray_process_group"], state["ray_temp_dir"],
-                                      state["started_at"]) == []
+        assert (
+            cluster._ray_processes(
+                state["ray_process_group"], state["ray_temp_dir"], state["started_at"]
+            )
+            == []
+        )
     finally:
         cluster.down(state_dir)
         if state is not None:
@@ -149,8 +179,15 @@ def test_up_with_a_busy_port_fails_before_starting_anything(state_dir, capsys, f
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         ports[flag] = busy.getsockname()[1]
-        code = main(["cluster", "up", "--state-dir", str(state_dir),
-                     *[str(x) for item in ports.items() for x in item]])
+        code = main(
+            [
+                "cluster",
+                "up",
+                "--state-dir",
+                str(state_dir),
+                *[str(x) for item in ports.items() for x in item],
+            ]
+        )
     assert code == 1
     err = capsys.readouterr().err
     assert flag in err and str(ports[flag]) in err
@@ -158,9 +195,16 @@ def test_up_with_a_busy_port_fails_before_starting_anything(state_dir, capsys, f
     assert sorted(p.name for p in state_dir.iterdir()) == []
 
 
-@pytest.mark.parametrize("flag, value", [("--s3-port", "70000"), ("--s3-port", "0"),
-                                         ("--dashboard-port", "65536"), ("--ray-port", "99999"),
-                                         ("--s3-port", "-1")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--s3-port", "70000"),
+        ("--s3-port", "0"),
+        ("--dashboard-port", "65536"),
+        ("--ray-port", "99999"),
+        ("--s3-port", "-1"),
+    ],
+)
 def test_up_refuses_a_port_outside_1_to_65535_with_exit_2(state_dir, capsys, flag, value):
     """Bad input, not a failure: exit code 2 and the contract's one line, before anything is
     looked up, started or written (the state dir stays empty)."""

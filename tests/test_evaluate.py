@@ -3,7 +3,7 @@ through s3fs exactly as AWS would be.  One tiny Ray Train run per module makes t
 evaluation itself runs without Ray.
 
 Checked: report.json / report.md / predictions.npz / PNGs locally and in the bucket, the report's
-numbers against raypose.evaluation.metrics on the same predictions (and on predictions made here from the
+numbers against raypose.model.metrics on the same predictions (and on predictions made here from the
 checkpoint), real pictures, the experiment path (best.json, with and without the Optuna study
 copy), and one clear error for each kind of bad checkpoint or experiment with storage untouched.
 """
@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from raypose.storage import checkpoint
-from raypose.evaluation import evaluate
+from raypose import storage
 from raypose.cli import main as cli_main
+from raypose.evaluation import evaluate, history
 from raypose.evaluation.evaluate import EvaluationError
+from raypose.storage import checkpoint
+from raypose.storage import experiment as experiment_files
 from tests.conftest import free_port, tiny_config
 
 BUCKET = "raypose-eval"
@@ -60,8 +62,9 @@ def s3():
         yield fs
     finally:
         try:  # moto keeps its buckets per process: leave none behind for later modules
-            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"),
-                                   timeout=10).close()
+            urllib.request.urlopen(
+                urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10
+            ).close()
         finally:
             server.stop()
             for k, v in saved.items():
@@ -79,10 +82,21 @@ def trained(s3, tiny_data):
 
     from raypose.train.run import run_training
 
-    cfg = tiny_config(tiny_data, f"s3://{BUCKET}/exp", name="evalrun", schedule__epochs=2,
-                      model__fc1_width=64, model__fc2_width=128)
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             log_to_driver=True, configure_logging=False)
+    cfg = tiny_config(
+        tiny_data,
+        f"s3://{BUCKET}/exp",
+        name="evalrun",
+        schedule__epochs=2,
+        model__fc1_width=64,
+        model__fc2_width=128,
+    )
+    ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=True,
+        configure_logging=False,
+    )
     try:
         result = run_training(cfg)
     finally:
@@ -111,8 +125,10 @@ def evaluated(trained, tmp_path_factory):
 def snapshot(fs, prefix=BUCKET) -> dict:
     """Every object under prefix with its size, ETag and last-modified time (fresh listing)."""
     fs.invalidate_cache()
-    return {name: (info["size"], info.get("ETag"), str(info.get("LastModified")))
-            for name, info in fs.find(prefix, detail=True).items()}
+    return {
+        name: (info["size"], info.get("ETag"), str(info.get("LastModified")))
+        for name, info in fs.find(prefix, detail=True).items()
+    }
 
 
 def copy_checkpoint(fs, src=CKPT) -> str:
@@ -197,11 +213,11 @@ def test_report_and_figures_locally_and_in_the_bucket(s3, evaluated):
     remote = report["outputs"]["storage"]
     assert remote.startswith(f"s3://{RUN}/evaluation-epoch_0002-")
     s3.invalidate_cache()
-    stored = {p.rsplit("/", 1)[-1] for p in s3.ls(remote[len("s3://"):], detail=False)}
+    stored = {p.rsplit("/", 1)[-1] for p in s3.ls(remote[len("s3://") :], detail=False)}
     assert stored == BASE_FILES
     for name in BASE_FILES:
-        assert s3.cat(f"{remote[len('s3://'):]}/{name}") == (out / name).read_bytes(), name
-    assert json.loads(s3.cat(f"{remote[len('s3://'):]}/report.json")) == report
+        assert s3.cat(f"{remote[len('s3://') :]}/{name}") == (out / name).read_bytes(), name
+    assert json.loads(s3.cat(f"{remote[len('s3://') :]}/report.json")) == report
 
     # the numbers: every action and joint, all three protocols, finite, MPJPE >= P-MPJPE
     test_actions = set(np.load(out / "predictions.npz")["actions"].tolist())
@@ -213,8 +229,17 @@ def test_report_and_figures_locally_and_in_the_bucket(s3, evaluated):
         assert protocol in report["mean_over_actions"] and protocol in report["overall"]
         for row in report["per_action"].values():
             assert protocol in row
-    sections = {k: report[k] for k in ("per_action", "per_joint", "mean_over_actions", "overall",
-                                       "mean_pose_baseline", "detection")}
+    sections = {
+        k: report[k]
+        for k in (
+            "per_action",
+            "per_joint",
+            "mean_over_actions",
+            "overall",
+            "mean_pose_baseline",
+            "detection",
+        )
+    }
     values = list(numbers(sections))
     assert len(values) > 3 * 17 + 3 * len(test_actions)
     bad = [(p, v) for p, v in values if not math.isfinite(v)]
@@ -231,8 +256,18 @@ def test_report_and_figures_locally_and_in_the_bucket(s3, evaluated):
     assert 0.0 <= detection["top_window_accuracy"] <= 1.0
 
     md = (out / "report.md").read_text()
-    for text in ("| raypose |", "| raypose P-MPJPE |", "| raypose N-MPJPE |", "| mean-pose baseline |",
-                 "## Per joint (mm)", "## Per subject (mm)", "Detection head", f"s3://{CKPT}", "skeletons.png", remote):
+    for text in (
+        "| raypose |",
+        "| raypose P-MPJPE |",
+        "| raypose N-MPJPE |",
+        "| mean-pose baseline |",
+        "## Per joint (mm)",
+        "## Per subject (mm)",
+        "Detection head",
+        f"s3://{CKPT}",
+        "skeletons.png",
+        remote,
+    ):
         assert text in md, text
     for action in test_actions:
         assert action in md
@@ -248,8 +283,10 @@ def test_picture_check_rejects_blank_images():
     """The PNG check itself: a blank or flat image does not pass for a figure."""
     from PIL import Image, ImageDraw
 
-    for image in (Image.new("RGB", (640, 480), "white"),
-                  Image.new("RGB", (120, 120), (10, 200, 30))):
+    for image in (
+        Image.new("RGB", (640, 480), "white"),
+        Image.new("RGB", (120, 120), (10, 200, 30)),
+    ):
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         with pytest.raises(AssertionError):
@@ -264,21 +301,25 @@ def test_picture_check_rejects_blank_images():
 
 def test_report_numbers_equal_raypose_metrics(s3, trained, evaluated, tiny_data, tmp_path):
     from raypose.data.dataset import PoseDataset
-    from raypose.train.loop import build_model, predict
-    from raypose.evaluation.metrics import grouped_report, mean_pose_baseline, mpjpe
     from raypose.data.skeleton import H36M_SKELETON
+    from raypose.model.metrics import grouped_report, mean_pose_baseline, mpjpe
+    from raypose.train.loop import build_model, predict
 
     report, out = evaluated
     saved = np.load(out / "predictions.npz")
     names = list(H36M_SKELETON.names)
-    train = PoseDataset(str(Path(tiny_data) / "train.h5"), exclude_subjects=trained.data.val_subjects)
+    train = PoseDataset(
+        str(Path(tiny_data) / "train.h5"), exclude_subjects=trained.data.val_subjects
+    )
     train_poses = train.root_relative_poses()
 
     def expected(pred, gt, actions):
         per_action = {a: mean_pose_baseline(train_poses, gt[actions == a]) for a in set(actions)}
         return grouped_report(pred, gt, actions, names), {
-            "mpjpe": mean_pose_baseline(train_poses, gt), "per_action": per_action,
-            "mean_over_actions": float(np.mean(list(per_action.values())))}
+            "mpjpe": mean_pose_baseline(train_poses, gt),
+            "per_action": per_action,
+            "mean_over_actions": float(np.mean(list(per_action.values()))),
+        }
 
     def compare(metrics, baseline):
         for key in ("per_action", "per_joint", "mean_over_actions", "overall"):
@@ -294,14 +335,19 @@ def test_report_numbers_equal_raypose_metrics(s3, trained, evaluated, tiny_data,
     test_file = PoseDataset(str(Path(tiny_data) / "test.h5"), augment=False)
     with h5py.File(test_file.path, "r") as f:
         row_subjects = f["subject"].asstr()[:][test_file.indices[saved["positions"]]]
-    assert set(report["per_subject"]) == set(row_subjects.tolist()) and len(report["per_subject"]) == 2
+    assert (
+        set(report["per_subject"]) == set(row_subjects.tolist()) and len(report["per_subject"]) == 2
+    )
     assert sum(v["count"] for v in report["per_subject"].values()) == report["test_samples"]
     for name, row in report["per_subject"].items():
         sel = row_subjects == name
         assert row["count"] == int(sel.sum())
-        assert row["mpjpe"] == pytest.approx(mpjpe(saved["pred_3d"][sel], saved["gt_3d"][sel]), rel=1e-9)
-        assert row["mean_pose_mpjpe"] == pytest.approx(mean_pose_baseline(train_poses, saved["gt_3d"][sel]),
-                                                       rel=1e-9)
+        assert row["mpjpe"] == pytest.approx(
+            mpjpe(saved["pred_3d"][sel], saved["gt_3d"][sel]), rel=1e-9
+        )
+        assert row["mean_pose_mpjpe"] == pytest.approx(
+            mean_pose_baseline(train_poses, saved["gt_3d"][sel]), rel=1e-9
+        )
         assert 0.8 < row["size_vs_train"] < 1.25  # synthetic bodies: 0.9 to 1.1 of the mean adult
 
     # 2. predictions made here from the checkpoint in the bucket, with the model rebuilt from its
@@ -346,8 +392,8 @@ def test_storage_folder_names_never_collide(s3, evaluated):
     taken = storage.parse(report["outputs"]["storage"])
     parent = storage.parse(f"s3://{RUN}")
     name = taken.path.rsplit("/", 1)[-1]
-    assert evaluate._free_storage_dir(parent, name).uri == f"{taken.uri}-2"
-    assert evaluate._free_storage_dir(parent, name + "-fresh").uri == f"{taken.uri}-fresh"
+    assert experiment_files.free_storage_dir(parent, name).uri == f"{taken.uri}-2"
+    assert experiment_files.free_storage_dir(parent, name + "-fresh").uri == f"{taken.uri}-fresh"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,13 +409,26 @@ def _flip_bytes(fs, path):
 
 
 CORRUPTIONS = {  # case: (damage, what the message must say, also check the command line)
-    "corrupt weights": (lambda fs, d: _flip_bytes(fs, f"{d}/model.pt"),
-                        ("model.pt", "does not match its manifest"), True),
-    "missing optimizer.pt": (lambda fs, d: fs.rm(f"{d}/optimizer.pt"), ("optimizer.pt is missing",), False),
-    "missing state.json": (lambda fs, d: fs.rm(f"{d}/state.json"), ("state.json is missing",), False),
-    "manifest of another checkpoint": (lambda fs, d: fs.copy(f"{FIRST}/manifest.json", f"{d}/manifest.json"),
-                                       ("model.pt", "does not match its manifest", "another checkpoint"),
-                                       False),
+    "corrupt weights": (
+        lambda fs, d: _flip_bytes(fs, f"{d}/model.pt"),
+        ("model.pt", "does not match its manifest"),
+        True,
+    ),
+    "missing optimizer.pt": (
+        lambda fs, d: fs.rm(f"{d}/optimizer.pt"),
+        ("optimizer.pt is missing",),
+        False,
+    ),
+    "missing state.json": (
+        lambda fs, d: fs.rm(f"{d}/state.json"),
+        ("state.json is missing",),
+        False,
+    ),
+    "manifest of another checkpoint": (
+        lambda fs, d: fs.copy(f"{FIRST}/manifest.json", f"{d}/manifest.json"),
+        ("model.pt", "does not match its manifest", "another checkpoint"),
+        False,
+    ),
 }
 
 
@@ -416,7 +475,10 @@ def test_pickled_objects_are_never_loaded(s3, trained, tmp_path):
     marker.unlink()
     # the manifest is made to match the new model.pt, so that only weights_only can refuse it
     manifest = json.loads(s3.cat(f"{ckpt}/manifest.json"))
-    manifest["files"]["model.pt"] = {"size": evil.stat().st_size, "sha256": checkpoint.sha256_file(evil)}
+    manifest["files"]["model.pt"] = {
+        "size": evil.stat().st_size,
+        "sha256": storage.sha256_file(evil),
+    }
     s3.put_file(str(evil), f"{ckpt}/model.pt")
     s3.pipe(f"{ckpt}/manifest.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
     local = tmp_path / "copy"
@@ -426,11 +488,22 @@ def test_pickled_objects_are_never_loaded(s3, trained, tmp_path):
     checkpoint.verify(local)  # the manifest matches every file
 
     uri = f"s3://{ckpt}"
-    message = expect_refusal(s3, uri, checkpoint.CheckpointError, tmp_path, uri, "model.pt",
-                             "weights_only=True", "objects other than tensors", "_touch")
+    message = expect_refusal(
+        s3,
+        uri,
+        checkpoint.CheckpointError,
+        tmp_path,
+        uri,
+        "model.pt",
+        "weights_only=True",
+        "objects other than tensors",
+        "_touch",
+    )
     assert "weights_only=False" not in message  # no advice to load it unsafely
     assert not marker.exists(), "the pickled payload ran"
-    with pytest.raises(checkpoint.CheckpointError, match="model.pt holds objects other than tensors"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match="model.pt holds objects other than tensors"
+    ):
         checkpoint.load(local)
     assert not marker.exists()
 
@@ -451,37 +524,92 @@ def write_best(fs, experiment: str, with_trials: bool = True, newer_keys: bool =
         fs.copy(CKPT, ckpt, recursive=True)
     params = {"lrn_alpha": 0.0025, "lr": 3e-4, "schedule": "joint"}
     rows = [
-        {"trial_id": "t0", "params": params, "epochs": 2, "best_val_mpjpe": state["metrics"]["val_mpjpe"],
-         "best_epoch": 2, "checkpoint_path": ckpt, "stopped_early": False, "epoch_seconds": 6.0,
-         "time_total_s": 9.0, "error": None},
-        {"trial_id": "t1", "params": {**params, "lr": 1e-3}, "epochs": 1, "best_val_mpjpe": 480.0,
-         "best_epoch": 1, "checkpoint_path": None, "stopped_early": True, "epoch_seconds": 3.0,
-         "time_total_s": 4.0, "error": None},
-        {"trial_id": "t2", "params": {**params, "lrn_alpha": 0.01}, "epochs": 2, "best_val_mpjpe": 350.0,
-         "best_epoch": 2, "checkpoint_path": None, "stopped_early": False, "epoch_seconds": 6.0,
-         "time_total_s": 9.0, "error": None},
-        {"trial_id": "t3", "params": {**params, "schedule": "pretrain"}, "epochs": 0, "best_val_mpjpe": None,
-         "best_epoch": None, "checkpoint_path": None, "stopped_early": False, "epoch_seconds": 0.0,
-         "time_total_s": 1.0, "error": "RayTaskError"},
+        {
+            "trial_id": "t0",
+            "params": params,
+            "epochs": 2,
+            "best_val_mpjpe": state["metrics"]["val_mpjpe"],
+            "best_epoch": 2,
+            "checkpoint_path": ckpt,
+            "stopped_early": False,
+            "epoch_seconds": 6.0,
+            "time_total_s": 9.0,
+            "error": None,
+        },
+        {
+            "trial_id": "t1",
+            "params": {**params, "lr": 1e-3},
+            "epochs": 1,
+            "best_val_mpjpe": 480.0,
+            "best_epoch": 1,
+            "checkpoint_path": None,
+            "stopped_early": True,
+            "epoch_seconds": 3.0,
+            "time_total_s": 4.0,
+            "error": None,
+        },
+        {
+            "trial_id": "t2",
+            "params": {**params, "lrn_alpha": 0.01},
+            "epochs": 2,
+            "best_val_mpjpe": 350.0,
+            "best_epoch": 2,
+            "checkpoint_path": None,
+            "stopped_early": False,
+            "epoch_seconds": 6.0,
+            "time_total_s": 9.0,
+            "error": None,
+        },
+        {
+            "trial_id": "t3",
+            "params": {**params, "schedule": "pretrain"},
+            "epochs": 0,
+            "best_val_mpjpe": None,
+            "best_epoch": None,
+            "checkpoint_path": None,
+            "stopped_early": False,
+            "epoch_seconds": 0.0,
+            "time_total_s": 1.0,
+            "error": "RayTaskError",
+        },
     ]
     name = experiment.rsplit("/", 1)[-1]
     best = {
-        "experiment": f"s3://{experiment}", "trial_id": "t0", "params": params, "config": config,
-        "metric": "val_mpjpe", "mode": "min", "value": state["metrics"]["val_mpjpe"], "epoch": 2,
+        "experiment": f"s3://{experiment}",
+        "trial_id": "t0",
+        "params": params,
+        "config": config,
+        "metric": "val_mpjpe",
+        "mode": "min",
+        "value": state["metrics"]["val_mpjpe"],
+        "epoch": 2,
         "checkpoint": f"s3://{ckpt}",
-        "study": {"url": f"sqlite:////nowhere/{name}/optuna.db", "name": name,
-                  "copy": f"s3://{experiment}/optuna.db"},
-        "trials": rows if with_trials else [], "wall_seconds": 30.0, "share_in_epochs": 0.6,
+        "study": {
+            "url": f"sqlite:////nowhere/{name}/optuna.db",
+            "name": name,
+            "copy": f"s3://{experiment}/optuna.db",
+        },
+        "trials": rows if with_trials else [],
+        "wall_seconds": 30.0,
+        "share_in_epochs": 0.6,
     }
     if newer_keys:
-        histories = {"t0": [400.0, state["metrics"]["val_mpjpe"]], "t1": [480.0], "t2": [390.0, 350.0],
-                     "t3": []}
+        histories = {
+            "t0": [400.0, state["metrics"]["val_mpjpe"]],
+            "t1": [480.0],
+            "t2": [390.0, 350.0],
+            "t3": [],
+        }
         for row in rows:
-            row.update(state={"t1": "PRUNED", "t3": "ERROR"}.get(row["trial_id"], "COMPLETE"),
-                       schedule=row["params"]["schedule"], is_paper_defaults=row["trial_id"] == "t2",
-                       history=[{"epoch": e + 1, "val_mpjpe": v, "stage": "joint",
-                                 "has_regression_head": True}
-                                for e, v in enumerate(histories[row["trial_id"]])])
+            row.update(
+                state={"t1": "PRUNED", "t3": "ERROR"}.get(row["trial_id"], "COMPLETE"),
+                schedule=row["params"]["schedule"],
+                is_paper_defaults=row["trial_id"] == "t2",
+                history=[
+                    {"epoch": e + 1, "val_mpjpe": v, "stage": "joint", "has_regression_head": True}
+                    for e, v in enumerate(histories[row["trial_id"]])
+                ],
+            )
         best["val_mean_pose_mpjpe"] = 500.0
         best["paper_defaults"] = {"trial_id": "t2", "params": rows[2]["params"], "value": 350.0}
     fs.pipe(f"{experiment}/best.json", json.dumps(best, indent=1).encode())
@@ -496,24 +624,38 @@ def make_study(path: Path, name: str) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{path}", direction="minimize")
-    dists = {"lrn_alpha": FloatDistribution(1e-4, 1e-2, log=True),
-             "lr": FloatDistribution(1e-5, 1e-3, log=True),
-             "schedule": CategoricalDistribution(["joint", "pretrain"])}
+    dists = {
+        "lrn_alpha": FloatDistribution(1e-4, 1e-2, log=True),
+        "lr": FloatDistribution(1e-5, 1e-3, log=True),
+        "schedule": CategoricalDistribution(["joint", "pretrain"]),
+    }
     rng = np.random.default_rng(0)
     for i in range(8):
-        params = {"lrn_alpha": float(10 ** rng.uniform(-4, -2)), "lr": float(10 ** rng.uniform(-5, -3)),
-                  "schedule": ["joint", "pretrain"][i % 2]}
-        value = 300 + 5e4 * params["lr"] + 20 * (params["schedule"] == "pretrain") + rng.normal(0, 2)
+        params = {
+            "lrn_alpha": float(10 ** rng.uniform(-4, -2)),
+            "lr": float(10 ** rng.uniform(-5, -3)),
+            "schedule": ["joint", "pretrain"][i % 2],
+        }
+        value = (
+            300 + 5e4 * params["lr"] + 20 * (params["schedule"] == "pretrain") + rng.normal(0, 2)
+        )
         state = optuna.trial.TrialState.PRUNED if i == 5 else optuna.trial.TrialState.COMPLETE
-        study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value,
-                                                  state=state, intermediate_values={1: value}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params=params,
+                distributions=dists,
+                value=value,
+                state=state,
+                intermediate_values={1: value},
+            )
+        )
 
 
 def check_experiment_outputs(s3, report, out, figures):
     assert {p.name for p in out.iterdir()} == BASE_FILES | figures
     assert set(report["figures"]) == {"skeletons.png", "joint_errors.png"} | figures
-    remote = report["outputs"]["storage"][len("s3://"):]
-    run = report["checkpoint"][len("s3://"):].rsplit("/", 1)[0]
+    remote = report["outputs"]["storage"][len("s3://") :]
+    run = report["checkpoint"][len("s3://") :].rsplit("/", 1)[0]
     assert remote.startswith(f"{run}/evaluation-epoch_0002-")
     s3.invalidate_cache()
     assert {p.rsplit("/", 1)[-1] for p in s3.ls(remote, detail=False)} == BASE_FILES | figures
@@ -531,7 +673,7 @@ def test_experiment_with_study_copy(s3, trained, evaluated, tmp_path):
     best = write_best(s3, experiment, newer_keys=True)
     make_study(tmp_path / "optuna.db", "swept")
     s3.put_file(str(tmp_path / "optuna.db"), f"{experiment}/optuna.db")
-    earlier = evaluated[0]["outputs"]["storage"][len("s3://"):]
+    earlier = evaluated[0]["outputs"]["storage"][len("s3://") :]
     earlier_files = snapshot(s3, earlier)
     experiment_files = snapshot(s3, experiment)
 
@@ -540,9 +682,13 @@ def test_experiment_with_study_copy(s3, trained, evaluated, tmp_path):
     assert not ray.is_initialized()
     assert report["experiment"] == f"s3://{experiment}" and report["trial_id"] == best["trial_id"]
     assert report["checkpoint"] == best["checkpoint"]
-    assert report["sweep"] == {"study_copy": f"s3://{experiment}/optuna.db",
-                               "history_from": "optuna study copy", "trials": 8, "note": None,
-                               "report_note": None}
+    assert report["sweep"] == {
+        "study_copy": f"s3://{experiment}/optuna.db",
+        "history_from": "optuna study copy",
+        "trials": 8,
+        "note": None,
+        "report_note": None,
+    }
     check_experiment_outputs(s3, report, out, SWEEP_FILES)
     # the sweep report's sections (raypose report) inside report.md and report.json
     sweep = report["sweep_report"]
@@ -550,12 +696,21 @@ def test_experiment_with_study_copy(s3, trained, evaluated, tmp_path):
     assert sweep["best_vs_paper"]["ratio_best_to_paper"] == pytest.approx(best["value"] / 350.0)
     assert sweep["best_vs_paper"]["ratio_best_to_baseline"] == pytest.approx(best["value"] / 500.0)
     assert sweep["equal_epochs"]["rows"][1]["joint"] == {
-        "best": min(best["value"], 350.0), "median": (best["value"] + 350.0) / 2, "count": 2}
+        "best": min(best["value"], 350.0),
+        "median": (best["value"] + 350.0) / 2,
+        "count": 2,
+    }
     md = (out / "report.md").read_text()
-    for text in ("## Sweep report", "### Joint vs pretrain at equal epochs",
-                 "### Best trial vs paper defaults",
-                 "### Settings to use", "raypose train --set", "### Trials", "| t3 | ERROR: RayTaskError |",
-                 "![learning curves](learning_curves.png)"):
+    for text in (
+        "## Sweep report",
+        "### Joint vs pretrain at equal epochs",
+        "### Best trial vs paper defaults",
+        "### Settings to use",
+        "raypose train --set",
+        "### Trials",
+        "| t3 | ERROR: RayTaskError |",
+        "![learning curves](learning_curves.png)",
+    ):
         assert text in md, text
     # the same checkpoint's earlier evaluation and the experiment folder are untouched
     assert report["outputs"]["storage"] != f"s3://{earlier}"
@@ -563,13 +718,13 @@ def test_experiment_with_study_copy(s3, trained, evaluated, tmp_path):
     # the experiment's own files are untouched; what is new is the evaluation's folder
     after = snapshot(s3, experiment)
     assert {k: after.get(k) for k in experiment_files} == experiment_files
-    remote = report["outputs"]["storage"][len("s3://"):]
+    remote = report["outputs"]["storage"][len("s3://") :]
     assert all(k.startswith(remote + "/") for k in set(after) - set(experiment_files))
     # the numbers do not depend on how the checkpoint was named
     for key in ("per_action", "per_joint", "mean_over_actions", "mean_pose_baseline", "detection"):
         assert_close_tree(report[key], evaluated[0][key], path=key)
 
-    trials, importances = evaluate.study_history(tmp_path / "optuna.db", "swept")
+    trials, importances = history.study_history(tmp_path / "optuna.db", "swept")
     assert len(trials) == 8 and set(importances) == {"lrn_alpha", "lr", "schedule"}
 
 
@@ -586,7 +741,12 @@ def test_experiment_without_study_copy(s3, trained, tmp_path):
     assert f"no copy of the Optuna study at s3://{experiment}/optuna.db" in sweep["note"]
     assert sweep["note"] in (out / "report.md").read_text()
     check_experiment_outputs(s3, report, out, SWEEP_FILES)
-    assert [t["state"] for t in evaluate.trials_from_best(best)] == ["COMPLETE", "PRUNED", "COMPLETE", "FAIL"]
+    assert [t["state"] for t in history.trials_from_best(best)] == [
+        "COMPLETE",
+        "PRUNED",
+        "COMPLETE",
+        "FAIL",
+    ]
     # an older best.json: the sweep report's sections are there, and say what they lacked
     notes = " ".join(report["sweep_report"]["notes"])
     assert "no per-epoch 'history'" in notes and "no 'paper_defaults'" in notes
@@ -599,13 +759,13 @@ def test_sweep_figures_without_any_history(tmp_path):
     from raypose import storage
 
     copy = storage.parse(f"s3://{BUCKET}/sweeps/empty/optuna.db")
-    sweep = evaluate.sweep_history({"trials": []}, None, copy)
+    sweep = history.sweep_history({"trials": []}, None, copy)
     assert sweep["trials"] == [] and sweep["source"] is None and sweep["importances"] == {}
     assert copy.uri in sweep["note"] and "sweep_history.png not drawn" in sweep["note"]
     broken = tmp_path / "optuna.db"
     broken.write_bytes(b"not a database")
     rows = [{"params": {"lr": 1e-3}, "best_val_mpjpe": 300.0}]
-    sweep = evaluate.sweep_history({"trials": rows}, broken, copy)
+    sweep = history.sweep_history({"trials": rows}, broken, copy)
     assert sweep["source"] == "best.json" and len(sweep["trials"]) == 1
     assert "could not be read" in sweep["note"]
 
@@ -613,8 +773,8 @@ def test_sweep_figures_without_any_history(tmp_path):
 def test_experiment_figures_follow_the_sweep_source(evaluated, tiny_data, tmp_path):
     """write_figures draws sweep_history.png only when there is a history, param_importance.png
     always (with the note when there are no importances), and says so in report['sweep']."""
-    from raypose.data.dataset import PoseDataset
     from raypose import storage
+    from raypose.data.dataset import PoseDataset
 
     report, out = evaluated
     saved = np.load(out / "predictions.npz")
@@ -652,26 +812,47 @@ def test_experiment_without_best_json(s3, tmp_path, capsys, layout):
 
 
 def test_training_run_folder_points_at_its_checkpoints(s3, trained, tmp_path):
-    expect_refusal(s3, f"s3://{RUN}", EvaluationError, tmp_path, "is a training run",
-                   "epoch_0001", f"s3://{CKPT}")
+    expect_refusal(
+        s3,
+        f"s3://{RUN}",
+        EvaluationError,
+        tmp_path,
+        "is a training run",
+        "epoch_0001",
+        f"s3://{CKPT}",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # The paper's rows and the one-line summary
 
 
-def _report_for_markdown(per_action: dict, baseline_per_action: dict, overall_baseline: float) -> dict:
+def _report_for_markdown(
+    per_action: dict, baseline_per_action: dict, overall_baseline: float
+) -> dict:
     """The part of a report that markdown_report and summary_line read, for given per-action numbers."""
-    pa = {a: {"mpjpe": v, "p_mpjpe": v / 2, "n_mpjpe": v * 0.9, "std_mpjpe": 1.0, "count": 1}
-          for a, v in per_action.items()}
-    mean = {k: float(np.mean([row[k] for row in pa.values()])) for k in ("mpjpe", "p_mpjpe", "n_mpjpe")}
-    return {"checkpoint": "s3://b/run/epoch_0001", "epoch": 1, "stage": "joint", "test_samples": len(pa),
-            "per_action": pa, "mean_over_actions": mean,
-            "per_joint": {k: {"Hip": 1.0} for k in ("mpjpe", "p_mpjpe", "n_mpjpe")},
-            "mean_pose_baseline": {
-                "mpjpe": overall_baseline, "per_action": baseline_per_action,
-                "mean_over_actions": float(np.mean(list(baseline_per_action.values())))},
-            "detection": None}
+    pa = {
+        a: {"mpjpe": v, "p_mpjpe": v / 2, "n_mpjpe": v * 0.9, "std_mpjpe": 1.0, "count": 1}
+        for a, v in per_action.items()
+    }
+    mean = {
+        k: float(np.mean([row[k] for row in pa.values()])) for k in ("mpjpe", "p_mpjpe", "n_mpjpe")
+    }
+    return {
+        "checkpoint": "s3://b/run/epoch_0001",
+        "epoch": 1,
+        "stage": "joint",
+        "test_samples": len(pa),
+        "per_action": pa,
+        "mean_over_actions": mean,
+        "per_joint": {k: {"Hip": 1.0} for k in ("mpjpe", "p_mpjpe", "n_mpjpe")},
+        "mean_pose_baseline": {
+            "mpjpe": overall_baseline,
+            "per_action": baseline_per_action,
+            "mean_over_actions": float(np.mean(list(baseline_per_action.values()))),
+        },
+        "detection": None,
+    }
 
 
 def test_paper_rows_match_the_converters_action_names():
@@ -699,8 +880,11 @@ def test_paper_rows_match_the_converters_action_names():
 def test_summary_line_compares_means_over_actions():
     """Two actions of unequal size: the model's mean over actions stands beside the baseline's
     mean over actions (each action once), not beside the sample-weighted baseline."""
-    report = _report_for_markdown({"Walking": 100.0, "Eating": 200.0}, {"Walking": 300.0, "Eating": 500.0},
-                                  overall_baseline=320.0)  # e.g. 9 Walking samples to 1 Eating
+    report = _report_for_markdown(
+        {"Walking": 100.0, "Eating": 200.0},
+        {"Walking": 300.0, "Eating": 500.0},
+        overall_baseline=320.0,
+    )  # e.g. 9 Walking samples to 1 Eating
     line = evaluate.summary_line(report)
     assert "mean over actions: MPJPE 150.0 mm" in line
     assert "mean-pose baseline MPJPE 400.0 mm" in line and "320.0" not in line
@@ -709,21 +893,38 @@ def test_summary_line_compares_means_over_actions():
 
 
 def test_missing_uri_and_bad_best_json(s3, tmp_path):
-    expect_refusal(s3, f"s3://{BUCKET}/nothing/here", EvaluationError, tmp_path,
-                   f"s3://{BUCKET}/nothing/here", "does not exist")
+    expect_refusal(
+        s3,
+        f"s3://{BUCKET}/nothing/here",
+        EvaluationError,
+        tmp_path,
+        f"s3://{BUCKET}/nothing/here",
+        "does not exist",
+    )
     s3.pipe(f"{BUCKET}/badbest/best.json", b'{"experiment": "x"}')
-    expect_refusal(s3, f"s3://{BUCKET}/badbest", EvaluationError, tmp_path,
-                   f"s3://{BUCKET}/badbest/best.json", "'checkpoint'")
+    expect_refusal(
+        s3,
+        f"s3://{BUCKET}/badbest",
+        EvaluationError,
+        tmp_path,
+        f"s3://{BUCKET}/badbest/best.json",
+        "'checkpoint'",
+    )
     s3.pipe(f"{BUCKET}/notjson/best.json", b'{"experiment": ')
-    expect_refusal(s3, f"s3://{BUCKET}/notjson", EvaluationError, tmp_path,
-                   f"s3://{BUCKET}/notjson/best.json", "is not JSON")
+    expect_refusal(
+        s3,
+        f"s3://{BUCKET}/notjson",
+        EvaluationError,
+        tmp_path,
+        f"s3://{BUCKET}/notjson/best.json",
+        "is not JSON",
+    )
 
 
 def test_per_subject_shows_a_body_larger_than_the_training_bodies():
     """A test subject 10 % larger than every training body, predicted as the training mean pose
     of its own shape: its size reads 1.1x, and the error that is only scale disappears under
     N-MPJPE while MPJPE keeps it."""
-    from raypose.data.skeleton import H36M_SKELETON
 
     rng = np.random.default_rng(5)
     train = rng.normal(scale=200, size=(40, 17, 3))
@@ -734,9 +935,12 @@ def test_per_subject_shows_a_body_larger_than_the_training_bodies():
     rows = evaluate.per_subject(pred, gt, subjects, train)
     assert list(rows) == ["S11", "S9"]
     assert rows["S9"]["count"] == 10 and rows["S11"]["count"] == 10
-    assert rows["S9"]["size_vs_train"] == pytest.approx(1.1 * rows["S11"]["size_vs_train"], rel=1e-9)
+    assert rows["S9"]["size_vs_train"] == pytest.approx(
+        1.1 * rows["S11"]["size_vs_train"], rel=1e-9
+    )
     assert rows["S9"]["mpjpe"] > 10 and rows["S9"]["n_mpjpe"] == pytest.approx(0, abs=1e-6)
     assert rows["S11"]["mpjpe"] == pytest.approx(0, abs=1e-9)
-    md = evaluate.markdown_report({**_report_for_markdown({"walk": 1.0}, {"walk": 2.0}, 2.0),
-                                   "per_subject": rows})
+    md = evaluate.markdown_report(
+        {**_report_for_markdown({"walk": 1.0}, {"walk": 2.0}, 2.0), "per_subject": rows}
+    )
     assert "## Per subject (mm)" in md and "| S9 | 10 |" in md

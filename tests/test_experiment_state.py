@@ -8,13 +8,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raypose.storage import checkpoint
 from raypose import storage
-from raypose.config import ConfigError
 from raypose.cluster.driver import latest_checkpoint, preflight
+from raypose.config import ConfigError
+from raypose.search.sweep import (
+    SWEEP_RECORD,
+    default_study_url,
+    existing_checkpoint,
+    run_sweep,
+    sweep_record,
+)
+from raypose.storage import checkpoint
+from raypose.storage import retry as storage_retry
 from raypose.train.run import build_trainer
-from raypose.search.sweep import (SWEEP_RECORD, default_study_url, existing_checkpoint, run_sweep,
-                          sweep_record)
 from tests.conftest import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +66,11 @@ def test_best_json_checkpoint_exists(s3_bucket, capsys):
     fs.pipe(f"{bucket}/sweeps/s/train/t1/epoch_0001/{checkpoint.MODEL_FILE}", b"partial")
     rows = [
         # the best value, but its checkpoint is gone (only a partial folder is left)
-        {"trial_id": "t1", "best_val_mpjpe": 100.0, "checkpoint_path": f"{bucket}/sweeps/s/train/t1/epoch_0001"},
+        {
+            "trial_id": "t1",
+            "best_val_mpjpe": 100.0,
+            "checkpoint_path": f"{bucket}/sweeps/s/train/t1/epoch_0001",
+        },
         {"trial_id": "t2", "best_val_mpjpe": 120.0, "checkpoint_path": kept},
         {"trial_id": "t3", "best_val_mpjpe": 130.0, "checkpoint_path": None},
     ]
@@ -89,7 +99,9 @@ def test_partial_checkpoint_folder_without_record_never_counts(tiny_data, s3_buc
 # What a resume applies and refuses (moto, no Ray)
 
 
-def test_resume_refuses_what_it_cannot_apply_before_ray(tiny_data, s3_bucket, tmp_path, monkeypatch):
+def test_resume_refuses_what_it_cannot_apply_before_ray(
+    tiny_data, s3_bucket, tmp_path, monkeypatch
+):
     import ray
 
     endpoint, bucket = s3_bucket
@@ -101,25 +113,46 @@ def test_resume_refuses_what_it_cannot_apply_before_ray(tiny_data, s3_bucket, tm
     study = default_study_url(loc, "s1")
     # a sweep that started with 3 trials, 1 at a time (Tune's state file marks it as existing)
     fs.pipe(f"{bucket}/sweeps/s1/experiment_state-2026.json", b"{}")
-    storage.write_text(loc.join("s1", SWEEP_RECORD), json.dumps(sweep_record(cfg, SMOKE, 3, 1, study)))
+    storage.write_text(
+        loc.join("s1", SWEEP_RECORD), json.dumps(sweep_record(cfg, SMOKE, 3, 1, study))
+    )
 
     again = tiny_config(tiny_data, f"s3://{bucket}/sweeps", name="s1", lrn_alpha=0.01)
     with pytest.raises(ConfigError) as refused:
-        run_sweep(again, SMOKE, "s1", samples=8, max_concurrent=2, resume=True,
-                  study_url="sqlite:////elsewhere/optuna.db")
+        run_sweep(
+            again,
+            SMOKE,
+            "s1",
+            samples=8,
+            max_concurrent=2,
+            resume=True,
+            study_url="sqlite:////elsewhere/optuna.db",
+        )
     message = str(refused.value)
     assert "\n" not in message
-    for part in ("--samples 8 (the sweep has 3)", "--max-concurrent 2 (the sweep has 1)",
-                 "--study-db sqlite:////elsewhere/optuna.db", "model.lrn_alpha 0.01"):
+    for part in (
+        "--samples 8 (the sweep has 3)",
+        "--max-concurrent 2 (the sweep has 1)",
+        "--study-db sqlite:////elsewhere/optuna.db",
+        "model.lrn_alpha 0.01",
+    ):
         assert part in message, message
 
     other_space = tmp_path / "space.yaml"
     doc = yaml.safe_load(Path(SMOKE).read_text())
     doc["parameters"]["lr"]["high"] *= 1.5  # another range for one parameter
     other_space.write_text(yaml.safe_dump(doc, sort_keys=False))
-    with pytest.raises(ConfigError, match=r"--space .* \(differs from the space the sweep started with"):
-        run_sweep(tiny_config(tiny_data, f"s3://{bucket}/sweeps"), str(other_space), "s1",
-                  samples=None, max_concurrent=None, resume=True)
+    with pytest.raises(
+        ConfigError, match=r"--space .* \(differs from the space the sweep started with"
+    ):
+        run_sweep(
+            tiny_config(tiny_data, f"s3://{bucket}/sweeps"),
+            str(other_space),
+            "s1",
+            samples=None,
+            max_concurrent=None,
+            resume=True,
+        )
     assert not ray.is_initialized()  # refused before any cluster time
 
 
@@ -128,14 +161,25 @@ def test_resume_refuses_what_it_cannot_apply_before_ray(tiny_data, s3_bucket, tm
 
 
 @pytest.mark.slow
-def test_retention_keeps_regression_checkpoints_and_resume_reads_the_record(ray_local, tiny_data, s3_bucket):
+def test_retention_keeps_regression_checkpoints_and_resume_reads_the_record(
+    ray_local, tiny_data, s3_bucket
+):
     from ray.train import Result
 
     endpoint, bucket = s3_bucket
     fs = _s3fs(endpoint)
-    cfg = tiny_config(tiny_data, f"s3://{bucket}/exp", name="pre", schedule__kind="pretrain",
-                      schedule__epochs=3, schedule__pretrain_share=0.3, storage__keep_checkpoints=1,
-                      scaling__workers=1, data__max_train_samples=32, data__max_val_samples=16)
+    cfg = tiny_config(
+        tiny_data,
+        f"s3://{bucket}/exp",
+        name="pre",
+        schedule__kind="pretrain",
+        schedule__epochs=3,
+        schedule__pretrain_share=0.3,
+        storage__keep_checkpoints=1,
+        scaling__workers=1,
+        data__max_train_samples=32,
+        data__max_val_samples=16,
+    )
     run = f"{bucket}/exp/pre"
     build_trainer(cfg, "pre", preflight(cfg), stop_after_epoch=2).fit()  # detection 1, regression 2
     # the detection-stage checkpoint (its val_mpjpe is the mean-pose baseline) did not take the
@@ -152,7 +196,7 @@ def test_retention_keeps_regression_checkpoints_and_resume_reads_the_record(ray_
     state = json.loads(fs.cat(f"{run}/epoch_0003/{checkpoint.STATE_FILE}"))
     assert state["epoch"] == 3 and state["stage"] == "regression"
 
-    path, pyfs = storage.ray_storage(loc.join("pre"))
+    path, pyfs = storage_retry.ray_storage(loc.join("pre"))
     kept = Result.from_path(path, storage_filesystem=pyfs).best_checkpoints
     assert kept and all(m["has_regression_head"] for _, m in kept)
     assert all(m["checkpoint_score"] == m["val_mpjpe"] for _, m in kept)
@@ -168,14 +212,20 @@ def test_same_sweep_name_in_two_buckets(ray_local, tiny_data, s3_server, tmp_pat
     studies = []
     for bucket in ("raypose-bucket-a", "raypose-bucket-b"):
         fs.mkdir(bucket)
-        cfg = tiny_config(tiny_data, f"s3://{bucket}/sweeps", storage__keep_checkpoints=1,
-                          scaling__workers=1, data__max_train_samples=32, data__max_val_samples=16)
+        cfg = tiny_config(
+            tiny_data,
+            f"s3://{bucket}/sweeps",
+            storage__keep_checkpoints=1,
+            scaling__workers=1,
+            data__max_train_samples=32,
+            data__max_val_samples=16,
+        )
         best = run_sweep(cfg, SMOKE, "s1", samples=1, max_concurrent=1)
         # best.json names a checkpoint that retention kept
         stored = json.loads(fs.cat(f"{bucket}/sweeps/s1/best.json"))
         assert stored["checkpoint"] == best["checkpoint"]
         assert stored["checkpoint"].startswith(f"s3://{bucket}/sweeps/s1/train/")
-        assert fs.exists(stored["checkpoint"][len("s3://"):] + f"/{checkpoint.MANIFEST_FILE}")
+        assert fs.exists(stored["checkpoint"][len("s3://") :] + f"/{checkpoint.MANIFEST_FILE}")
         record = json.loads(fs.cat(f"{bucket}/sweeps/s1/{SWEEP_RECORD}"))
         assert record["samples"] == 1 and record["max_concurrent"] == 1
         assert record["study_url"] == stored["study"]["url"]
@@ -193,8 +243,13 @@ def test_same_sweep_name_in_two_buckets(ray_local, tiny_data, s3_server, tmp_pat
 def _saved_checkpoint(directory):
     import torch
 
-    return checkpoint.save(directory, {"w": torch.arange(6.0)}, {"state": {}, "param_groups": []},
-                           {"seed": 1}, {"epoch": 3})
+    return checkpoint.save(
+        directory,
+        {"w": torch.arange(6.0)},
+        {"state": {}, "param_groups": []},
+        {"seed": 1},
+        {"epoch": 3},
+    )
 
 
 def _inodes(folder):
@@ -219,7 +274,9 @@ def test_upload_links_on_local_storage_and_copies_across_devices(tmp_path):
     # another device (/dev/shm is a memory filesystem here, /tmp a disk): copies
     with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
         other = _saved_checkpoint(Path(shm) / "c2")
-        assert os.stat(other).st_dev != os.stat(tmp_path).st_dev  # the premise of this half of the test
+        assert (
+            os.stat(other).st_dev != os.stat(tmp_path).st_dev
+        )  # the premise of this half of the test
         copied = tmp_path / "storage" / "epoch_0004"
         assert checkpoint.upload(str(other), str(copied), pyarrow.fs.LocalFileSystem()) == 0
         assert not set(_inodes(copied).values()) & set(_inodes(other).values())
@@ -227,7 +284,8 @@ def test_upload_links_on_local_storage_and_copies_across_devices(tmp_path):
 
 
 def test_upload_copies_to_object_storage(tmp_path, s3_bucket):
-    from raypose.storage import parse, ray_storage
+    from raypose.storage import parse
+    from raypose.storage.retry import ray_storage
 
     endpoint, bucket = s3_bucket
     local = _saved_checkpoint(tmp_path / "c")

@@ -6,7 +6,6 @@ import json
 import time
 
 import pytest
-
 from conftest import tiny_config
 from tcp_proxy import TcpProxy
 
@@ -15,10 +14,10 @@ from tcp_proxy import TcpProxy
 def test_s3_outage_during_checkpoint_upload(ray_local, tiny_data, s3_bucket, monkeypatch, tmp_path):
     import s3fs
 
-    from raypose.storage import checkpoint
     from raypose import storage
-    from raypose.evaluation.evaluate import EvaluationError, evaluate
     from raypose.cluster.driver import latest_checkpoint, preflight
+    from raypose.evaluation.evaluate import EvaluationError, evaluate
+    from raypose.storage import checkpoint
     from raypose.train.run import build_trainer
 
     endpoint, bucket = s3_bucket
@@ -41,8 +40,9 @@ def test_s3_outage_during_checkpoint_upload(ray_local, tiny_data, s3_bucket, mon
     import threading
 
     threading.Thread(target=restore, daemon=True).start()
-    cfg = tiny_config(tiny_data, f"s3://{bucket}/exp", name="outage", schedule__epochs=4,
-                      scaling__workers=1)
+    cfg = tiny_config(
+        tiny_data, f"s3://{bucket}/exp", name="outage", schedule__epochs=4, scaling__workers=1
+    )
     loc = preflight(cfg)
     start = time.monotonic()
     result = build_trainer(cfg, "outage", loc).fit()
@@ -70,9 +70,11 @@ def test_s3_outage_during_checkpoint_upload(ray_local, tiny_data, s3_bucket, mon
         checkpoint.verify(local)
     # a folder the cut left without its manifest is not among them, and evaluation refuses it
     names = sorted(p.rsplit("/", 1)[-1] for p in direct.ls(run, refresh=True))
-    state_epochs = sorted(json.loads(direct.cat(f"{run}/{n}/{checkpoint.STATE_FILE}"))["epoch"]
-                          for n in names if n.startswith("epoch_")
-                          and direct.exists(f"{run}/{n}/{checkpoint.MANIFEST_FILE}"))
+    state_epochs = sorted(
+        json.loads(direct.cat(f"{run}/{n}/{checkpoint.STATE_FILE}"))["epoch"]
+        for n in names
+        if n.startswith("epoch_") and direct.exists(f"{run}/{n}/{checkpoint.MANIFEST_FILE}")
+    )
     assert state_epochs == sorted(set(state_epochs))  # no finished epoch recorded twice
     assert state_epochs[-1] == 4
     partial = f"{run}/epoch_partial"

@@ -7,16 +7,39 @@ import optuna
 import pytest
 from PIL import Image
 
-from raypose.evaluation.figures import (joint_error_figure, learning_curves_figure, param_importance_figure,
-                             param_importances, skeleton_figure, sweep_history_figure)
 from raypose.data.skeleton import H36M_SKELETON
+from raypose.evaluation.figures import (
+    joint_error_figure,
+    learning_curves_figure,
+    param_importance_figure,
+    param_importances,
+    skeleton_figure,
+    sweep_history_figure,
+)
 
 # a standing pose in camera coordinates (mm): x right, y down, z forward
-STANDING = np.array([
-    [0, 0, 3000], [-130, 0, 3000], [-130, 450, 3000], [-130, 900, 3050], [130, 0, 3000],
-    [130, 450, 2990], [130, 900, 3000], [0, -230, 3000], [0, -480, 3010], [0, -580, 3000],
-    [0, -700, 3000], [150, -480, 3010], [150, -200, 3010], [150, 50, 2900], [-150, -480, 3010],
-    [-150, -200, 3010], [-150, 50, 3100]], dtype=np.float64)
+STANDING = np.array(
+    [
+        [0, 0, 3000],
+        [-130, 0, 3000],
+        [-130, 450, 3000],
+        [-130, 900, 3050],
+        [130, 0, 3000],
+        [130, 450, 2990],
+        [130, 900, 3000],
+        [0, -230, 3000],
+        [0, -480, 3010],
+        [0, -580, 3000],
+        [0, -700, 3000],
+        [150, -480, 3010],
+        [150, -200, 3010],
+        [150, 50, 2900],
+        [-150, -480, 3010],
+        [-150, -200, 3010],
+        [-150, 50, 3100],
+    ],
+    dtype=np.float64,
+)
 
 
 def _check_png(path, min_side=200, min_std=10.0, min_colours=50):
@@ -39,7 +62,9 @@ def test_skeleton_figure(tmp_path):
     gt = STANDING[None] + rng.normal(scale=20, size=(n, 17, 3))
     pred = gt + rng.normal(scale=40, size=gt.shape)
     joints_2d = rng.uniform(10, 100, size=(n, 17, 2))
-    out = skeleton_figure(images, pred, gt, tmp_path / "figs" / "skeletons.png", joints_2d=joints_2d)
+    out = skeleton_figure(
+        images, pred, gt, tmp_path / "figs" / "skeletons.png", joints_2d=joints_2d
+    )
     assert out == tmp_path / "figs" / "skeletons.png"
     pixels = _check_png(out)
     assert pixels.shape[0] > pixels.shape[1]  # one row per sample
@@ -48,8 +73,9 @@ def test_skeleton_figure(tmp_path):
 def test_skeleton_figure_on_flat_images_without_2d(tmp_path):
     # flat grey crops: the skeleton plot alone must make the figure non-blank
     images = np.full((1, 112, 112, 3), 128, dtype=np.uint8)
-    out = skeleton_figure(images, STANDING[None] + 30.0, STANDING[None], tmp_path / "one.png",
-                          skeleton=H36M_SKELETON)
+    out = skeleton_figure(
+        images, STANDING[None] + 30.0, STANDING[None], tmp_path / "one.png", skeleton=H36M_SKELETON
+    )
     _check_png(out)
 
 
@@ -58,10 +84,17 @@ def test_skeleton_figure_rejects_bad_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"pred and gt must both be \[N, 17, 3\]"):
         skeleton_figure(images, np.zeros((2, 16, 3)), np.zeros((2, 16, 3)), tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"images must be \[N, H, W, 3\]"):
-        skeleton_figure(images[..., 0], np.zeros((2, 17, 3)), np.zeros((2, 17, 3)), tmp_path / "x.png")
+        skeleton_figure(
+            images[..., 0], np.zeros((2, 17, 3)), np.zeros((2, 17, 3)), tmp_path / "x.png"
+        )
     with pytest.raises(ValueError, match="joints_2d"):
-        skeleton_figure(images, np.zeros((2, 17, 3)), np.zeros((2, 17, 3)), tmp_path / "x.png",
-                        joints_2d=np.zeros((2, 17, 3)))
+        skeleton_figure(
+            images,
+            np.zeros((2, 17, 3)),
+            np.zeros((2, 17, 3)),
+            tmp_path / "x.png",
+            joints_2d=np.zeros((2, 17, 3)),
+        )
     assert not (tmp_path / "x.png").exists()
 
 
@@ -85,10 +118,18 @@ def test_sweep_history_figure(tmp_path):
     trials = []
     for i in range(12):
         state = "COMPLETE" if i % 4 else "PRUNED"
-        trials.append({"number": i, "value": float(200 - 5 * i + rng.normal(scale=15)),
-                       "params": {"schedule": "joint" if i % 2 else "pretrain"}, "state": state})
+        trials.append(
+            {
+                "number": i,
+                "value": float(200 - 5 * i + rng.normal(scale=15)),
+                "params": {"schedule": "joint" if i % 2 else "pretrain"},
+                "state": state,
+            }
+        )
     trials.append({"number": 12, "value": None, "params": {}, "state": "FAIL"})
-    trials.append({"number": 13, "value": None, "params": {}, "state": optuna.trial.TrialState.RUNNING})
+    trials.append(
+        {"number": 13, "value": None, "params": {}, "state": optuna.trial.TrialState.RUNNING}
+    )
     _check_png(sweep_history_figure(trials, tmp_path / "sweep.png"))
 
 
@@ -99,7 +140,13 @@ def test_sweep_history_figure_with_no_values(tmp_path):
 
 
 def test_param_importance_figure(tmp_path):
-    importances = {"lr": 0.52, "lrn_alpha": 0.21, "lambda": 0.15, "schedule": 0.07, "lrn_beta": 0.05}
+    importances = {
+        "lr": 0.52,
+        "lrn_alpha": 0.21,
+        "lambda": 0.15,
+        "schedule": 0.07,
+        "lrn_beta": 0.05,
+    }
     _check_png(param_importance_figure(importances, tmp_path / "importance.png"))
 
 
@@ -130,23 +177,36 @@ def test_param_importances_from_a_study(tmp_path):
 
 
 def _curve(trial_id, schedule, state, epochs, values, best=False, paper=False):
-    return {"trial_id": trial_id, "schedule": schedule, "state": state, "epochs": epochs, "values": values,
-            "is_best": best, "is_paper_defaults": paper}
+    return {
+        "trial_id": trial_id,
+        "schedule": schedule,
+        "state": state,
+        "epochs": epochs,
+        "values": values,
+        "is_best": best,
+        "is_paper_defaults": paper,
+    }
 
 
 def test_learning_curves_figure(tmp_path):
-    curves = [_curve("t0", "joint", "COMPLETE", [1, 2, 3, 4], [300, 260, 240, 230], paper=True),
-              _curve("t1", "joint", "COMPLETE", [1, 2, 3, 4], [280, 220, 200, 190], best=True),
-              _curve("t2", "joint", "PRUNED", [1, 2], [320, 310]),
-              _curve("t4", "pretrain", "COMPLETE", [2, 3, 4], [270, 230, 210]),
-              _curve("t6", "pretrain", "PRUNED", [2], [330]),
-              _curve("t7", "pretrain", "ERROR", [], [])]
+    curves = [
+        _curve("t0", "joint", "COMPLETE", [1, 2, 3, 4], [300, 260, 240, 230], paper=True),
+        _curve("t1", "joint", "COMPLETE", [1, 2, 3, 4], [280, 220, 200, 190], best=True),
+        _curve("t2", "joint", "PRUNED", [1, 2], [320, 310]),
+        _curve("t4", "pretrain", "COMPLETE", [2, 3, 4], [270, 230, 210]),
+        _curve("t6", "pretrain", "PRUNED", [2], [330]),
+        _curve("t7", "pretrain", "ERROR", [], []),
+    ]
     out = learning_curves_figure(curves, tmp_path / "curves.png", baseline=250.0)
     _check_png(out, min_colours=200)
     # the best trial is also the paper-defaults one; no baseline; early epochs far above the rest
-    curves = [_curve("t0", "pretrain", "COMPLETE", [2, 3, 4], [2000, 300, 200], best=True, paper=True),
-              _curve("t1", None, "COMPLETE", [1, 2], [900, 250])]
-    _check_png(learning_curves_figure(curves, tmp_path / "log.png", note="drawn at the best epoch only"))
+    curves = [
+        _curve("t0", "pretrain", "COMPLETE", [2, 3, 4], [2000, 300, 200], best=True, paper=True),
+        _curve("t1", None, "COMPLETE", [1, 2], [900, 250]),
+    ]
+    _check_png(
+        learning_curves_figure(curves, tmp_path / "log.png", note="drawn at the best epoch only")
+    )
 
 
 def test_learning_curves_figure_with_nothing_to_draw(tmp_path):

@@ -9,12 +9,21 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from raypose import cli
-from raypose.config import (MEMORY_SHARE, Config, ConfigError, ModelConfig, config_from_dict,
-                            load_config, machine_memory_bytes, parameter_count,
-                            saved_activation_floats, training_memory)
+from raypose.config import (
+    MEMORY_SHARE,
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    load_config,
+    machine_memory_bytes,
+    parameter_count,
+    saved_activation_floats,
+    training_memory,
+)
 
 GIB = 2**30
 
@@ -22,6 +31,7 @@ GIB = 2**30
 @pytest.fixture
 def no_ray(monkeypatch, tmp_path):
     """Commands run in-process; starting Ray fails the test instead."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was about to start")
 
@@ -44,8 +54,18 @@ def _one_line(capsys, argv) -> str:
 
 
 def _train(data, storage, *extra):
-    return ["train", "--data", str(data), "--storage", str(storage), "--name", "run",
-            "--epochs", "1", *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--storage",
+        str(storage),
+        "--name",
+        "run",
+        "--epochs",
+        "1",
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,12 +80,17 @@ def test_tiny_data_has_80_training_samples(tiny_data):
 
 
 def test_batch_size_beyond_an_epoch_is_refused_naming_batch_size_and_samples(
-        tiny_data, no_ray, capsys):
-    line = _one_line(capsys, _train(tiny_data, no_ray / "storage", "--workers", "2",
-                                    "--set", "data.batch_size=41"))
-    assert line.startswith("raypose train: error: data.batch_size: 41 per worker with 2 "
-                           "worker(s) needs 82 samples per epoch, but an epoch has 80 "
-                           f"(the training split of {tiny_data}/train.h5)"), line
+    tiny_data, no_ray, capsys
+):
+    line = _one_line(
+        capsys,
+        _train(tiny_data, no_ray / "storage", "--workers", "2", "--set", "data.batch_size=41"),
+    )
+    assert line.startswith(
+        "raypose train: error: data.batch_size: 41 per worker with 2 "
+        "worker(s) needs 82 samples per epoch, but an epoch has 80 "
+        f"(the training split of {tiny_data}/train.h5)"
+    ), line
     assert not (no_ray / "storage").exists()  # refused before the storage was made
 
 
@@ -82,11 +107,23 @@ def test_batch_size_100000_is_refused_naming_batch_size(tiny_data, no_ray, capsy
 
 
 def test_epoch_samples_count_as_the_epoch(tiny_data, no_ray, capsys):
-    line = _one_line(capsys, _train(tiny_data, no_ray / "storage", "--workers", "2",
-                                    "--set", "data.batch_size=16",
-                                    "--set", "data.epoch_samples=30"))
-    assert "data.batch_size: 16 per worker with 2 worker(s) needs 32 samples per epoch, but an " \
-           "epoch has 30 (data.epoch_samples)" in line, line
+    line = _one_line(
+        capsys,
+        _train(
+            tiny_data,
+            no_ray / "storage",
+            "--workers",
+            "2",
+            "--set",
+            "data.batch_size=16",
+            "--set",
+            "data.epoch_samples=30",
+        ),
+    )
+    assert (
+        "data.batch_size: 16 per worker with 2 worker(s) needs 32 samples per epoch, but an "
+        "epoch has 30 (data.epoch_samples)" in line
+    ), line
 
 
 def test_preflight_takes_one_step_per_epoch_at_the_boundary(tiny_data, tmp_path):
@@ -103,8 +140,13 @@ def test_preflight_takes_one_step_per_epoch_at_the_boundary(tiny_data, tmp_path)
         preflight(cfg)
     assert err.value.key == "data.batch_size"
     # an elastic group is checked at its largest size, where each worker's share is least
-    cfg = tiny_config(tiny_data, tmp_path / "storage", data__batch_size=30,
-                      scaling__workers=3, scaling__min_workers=1)
+    cfg = tiny_config(
+        tiny_data,
+        tmp_path / "storage",
+        data__batch_size=30,
+        scaling__workers=3,
+        scaling__min_workers=1,
+    )
     with pytest.raises(ConfigError, match=r"30 per worker with 3 worker\(s\) needs 90"):
         preflight(cfg)
 
@@ -185,20 +227,26 @@ def test_fc1_width_65536_needs_about_18_gb():
     assert 17e9 < need["state_bytes"] < 19e9  # what the run asked for before dying with exit 1
 
 
-@pytest.mark.parametrize("command", [
-    "train",
-    # model-summary would build the 1.1-billion-parameter model (4.4 GB) to print it
-    "model-summary",
-])
-def test_huge_fc1_width_is_refused_in_one_line_naming_it(command, tiny_data, no_ray, capsys,
-                                                         monkeypatch):
+@pytest.mark.parametrize(
+    "command",
+    [
+        "train",
+        # model-summary would build the 1.1-billion-parameter model (4.4 GB) to print it
+        "model-summary",
+    ],
+)
+def test_huge_fc1_width_is_refused_in_one_line_naming_it(
+    command, tiny_data, no_ray, capsys, monkeypatch
+):
     # a machine of 32 GiB allows 16 GiB, below the ~18.8 GB this asks for; pinned so that the
     # test means the same on a bigger machine
     monkeypatch.setattr("raypose.config.machine_memory_bytes", lambda: 32 * GIB)
-    argv = (_train(tiny_data, no_ray / "storage") if command == "train" else ["model-summary"])
+    argv = _train(tiny_data, no_ray / "storage") if command == "train" else ["model-summary"]
     line = _one_line(capsys, [*argv, "--set", "model.fc1_width=65536"])
-    assert line.startswith(f"raypose {command}: error: --set model.fc1_width=65536: "
-                           "model.fc1_width is too large for this machine's memory"), line
+    assert line.startswith(
+        f"raypose {command}: error: --set model.fc1_width=65536: "
+        "model.fc1_width is too large for this machine's memory"
+    ), line
     assert "18.8 GB" in line and "17.2 GB allowed (50% of the machine's 34.4 GB)" in line, line
     assert line.endswith("got 65536"), line
 
@@ -228,8 +276,11 @@ def test_a_checkpoint_config_is_checked_when_loaded(monkeypatch):
     stored = Config().to_dict()
     assert config_from_dict(stored) == Config()
     stored["model"]["fc1_width"] = 65536
-    with pytest.raises(ConfigError, match=r"^checkpoint config: key model\.fc1_width: "
-                                          r"model\.fc1_width is too large") as err:
+    with pytest.raises(
+        ConfigError,
+        match=r"^checkpoint config: key model\.fc1_width: "
+        r"model\.fc1_width is too large",
+    ) as err:
         config_from_dict(stored)
     assert err.value.key == "model.fc1_width"
     # a sweep trial's config keeps its slashed run name: only the memory is checked here
@@ -244,7 +295,8 @@ def test_a_checkpoint_config_is_checked_when_loaded(monkeypatch):
 
 @pytest.mark.parametrize("key", ["rgb_eigval", "rgb_eigvec"])
 def test_train_refuses_nan_colour_statistics_naming_file_and_attribute(
-        key, tiny_data, no_ray, capsys):
+    key, tiny_data, no_ray, capsys
+):
     data = no_ray / "data"
     data.mkdir()
     shutil.copy(tiny_data / "train.h5", data / "train.h5")
@@ -261,12 +313,24 @@ def test_train_refuses_nan_colour_statistics_naming_file_and_attribute(
 
 
 @pytest.mark.slow
-def test_a_nan_loss_fails_the_ray_train_run_with_its_line(ray_local, tiny_data, tmp_path,
-                                                          capsys):
+def test_a_nan_loss_fails_the_ray_train_run_with_its_line(ray_local, tiny_data, tmp_path, capsys):
     # in-process, on the test's Ray instance (init_ray leaves an initialised Ray as it is)
-    rc = cli.main(_train(tiny_data, tmp_path / "storage", "--workers", "2",
-                         "--set", "optim.name=sgd", "--set", "optim.lr=1e30",
-                         "--set", "data.batch_size=8", "--set", "storage.max_failures=0"))
+    rc = cli.main(
+        _train(
+            tiny_data,
+            tmp_path / "storage",
+            "--workers",
+            "2",
+            "--set",
+            "optim.name=sgd",
+            "--set",
+            "optim.lr=1e30",
+            "--set",
+            "data.batch_size=8",
+            "--set",
+            "storage.max_failures=0",
+        )
+    )
     err = capsys.readouterr().err
     assert rc != 0, err
     assert "NonFiniteLossError" in err or "the training loss became NaN or inf" in err, err
@@ -281,15 +345,23 @@ def test_a_sweep_trial_whose_loss_goes_nan_fails_in_optuna(ray_local, tiny_data,
     from raypose.search.sweep import run_sweep
 
     space = tmp_path / "space.yaml"
-    space.write_text("parameters:\n"
-                     "  optim.name: {distribution: fixed, value: sgd}\n"
-                     "  lr: {distribution: categorical, choices: [1.0e+30]}\n")
-    cfg = tiny_config(tiny_data, tmp_path / "sweeps", scaling__workers=1, schedule__epochs=1,
-                      storage__max_failures=0)
+    space.write_text(
+        "parameters:\n"
+        "  optim.name: {distribution: fixed, value: sgd}\n"
+        "  lr: {distribution: categorical, choices: [1.0e+30]}\n"
+    )
+    cfg = tiny_config(
+        tiny_data,
+        tmp_path / "sweeps",
+        scaling__workers=1,
+        schedule__epochs=1,
+        storage__max_failures=0,
+    )
     with pytest.raises(RuntimeError, match="no trial reached a validation MPJPE"):
         run_sweep(cfg, str(space), "nan", samples=1, max_concurrent=1)
-    study = optuna.load_study(study_name="nan",
-                              storage=f"sqlite:///{tmp_path / 'sweeps' / 'nan' / 'optuna.db'}")
+    study = optuna.load_study(
+        study_name="nan", storage=f"sqlite:///{tmp_path / 'sweeps' / 'nan' / 'optuna.db'}"
+    )
     assert [t.state.name for t in study.trials] == ["FAIL"], study.trials
 
 
@@ -299,9 +371,13 @@ def test_a_worker_refuses_an_epoch_without_a_step(ray_local, tiny_data, tmp_path
     from raypose import storage
     from raypose.train.run import build_trainer
 
-    cfg = tiny_config(tiny_data, tmp_path / "exp", data__batch_size=41,
-                      storage__max_failures=0)  # 2 workers x 41 > the 80 samples
+    cfg = tiny_config(
+        tiny_data, tmp_path / "exp", data__batch_size=41, storage__max_failures=0
+    )  # 2 workers x 41 > the 80 samples
     trainer = build_trainer(cfg, "zero", storage.parse(str(tmp_path / "exp")))
-    with pytest.raises(Exception, match=r"data\.batch_size: 41 per worker with 2 worker\(s\) "
-                                        r"needs 82 samples per epoch, but an epoch has 80"):
+    with pytest.raises(
+        Exception,
+        match=r"data\.batch_size: 41 per worker with 2 worker\(s\) "
+        r"needs 82 samples per epoch, but an epoch has 80",
+    ):
         trainer.fit()

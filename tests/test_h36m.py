@@ -29,7 +29,7 @@ def pose_2d_around(centre_shift=(0.0, 0.0)) -> np.ndarray:
 def write_jpeg(path, grey, marker_at):
     image = np.full((H, W, 3), grey, np.uint8)
     x, y = (int(v) for v in marker_at)
-    image[y - 4:y + 5, x - 4:x + 5] = (255, 0, 0)  # 9 x 9 red square centred on pixel (x, y)
+    image[y - 4 : y + 5, x - 4 : x + 5] = (255, 0, 0)  # 9 x 9 red square centred on pixel (x, y)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path, quality=95)
 
@@ -43,7 +43,7 @@ def write_sequence(root, subject, seq_name, rows):
         for j in range(32):
             pose_3d[i, j] = (10 * j + i, -20 * j, 4000 + j)
     pose_2d = np.stack([pose_2d_around(shift) for _, _, shift, _ in rows])
-    for (camera, frame, shift, grey), p in zip(rows, pose_2d):
+    for (camera, frame, _shift, grey), p in zip(rows, pose_2d):
         write_jpeg(seq / "imageSequence" / str(camera) / f"img_{frame:06d}.jpg", grey, p[8])
     with h5py.File(seq / "annot.h5", "w") as f:  # the keys and integer codes of h36m-fetch
         f["pose/2d"] = pose_2d
@@ -60,8 +60,12 @@ def write_sequence(root, subject, seq_name, rows):
 def tree(tmp_path):
     root = tmp_path / "processed"
     poses = {
-        "S1": write_sequence(root, "S1", "Walking-1", [(CAM_A, 1, (0, 0), 200), (CAM_A, 6, (-50, -30), 200),
-                                                       (CAM_B, 1, (0, 0), 100)]),
+        "S1": write_sequence(
+            root,
+            "S1",
+            "Walking-1",
+            [(CAM_A, 1, (0, 0), 200), (CAM_A, 6, (-50, -30), 200), (CAM_B, 1, (0, 0), 100)],
+        ),
         "S9": write_sequence(root, "S9", "Directions-2", [(CAM_A, 11, (0, 0), 150)]),
     }
     write_sequence(root, "S2", "Eating-1", [(CAM_A, 1, (0, 0), 50)])
@@ -106,15 +110,22 @@ def test_convert(tree, tmp_path):
 def test_cli(tree, tmp_path, capsys):
     root, _ = tree
     with pytest.warns(UserWarning):
-        assert cli.main(["data", "h36m", "--root", str(root), "--out", str(tmp_path / "o"),
-                         "--no-progress"]) == 0
+        assert (
+            cli.main(
+                ["data", "h36m", "--root", str(root), "--out", str(tmp_path / "o"), "--no-progress"]
+            )
+            == 0
+        )
     assert "train.h5 (3 samples)" in capsys.readouterr().out
     # the manifest that --data s3://... is checked against: size and sha256 of each written split
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     for name in ("train.h5", "test.h5"):
         data = (tmp_path / "o" / name).read_bytes()
-        assert manifest["files"][name] == {"size": len(data), "schema_version": 1,
-                                           "sha256": hashlib.sha256(data).hexdigest()}
+        assert manifest["files"][name] == {
+            "size": len(data),
+            "schema_version": 1,
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
 
 
 def test_missing_root(tmp_path):
@@ -132,8 +143,10 @@ def test_missing_annotation_key(tree, tmp_path):
     root, _ = tree
     with h5py.File(root / "S9" / "Directions-2" / "annot.h5", "a") as f:
         del f["frame"]
-    with pytest.warns(UserWarning, match="S2"), \
-            pytest.raises(DataError, match=r"S9/Directions-2/annot\.h5: key 'frame' missing"):
+    with (
+        pytest.warns(UserWarning, match="S2"),
+        pytest.raises(DataError, match=r"S9/Directions-2/annot\.h5: key 'frame' missing"),
+    ):
         convert(root, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "train.h5").exists()  # checked before anything was written
 
@@ -145,8 +158,10 @@ def test_missing_jpeg_keeps_previous_files(tree, tmp_path):
         convert(root, out, progress=False)
     before = {name: (out / name).read_bytes() for name in ("train.h5", "test.h5", "manifest.json")}
     (root / "S9" / "Directions-2" / "imageSequence" / str(CAM_A) / "img_000011.jpg").unlink()
-    with pytest.warns(UserWarning), \
-            pytest.raises(DataError, match=r"img_000011\.jpg: frame image missing.*key 'frame' = 11"):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(DataError, match=r"img_000011\.jpg: frame image missing.*key 'frame' = 11"),
+    ):
         convert(root, out, progress=False)
     assert {name: (out / name).read_bytes() for name in before} == before
     # no temporary files; the manifest (size and sha256 of each split) still describes the files

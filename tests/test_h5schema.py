@@ -7,8 +7,14 @@ import h5py
 import numpy as np
 import pytest
 
-from raypose.data.schema import (KEYS, SCHEMA_VERSION, DataError, SplitWriter, validate_file,
-                              write_split)
+from raypose.data.schema import (
+    KEYS,
+    SCHEMA_VERSION,
+    DataError,
+    SplitWriter,
+    validate_file,
+    write_split,
+)
 
 
 def make_arrays(n: int, seed: int = 0) -> dict:
@@ -48,7 +54,14 @@ def test_round_trip_and_layout(good_file):
         np.testing.assert_array_equal(f["joints_3d"][:], arrays["joints_3d"])
         assert f["subject"].asstr()[1] == "S1" and f["frame"].dtype == np.int32
         skeleton = json.loads(f.attrs["skeleton"])
-        assert skeleton["parents"][:4] == [-1, 0, 1, 2] and skeleton["joints_left"] == [4, 5, 6, 11, 12, 13]
+        assert skeleton["parents"][:4] == [-1, 0, 1, 2] and skeleton["joints_left"] == [
+            4,
+            5,
+            6,
+            11,
+            12,
+            13,
+        ]
     # no temporary file left behind
     assert [p.name for p in good_file.parent.iterdir()] == ["train.h5"]
 
@@ -94,13 +107,18 @@ def test_missing_key(good_file):
 
 def test_wrong_shape(good_file):
     _rewrite(good_file, "joints_3d", np.zeros((10, 16, 3), np.float32))
-    with pytest.raises(DataError, match=r"train\.h5: key 'joints_3d': expected shape \(N, 17, 3\), got \(10, 16, 3\)"):
+    with pytest.raises(
+        DataError,
+        match=r"train\.h5: key 'joints_3d': expected shape \(N, 17, 3\), got \(10, 16, 3\)",
+    ):
         validate_file(good_file)
 
 
 def test_wrong_dtype(good_file):
     _rewrite(good_file, "images", np.zeros((10, 128, 128, 3), np.float32))
-    with pytest.raises(DataError, match=r"train\.h5: key 'images': expected dtype uint8, got float32"):
+    with pytest.raises(
+        DataError, match=r"train\.h5: key 'images': expected dtype uint8, got float32"
+    ):
         validate_file(good_file)
 
 
@@ -131,7 +149,9 @@ def test_mirror_consistent_defaults_to_true_and_must_be_a_bool(good_file):
     assert validate_file(good_file)["mirror_consistent"] is False
     with h5py.File(good_file, "a") as f:
         f.attrs["mirror_consistent"] = "no"
-    with pytest.raises(DataError, match=r"train\.h5: key 'mirror_consistent': attribute: expected a bool"):
+    with pytest.raises(
+        DataError, match=r"train\.h5: key 'mirror_consistent': attribute: expected a bool"
+    ):
         validate_file(good_file)
 
 
@@ -143,13 +163,24 @@ def test_empty_file(good_file):
         validate_file(good_file)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("joints_3d", np.full((10, 17, 3), np.nan, np.float32), r"key 'joints_3d': NaN or inf in row 0"),
-    ("joints_2d", np.zeros((10, 17, 3), np.float32), r"key 'joints_2d': expected shape \(N, 17, 2\)"),
-    ("images", np.zeros((10, 128, 128, 3), np.float32), r"key 'images': expected dtype uint8"),
-    ("joints_3d", np.zeros((10, 17, 3), np.int64), r"key 'joints_3d': expected a float dtype"),
-    ("frame", np.arange(9), r"key 'images': all keys need the same number of rows"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        (
+            "joints_3d",
+            np.full((10, 17, 3), np.nan, np.float32),
+            r"key 'joints_3d': NaN or inf in row 0",
+        ),
+        (
+            "joints_2d",
+            np.zeros((10, 17, 3), np.float32),
+            r"key 'joints_2d': expected shape \(N, 17, 2\)",
+        ),
+        ("images", np.zeros((10, 128, 128, 3), np.float32), r"key 'images': expected dtype uint8"),
+        ("joints_3d", np.zeros((10, 17, 3), np.int64), r"key 'joints_3d': expected a float dtype"),
+        ("frame", np.arange(9), r"key 'images': all keys need the same number of rows"),
+    ],
+)
 def test_writer_rejects_bad_batch(tmp_path, key, value, message):
     arrays = make_arrays(10)
     arrays[key] = value
@@ -187,12 +218,15 @@ def test_failed_write_leaves_existing_file_untouched(good_file):
     assert validate_file(good_file)["n"] == 3 and validate_file(good_file)["source"] == "h36m"
 
 
-@pytest.mark.parametrize("key, index, value", [
-    ("rgb_eigval", (1,), np.nan),
-    ("rgb_eigvec", (2, 0), np.inf),
-    ("rgb_eigvec", (0, 1), -np.inf),
-    ("rgb_mean", (0,), np.nan),
-])
+@pytest.mark.parametrize(
+    "key, index, value",
+    [
+        ("rgb_eigval", (1,), np.nan),
+        ("rgb_eigvec", (2, 0), np.inf),
+        ("rgb_eigvec", (0, 1), -np.inf),
+        ("rgb_mean", (0,), np.nan),
+    ],
+)
 def test_non_finite_colour_statistics_are_refused(good_file, key, index, value):
     # the PCA colour noise adds rgb_eigvec @ (alpha * rgb_eigval) to every training pixel
     with h5py.File(good_file, "a") as f:
@@ -211,10 +245,12 @@ def test_summary_holds_the_skeleton_and_skeletons_are_compared(tmp_path, good_fi
     from raypose.data.skeleton import H36M_SKELETON
 
     info = validate_file(good_file)
-    assert info["skeleton"] == {"names": list(H36M_SKELETON.names),
-                                "parents": list(H36M_SKELETON.parents),
-                                "joints_left": list(H36M_SKELETON.joints_left),
-                                "joints_right": list(H36M_SKELETON.joints_right)}
+    assert info["skeleton"] == {
+        "names": list(H36M_SKELETON.names),
+        "parents": list(H36M_SKELETON.parents),
+        "joints_left": list(H36M_SKELETON.joints_left),
+        "joints_right": list(H36M_SKELETON.joints_right),
+    }
     assert read_skeleton(good_file) == info["skeleton"]
     with h5py.File(good_file, "r") as f:
         assert read_skeleton(f) == info["skeleton"]
@@ -223,8 +259,11 @@ def test_summary_holds_the_skeleton_and_skeletons_are_compared(tmp_path, good_fi
 
     other = json.loads(json.dumps(info["skeleton"]))
     other["parents"][3] = 0
-    with pytest.raises(DataError, match=r"test\.h5: key 'skeleton': differs from the skeleton "
-                                        r"of .*train\.h5 \(parents\[3\] is 0 here and 2 there\)"):
+    with pytest.raises(
+        DataError,
+        match=r"test\.h5: key 'skeleton': differs from the skeleton "
+        r"of .*train\.h5 \(parents\[3\] is 0 here and 2 there\)",
+    ):
         check_same_skeleton("test.h5", other, good_file, info["skeleton"])
     other = json.loads(json.dumps(info["skeleton"]))
     other["names"][1], other["names"][4] = other["names"][4], other["names"][1]

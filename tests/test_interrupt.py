@@ -31,10 +31,13 @@ class Raypose:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         # -X faulthandler: a process that does not stop is sent SIGABRT, which prints where each
         # of its threads was
-        self.proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "raypose.cli",
-                                      *args], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-X", "faulthandler", "-m", "raypose.cli", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         os.set_blocking(self.proc.stdout.fileno(), False)
         self.out = ""
 
@@ -65,7 +68,9 @@ class Raypose:
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGABRT)
             time.sleep(2)
-            raise AssertionError(f"still running 60 s after the signal:\n{self.read()[-12000:]}")
+            raise AssertionError(
+                f"still running 60 s after the signal:\n{self.read()[-12000:]}"
+            ) from None
         finally:
             if self.proc.poll() is None:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -79,8 +84,21 @@ def _no_process_left(processes):
 
 
 def _train_args(data, storage, name, epochs):
-    return ["train", "--data", str(data), "--storage", str(storage), "--name", name,
-            "--epochs", str(epochs), "--workers", "1", "--set", "data.batch_size=8"]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--storage",
+        str(storage),
+        "--name",
+        name,
+        "--epochs",
+        str(epochs),
+        "--workers",
+        "1",
+        "--set",
+        "data.batch_size=8",
+    ]
 
 
 @pytest.mark.slow
@@ -89,9 +107,12 @@ def test_a_run_stops_mid_epoch_and_resumes_from_its_last_recorded_epoch(tiny_dat
     train = Raypose(*_train_args(tiny_data, tmp_path / "runs", "r", 200))
     train.wait_for("epoch 3/200", 180)
     # the same run started again meanwhile is refused in one line, before it starts Ray
-    second = subprocess.run([sys.executable, "-m", "raypose.cli",
-                             *_train_args(tiny_data, tmp_path / "runs", "r", 200)],
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        [sys.executable, "-m", "raypose.cli", *_train_args(tiny_data, tmp_path / "runs", "r", 200)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
     assert "Ray's own log lines" not in second.stdout  # Ray was never started
     lines = second.stderr.strip().splitlines()
@@ -114,9 +135,17 @@ def test_a_run_stops_mid_epoch_and_resumes_from_its_last_recorded_epoch(tiny_dat
     assert f"its last recorded checkpoint is epoch_{last:04d}" in train.out
     assert last >= 1  # uploads and records run behind the printed epoch line
 
-    resumed = subprocess.run([sys.executable, "-m", "raypose.cli",
-                              *_train_args(tiny_data, tmp_path / "runs", "r", last + 1)],
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raypose.cli",
+            *_train_args(tiny_data, tmp_path / "runs", "r", last + 1),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     epochs = [line for line in resumed.stdout.splitlines() if "] epoch " in line]
     assert len(epochs) == 1 and f"epoch {last + 1}/{last + 1}" in epochs[0], resumed.stdout[-3000:]
@@ -132,8 +161,9 @@ def test_a_run_stops_during_start_up(tiny_data, tmp_path, sig, request):
     ray_tmp = Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))  # Ray's socket paths stay short
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     (ray_tmp / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
-    train = Raypose(*_train_args(tiny_data, tmp_path / "runs", "r", 200),
-                    env={"RAY_TMPDIR": str(ray_tmp)})
+    train = Raypose(
+        *_train_args(tiny_data, tmp_path / "runs", "r", 200), env={"RAY_TMPDIR": str(ray_tmp)}
+    )
     if sig == signal.SIGINT:
         train.wait_for("Ray's own log lines", 120)  # Ray is starting
         time.sleep(1.0)
@@ -163,9 +193,25 @@ def test_a_sweep_stops_resumes_and_never_loads_a_planted_pickle(tiny_data, tmp_p
     """Ctrl-C mid-sweep; then a pickle planted as Tune's tuner.pkl makes `--resume` refuse in one
     line (exit 2) without loading it (raypose.storage.seal); with Tune's own file back, the resume runs
     the trial's remaining epoch."""
-    args = ["tune", "--space", SMOKE, "--data", str(tiny_data), "--storage", str(tmp_path / "exp"),
-            "--name", "s", "--samples", "1", "--epochs", "2", "--workers-per-trial", "1",
-            "--set", "data.batch_size=8"]
+    args = [
+        "tune",
+        "--space",
+        SMOKE,
+        "--data",
+        str(tiny_data),
+        "--storage",
+        str(tmp_path / "exp"),
+        "--name",
+        "s",
+        "--samples",
+        "1",
+        "--epochs",
+        "2",
+        "--workers-per-trial",
+        "1",
+        "--set",
+        "data.batch_size=8",
+    ]
     exp = tmp_path / "exp" / "s"
     sweep = Raypose(*args)
     sweep.wait_for("epoch 1/2", 240)
@@ -173,7 +219,9 @@ def test_a_sweep_stops_resumes_and_never_loads_a_planted_pickle(tiny_data, tmp_p
     took = sweep.interrupt()
     assert sweep.proc.returncode == 130, sweep.out[-3000:]
     assert took < STOP_WITHIN_S, (took, sweep.out[-2000:])
-    assert "sweep s stopped" in sweep.out and "--resume continues it" in sweep.out, sweep.out[-3000:]
+    assert "sweep s stopped" in sweep.out and "--resume continues it" in sweep.out, sweep.out[
+        -3000:
+    ]
     assert "Traceback" not in sweep.out
     assert _no_process_left(ray_processes) == []
     for run in (exp / "train").iterdir():  # only recorded folders are left
@@ -185,8 +233,12 @@ def test_a_sweep_stops_resumes_and_never_loads_a_planted_pickle(tiny_data, tmp_p
     original = (exp / "tuner.pkl").read_bytes()
     assert (exp / "tuner.pkl.raypose-seal").exists()
     (exp / "tuner.pkl").write_bytes(pickle.dumps(Planted(marker)))
-    refused = subprocess.run([sys.executable, "-m", "raypose.cli", *args, "--resume"],
-                             capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [sys.executable, "-m", "raypose.cli", *args, "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "refusing to read" in lines[0] and "tuner.pkl" in lines[0], lines
@@ -194,8 +246,12 @@ def test_a_sweep_stops_resumes_and_never_loads_a_planted_pickle(tiny_data, tmp_p
     assert not marker.exists()
 
     (exp / "tuner.pkl").write_bytes(original)
-    resumed = subprocess.run([sys.executable, "-m", "raypose.cli", *args, "--resume"],
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "raypose.cli", *args, "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "epoch 2/2" in resumed.stdout, resumed.stdout[-3000:]
     best = json.loads((exp / "best.json").read_text())

@@ -6,9 +6,9 @@ import torch
 
 from raypose.config import Config
 from raypose.data.dataset import iterate_batches
-from raypose.train.loop import build_model, build_optimizer, open_splits, train_epoch, validate
-from raypose.evaluation.metrics import mean_pose_baseline
 from raypose.data.synth import synthesize
+from raypose.model.metrics import mean_pose_baseline
+from raypose.train.loop import build_model, build_optimizer, open_splits, train_epoch, validate
 
 STEPS = 125  # x 32 samples: ~10 passes over the 400 training samples, ~1-2 min on 2 CPU cores
 
@@ -36,7 +36,9 @@ def test_validation_mpjpe_falls_below_mean_pose(tmp_path):
     def batches():
         epoch = 0
         while True:
-            yield from iterate_batches(train_set, 32, shuffle=True, seed=0, epoch=epoch, drop_last=True)
+            yield from iterate_batches(
+                train_set, 32, shuffle=True, seed=0, epoch=epoch, drop_last=True
+            )
             epoch += 1
 
     stats = train_epoch(model, optimizer, batches(), cfg, "regression", device, max_steps=STEPS)

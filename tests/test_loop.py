@@ -8,23 +8,36 @@ import pytest
 import torch
 
 from raypose.config import Config
-from raypose.train.loop import (NonFiniteLossError, amp_active, autocast_for, build_model,
-                          build_optimizer, cpu_has_bf16_instructions, train_epoch)
 from raypose.model.losses import multitask_loss
+from raypose.train.loop import (
+    NonFiniteLossError,
+    amp_active,
+    autocast_for,
+    build_model,
+    build_optimizer,
+    cpu_has_bf16_instructions,
+    train_epoch,
+)
 
 CPU = torch.device("cpu")
 
 
 def _cpuinfo(tmp_path, name: str, flags: str) -> str:
     path = tmp_path / name
-    path.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\n"
-                    f"processor\t: 1\nflags\t\t: {flags}\n")
+    path.write_text(
+        f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\n"
+        f"processor\t: 1\nflags\t\t: {flags}\n"
+    )
     return str(path)
 
 
 def test_bf16_instructions_are_read_from_the_cpu_flags(tmp_path):
-    assert cpu_has_bf16_instructions(_cpuinfo(tmp_path, "zen4", "fpu avx2 avx512f avx512_bf16 avx512_vnni"))
-    assert cpu_has_bf16_instructions(_cpuinfo(tmp_path, "sapphire", "fpu avx512f amx_tile amx_bf16"))
+    assert cpu_has_bf16_instructions(
+        _cpuinfo(tmp_path, "zen4", "fpu avx2 avx512f avx512_bf16 avx512_vnni")
+    )
+    assert cpu_has_bf16_instructions(
+        _cpuinfo(tmp_path, "sapphire", "fpu avx512f amx_tile amx_bf16")
+    )
     # AVX-512 alone (e.g. Skylake) emulates bf16, slower than float32: no autocast there
     assert not cpu_has_bf16_instructions(_cpuinfo(tmp_path, "skylake", "fpu avx2 avx512f avx512bw"))
     assert not cpu_has_bf16_instructions(_cpuinfo(tmp_path, "partial", "fpu avx512_bf16x"))
@@ -52,9 +65,11 @@ def test_autocast_on_cpu_follows_the_cpu_and_keeps_weights_and_losses_float32():
     assert out["offsets"].dtype == expected
 
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.randn(4, 3, 112, 112, generator=g),
-             "offsets": torch.randn(4, 17, 3, generator=g),
-             "detection": (torch.rand(4, 17, 100, generator=g) > 0.9).float()}
+    batch = {
+        "image": torch.randn(4, 3, 112, 112, generator=g),
+        "offsets": torch.randn(4, 17, 3, generator=g),
+        "detection": (torch.rand(4, 17, 100, generator=g) > 0.9).float(),
+    }
     with autocast_for(CPU, True):
         outputs = model(batch["image"])
     loss, parts = multitask_loss(outputs, batch, cfg.loss.detection_weight, "joint")
@@ -80,8 +95,13 @@ def _batches(n: int, nan_at: int | None = None, seed: int = 0):
         image = torch.randn(2, 3, 112, 112, generator=g)
         if i == nan_at:
             image[0, 0, 0, 0] = float("nan")
-        out.append({"image": image, "offsets": torch.rand(2, 17, 3, generator=g) - 0.5,
-                    "detection": (torch.rand(2, 17, 100, generator=g) > 0.9).float()})
+        out.append(
+            {
+                "image": image,
+                "offsets": torch.rand(2, 17, 3, generator=g) - 0.5,
+                "detection": (torch.rand(2, 17, 100, generator=g) > 0.9).float(),
+            }
+        )
     return out
 
 
@@ -106,8 +126,16 @@ def test_nan_weights_stop_the_first_step_naming_epoch_step_and_causes():
         model.regression.fc3.weight.fill_(float("nan"))  # as a bad checkpoint would load
     taken = []
     with pytest.raises(NonFiniteLossError) as err:
-        train_epoch(model, optimizer, _counted(_batches(5), taken), cfg, "joint", CPU,
-                    epoch=2, epoch_steps=5)
+        train_epoch(
+            model,
+            optimizer,
+            _counted(_batches(5), taken),
+            cfg,
+            "joint",
+            CPU,
+            epoch=2,
+            epoch_steps=5,
+        )
     message = str(err.value)
     assert "epoch 3 of 10, step 1 of 5" in message, message
     for cause in ("learning rate", "optim.lr", "colour statistics", "rgb_eigval", "checkpoint"):
@@ -127,10 +155,21 @@ def test_a_huge_learning_rate_stops_the_run_on_tiny_data(tiny_data):
     train_set, _ = open_splits(cfg)
     model, optimizer = _small_model(cfg)
     steps = steps_in_epoch(len(train_set), cfg)
-    with pytest.raises(NonFiniteLossError, match=rf"epoch 1 of 10, step [2-9] of {steps}.*"
-                                                 r"optim\.lr 1e\+30"):
-        train_epoch(model, optimizer, epoch_batches(train_set, cfg, 0), cfg, "joint", CPU,
-                    epoch=0, epoch_steps=steps)
+    with pytest.raises(
+        NonFiniteLossError,
+        match=rf"epoch 1 of 10, step [2-9] of {steps}.*"
+        r"optim\.lr 1e\+30",
+    ):
+        train_epoch(
+            model,
+            optimizer,
+            epoch_batches(train_set, cfg, 0),
+            cfg,
+            "joint",
+            CPU,
+            epoch=0,
+            epoch_steps=steps,
+        )
 
 
 def test_the_first_bad_step_is_named_when_the_check_reads_every_n_steps():
@@ -140,8 +179,17 @@ def test_the_first_bad_step_is_named_when_the_check_reads_every_n_steps():
     model, optimizer = _small_model(cfg)
     taken = []
     with pytest.raises(NonFiniteLossError, match=r"epoch 1 of 10, step 3 of 9\b"):
-        train_epoch(model, optimizer, _counted(_batches(9, nan_at=2), taken), cfg, "joint", CPU,
-                    epoch=0, epoch_steps=9, check_every=4)
+        train_epoch(
+            model,
+            optimizer,
+            _counted(_batches(9, nan_at=2), taken),
+            cfg,
+            "joint",
+            CPU,
+            epoch=0,
+            epoch_steps=9,
+            check_every=4,
+        )
     assert len(taken) == 4  # stopped at the first read after the NaN, not at the epoch's end
     # a NaN after the last read is found with the epoch's sums
     model, optimizer = _small_model(cfg)
@@ -193,6 +241,7 @@ def test_the_nan_check_adds_no_wait_per_step_on_a_gpu():
     taken = []
     bad = [{k: v.to(device) for k, v in b.items()} for b in _batches(20, nan_at=2)]
     with pytest.raises(NonFiniteLossError, match=r"epoch 1 of 10, step 3 of 20\b"):
-        train_epoch(model, optimizer, _counted(bad, taken), cfg, "joint", device, epoch=0,
-                    epoch_steps=20)
+        train_epoch(
+            model, optimizer, _counted(bad, taken), cfg, "joint", device, epoch=0, epoch_steps=20
+        )
     assert len(taken) == 20  # fewer steps than NONFINITE_CHECK_STEPS: found with the sums

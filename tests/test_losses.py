@@ -65,15 +65,19 @@ class TwoHeads(nn.Module):
 
     def forward(self, x):
         h = torch.relu(self.trunk(x))
-        return {"offsets": torch.tanh(self.regression(h)).view(-1, 2, 3),
-                "detection_logits": self.detection(h).view(-1, 2, 4)}
+        return {
+            "offsets": torch.tanh(self.regression(h)).view(-1, 2, 3),
+            "detection_logits": self.detection(h).view(-1, 2, 4),
+        }
 
 
 def _batch():
     torch.manual_seed(1)
-    return {"image": torch.randn(3, 4),
-            "offsets": torch.rand(3, 2, 3) - 0.5,
-            "detection": (torch.rand(3, 2, 4) > 0.5).float()}
+    return {
+        "image": torch.randn(3, 4),
+        "offsets": torch.rand(3, 2, 3) - 0.5,
+        "detection": (torch.rand(3, 2, 4) > 0.5).float(),
+    }
 
 
 def test_joint_loss_is_regression_plus_lambda_detection():

@@ -49,8 +49,12 @@ def test_constant_schedule_and_a_bad_name():
 
 @pytest.mark.parametrize("epoch_samples,world_size", [(0, 1), (96, 1), (96, 2), (50, 3)])
 def test_steps_in_epoch_counts_the_batches_an_epoch_yields(tiny_data, epoch_samples, world_size):
-    cfg = _cfg(**{"data.path": tiny_data, "data.batch_size": 8, "data.epoch_samples": epoch_samples})
-    train = PoseDataset(f"{tiny_data}/train.h5", exclude_subjects=cfg.data.val_subjects, augment=True)
+    cfg = _cfg(
+        **{"data.path": tiny_data, "data.batch_size": 8, "data.epoch_samples": epoch_samples}
+    )
+    train = PoseDataset(
+        f"{tiny_data}/train.h5", exclude_subjects=cfg.data.val_subjects, augment=True
+    )
     for rank in range(world_size):
         counted = sum(1 for _ in epoch_batches(train, cfg, 1, rank, world_size, CPU))
         assert counted > 0 and steps_in_epoch(len(train), cfg, world_size) == counted
@@ -61,7 +65,9 @@ def test_train_epoch_sets_the_rate_before_every_step():
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
     seen = []
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"])
+    )
 
     class Net(torch.nn.Module):  # the loss reads outputs["offsets"] against batch["offsets"]
         def __init__(self):

@@ -5,8 +5,16 @@ import math
 import numpy as np
 import pytest
 
-from raypose.evaluation.metrics import (align, body_size, grouped_report, mean_pose_baseline, mpjpe, n_mpjpe, p_mpjpe,
-                             per_joint_error)
+from raypose.model.metrics import (
+    align,
+    body_size,
+    grouped_report,
+    mean_pose_baseline,
+    mpjpe,
+    n_mpjpe,
+    p_mpjpe,
+    per_joint_error,
+)
 
 
 def _rotation(seed: int) -> np.ndarray:
@@ -24,10 +32,8 @@ def test_mpjpe_hand_computed():
     # sample 0: pred root at (10, 20, 30); after root alignment joint 1 is (130, 40, 0) vs
     #           (100, 0, 0): error |(30, 40, 0)| = 50
     # sample 1: joint 1 off by 12 in z
-    gt = np.array([[[0, 0, 0], [100, 0, 0]],
-                   [[0, 0, 0], [0, 100, 0]]], dtype=float)
-    pred = np.array([[[10, 20, 30], [140, 60, 30]],
-                     [[0, 0, 0], [0, 100, 12]]], dtype=float)
+    gt = np.array([[[0, 0, 0], [100, 0, 0]], [[0, 0, 0], [0, 100, 0]]], dtype=float)
+    pred = np.array([[[10, 20, 30], [140, 60, 30]], [[0, 0, 0], [0, 100, 12]]], dtype=float)
     np.testing.assert_allclose(per_joint_error(pred, gt), [[0, 50], [0, 12]])
     assert mpjpe(pred, gt) == pytest.approx((0 + 50 + 0 + 12) / 4)
 
@@ -44,8 +50,9 @@ def test_n_mpjpe_hand_computed():
     # errors: 0, 100/3, sqrt((100/3)^2 + (200/3)^2) = 100*sqrt(5)/3
     gt = np.array([[[0, 0, 0], [100, 0, 0], [0, 100, 0]]], dtype=float)
     pred = np.array([[[0, 0, 0], [50, 0, 0], [0, 50, 50]]], dtype=float)
-    np.testing.assert_allclose(per_joint_error(pred, gt, "scale"),
-                               [[0, 100 / 3, 100 * math.sqrt(5) / 3]])
+    np.testing.assert_allclose(
+        per_joint_error(pred, gt, "scale"), [[0, 100 / 3, 100 * math.sqrt(5) / 3]]
+    )
     assert n_mpjpe(pred, gt) == pytest.approx(100 * (1 + math.sqrt(5)) / 9)
     # without the scale: errors 0, 50, 50*sqrt(2)
     assert mpjpe(pred, gt) == pytest.approx((50 + 50 * math.sqrt(2)) / 3)
@@ -65,8 +72,11 @@ def test_p_mpjpe_hand_computed():
     # errors 20, 20, 40, 40 -> 30
     gt = np.array([[[100, 0, 0], [-100, 0, 0], [0, 100, 0], [0, -100, 0]]], dtype=float)
     pred = np.array([[[100, 0, 0], [-100, 0, 0], [0, 50, 0], [0, -50, 0]]], dtype=float)
-    np.testing.assert_allclose(align(pred, gt, "procrustes"),
-                               [[[120, 0, 0], [-120, 0, 0], [0, 60, 0], [0, -60, 0]]], atol=1e-9)
+    np.testing.assert_allclose(
+        align(pred, gt, "procrustes"),
+        [[[120, 0, 0], [-120, 0, 0], [0, 60, 0], [0, -60, 0]]],
+        atol=1e-9,
+    )
     assert p_mpjpe(pred, gt) == pytest.approx(30.0)
     # the same number after moving, turning and scaling the prediction
     moved = 0.5 * pred @ _rotation(3).T + np.array([7.0, -300.0, 2500.0])
@@ -108,12 +118,10 @@ def test_alignments_are_ordered_on_random_poses():
 
 def test_mean_pose_baseline_hand_computed():
     # train root-relative poses: [(0,0,0), (100,0,0)] and [(0,0,0), (0,100,0)] -> mean (50,50,0)
-    train = np.array([[[5, 5, 5], [105, 5, 5]],
-                      [[10, 0, 0], [10, 100, 0]]], dtype=float)
+    train = np.array([[[5, 5, 5], [105, 5, 5]], [[10, 0, 0], [10, 100, 0]]], dtype=float)
     # test 0: joint 1 at (50, 50, 30) root-relative: error 30
     # test 1: joint 1 at (50, -50, 0) root-relative: error 100
-    test = np.array([[[0, 0, 0], [50, 50, 30]],
-                     [[7, 7, 7], [57, -43, 7]]], dtype=float)
+    test = np.array([[[0, 0, 0], [50, 50, 30]], [[7, 7, 7], [57, -43, 7]]], dtype=float)
     assert mean_pose_baseline(train, test) == pytest.approx((0 + 30 + 0 + 100) / 4)
 
 
@@ -148,19 +156,30 @@ def test_grouped_report_agrees_with_direct_calls():
         assert row["n_mpjpe"] == pytest.approx(n_mpjpe(pred[sel], gt[sel]))
         assert row["std_mpjpe"] == pytest.approx(per_joint_error(pred[sel], gt[sel]).mean(1).std())
         assert row["count"] == sel.sum()
-    for name, fn, alignment in (("mpjpe", mpjpe, "none"), ("p_mpjpe", p_mpjpe, "procrustes"),
-                                ("n_mpjpe", n_mpjpe, "scale")):
+    for name, fn, alignment in (
+        ("mpjpe", mpjpe, "none"),
+        ("p_mpjpe", p_mpjpe, "procrustes"),
+        ("n_mpjpe", n_mpjpe, "scale"),
+    ):
         assert report["overall"][name] == pytest.approx(fn(pred, gt))
         assert report["mean_over_actions"][name] == pytest.approx(
-            np.mean([report["per_action"][g][name] for g in ("eat", "sit", "walk")]))
+            np.mean([report["per_action"][g][name] for g in ("eat", "sit", "walk")])
+        )
         per_joint = per_joint_error(pred, gt, alignment).mean(axis=0)
         assert [report["per_joint"][name][j] for j in names] == pytest.approx(per_joint.tolist())
     # group sizes differ, so the two means differ
     assert report["mean_over_actions"]["mpjpe"] != pytest.approx(report["overall"]["mpjpe"])
 
 
-@pytest.mark.parametrize("pred_shape, gt_shape", [((2, 17, 3), (2, 16, 3)), ((17, 3), (17, 3)),
-                                                  ((2, 17, 2), (2, 17, 2)), ((1, 17, 3), (2, 17, 3))])
+@pytest.mark.parametrize(
+    "pred_shape, gt_shape",
+    [
+        ((2, 17, 3), (2, 16, 3)),
+        ((17, 3), (17, 3)),
+        ((2, 17, 2), (2, 17, 2)),
+        ((1, 17, 3), (2, 17, 3)),
+    ],
+)
 def test_bad_shapes_raise(pred_shape, gt_shape):
     for fn in (mpjpe, p_mpjpe, n_mpjpe):
         with pytest.raises(ValueError, match=r"\[N, K, 3\]"):

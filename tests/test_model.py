@@ -9,8 +9,13 @@ import torch.nn as nn
 
 from raypose import cli
 from raypose.config import load_config
-from raypose.model.network import (LiChanNet, ModelConfig, SpatialLRN, count_parameters,
-                           regression_from_pretrained)
+from raypose.model.network import (
+    LiChanNet,
+    ModelConfig,
+    SpatialLRN,
+    count_parameters,
+    regression_from_pretrained,
+)
 
 
 def _summary_lines(capsys, *extra):
@@ -24,16 +29,31 @@ def _row(lines, name):
 
 def test_model_summary_prints_paper_shapes_and_counts(capsys):
     lines = _summary_lines(capsys)
-    expected_shapes = {"input": "3x112x112", "conv1": "32x104x104", "pool1": "32x52x52",
-                       "conv2": "64x48x48", "lrn": "64x48x48", "pool2": "64x24x24",
-                       "conv3": "64x20x20", "pool3": "64x10x10", "fcr1": "1024", "fcr2": "2048",
-                       "fcr3": "51", "fcd1": "1024", "fcd2": "2048", "fcd3": "1700"}
+    expected_shapes = {
+        "input": "3x112x112",
+        "conv1": "32x104x104",
+        "pool1": "32x52x52",
+        "conv2": "64x48x48",
+        "lrn": "64x48x48",
+        "pool2": "64x24x24",
+        "conv3": "64x20x20",
+        "pool3": "64x10x10",
+        "fcr1": "1024",
+        "fcr2": "2048",
+        "fcr3": "51",
+        "fcd1": "1024",
+        "fcd2": "2048",
+        "fcd3": "1700",
+    }
     for layer, shape in expected_shapes.items():
         assert _row(lines, layer)[1] == shape, layer
     text = "\n".join(lines)
-    for label, count in (("trunk parameters", "161,536"), ("regression head parameters", "8,758,323"),
-                         ("detection head parameters", "12,137,124"),
-                         ("total parameters", "21,056,983")):
+    for label, count in (
+        ("trunk parameters", "161,536"),
+        ("regression head parameters", "8,758,323"),
+        ("detection head parameters", "12,137,124"),
+        ("total parameters", "21,056,983"),
+    ):
         line = next(line for line in lines if line.startswith(label))
         assert line.split()[-1] == count, line
     assert "21,056,983" in text
@@ -84,14 +104,17 @@ def test_forward_with_one_head():
 #   corner (0,0): in-map neighbours (0,0),(0,1),(1,0),(1,1): mean u^2 = (1+1+1+9)/4 = 3
 #   edge (0,1):   6 neighbours:  mean u^2 = (5 + 9)/6 = 7/3
 #   centre:       9 neighbours:  mean u^2 = (8 + 9)/9 = 17/9
-LRN_INPUT = torch.tensor([[[[1.0, 1.0, 1.0], [1.0, 3.0, 1.0], [1.0, 1.0, 1.0]]]], dtype=torch.float64)
+LRN_INPUT = torch.tensor(
+    [[[[1.0, 1.0, 1.0], [1.0, 3.0, 1.0], [1.0, 1.0, 1.0]]]], dtype=torch.float64
+)
 
 
 def test_spatial_lrn_hand_computed_alpha1_beta1():
     # u / (1 + mean u^2): corner 1/4, edge 1/(1 + 7/3) = 3/10, centre 3/(1 + 17/9) = 27/26
-    expected = torch.tensor([[1 / 4, 3 / 10, 1 / 4],
-                             [3 / 10, 27 / 26, 3 / 10],
-                             [1 / 4, 3 / 10, 1 / 4]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[1 / 4, 3 / 10, 1 / 4], [3 / 10, 27 / 26, 3 / 10], [1 / 4, 3 / 10, 1 / 4]],
+        dtype=torch.float64,
+    )
     out = SpatialLRN(alpha=1.0, beta=1.0, window=3)(LRN_INPUT)
     assert out.shape == LRN_INPUT.shape
     torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=1e-12)
@@ -120,8 +143,8 @@ def _lrn_reference(u: np.ndarray, alpha: float, beta: float, window: int) -> np.
     _, _, height, width = u.shape
     for y in range(height):
         for x in range(width):
-            patch = u[:, :, max(0, y - half):y + half + 1, max(0, x - half):x + half + 1]
-            mean_sq = (patch ** 2).mean(axis=(2, 3))
+            patch = u[:, :, max(0, y - half) : y + half + 1, max(0, x - half) : x + half + 1]
+            mean_sq = (patch**2).mean(axis=(2, 3))
             out[:, :, y, x] = u[:, :, y, x] / (1 + alpha * mean_sq) ** beta
     return out
 
@@ -155,6 +178,7 @@ def test_spatial_lrn_rejects_even_window():
 
 # --- the pretrain switch -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("with_regression_head", [False, True])
 def test_regression_from_pretrained(with_regression_head):
     torch.manual_seed(0)
@@ -173,8 +197,9 @@ def test_regression_from_pretrained(with_regression_head):
     assert new.regression.fc3.out_features == 51
     if with_regression_head:
         for fc in ("fc1", "fc2", "fc3"):
-            assert not torch.equal(getattr(new.regression, fc).weight,
-                                   getattr(old.regression, fc).weight)
+            assert not torch.equal(
+                getattr(new.regression, fc).weight, getattr(old.regression, fc).weight
+            )
     assert count_parameters(new) == 161_536 + 8_758_323
     with torch.no_grad():
         out = new.eval()(torch.zeros(1, 3, 112, 112))
@@ -187,9 +212,11 @@ def test_regression_from_pretrained(with_regression_head):
 
 # --- settings flow from the config --------------------------------------------------------------
 
+
 def test_model_settings_flow_from_model_config():
-    cfg = ModelConfig(lrn_alpha=0.01, lrn_beta=0.5, lrn_window=3, dropout=0.75, fc1_width=8,
-                      fc2_width=16)
+    cfg = ModelConfig(
+        lrn_alpha=0.01, lrn_beta=0.5, lrn_window=3, dropout=0.75, fc1_width=8, fc2_width=16
+    )
     model = LiChanNet(cfg)
     assert (model.trunk.lrn.alpha, model.trunk.lrn.beta, model.trunk.lrn.window) == (0.01, 0.5, 3)
     for head in (model.regression, model.detection):

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from raypose.cluster import nodes
 from raypose import storage
+from raypose.cluster import nodes
 from tests.conftest import free_port, ray_cluster, tiny_config
 
 
@@ -31,8 +31,13 @@ def hidden_root(tmp_path_factory):
 def cluster(hidden_root):
     """(cluster, head node id, second node id); shut down after the module."""
     closed_port = free_port()  # nothing listens there
-    second_args = {"num_cpus": 1, "env_vars": {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{closed_port}",
-                                               nodes.HIDE_PATHS_ENV: str(hidden_root)}}
+    second_args = {
+        "num_cpus": 1,
+        "env_vars": {
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{closed_port}",
+            nodes.HIDE_PATHS_ENV: str(hidden_root),
+        },
+    }
     with ray_cluster({"num_cpus": 1}, [second_args]) as (c, (second,)):
         yield c, c.head_node.node_id, second.node_id, closed_port
 
@@ -74,7 +79,10 @@ def test_data_missing_on_a_node(cluster, tiny_data, hidden_root, tmp_path):
     cfg = tiny_config(data, local.uri, workers=1)
     message = check_fails(cfg, local)
     assert "\n" not in message
-    assert f"node {short(second)} (" in message and f"--data {data}: train.h5 and test.h5 not found" in message
+    assert (
+        f"node {short(second)} (" in message
+        and f"--data {data}: train.h5 and test.h5 not found" in message
+    )
     assert short(head) not in message  # the head sees the folder
 
 
@@ -100,8 +108,10 @@ def test_unreachable_storage_endpoint_seen_from_a_node(cluster, tiny_data, s3_bu
     message = check_fails(cfg, loc)
     assert "\n" not in message and short(head) not in message
     assert f"node {short(second)} (" in message
-    assert (f"storage s3://{bucket}/runs: the endpoint http://127.0.0.1:{closed_port} is unreachable"
-            in message)
+    assert (
+        f"storage s3://{bucket}/runs: the endpoint http://127.0.0.1:{closed_port} is unreachable"
+        in message
+    )
     assert "testing" not in message  # the (dummy) credentials never show
 
 

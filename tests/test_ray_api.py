@@ -27,8 +27,11 @@ def _ray_imports(path: Path):
             for alias in node.names:
                 if alias.name == "ray" or alias.name.startswith("ray."):
                     yield alias.name, None, node.lineno
-        elif isinstance(node, ast.ImportFrom) and node.module and (
-                node.module == "ray" or node.module.startswith("ray.")):
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and (node.module == "ray" or node.module.startswith("ray."))
+        ):
             for alias in node.names:
                 yield node.module, alias.name, node.lineno
 
@@ -77,8 +80,14 @@ def test_the_isolated_names_are_what_raypose_expects():
     assert ray_internals.CHECKPOINT_RECORD == "checkpoint_manager_snapshot.json"
     assert issubclass(ray_internals.TuneReportCallback, ray.train.UserCallback)
     assert inspect.signature(ray_internals.TuneReportCallback).parameters == {}
-    for hook in ("suggest", "on_trial_result", "on_trial_complete", "save", "restore",
-                 "set_search_properties"):
+    for hook in (
+        "suggest",
+        "on_trial_result",
+        "on_trial_complete",
+        "save",
+        "restore",
+        "set_search_properties",
+    ):
         assert callable(getattr(ray_internals.Searcher, hook)), hook
     assert "address" in inspect.signature(ray_internals.list_actors).parameters
     assert issubclass(ray_internals.ServerUnavailable, Exception)
@@ -100,8 +109,8 @@ def test_every_run_is_a_torch_trainer(tiny_data, tmp_path):
 @pytest.mark.parametrize("workers", ["1:2"])
 def test_elastic_groups_follow_the_ray_release(tiny_data, tmp_path, workers):
     """MIN:MAX workers run where Ray Train is elastic and are refused in one line elsewhere."""
-    from raypose.config import ConfigError, set_workers
     from raypose.cluster.driver import elastic_supported, preflight
+    from raypose.config import ConfigError, set_workers
     from tests.conftest import tiny_config
 
     cfg = tiny_config(tiny_data, tmp_path / "exp")

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from raypose.evaluation import report
 from raypose.cli import main as cli_main
 from raypose.config import Config, apply_overrides, load_config
+from raypose.evaluation import report
 from raypose.evaluation.report import SweepReportError
 
 PAPER = {"lrn_alpha": 0.0025, "lrn_beta": 0.75, "schedule": "joint", "lambda": 1.0, "lr": 3e-4}
@@ -25,26 +25,42 @@ BASELINE = 250.0
 
 def _history(values, detection_epochs=0):
     """History rows: detection_epochs epochs without a regression head, then one val_mpjpe each."""
-    rows = [{"epoch": e + 1, "val_mpjpe": None, "stage": "detection", "has_regression_head": False}
-            for e in range(detection_epochs)]
+    rows = [
+        {"epoch": e + 1, "val_mpjpe": None, "stage": "detection", "has_regression_head": False}
+        for e in range(detection_epochs)
+    ]
     for i, v in enumerate(values):
         stage = "regression" if detection_epochs else "joint"
-        rows.append({"epoch": detection_epochs + i + 1, "val_mpjpe": v, "stage": stage,
-                     "has_regression_head": True})
+        rows.append(
+            {
+                "epoch": detection_epochs + i + 1,
+                "val_mpjpe": v,
+                "stage": stage,
+                "has_regression_head": True,
+            }
+        )
     return rows
 
 
 def _trial(trial_id, schedule, state, history, params, is_paper=False, error=None):
     with_value = [h for h in history if h["val_mpjpe"] is not None]
     best = min(with_value, key=lambda h: h["val_mpjpe"]) if with_value else None
-    return {"trial_id": trial_id, "params": {**params, "schedule": schedule}, "state": state,
-            "schedule": schedule, "is_paper_defaults": is_paper,
-            "epochs": max([h["epoch"] for h in history] or [0]),
-            "best_val_mpjpe": best["val_mpjpe"] if best else None,
-            "best_epoch": best["epoch"] if best else None,
-            "checkpoint_path": f"exp/{trial_id}/epoch_0004" if best else None,
-            "stopped_early": state == "PRUNED", "epoch_seconds": 3.0 * len(history),
-            "time_total_s": 4.0 * len(history), "error": error, "history": history}
+    return {
+        "trial_id": trial_id,
+        "params": {**params, "schedule": schedule},
+        "state": state,
+        "schedule": schedule,
+        "is_paper_defaults": is_paper,
+        "epochs": max([h["epoch"] for h in history] or [0]),
+        "best_val_mpjpe": best["val_mpjpe"] if best else None,
+        "best_epoch": best["epoch"] if best else None,
+        "checkpoint_path": f"exp/{trial_id}/epoch_0004" if best else None,
+        "stopped_early": state == "PRUNED",
+        "epoch_seconds": 3.0 * len(history),
+        "time_total_s": 4.0 * len(history),
+        "error": error,
+        "history": history,
+    }
 
 
 def make_best(experiment="s3://bucket/sweeps/hand") -> dict:
@@ -62,27 +78,72 @@ def make_best(experiment="s3://bucket/sweeps/hand") -> dict:
         t7 pretrain                 -   -             ERROR
     """
     trials = [
-        _trial("t0", "joint", "COMPLETE", _history([300.0, 260.0, 240.0, 230.0]), PAPER, is_paper=True),
-        _trial("t1", "joint", "COMPLETE", _history([280.0, 220.0, 200.0, 190.0]),
-               {**PAPER, "lrn_alpha": 0.0123456789, "lr": 1.5e-5, "lambda": 1e-4}),
+        _trial(
+            "t0", "joint", "COMPLETE", _history([300.0, 260.0, 240.0, 230.0]), PAPER, is_paper=True
+        ),
+        _trial(
+            "t1",
+            "joint",
+            "COMPLETE",
+            _history([280.0, 220.0, 200.0, 190.0]),
+            {**PAPER, "lrn_alpha": 0.0123456789, "lr": 1.5e-5, "lambda": 1e-4},
+        ),
         _trial("t2", "joint", "PRUNED", _history([320.0, 310.0]), {**PAPER, "lr": 5e-3}),
-        _trial("t3", "joint", "COMPLETE", _history([290.0, 250.0, 235.0, 225.0]), {**PAPER, "lrn_beta": 0.6}),
-        _trial("t4", "pretrain", "COMPLETE", _history([270.0, 230.0, 210.0], 1),
-               {"lrn_alpha": 0.01, "lrn_beta": 0.7, "pretrain_share": 0.25, "lr": 1e-4}),
-        _trial("t5", "pretrain", "COMPLETE", _history([240.0, 205.0], 2),
-               {"lrn_alpha": 0.02, "lrn_beta": 0.9, "pretrain_share": 0.5, "lr": 2e-4}),
-        _trial("t6", "pretrain", "PRUNED", _history([330.0], 1),
-               {"lrn_alpha": 0.05, "lrn_beta": 0.5, "pretrain_share": 0.3, "lr": 1e-3}),
-        _trial("t7", "pretrain", "ERROR", [], {"lrn_alpha": 0.001, "lrn_beta": 0.8, "pretrain_share": 0.4,
-                                              "lr": 1e-5}, error="RayTaskError"),
+        _trial(
+            "t3",
+            "joint",
+            "COMPLETE",
+            _history([290.0, 250.0, 235.0, 225.0]),
+            {**PAPER, "lrn_beta": 0.6},
+        ),
+        _trial(
+            "t4",
+            "pretrain",
+            "COMPLETE",
+            _history([270.0, 230.0, 210.0], 1),
+            {"lrn_alpha": 0.01, "lrn_beta": 0.7, "pretrain_share": 0.25, "lr": 1e-4},
+        ),
+        _trial(
+            "t5",
+            "pretrain",
+            "COMPLETE",
+            _history([240.0, 205.0], 2),
+            {"lrn_alpha": 0.02, "lrn_beta": 0.9, "pretrain_share": 0.5, "lr": 2e-4},
+        ),
+        _trial(
+            "t6",
+            "pretrain",
+            "PRUNED",
+            _history([330.0], 1),
+            {"lrn_alpha": 0.05, "lrn_beta": 0.5, "pretrain_share": 0.3, "lr": 1e-3},
+        ),
+        _trial(
+            "t7",
+            "pretrain",
+            "ERROR",
+            [],
+            {"lrn_alpha": 0.001, "lrn_beta": 0.8, "pretrain_share": 0.4, "lr": 1e-5},
+            error="RayTaskError",
+        ),
     ]
     best = trials[1]
     return {
-        "experiment": experiment, "trial_id": "t1", "params": best["params"], "config": Config().to_dict(),
-        "metric": "val_mpjpe", "mode": "min", "value": 190.0, "epoch": 4,
+        "experiment": experiment,
+        "trial_id": "t1",
+        "params": best["params"],
+        "config": Config().to_dict(),
+        "metric": "val_mpjpe",
+        "mode": "min",
+        "value": 190.0,
+        "epoch": 4,
         "checkpoint": f"{experiment}/t1/epoch_0004",
-        "study": {"url": "sqlite:////nowhere/optuna.db", "name": "hand", "copy": f"{experiment}/optuna.db"},
-        "wall_seconds": 100.0, "share_in_epochs": 0.7,
+        "study": {
+            "url": "sqlite:////nowhere/optuna.db",
+            "name": "hand",
+            "copy": f"{experiment}/optuna.db",
+        },
+        "wall_seconds": 100.0,
+        "share_in_epochs": 0.7,
         "val_mean_pose_mpjpe": BASELINE,
         "paper_defaults": {"trial_id": "t0", "params": trials[0]["params"], "value": 230.0},
         "trials": trials,
@@ -167,13 +228,27 @@ def test_best_vs_paper_defaults_and_baseline():
     assert bp["ratio_best_to_paper"] == pytest.approx(190.0 / 230.0)
     assert bp["ratio_best_to_baseline"] == pytest.approx(190.0 / 250.0)
     assert bp["ratio_paper_to_baseline"] == pytest.approx(230.0 / 250.0)
-    assert summary["counts"] == {"trials": 8, "COMPLETE": 5, "PRUNED": 2, "ERROR": 1,
-                                 "joint": 4, "pretrain": 4}
+    assert summary["counts"] == {
+        "trials": 8,
+        "COMPLETE": 5,
+        "PRUNED": 2,
+        "ERROR": 1,
+        "joint": 4,
+        "pretrain": 4,
+    }
     assert summary["notes"] == []
 
     states = {t["trial_id"]: t["state"] for t in summary["trials"]}
-    assert states == {"t0": "COMPLETE", "t1": "COMPLETE", "t2": "PRUNED", "t3": "COMPLETE",
-                      "t4": "COMPLETE", "t5": "COMPLETE", "t6": "PRUNED", "t7": "ERROR"}
+    assert states == {
+        "t0": "COMPLETE",
+        "t1": "COMPLETE",
+        "t2": "PRUNED",
+        "t3": "COMPLETE",
+        "t4": "COMPLETE",
+        "t5": "COMPLETE",
+        "t6": "PRUNED",
+        "t7": "ERROR",
+    }
     by_id = {t["trial_id"]: t for t in summary["trials"]}
     # the detection stage (val_mpjpe null, no regression head) is not part of the curve
     assert by_id["t5"]["curve"] == [[3, 240.0], [4, 205.0]]
@@ -201,51 +276,88 @@ def test_paper_defaults_trial_without_value():
 def test_settings_rebuild_the_best_trials_config(tmp_path):
     best = make_best()
     st = report.summarise(best, "x")["settings"]
-    assert st["set_flags"] == ("--set lrn_alpha=0.0123457 --set lrn_beta=0.75 --set schedule=joint "
-                               "--set lambda=0.0001 --set lr=1.5e-05")
-    assert st["yaml"] == ("loss:\n  detection_weight: 0.0001\nmodel:\n  lrn_alpha: 0.0123457\n"
-                          "  lrn_beta: 0.75\noptim:\n  lr: 1.5e-05\nschedule:\n  kind: joint\n")
-    from_flags = apply_overrides(Config(), [f.split(" ", 1)[1] for f in st["set_flags"].split(" --")])
+    assert st["set_flags"] == (
+        "--set lrn_alpha=0.0123457 --set lrn_beta=0.75 --set schedule=joint "
+        "--set lambda=0.0001 --set lr=1.5e-05"
+    )
+    assert st["yaml"] == (
+        "loss:\n  detection_weight: 0.0001\nmodel:\n  lrn_alpha: 0.0123457\n"
+        "  lrn_beta: 0.75\noptim:\n  lr: 1.5e-05\nschedule:\n  kind: joint\n"
+    )
+    from_flags = apply_overrides(
+        Config(), [f.split(" ", 1)[1] for f in st["set_flags"].split(" --")]
+    )
     (tmp_path / "best.yaml").write_text(st["yaml"])
     from_yaml = load_config(tmp_path / "best.yaml")
     for cfg in (from_flags, from_yaml):
         assert cfg.model.lrn_alpha == pytest.approx(0.0123456789, rel=5e-6)  # 6 significant digits
         assert cfg.model.lrn_beta == 0.75 and cfg.schedule.kind == "joint"
-        assert cfg.loss.detection_weight == pytest.approx(1e-4) and cfg.optim.lr == pytest.approx(1.5e-5)
+        assert cfg.loss.detection_weight == pytest.approx(1e-4) and cfg.optim.lr == pytest.approx(
+            1.5e-5
+        )
 
 
 def test_older_best_json_falls_back_and_says_so():
     summary = report.summarise(old_best(make_best()), "x")
     states = [t["state"] for t in summary["trials"]]
-    assert states == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE", "COMPLETE", "COMPLETE", "PRUNED", "ERROR"]
-    assert [t["schedule"] for t in summary["trials"]] == ["joint"] * 4 + ["pretrain"] * 4  # from params
+    assert states == [
+        "COMPLETE",
+        "COMPLETE",
+        "PRUNED",
+        "COMPLETE",
+        "COMPLETE",
+        "COMPLETE",
+        "PRUNED",
+        "ERROR",
+    ]
+    assert [t["schedule"] for t in summary["trials"]] == ["joint"] * 4 + [
+        "pretrain"
+    ] * 4  # from params
     # without history a curve is the best epoch alone, and there is no comparison at equal epochs
     assert summary["trials"][4]["curve"] == [[4, 210.0]]
     assert summary["equal_epochs"]["rows"] == [] and summary["equal_epochs"]["winner"] is None
     bp = summary["best_vs_paper"]
     assert bp["paper_defaults"] is None and bp["ratio_best_to_baseline"] is None
     notes = " ".join(summary["notes"])
-    for text in ("no 'state'", "no 'schedule'", "no per-epoch 'history'", "no 'paper_defaults'",
-                 "no 'val_mean_pose_mpjpe'"):
+    for text in (
+        "no 'state'",
+        "no 'schedule'",
+        "no per-epoch 'history'",
+        "no 'paper_defaults'",
+        "no 'val_mean_pose_mpjpe'",
+    ):
         assert text in notes, text
     md = report.markdown_report(summary)
     assert "## Notes" in md and "cannot be compared at equal epochs" in md
 
 
 def test_markdown_holds_every_section():
-    summary = report.summarise(make_best(), "s3://bucket/sweeps/hand", {"lr": 0.6, "lrn_alpha": 0.4})
+    summary = report.summarise(
+        make_best(), "s3://bucket/sweeps/hand", {"lr": 0.6, "lrn_alpha": 0.4}
+    )
     summary["figures"] = ["learning_curves.png", "param_importance.png"]
     md = report.markdown_report(summary)
-    for text in ("# raypose sweep report", "![learning curves](learning_curves.png)",
-                 "## Joint vs pretrain at equal epochs", "| 4 | 190.0 | 225.0 | 3 | 205.0 | 207.5 | 2 |",
-                 "| 1 | 280.0 | 295.0 | 4 | - | - | 0 |",
-                 "## Best trial vs paper defaults", "best / paper defaults: 0.826",
-                 "| best | t1 | joint | 190.0 | 0.760 |", "| paper defaults | t0 | joint | 230.0 | 0.920 |",
-                 "## Parameter importances", "| lr | 0.600 |", "## Settings to use",
-                 "raypose train --set lrn_alpha=0.0123457", "```yaml", "## Trials",
-                 "| t1 (best) | COMPLETE | joint | 4 | 190.0 | 4 |", "| t0 (paper defaults) | COMPLETE |",
-                 "| t7 | ERROR: RayTaskError | pretrain | 0 | - | - |",
-                 "| t2 | PRUNED | joint | 2 | 310.0 | 2 |"):
+    for text in (
+        "# raypose sweep report",
+        "![learning curves](learning_curves.png)",
+        "## Joint vs pretrain at equal epochs",
+        "| 4 | 190.0 | 225.0 | 3 | 205.0 | 207.5 | 2 |",
+        "| 1 | 280.0 | 295.0 | 4 | - | - | 0 |",
+        "## Best trial vs paper defaults",
+        "best / paper defaults: 0.826",
+        "| best | t1 | joint | 190.0 | 0.760 |",
+        "| paper defaults | t0 | joint | 230.0 | 0.920 |",
+        "## Parameter importances",
+        "| lr | 0.600 |",
+        "## Settings to use",
+        "raypose train --set lrn_alpha=0.0123457",
+        "```yaml",
+        "## Trials",
+        "| t1 (best) | COMPLETE | joint | 4 | 190.0 | 4 |",
+        "| t0 (paper defaults) | COMPLETE |",
+        "| t7 | ERROR: RayTaskError | pretrain | 0 | - | - |",
+        "| t2 | PRUNED | joint | 2 | 310.0 | 2 |",
+    ):
         assert text in md, text
     assert "## Notes" not in md
 
@@ -276,15 +388,18 @@ def test_report_of_an_experiment_in_s3(s3_bucket, tmp_path, capsys):
     assert summary["best_vs_paper"]["ratio_best_to_paper"] == pytest.approx(190.0 / 230.0)
     assert summary["figures"] == ["learning_curves.png", "param_importance.png"]
     # no study copy: the importances say why
-    assert summary["importances"] == {} and f"s3://{experiment}/optuna.db" in summary["importance_note"]
+    assert (
+        summary["importances"] == {}
+        and f"s3://{experiment}/optuna.db" in summary["importance_note"]
+    )
 
     remote = summary["outputs"]["storage"]
     assert remote.startswith(f"s3://{experiment}/sweep-report-")
     fs.invalidate_cache()
-    stored = {p.rsplit("/", 1)[-1] for p in fs.ls(remote[len("s3://"):], detail=False)}
+    stored = {p.rsplit("/", 1)[-1] for p in fs.ls(remote[len("s3://") :], detail=False)}
     assert stored == set(report.OUTPUT_FILES)
     for name in report.OUTPUT_FILES:
-        assert fs.cat(f"{remote[len('s3://'):]}/{name}") == (out / name).read_bytes(), name
+        assert fs.cat(f"{remote[len('s3://') :]}/{name}") == (out / name).read_bytes(), name
     assert json.loads(fs.cat(f"{experiment}/best.json")) == best  # best.json untouched
 
     # a second report: a fresh storage folder, and the same --out is refused
@@ -308,7 +423,9 @@ def test_report_with_study_copy_has_importances(tmp_path):
     assert "| lr |" in (tmp_path / "out" / "sweep_report.md").read_text()
     check_png(tmp_path / "out" / "param_importance.png")
     stored = [p for p in experiment.iterdir() if p.name.startswith("sweep-report-")]
-    assert len(stored) == 1 and sorted(p.name for p in stored[0].iterdir()) == sorted(report.OUTPUT_FILES)
+    assert len(stored) == 1 and sorted(p.name for p in stored[0].iterdir()) == sorted(
+        report.OUTPUT_FILES
+    )
 
 
 def test_older_best_json_gives_a_report(tmp_path):
@@ -326,8 +443,10 @@ BAD_INPUT = {  # case: (best.json bytes or None for none, text the message must 
     "missing best.json": (None, "no best.json"),
     "not JSON": (b"{'trials': [", "is not JSON"),
     "not an object": (b"[1, 2]", "expected a JSON object"),
-    "missing trials": (json.dumps({k: v for k, v in make_best().items() if k != "trials"}).encode(),
-                       "has no 'trials' key"),
+    "missing trials": (
+        json.dumps({k: v for k, v in make_best().items() if k != "trials"}).encode(),
+        "has no 'trials' key",
+    ),
     "trial without params": (json.dumps(NO_PARAMS).encode(), "trials[0] has no 'params' key"),
 }
 

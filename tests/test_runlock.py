@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from raypose.storage import runlock
 from raypose import storage
+from raypose.storage import runlock
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -19,16 +19,26 @@ def loc(request, tmp_path):
 
 
 def _plant(loc, name, **fields):
-    record = {"token": "t", "host": socket.gethostname(), "pid": 1, "command": "raypose train",
-              "started": time.time(), "heartbeat": time.time(), **fields}
+    record = {
+        "token": "t",
+        "host": socket.gethostname(),
+        "pid": 1,
+        "command": "raypose train",
+        "started": time.time(),
+        "heartbeat": time.time(),
+        **fields,
+    }
     storage.write_text(runlock.lock_location(loc, name), json.dumps(record))
 
 
 def test_a_second_holder_is_refused_until_the_first_releases(loc):
     with runlock.hold(loc, "r", "raypose train"):
         assert storage.exists(runlock.lock_location(loc, "r"))
-        with pytest.raises(runlock.RunLockedError, match=r"'r' under .* is already running: "
-                           r"`raypose train` as process \d+ on .*; wait for it"):
+        with pytest.raises(
+            runlock.RunLockedError,
+            match=r"'r' under .* is already running: "
+            r"`raypose train` as process \d+ on .*; wait for it",
+        ):
             with runlock.hold(loc, "r", "raypose train"):
                 pass
         with runlock.hold(loc, "other", "raypose train"):  # another name is free
@@ -50,7 +60,9 @@ def test_a_lock_of_an_ended_process_or_with_an_old_heartbeat_is_taken_over(loc, 
 
 def test_a_live_lock_of_another_host_is_refused(loc):
     _plant(loc, "r", host="gpu-node-7", pid=4242, command="raypose tune")
-    with pytest.raises(runlock.RunLockedError, match="`raypose tune` as process 4242 on gpu-node-7"):
+    with pytest.raises(
+        runlock.RunLockedError, match="`raypose tune` as process 4242 on gpu-node-7"
+    ):
         with runlock.hold(loc, "r", "raypose tune"):
             pass
     assert json.loads(storage.read_text(runlock.lock_location(loc, "r")))["host"] == "gpu-node-7"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from raypose.storage import seal
 from raypose import storage
 from raypose.config import ConfigError
+from raypose.storage import seal
 
 KEY = "k" * 40
 
@@ -79,7 +79,9 @@ def test_a_planted_pickle_is_refused_and_never_loaded(tune_fs, tmp_path):
         _read(fs, f"{root}/tuner.pkl")
     # a seal copied from another sealed file does not cover it either: the name is sealed too
     _write(fs, f"{root}/error.pkl", b"x")
-    plain.pipe_file(f"{root}/tuner.pkl" + seal.SUFFIX, plain.cat_file(f"{root}/error.pkl" + seal.SUFFIX))
+    plain.pipe_file(
+        f"{root}/tuner.pkl" + seal.SUFFIX, plain.cat_file(f"{root}/error.pkl" + seal.SUFFIX)
+    )
     with pytest.raises(seal.SealError, match="does not match"):
         _read(fs, f"{root}/tuner.pkl")
     assert not marker.exists()
@@ -90,7 +92,9 @@ def test_another_key_is_named_and_refused(tune_fs, monkeypatch):
     _write(fs, f"{root}/tuner.pkl", b"state")
     monkeypatch.setenv(seal.KEY_ENV, "o" * 40)
     monkeypatch.setattr(seal, "_KEY", None)
-    with pytest.raises(seal.SealError, match=r"sealed with another key \(key id \w{12}; this machine's is \w{12}\)"):
+    with pytest.raises(
+        seal.SealError, match=r"sealed with another key \(key id \w{12}; this machine's is \w{12}\)"
+    ):
         _read(fs, f"{root}/tuner.pkl")
 
 

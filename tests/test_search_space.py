@@ -31,6 +31,7 @@ def _error(path) -> str:
 
 # --- the files in the repository ---------------------------------------------------------------
 
+
 def test_default_and_smoke_spaces_load():
     default = load_space(DEFAULT)
     assert default.metric == "val_mpjpe" and default.mode == "min"
@@ -48,28 +49,87 @@ def test_default_and_smoke_spaces_load():
 
 # --- each check names the file and the key -------------------------------------------------------
 
-@pytest.mark.parametrize("parameters, key, what", [
-    ("  lrn_alpha: {distribution: normal, low: 0, high: 1}\n", "lrn_alpha", "unknown distribution 'normal'"),
-    ("  lrn_alpha: {low: 0.1, high: 1.0}\n", "lrn_alpha", "missing distribution; expected one of uniform, loguniform"),
-    ("  lrn_beta: {distribution: uniform, low: 0.5}\n", "lrn_beta", "uniform needs low and high; missing high"),
-    ("  lrn_window: {distribution: int, high: 7}\n", "lrn_window", "int needs low and high; missing low"),
-    ("  schedule: {distribution: categorical}\n", "schedule", "categorical needs choices"),
-    ("  schedule: {distribution: categorical, choices: []}\n", "schedule", "non-empty list"),
-    ("  schedule: {distribution: fixed}\n", "schedule", "fixed needs value"),
-    ("  lrn_beta: {distribution: uniform, low: 0.5, hihg: 1.0, high: 1.0}\n", "lrn_beta",
-     "unknown field 'hihg' for uniform"),
-    ("  lrn_beta: {distribution: uniform, low: 1.0, high: 0.5}\n", "lrn_beta", "low < high, got low=1, high=0.5"),
-    ("  lrn_beta: {distribution: uniform, low: 0.5, high: 0.5}\n", "lrn_beta", "low == high"),
-    ("  lrn_alpha: {distribution: loguniform, low: 0.5, high: 0.5}\n", "lrn_alpha", "low == high"),
-    ("  lrn_window: {distribution: int, low: 7, high: 3}\n", "lrn_window", "low <= high"),
-    ("  lrn_beta: {distribution: uniform, low: low, high: 1.0}\n", "lrn_beta", "low must be a finite number"),
-    ("  lrn_window: {distribution: int, low: 3.0, high: 7}\n", "lrn_window", "low must be an integer"),
-    ("  lrn_window: {distribution: int, low: 3, high: 8, step: 2}\n", "lrn_window", "multiple of step"),
-    ("  lrn_window: {distribution: int, low: 3, high: 7, step: 0}\n", "lrn_window", "step >= 1"),
-    ("  lrn_window: {distribution: int, low: 3, high: 7, step: 2, log: true}\n", "lrn_window", "log: true needs step 1"),
-    ("  lrn_window: {distribution: int, low: 3, high: 7, log: maybe}\n", "lrn_window", "log must be true or false"),
-    ("  schedule: {distribution: categorical, choices: [joint, joint]}\n", "schedule", "appears twice"),
-])
+
+@pytest.mark.parametrize(
+    "parameters, key, what",
+    [
+        (
+            "  lrn_alpha: {distribution: normal, low: 0, high: 1}\n",
+            "lrn_alpha",
+            "unknown distribution 'normal'",
+        ),
+        (
+            "  lrn_alpha: {low: 0.1, high: 1.0}\n",
+            "lrn_alpha",
+            "missing distribution; expected one of uniform, loguniform",
+        ),
+        (
+            "  lrn_beta: {distribution: uniform, low: 0.5}\n",
+            "lrn_beta",
+            "uniform needs low and high; missing high",
+        ),
+        (
+            "  lrn_window: {distribution: int, high: 7}\n",
+            "lrn_window",
+            "int needs low and high; missing low",
+        ),
+        ("  schedule: {distribution: categorical}\n", "schedule", "categorical needs choices"),
+        ("  schedule: {distribution: categorical, choices: []}\n", "schedule", "non-empty list"),
+        ("  schedule: {distribution: fixed}\n", "schedule", "fixed needs value"),
+        (
+            "  lrn_beta: {distribution: uniform, low: 0.5, hihg: 1.0, high: 1.0}\n",
+            "lrn_beta",
+            "unknown field 'hihg' for uniform",
+        ),
+        (
+            "  lrn_beta: {distribution: uniform, low: 1.0, high: 0.5}\n",
+            "lrn_beta",
+            "low < high, got low=1, high=0.5",
+        ),
+        ("  lrn_beta: {distribution: uniform, low: 0.5, high: 0.5}\n", "lrn_beta", "low == high"),
+        (
+            "  lrn_alpha: {distribution: loguniform, low: 0.5, high: 0.5}\n",
+            "lrn_alpha",
+            "low == high",
+        ),
+        ("  lrn_window: {distribution: int, low: 7, high: 3}\n", "lrn_window", "low <= high"),
+        (
+            "  lrn_beta: {distribution: uniform, low: low, high: 1.0}\n",
+            "lrn_beta",
+            "low must be a finite number",
+        ),
+        (
+            "  lrn_window: {distribution: int, low: 3.0, high: 7}\n",
+            "lrn_window",
+            "low must be an integer",
+        ),
+        (
+            "  lrn_window: {distribution: int, low: 3, high: 8, step: 2}\n",
+            "lrn_window",
+            "multiple of step",
+        ),
+        (
+            "  lrn_window: {distribution: int, low: 3, high: 7, step: 0}\n",
+            "lrn_window",
+            "step >= 1",
+        ),
+        (
+            "  lrn_window: {distribution: int, low: 3, high: 7, step: 2, log: true}\n",
+            "lrn_window",
+            "log: true needs step 1",
+        ),
+        (
+            "  lrn_window: {distribution: int, low: 3, high: 7, log: maybe}\n",
+            "lrn_window",
+            "log must be true or false",
+        ),
+        (
+            "  schedule: {distribution: categorical, choices: [joint, joint]}\n",
+            "schedule",
+            "appears twice",
+        ),
+    ],
+)
 def test_malformed_parameter(tmp_path, parameters, key, what):
     path = _space_file(tmp_path, parameters)
     message = _error(path)
@@ -87,52 +147,66 @@ def test_log_distribution_needs_positive_low(tmp_path):
 
 
 def test_condition_on_unknown_parameter(tmp_path):
-    path = _space_file(tmp_path, "  pretrain_share: {distribution: uniform, low: 0.2, high: 0.6, "
-                                 "condition: {schedul: pretrain}}\n")
+    path = _space_file(
+        tmp_path,
+        "  pretrain_share: {distribution: uniform, low: 0.2, high: 0.6, "
+        "condition: {schedul: pretrain}}\n",
+    )
     message = _error(path)
     assert message.startswith(f"{path}: parameters.pretrain_share: ")
     assert "condition on unknown parameter 'schedul'" in message
 
 
 def test_condition_on_a_later_parameter(tmp_path):
-    path = _space_file(tmp_path,
-                       "  pretrain_share: {distribution: uniform, low: 0.2, high: 0.6, "
-                       "condition: {schedule: pretrain}}\n"
-                       "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n")
+    path = _space_file(
+        tmp_path,
+        "  pretrain_share: {distribution: uniform, low: 0.2, high: 0.6, "
+        "condition: {schedule: pretrain}}\n"
+        "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n",
+    )
     message = _error(path)
     assert message.startswith(f"{path}: parameters.pretrain_share: ")
     assert "'schedule', which is defined later in the file" in message
 
 
 def test_condition_value_not_among_choices(tmp_path):
-    path = _space_file(tmp_path,
-                       "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n"
-                       "  pretrain_share: {distribution: uniform, low: 0.2, high: 0.6, "
-                       "condition: {schedule: [pretrain, detection]}}\n")
+    path = _space_file(
+        tmp_path,
+        "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n"
+        "  pretrain_share: {distribution: uniform, low: 0.2, high: 0.6, "
+        "condition: {schedule: [pretrain, detection]}}\n",
+    )
     message = _error(path)
     assert message.startswith(f"{path}: parameters.pretrain_share: ")
     assert "condition value 'detection' for 'schedule' is not among its choices" in message
 
 
 def test_condition_on_a_continuous_parameter(tmp_path):
-    path = _space_file(tmp_path,
-                       "  lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
-                       "  momentum: {distribution: uniform, low: 0.8, high: 0.99, condition: {lr: 0.001}}\n")
+    path = _space_file(
+        tmp_path,
+        "  lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
+        "  momentum: {distribution: uniform, low: 0.8, high: 0.99, condition: {lr: 0.001}}\n",
+    )
     message = _error(path)
     assert message.startswith(f"{path}: parameters.momentum: ")
     assert "which is loguniform; a condition needs a categorical or fixed parameter" in message
 
 
 def test_malformed_condition(tmp_path):
-    path = _space_file(tmp_path,
-                       "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n"
-                       "  pretrain_share: {distribution: uniform, low: 0.2, high: 0.6, condition: pretrain}\n")
+    path = _space_file(
+        tmp_path,
+        "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n"
+        "  pretrain_share: {distribution: uniform, low: 0.2, high: 0.6, condition: pretrain}\n",
+    )
     assert f"{path}: parameters.pretrain_share: condition must be a mapping" in _error(path)
 
 
 def test_unknown_top_level_key(tmp_path):
-    path = _space_file(tmp_path, "  lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}\n",
-                       head="metric: val_mpjpe\nmode: max\n")
+    path = _space_file(
+        tmp_path,
+        "  lr: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}\n",
+        head="metric: val_mpjpe\nmode: max\n",
+    )
     assert _error(path) == f"{path}: unknown top-level key 'mode'; expected metric, parameters"
 
 
@@ -150,7 +224,9 @@ def test_missing_or_empty_parameters(tmp_path):
 
 
 def test_parameter_that_is_not_a_config_key(tmp_path):
-    path = _space_file(tmp_path, "  learning_rate: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}\n")
+    path = _space_file(
+        tmp_path, "  learning_rate: {distribution: loguniform, low: 1.0e-4, high: 1.0e-2}\n"
+    )
     message = _error(path)
     assert message.startswith(f"{path}: parameters.learning_rate: unknown key 'learning_rate'")
     path = _space_file(tmp_path, "  name: {distribution: categorical, choices: [adam, sgd]}\n")
@@ -158,35 +234,64 @@ def test_parameter_that_is_not_a_config_key(tmp_path):
 
 
 def test_two_names_for_one_key(tmp_path):
-    path = _space_file(tmp_path, "  lambda: {distribution: fixed, value: 1.0}\n"
-                                 "  loss.detection_weight: {distribution: fixed, value: 2.0}\n")
-    assert (f"{path}: parameters.loss.detection_weight: sets loss.detection_weight, as "
-            f"parameters.lambda already does") == _error(path)
+    path = _space_file(
+        tmp_path,
+        "  lambda: {distribution: fixed, value: 1.0}\n"
+        "  loss.detection_weight: {distribution: fixed, value: 2.0}\n",
+    )
+    assert (
+        f"{path}: parameters.loss.detection_weight: sets loss.detection_weight, as "
+        f"parameters.lambda already does"
+    ) == _error(path)
 
 
 def test_duplicate_yaml_key(tmp_path):
-    path = _space_file(tmp_path, "  lr: {distribution: fixed, value: 0.1}\n"
-                                 "  lr: {distribution: fixed, value: 0.2}\n")
+    path = _space_file(
+        tmp_path,
+        "  lr: {distribution: fixed, value: 0.1}\n  lr: {distribution: fixed, value: 0.2}\n",
+    )
     assert _error(path) == f"{path}: line 3: key 'lr' appears twice"
 
 
-@pytest.mark.parametrize("parameters, key, what", [
-    # categorical choices of strings for a float key
-    ("  lrn_alpha: {distribution: categorical, choices: [small, large]}\n", "lrn_alpha",
-     "model.lrn_alpha expects float, got 'small' (str)"),
-    # numbers for a string key
-    ("  schedule: {distribution: categorical, choices: [joint, 1]}\n", "schedule",
-     "schedule.kind expects str, got 1 (int)"),
-    ("  optim.name: {distribution: fixed, value: 3}\n", "optim.name", "optim.name expects str"),
-    # floats drawn for an int key, numbers drawn for a string or bool key
-    ("  lrn_window: {distribution: uniform, low: 3, high: 7}\n", "lrn_window",
-     "uniform draws floats but model.lrn_window is an int setting; use distribution: int"),
-    ("  schedule: {distribution: uniform, low: 0, high: 1}\n", "schedule",
-     "uniform draws floats but schedule.kind is a string setting; use categorical or fixed"),
-    ("  augment: {distribution: int, low: 0, high: 1}\n", "augment", "int draws integers but data.augment"),
-    ("  batch_size: {distribution: categorical, choices: [32, 64.5]}\n", "batch_size",
-     "data.batch_size expects int, got 64.5"),
-])
+@pytest.mark.parametrize(
+    "parameters, key, what",
+    [
+        # categorical choices of strings for a float key
+        (
+            "  lrn_alpha: {distribution: categorical, choices: [small, large]}\n",
+            "lrn_alpha",
+            "model.lrn_alpha expects float, got 'small' (str)",
+        ),
+        # numbers for a string key
+        (
+            "  schedule: {distribution: categorical, choices: [joint, 1]}\n",
+            "schedule",
+            "schedule.kind expects str, got 1 (int)",
+        ),
+        ("  optim.name: {distribution: fixed, value: 3}\n", "optim.name", "optim.name expects str"),
+        # floats drawn for an int key, numbers drawn for a string or bool key
+        (
+            "  lrn_window: {distribution: uniform, low: 3, high: 7}\n",
+            "lrn_window",
+            "uniform draws floats but model.lrn_window is an int setting; use distribution: int",
+        ),
+        (
+            "  schedule: {distribution: uniform, low: 0, high: 1}\n",
+            "schedule",
+            "uniform draws floats but schedule.kind is a string setting; use categorical or fixed",
+        ),
+        (
+            "  augment: {distribution: int, low: 0, high: 1}\n",
+            "augment",
+            "int draws integers but data.augment",
+        ),
+        (
+            "  batch_size: {distribution: categorical, choices: [32, 64.5]}\n",
+            "batch_size",
+            "data.batch_size expects int, got 64.5",
+        ),
+    ],
+)
 def test_wrong_type_for_the_config_key(tmp_path, parameters, key, what):
     path = _space_file(tmp_path, parameters)
     message = _error(path)
@@ -194,13 +299,31 @@ def test_wrong_type_for_the_config_key(tmp_path, parameters, key, what):
     assert what in message
 
 
-@pytest.mark.parametrize("parameters, key, what", [
-    ("  dropout: {distribution: uniform, low: 0.0, high: 1.0}\n", "dropout", "high 1.0 is not a valid model.dropout"),
-    ("  optim.name: {distribution: categorical, choices: [adam, rmsprop]}\n", "optim.name",
-     "choices[1] 'rmsprop' is not a valid optim.name: optim.name must be adam or sgd"),
-    ("  lrn_window: {distribution: int, low: 2, high: 6, step: 2}\n", "lrn_window", "must be an odd"),
-    ("  pretrain_share: {distribution: uniform, low: 0.0, high: 0.5}\n", "pretrain_share", "must be in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "parameters, key, what",
+    [
+        (
+            "  dropout: {distribution: uniform, low: 0.0, high: 1.0}\n",
+            "dropout",
+            "high 1.0 is not a valid model.dropout",
+        ),
+        (
+            "  optim.name: {distribution: categorical, choices: [adam, rmsprop]}\n",
+            "optim.name",
+            "choices[1] 'rmsprop' is not a valid optim.name: optim.name must be adam or sgd",
+        ),
+        (
+            "  lrn_window: {distribution: int, low: 2, high: 6, step: 2}\n",
+            "lrn_window",
+            "must be an odd",
+        ),
+        (
+            "  pretrain_share: {distribution: uniform, low: 0.0, high: 0.5}\n",
+            "pretrain_share",
+            "must be in (0, 1)",
+        ),
+    ],
+)
 def test_values_outside_the_config_range(tmp_path, parameters, key, what):
     path = _space_file(tmp_path, parameters)
     message = _error(path)
@@ -209,29 +332,37 @@ def test_values_outside_the_config_range(tmp_path, parameters, key, what):
 
 
 def test_missing_and_malformed_files(tmp_path):
-    assert _error(tmp_path / "nope.yaml") == f"search-space file {tmp_path / 'nope.yaml'} does not exist"
+    assert (
+        _error(tmp_path / "nope.yaml")
+        == f"search-space file {tmp_path / 'nope.yaml'} does not exist"
+    )
     path = tmp_path / "bad.yaml"
     path.write_text("parameters: {lr: [1, 2\n")
     # one line with the place, not the parser's whole multi-line message
-    assert _error(path) == (f"search-space file {path}: line 2, column 1: not valid YAML "
-                            "(expected ',' or ']', but got '<stream end>')")
+    assert _error(path) == (
+        f"search-space file {path}: line 2, column 1: not valid YAML "
+        "(expected ',' or ']', but got '<stream end>')"
+    )
     path.write_bytes(b"metric: val_mpjpe\n# \xe9\n")
-    assert _error(path) == (f"search-space file {path}: line 2: not UTF-8 text (byte 0xe9); "
-                            "save it as UTF-8")
+    assert _error(path) == (
+        f"search-space file {path}: line 2: not UTF-8 text (byte 0xe9); save it as UTF-8"
+    )
 
 
 def test_accepted_forms(tmp_path):
-    path = _space_file(tmp_path,
-                       "  lrn_alpha: {distribution: loguniform, low: 1e-4, high: 1e-1}\n"  # YAML strings
-                       "  model.dropout: {distribution: uniform, low: 0, high: 0.5}\n"
-                       "  epochs: {distribution: int, low: 2, high: 16, log: true}\n"
-                       "  seed: {distribution: fixed, value: 3}\n"
-                       "  lambda: {distribution: categorical, choices: [0.5, 1, 2]}\n"
-                       "  optim.name: {distribution: categorical, choices: [adam, sgd]}\n"
-                       "  momentum: {distribution: uniform, low: 0.8, high: 0.99, "
-                       "condition: {optim.name: [sgd]}}\n"
-                       "  weight_decay: {distribution: fixed, value: 1.0e-4, "
-                       "condition: {optim.name: sgd, seed: 3}}\n")
+    path = _space_file(
+        tmp_path,
+        "  lrn_alpha: {distribution: loguniform, low: 1e-4, high: 1e-1}\n"  # YAML strings
+        "  model.dropout: {distribution: uniform, low: 0, high: 0.5}\n"
+        "  epochs: {distribution: int, low: 2, high: 16, log: true}\n"
+        "  seed: {distribution: fixed, value: 3}\n"
+        "  lambda: {distribution: categorical, choices: [0.5, 1, 2]}\n"
+        "  optim.name: {distribution: categorical, choices: [adam, sgd]}\n"
+        "  momentum: {distribution: uniform, low: 0.8, high: 0.99, "
+        "condition: {optim.name: [sgd]}}\n"
+        "  weight_decay: {distribution: fixed, value: 1.0e-4, "
+        "condition: {optim.name: sgd, seed: 3}}\n",
+    )
     space = load_space(path)
     alpha = space.parameters[0]
     assert (alpha.low, alpha.high) == (1e-4, 1e-1)
@@ -240,6 +371,7 @@ def test_accepted_forms(tmp_path):
 
 
 # --- define-by-run ------------------------------------------------------------------------------
+
 
 def _run_study(space, n_trials: int):
     sampler = optuna.samplers.TPESampler(seed=0, multivariate=True)
@@ -283,8 +415,11 @@ def test_define_by_run_on_default_space():
 
 
 def test_define_by_run_on_smoke_space_and_fixed_values(tmp_path):
-    path = _space_file(tmp_path, SMOKE.read_text().split("parameters:\n", 1)[1]
-                       + "  epochs: {distribution: fixed, value: 2}\n")
+    path = _space_file(
+        tmp_path,
+        SMOKE.read_text().split("parameters:\n", 1)[1]
+        + "  epochs: {distribution: fixed, value: 2}\n",
+    )
     space = load_space(path)
     study, seen = _run_study(space, 8)
     for params, trial in zip(seen, study.trials):
@@ -306,25 +441,40 @@ def test_define_by_run_with_ray_tune_optuna_search():
     from ray.tune.search.optuna import OptunaSearch
 
     space = load_space(DEFAULT)
-    searcher = OptunaSearch(space=space.define_by_run, metric=space.metric, mode=space.mode,
-                            sampler=optuna.samplers.TPESampler(seed=0))
+    searcher = OptunaSearch(
+        space=space.define_by_run,
+        metric=space.metric,
+        mode=space.mode,
+        sampler=optuna.samplers.TPESampler(seed=0),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i in range(6):
             config = searcher.suggest(f"trial_{i}")
             cfg = space.apply(config)
             assert ("pretrain_share" in config) == (cfg.schedule.kind == "pretrain")
-            searcher.on_trial_complete(f"trial_{i}", {space.metric: 100.0 - i, "training_iteration": 1})
+            searcher.on_trial_complete(
+                f"trial_{i}", {space.metric: 100.0 - i, "training_iteration": 1}
+            )
     assert not ray.is_initialized()
 
 
 # --- applying a trial's values ------------------------------------------------------------------
 
+
 def test_apply_sets_config_and_leaves_the_base_alone():
     space = load_space(DEFAULT)
     base = Config()
-    params = {"lrn_alpha": 0.01, "schedule": "pretrain", "pretrain_share": 0.4, "lr": 1e-4,
-              "optim.name": "sgd", "momentum": 0.95, "batch_size": 32, "lrn_window": 7}
+    params = {
+        "lrn_alpha": 0.01,
+        "schedule": "pretrain",
+        "pretrain_share": 0.4,
+        "lr": 1e-4,
+        "optim.name": "sgd",
+        "momentum": 0.95,
+        "batch_size": 32,
+        "lrn_window": 7,
+    }
     cfg = space.apply(params, base)
     assert cfg.model.lrn_alpha == 0.01 and cfg.model.lrn_window == 7
     assert cfg.schedule.kind == "pretrain" and cfg.schedule.pretrain_share == 0.4
@@ -340,7 +490,9 @@ def test_apply_checks_types_names_and_combinations():
     space = load_space(DEFAULT)
     with pytest.raises(SearchSpaceError, match="parameters.lr: optim.lr expects float"):
         space.apply({"lr": "fast"})
-    with pytest.raises(SearchSpaceError, match=r"trial parameters \['gamma'\] are not in this search space"):
+    with pytest.raises(
+        SearchSpaceError, match=r"trial parameters \['gamma'\] are not in this search space"
+    ):
         space.apply({"gamma": 1.0})
     base = apply_overrides(Config(), ["epochs=1"])
     with pytest.raises(SearchSpaceError, match="schedule.epochs must be >= 2 for the pretrain"):
@@ -348,12 +500,15 @@ def test_apply_checks_types_names_and_combinations():
 
 
 def test_parse_space_from_a_dict():
-    space = parse_space({"parameters": {"lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}}},
-                        "inline")
+    space = parse_space(
+        {"parameters": {"lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}}}, "inline"
+    )
     assert space.path == "inline" and space.metric == "val_mpjpe"
     with pytest.raises(SearchSpaceError, match="^inline: parameters.lr: loguniform needs low > 0"):
-        parse_space({"parameters": {"lr": {"distribution": "loguniform", "low": 0.0, "high": 1e-2}}},
-                    "inline")
+        parse_space(
+            {"parameters": {"lr": {"distribution": "loguniform", "low": 0.0, "high": 1e-2}}},
+            "inline",
+        )
     assert math.isclose(space.parameters[0].high, 1e-2)
 
 
@@ -365,15 +520,22 @@ def test_check_against_a_base_config(tmp_path):
     with pytest.raises(SearchSpaceError) as err:
         space.check_against(one_epoch)
     message = str(err.value)
-    assert message.startswith(f"{SMOKE}: parameters.schedule: choice 'pretrain' gives an invalid config")
+    assert message.startswith(
+        f"{SMOKE}: parameters.schedule: choice 'pretrain' gives an invalid config"
+    )
     assert "schedule.epochs must be >= 2 for the pretrain schedule" in message
 
     # a conditional parameter is checked with the value its condition needs
-    path = _space_file(tmp_path,
-                       "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n"
-                       "  epochs: {distribution: int, low: 1, high: 4, condition: {schedule: pretrain}}\n")
-    with pytest.raises(SearchSpaceError, match=r"parameters.epochs: low 1 and schedule='pretrain' "
-                                                r"gives an invalid config"):
+    path = _space_file(
+        tmp_path,
+        "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n"
+        "  epochs: {distribution: int, low: 1, high: 4, condition: {schedule: pretrain}}\n",
+    )
+    with pytest.raises(
+        SearchSpaceError,
+        match=r"parameters.epochs: low 1 and schedule='pretrain' "
+        r"gives an invalid config",
+    ):
         load_space(path).check_against(Config())
 
     bad_base = Config()
@@ -396,19 +558,30 @@ def test_billion_laughs_space_is_refused_fast_in_one_short_line(tmp_path):
     message = _error(path)
     # measured against the minutes and gigabytes the expansion would take
     assert time.perf_counter() - start < 5
-    assert message.startswith(f"search-space file {path}: refused: it expands to more than "
-                              "10000 values") and "YAML aliases" in message
+    assert (
+        message.startswith(
+            f"search-space file {path}: refused: it expands to more than 10000 values"
+        )
+        and "YAML aliases" in message
+    )
     assert "\n" not in message and len(message) < 1024
 
 
 def test_aliases_within_bounds_still_work_and_duplicates_are_still_caught(tmp_path):
-    path = _space_file(tmp_path, "  lrn_alpha: &log {distribution: loguniform, low: 1.0e-4, "
-                                 "high: 1.0e-1}\n  lr: *log\n")
+    path = _space_file(
+        tmp_path,
+        "  lrn_alpha: &log {distribution: loguniform, low: 1.0e-4, high: 1.0e-1}\n  lr: *log\n",
+    )
     space = load_space(path)
     assert [(p.key, p.low, p.high) for p in space.parameters] == [
-        ("model.lrn_alpha", 1e-4, 1e-1), ("optim.lr", 1e-4, 1e-1)]
-    path = _space_file(tmp_path, "  lr: {distribution: fixed, value: 0.1}\n"
-                                 "  lr: {distribution: fixed, value: 0.2}\n", name="twice.yaml")
+        ("model.lrn_alpha", 1e-4, 1e-1),
+        ("optim.lr", 1e-4, 1e-1),
+    ]
+    path = _space_file(
+        tmp_path,
+        "  lr: {distribution: fixed, value: 0.1}\n  lr: {distribution: fixed, value: 0.2}\n",
+        name="twice.yaml",
+    )
     assert _error(path) == f"{path}: line 3: key 'lr' appears twice"
 
 
@@ -416,21 +589,32 @@ HUGE = "z" * 100_000
 SCHEDULE = "  schedule: {distribution: categorical, choices: [joint, pretrain]}\n"
 
 
-@pytest.mark.parametrize("head, parameters, culprit", [
-    (f"metric: {HUGE}\n", "  lr: {distribution: fixed, value: 0.1}\n", "metric"),
-    (f"? {HUGE}\n: 1\n", "  lr: {distribution: fixed, value: 0.1}\n", "unknown top-level key"),
-    ("", f"  lr: {{distribution: fixed, value: {HUGE}}}\n", "parameters.lr: value"),
-    ("", f"  lr: {{distribution: {HUGE}}}\n", "unknown distribution"),
-    ("", f"  seed: {{distribution: categorical, choices: [1, {HUGE}]}}\n", "choices[1]"),
-    ("", f"  lr: {{distribution: uniform, low: {HUGE}, high: 1}}\n", "low must be"),
-    ("", f"  lr: {{distribution: uniform, low: 0.1, high: 1, ? {HUGE}: 1}}\n", "unknown field"),
-    ("", f"  epochs: {{distribution: int, low: 1, high: 2, log: {HUGE}}}\n", "log must be"),
-    ("", f"  ? {HUGE}\n  : {{distribution: fixed, value: 1}}\n", "unknown key"),
-    ("", SCHEDULE + f"  pretrain_share: {{distribution: fixed, value: 0.5, "
-                    f"condition: {{schedule: {HUGE}}}}}\n", "condition value"),
-    ("", SCHEDULE + f"  pretrain_share: {{distribution: fixed, value: 0.5, "
-                    f"condition: {{? {HUGE}: 1}}}}\n", "condition on unknown parameter"),
-])
+@pytest.mark.parametrize(
+    "head, parameters, culprit",
+    [
+        (f"metric: {HUGE}\n", "  lr: {distribution: fixed, value: 0.1}\n", "metric"),
+        (f"? {HUGE}\n: 1\n", "  lr: {distribution: fixed, value: 0.1}\n", "unknown top-level key"),
+        ("", f"  lr: {{distribution: fixed, value: {HUGE}}}\n", "parameters.lr: value"),
+        ("", f"  lr: {{distribution: {HUGE}}}\n", "unknown distribution"),
+        ("", f"  seed: {{distribution: categorical, choices: [1, {HUGE}]}}\n", "choices[1]"),
+        ("", f"  lr: {{distribution: uniform, low: {HUGE}, high: 1}}\n", "low must be"),
+        ("", f"  lr: {{distribution: uniform, low: 0.1, high: 1, ? {HUGE}: 1}}\n", "unknown field"),
+        ("", f"  epochs: {{distribution: int, low: 1, high: 2, log: {HUGE}}}\n", "log must be"),
+        ("", f"  ? {HUGE}\n  : {{distribution: fixed, value: 1}}\n", "unknown key"),
+        (
+            "",
+            SCHEDULE + f"  pretrain_share: {{distribution: fixed, value: 0.5, "
+            f"condition: {{schedule: {HUGE}}}}}\n",
+            "condition value",
+        ),
+        (
+            "",
+            SCHEDULE + f"  pretrain_share: {{distribution: fixed, value: 0.5, "
+            f"condition: {{? {HUGE}: 1}}}}\n",
+            "condition on unknown parameter",
+        ),
+    ],
+)
 def test_rejected_values_are_quoted_only_in_part(tmp_path, head, parameters, culprit):
     path = _space_file(tmp_path, parameters, head=head)
     message = _error(path)

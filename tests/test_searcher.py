@@ -32,8 +32,15 @@ def scripted_trial(config):
     for epoch, (has_head, value) in enumerate(script, start=1):
         if has_head:
             best = value if best is None else min(best, value)
-        tune.report({"epoch": epoch, "epochs_planned": len(script), "has_regression_head": has_head,
-                     "val_mpjpe": value, "best_val_mpjpe": best if has_head else 5000.0})
+        tune.report(
+            {
+                "epoch": epoch,
+                "epochs_planned": len(script),
+                "has_regression_head": has_head,
+                "val_mpjpe": value,
+                "best_val_mpjpe": best if has_head else 5000.0,
+            }
+        )
 
 
 def lr_scripted_trial(config):
@@ -52,15 +59,24 @@ def lr_scripted_trial(config):
         value = (100.0 + 400.0 * distance) * (1.0 - 0.1 * epoch) if has_head else 5000.0
         if has_head:
             best = value if best is None else min(best, value)
-        tune.report({"epoch": epoch, "epochs_planned": 4, "has_regression_head": has_head,
-                     "val_mpjpe": value, "best_val_mpjpe": best if has_head else 5000.0})
+        tune.report(
+            {
+                "epoch": epoch,
+                "epochs_planned": 4,
+                "has_regression_head": has_head,
+                "val_mpjpe": value,
+                "best_val_mpjpe": best if has_head else 5000.0,
+            }
+        )
 
 
 def lr_space():
     from raypose.search.space import parse_space
 
-    return parse_space({"parameters": {"lr": {"distribution": "loguniform", "low": 1.0e-5,
-                                              "high": 1.0e-2}}}, "test space")
+    return parse_space(
+        {"parameters": {"lr": {"distribution": "loguniform", "low": 1.0e-5, "high": 1.0e-2}}},
+        "test space",
+    )
 
 
 def test_asha_compares_at_equal_epochs_and_never_judges_a_detection_stage(ray_local, tmp_path):
@@ -72,8 +88,9 @@ def test_asha_compares_at_equal_epochs_and_never_judges_a_detection_stage(ray_lo
     tuner = tune.Tuner(
         scripted_trial,
         param_space={"kind": tune.grid_search(["good", "pretrain_good", "pretrain_bad", "bad"])},
-        tune_config=tune.TuneConfig(scheduler=make_scheduler(max_epochs=6),
-                                    max_concurrent_trials=1),
+        tune_config=tune.TuneConfig(
+            scheduler=make_scheduler(max_epochs=6), max_concurrent_trials=1
+        ),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha", verbose=0),
     )
     grid = tuner.fit()
@@ -91,7 +108,8 @@ def test_asha_never_stops_the_paper_settings_trial(ray_local, tmp_path):
         param_space={"kind": tune.grid_search(["good", "bad", "worse"])},
         tune_config=tune.TuneConfig(
             scheduler=make_scheduler(max_epochs=6, reference={"kind": "bad"}),
-            max_concurrent_trials=1),
+            max_concurrent_trials=1,
+        ),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="asha_ref", verbose=0),
     )
     grid = tuner.fit()
@@ -99,8 +117,9 @@ def test_asha_never_stops_the_paper_settings_trial(ray_local, tmp_path):
     assert reported == {"good": 6, "bad": 6, "worse": 1}
 
 
-def test_optuna_records_paper_trial_pruned_trials_and_no_detection_epochs(ray_local, tmp_path,
-                                                                        monkeypatch):
+def test_optuna_records_paper_trial_pruned_trials_and_no_detection_epochs(
+    ray_local, tmp_path, monkeypatch
+):
     """The study searcher and ASHA inside Tune, on scripted results: the first trial is the
     enqueued paper settings; trials ASHA stops are PRUNED with their last best_val_mpjpe as
     value; completed ones carry their final best; no detection epoch reaches the study."""
@@ -109,20 +128,33 @@ def test_optuna_records_paper_trial_pruned_trials_and_no_detection_epochs(ray_lo
 
     from raypose.search.space import parse_space
 
-    space = parse_space({"parameters": {
-        "schedule": {"distribution": "categorical", "choices": ["joint", "pretrain"]},
-        "lambda": {"distribution": "loguniform", "low": 1.0e-5, "high": 1.0,
-                   "condition": {"schedule": "joint"}},
-        "lr": {"distribution": "loguniform", "low": 1.0e-5, "high": 1.0e-2},
-    }}, "test space")
+    space = parse_space(
+        {
+            "parameters": {
+                "schedule": {"distribution": "categorical", "choices": ["joint", "pretrain"]},
+                "lambda": {
+                    "distribution": "loguniform",
+                    "low": 1.0e-5,
+                    "high": 1.0,
+                    "condition": {"schedule": "joint"},
+                },
+                "lr": {"distribution": "loguniform", "low": 1.0e-5, "high": 1.0e-2},
+            }
+        },
+        "test space",
+    )
     point = {"schedule": "joint", "lambda": 1.0, "lr": 3e-4}  # tune.paper_defaults_point's
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     tuner = tune.Tuner(
         lr_scripted_trial,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(space, 0, url, "scripted", points_to_evaluate=[point],
-                                     samples=6),
-            scheduler=make_scheduler(max_epochs=4), num_samples=6, max_concurrent_trials=1),
+            search_alg=make_searcher(
+                space, 0, url, "scripted", points_to_evaluate=[point], samples=6
+            ),
+            scheduler=make_scheduler(max_epochs=4),
+            num_samples=6,
+            max_concurrent_trials=1,
+        ),
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="optuna", verbose=0),
     )
     grid = tuner.fit()
@@ -151,7 +183,8 @@ def test_optuna_records_paper_trial_pruned_trials_and_no_detection_epochs(ray_lo
         t = by_params[json.dumps(r.config, sort_keys=True)]
         judged = r.metrics_dataframe[r.metrics_dataframe["has_regression_head"]]
         assert dict(zip(judged["epoch"], judged["best_val_mpjpe"])) == pytest.approx(
-            t.intermediate_values)
+            t.intermediate_values
+        )
 
     # Tune saved the searcher's state as JSON with the experiment, and restores it (and the
     # searcher pickled in tuner.pkl) on a resume, with the study where this machine keeps it
@@ -205,8 +238,9 @@ def test_searcher_state_reopens_the_study_where_this_machine_keeps_it(tmp_path, 
     assert study.trials[0].intermediate_values == {1: 120.0, 2: 110.0}
     # the next trial is numbered after it, in the same study
     assert restored.suggest("t2") is not None
-    assert [t.number for t in optuna.load_study(study_name="s",
-                                                storage=f"sqlite:///{second}").trials] == [0, 1]
+    assert [
+        t.number for t in optuna.load_study(study_name="s", storage=f"sqlite:///{second}").trials
+    ] == [0, 1]
 
 
 def test_a_pruned_trial_takes_its_last_reported_value_and_an_error_fails(tmp_path):
@@ -219,15 +253,18 @@ def test_a_pruned_trial_takes_its_last_reported_value_and_an_error_fails(tmp_pat
     searcher = make_searcher(lr_space(), 0, url, "s", samples=3)
     for trial_id in ("stopped", "failed"):
         assert set(searcher.suggest(trial_id)) == {"lr"}
-    searcher.on_trial_result("stopped", {"epoch": 1, "has_regression_head": False,
-                                         "best_val_mpjpe": 5000.0})
+    searcher.on_trial_result(
+        "stopped", {"epoch": 1, "has_regression_head": False, "best_val_mpjpe": 5000.0}
+    )
     searcher.on_trial_result("stopped", {"epoch": 2, "best_val_mpjpe": 300.0})
-    searcher.on_trial_complete("stopped", {"epoch": 3, "epochs_planned": 6,
-                                           "best_val_mpjpe": 250.0})
+    searcher.on_trial_complete(
+        "stopped", {"epoch": 3, "epochs_planned": 6, "best_val_mpjpe": 250.0}
+    )
     searcher.on_trial_result("failed", {"epoch": 1, "best_val_mpjpe": 400.0})
     searcher.on_trial_complete("failed", error=True)
-    searcher.on_trial_complete("failed", {"epoch": 6, "epochs_planned": 6,
-                                          "best_val_mpjpe": 1.0})  # told already: ignored
+    searcher.on_trial_complete(
+        "failed", {"epoch": 6, "epochs_planned": 6, "best_val_mpjpe": 1.0}
+    )  # told already: ignored
     study = optuna.load_study(study_name="s", storage=url)
     stopped, failed = sorted(study.trials, key=lambda t: t.number)
     assert (stopped.state.name, stopped.value) == ("PRUNED", 250.0)
@@ -263,8 +300,12 @@ def test_restore_never_unpickles(tmp_path):
     assert not marker.exists()
     searcher.save(str(state))
     good = json.loads(state.read_text())
-    for bad in ({**good, "trials": {"t1": "0"}}, {**good, "completed": "t1"},
-                {k: v for k, v in good.items() if k != "study_url"}, [good]):
+    for bad in (
+        {**good, "trials": {"t1": "0"}},
+        {**good, "completed": "t1"},
+        {k: v for k, v in good.items() if k != "study_url"},
+        [good],
+    ):
         state.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match="not a raypose searcher state"):
             searcher.restore(str(state))
@@ -292,8 +333,12 @@ def test_asha_forgets_a_trial_that_ends_without_a_regression_head():
     scheduler = make_scheduler(max_epochs=4)
     trial = SimpleNamespace(trial_id="t1", config={})
     scheduler.on_trial_add(None, trial)
-    result = {"epoch": 2, "epochs_planned": 4, "has_regression_head": False,
-              "best_val_mpjpe": 5000.0}
+    result = {
+        "epoch": 2,
+        "epochs_planned": 4,
+        "has_regression_head": False,
+        "best_val_mpjpe": 5000.0,
+    }
     assert scheduler.on_trial_result(None, trial, result) == scheduler.CONTINUE
     scheduler.on_trial_complete(None, trial, result)
     assert "5000" not in scheduler.debug_string()  # no rung holds it
@@ -350,16 +395,21 @@ def test_study_db_of_another_application_is_refused_and_left_alone(tmp_path, jou
     from raypose.config import ConfigError
     from raypose.search.searcher import check_study_db
 
-    db = _sqlite(tmp_path / "shop.db", f"PRAGMA journal_mode={journal}",
-                 "CREATE TABLE customers (id INTEGER, name TEXT)",
-                 "INSERT INTO customers VALUES (1, 'Ada')")
+    db = _sqlite(
+        tmp_path / "shop.db",
+        f"PRAGMA journal_mode={journal}",
+        "CREATE TABLE customers (id INTEGER, name TEXT)",
+        "INSERT INTO customers VALUES (1, 'Ada')",
+    )
     before = _files(tmp_path)
     url = f"sqlite:///{db}"
     with pytest.raises(ConfigError) as err:
         check_study_db(url)
     message = str(err.value)
-    assert message.startswith(f"--study-db {url}: the file is a SQLite database of something else "
-                              "(tables customers), not an Optuna study database"), message
+    assert message.startswith(
+        f"--study-db {url}: the file is a SQLite database of something else "
+        "(tables customers), not an Optuna study database"
+    ), message
     assert "\n" not in message
     assert _files(tmp_path) == before  # read only: not a byte changed, no file added
     # what the check prevents: Optuna opening that file adds its own tables to it
@@ -374,16 +424,22 @@ def test_study_db_that_is_not_sqlite_is_refused(tmp_path):
 
     text = tmp_path / "notes.db"
     text.write_text("my notes, not a database\n")
-    with pytest.raises(ConfigError, match=r"^--study-db sqlite:///\S+/notes\.db: the file is not a "
-                                          r"SQLite database"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--study-db sqlite:///\S+/notes\.db: the file is not a "
+        r"SQLite database",
+    ):
         check_study_db(f"sqlite:///{text}")
     # a SQLite header over a damaged file: SQLite itself refuses it
     damaged = _sqlite(tmp_path / "damaged.db", "CREATE TABLE t (x INTEGER)")
     data = bytearray(damaged.read_bytes())
     data[16:100] = b"\xff" * 84
     damaged.write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match=r"^--study-db \S+/damaged\.db: the file is not a readable "
-                                          r"SQLite database \(file is not a database\)$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--study-db \S+/damaged\.db: the file is not a readable "
+        r"SQLite database \(file is not a database\)$",
+    ):
         check_study_db(f"sqlite:///{damaged}")
     with pytest.raises(ConfigError, match=r"^--study-db \S+: is a folder"):
         check_study_db(f"sqlite:///{tmp_path}")

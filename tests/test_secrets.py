@@ -29,22 +29,47 @@ def test_a_marker_secret_appears_in_no_file(tiny_data, s3_bucket, tmp_path):
     # short: Ray's Unix socket paths under its temp folder are limited to 107 bytes
     ray_tmp = Path(tempfile.mkdtemp(prefix="rp-sec-"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "AWS_"))}
-    env.update(AWS_ACCESS_KEY_ID=marker_id, AWS_SECRET_ACCESS_KEY=marker_secret,
-               AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint, RAY_TMPDIR=str(ray_tmp),
-               RAYPOSE_LOG_DIR=str(tmp_path / "logs"), RAYPOSE_LOCAL_DIR=str(tmp_path / "local"),
-               RAYPOSE_SEAL_KEY=marker_seal_key, PYTHONPATH=str(REPO))
+    env.update(
+        AWS_ACCESS_KEY_ID=marker_id,
+        AWS_SECRET_ACCESS_KEY=marker_secret,
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=endpoint,
+        RAY_TMPDIR=str(ray_tmp),
+        RAYPOSE_LOG_DIR=str(tmp_path / "logs"),
+        RAYPOSE_LOCAL_DIR=str(tmp_path / "local"),
+        RAYPOSE_SEAL_KEY=marker_seal_key,
+        PYTHONPATH=str(REPO),
+    )
     storage = f"s3://{bucket}/exp"
     common = ["--data", str(tiny_data), "--storage", storage, "--set", "data.batch_size=8"]
     commands = [
         ["train", "--name", "run", "--epochs", "1", "--workers", "1", *common],
-        ["tune", "--space", str(REPO / "search_spaces" / "smoke.yaml"), "--name", "sweep",
-         "--samples", "2", "--epochs", "2", "--max-concurrent", "1", *common],
+        [
+            "tune",
+            "--space",
+            str(REPO / "search_spaces" / "smoke.yaml"),
+            "--name",
+            "sweep",
+            "--samples",
+            "2",
+            "--epochs",
+            "2",
+            "--max-concurrent",
+            "1",
+            *common,
+        ],
         ["evaluate", f"{storage}/sweep", "--data", str(tiny_data), "--out", str(tmp_path / "eval")],
     ]
     try:
         for args in commands:
-            done = subprocess.run([sys.executable, "-m", "raypose.cli", *args], env=env,
-                                  cwd=tmp_path, capture_output=True, text=True, timeout=900)
+            done = subprocess.run(
+                [sys.executable, "-m", "raypose.cli", *args],
+                env=env,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             assert done.returncode == 0, f"{args[0]}: {done.stdout[-3000:]}{done.stderr[-3000:]}"
             for stream in (done.stdout, done.stderr):
                 assert not any(m in stream for m in (marker_secret, marker_id, marker_seal_key))

@@ -4,50 +4,62 @@ import numpy as np
 import pytest
 import torch
 
-from raypose.data.skeleton import (H36M_SKELETON, OFFSET_SCALE_MM, Skeleton, from_parent_relative,
-                              parent_relative, root_relative)
+from raypose.data.skeleton import (
+    H36M_SKELETON,
+    OFFSET_SCALE_MM,
+    Skeleton,
+    from_parent_relative,
+    parent_relative,
+    root_relative,
+)
 
 # A standing pose in camera coordinates (mm; x right, y down, z forward), root at (10, 0, 3000).
-HAND_POSE = np.array([
-    [10, 0, 3000],      # 0 Hip
-    [-120, 0, 3000],    # 1 RHip
-    [-120, 450, 3000],  # 2 RKnee
-    [-120, 900, 3050],  # 3 RFoot
-    [140, 0, 3000],     # 4 LHip
-    [140, 450, 2990],   # 5 LKnee
-    [140, 900, 3000],   # 6 LFoot
-    [10, -230, 3000],   # 7 Spine
-    [10, -480, 3010],   # 8 Thorax
-    [10, -580, 3000],   # 9 Neck
-    [10, -700, 3000],   # 10 Head
-    [160, -480, 3010],  # 11 LShoulder
-    [160, -200, 3010],  # 12 LElbow
-    [160, 50, 2900],    # 13 LWrist
-    [-140, -480, 3010],  # 14 RShoulder
-    [-140, -200, 3010],  # 15 RElbow
-    [-140, 50, 3100],   # 16 RWrist
-], dtype=np.float64)
+HAND_POSE = np.array(
+    [
+        [10, 0, 3000],  # 0 Hip
+        [-120, 0, 3000],  # 1 RHip
+        [-120, 450, 3000],  # 2 RKnee
+        [-120, 900, 3050],  # 3 RFoot
+        [140, 0, 3000],  # 4 LHip
+        [140, 450, 2990],  # 5 LKnee
+        [140, 900, 3000],  # 6 LFoot
+        [10, -230, 3000],  # 7 Spine
+        [10, -480, 3010],  # 8 Thorax
+        [10, -580, 3000],  # 9 Neck
+        [10, -700, 3000],  # 10 Head
+        [160, -480, 3010],  # 11 LShoulder
+        [160, -200, 3010],  # 12 LElbow
+        [160, 50, 2900],  # 13 LWrist
+        [-140, -480, 3010],  # 14 RShoulder
+        [-140, -200, 3010],  # 15 RElbow
+        [-140, 50, 3100],  # 16 RWrist
+    ],
+    dtype=np.float64,
+)
 
 # J_i - J_parent(i), worked out by hand from HAND_POSE and PAPER.md's parents.
-HAND_OFFSETS = np.array([
-    [0, 0, 0],       # 0 Hip: the root is its own parent
-    [-130, 0, 0],    # 1 RHip - Hip
-    [0, 450, 0],     # 2 RKnee - RHip
-    [0, 450, 50],    # 3 RFoot - RKnee
-    [130, 0, 0],     # 4 LHip - Hip
-    [0, 450, -10],   # 5 LKnee - LHip
-    [0, 450, 10],    # 6 LFoot - LKnee
-    [0, -230, 0],    # 7 Spine - Hip
-    [0, -250, 10],   # 8 Thorax - Spine
-    [0, -100, -10],  # 9 Neck - Thorax
-    [0, -120, 0],    # 10 Head - Neck
-    [150, 0, 0],     # 11 LShoulder - Thorax
-    [0, 280, 0],     # 12 LElbow - LShoulder
-    [0, 250, -110],  # 13 LWrist - LElbow
-    [-150, 0, 0],    # 14 RShoulder - Thorax
-    [0, 280, 0],     # 15 RElbow - RShoulder
-    [0, 250, 90],    # 16 RWrist - RElbow
-], dtype=np.float64)
+HAND_OFFSETS = np.array(
+    [
+        [0, 0, 0],  # 0 Hip: the root is its own parent
+        [-130, 0, 0],  # 1 RHip - Hip
+        [0, 450, 0],  # 2 RKnee - RHip
+        [0, 450, 50],  # 3 RFoot - RKnee
+        [130, 0, 0],  # 4 LHip - Hip
+        [0, 450, -10],  # 5 LKnee - LHip
+        [0, 450, 10],  # 6 LFoot - LKnee
+        [0, -230, 0],  # 7 Spine - Hip
+        [0, -250, 10],  # 8 Thorax - Spine
+        [0, -100, -10],  # 9 Neck - Thorax
+        [0, -120, 0],  # 10 Head - Neck
+        [150, 0, 0],  # 11 LShoulder - Thorax
+        [0, 280, 0],  # 12 LElbow - LShoulder
+        [0, 250, -110],  # 13 LWrist - LElbow
+        [-150, 0, 0],  # 14 RShoulder - Thorax
+        [0, 280, 0],  # 15 RElbow - RShoulder
+        [0, 250, 90],  # 16 RWrist - RElbow
+    ],
+    dtype=np.float64,
+)
 
 
 def test_h36m_skeleton_matches_paper():
@@ -115,8 +127,9 @@ def test_flip_permutation_swaps_exactly_left_and_right():
 
 
 def test_flip_permutation_on_a_small_skeleton():
-    sk = Skeleton(names=("root", "l", "r", "mid"), parents=(-1, 0, 0, 0),
-                  joints_left=(1,), joints_right=(2,))
+    sk = Skeleton(
+        names=("root", "l", "r", "mid"), parents=(-1, 0, 0, 0), joints_left=(1,), joints_right=(2,)
+    )
     np.testing.assert_array_equal(sk.flip_permutation(), [0, 2, 1, 3])
 
 

@@ -49,8 +49,9 @@ def ray_one_cpu():
     cleaner asks its State API); always shut down."""
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
-             configure_logging=False)
+    ray.init(
+        num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False
+    )
     try:
         yield ray
     finally:
@@ -59,8 +60,9 @@ def ray_one_cpu():
 
 @pytest.mark.smoke
 @pytest.mark.slow
-def test_sweep_where_asha_stops_a_trial_then_evaluate(ray_one_cpu, tiny_data, s3_bucket, tmp_path,
-                                                      monkeypatch):
+def test_sweep_where_asha_stops_a_trial_then_evaluate(
+    ray_one_cpu, tiny_data, s3_bucket, tmp_path, monkeypatch
+):
     import optuna
     import s3fs
 
@@ -71,16 +73,20 @@ def test_sweep_where_asha_stops_a_trial_then_evaluate(ray_one_cpu, tiny_data, s3
     monkeypatch.setenv("RAYPOSE_LOCAL_DIR", str(tmp_path / "local"))
     space = tmp_path / "space.yaml"
     space.write_text(STOPPABLE_SPACE)
-    cfg = tiny_config(tiny_data, f"s3://{bucket}/sweeps", scaling__workers=1,
-                      schedule__epochs=3)
+    cfg = tiny_config(tiny_data, f"s3://{bucket}/sweeps", scaling__workers=1, schedule__epochs=3)
     outcome = {}
-    sweep = threading.Thread(target=lambda: outcome.setdefault(
-        "best", run_sweep(cfg, str(space), "smoke", samples=3, max_concurrent=1)), daemon=True)
+    sweep = threading.Thread(
+        target=lambda: outcome.setdefault(
+            "best", run_sweep(cfg, str(space), "smoke", samples=3, max_concurrent=1)
+        ),
+        daemon=True,
+    )
     start = time.monotonic()
     sweep.start()
     sweep.join(timeout=600)
     assert not sweep.is_alive(), (
-        "the sweep did not finish in 600 s: a trial after the one ASHA stopped never got the CPU")
+        "the sweep did not finish in 600 s: a trial after the one ASHA stopped never got the CPU"
+    )
     best = outcome["best"]
     rows = {r["trial_id"]: r for r in best["trials"]}
     assert len(rows) == 3

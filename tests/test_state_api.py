@@ -23,8 +23,8 @@ def test_a_sweep_is_refused_on_a_cluster_without_a_dashboard():
     stops, and the sweep would stall: refused in one line."""
     import pytest
 
-    from raypose.config import ConfigError
     from raypose.cluster.driver import check_state_api
+    from raypose.config import ConfigError
 
     with ray_cluster({"num_cpus": 1, "include_dashboard": False}):
         with pytest.raises(ConfigError, match=r"no dashboard \(no State API\).*sweep would stall"):

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from raypose import cli, validate
-from raypose import storage
+from raypose import cli, storage, validate
 from raypose.storage import Location, StorageError
 
 
@@ -37,15 +36,18 @@ def snapshot(root) -> dict:
 # '..' segments
 
 
-@pytest.mark.parametrize("uri", [
-    "s3://bucket/../x",
-    "s3://bucket/a/../b",
-    "s3://bucket/a/..",
-    "s3://../x",
-    "file:///a/../b",
-    "file://localhost/a/../b",
-    "file:///a/%2E%2E/b",  # decoded before the check: the same '..' as above
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://bucket/../x",
+        "s3://bucket/a/../b",
+        "s3://bucket/a/..",
+        "s3://../x",
+        "file:///a/../b",
+        "file://localhost/a/../b",
+        "file:///a/%2E%2E/b",  # decoded before the check: the same '..' as above
+    ],
+)
 def test_a_parent_segment_is_refused_in_a_uri(uri):
     with pytest.raises(StorageError) as err:
         storage.parse(uri)
@@ -54,11 +56,14 @@ def test_a_parent_segment_is_refused_in_a_uri(uri):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("uri, expected", [
-    ("s3://bucket/a..b/c", Location("s3", "bucket/a..b/c")),  # '..' inside a name is a name
-    ("s3://bucket/.../x", Location("s3", "bucket/.../x")),
-    ("s3://bucket/prefix/", Location("s3", "bucket/prefix")),
-])
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("s3://bucket/a..b/c", Location("s3", "bucket/a..b/c")),  # '..' inside a name is a name
+        ("s3://bucket/.../x", Location("s3", "bucket/.../x")),
+        ("s3://bucket/prefix/", Location("s3", "bucket/prefix")),
+    ],
+)
 def test_dots_inside_names_are_kept(uri, expected):
     assert storage.parse(uri) == expected
 
@@ -97,8 +102,16 @@ def test_file_uris_name_local_absolute_paths(tmp_path):
     assert storage.parse(f"file:///{base}/runs") == Location("file", str(base / "runs"))
 
 
-@pytest.mark.parametrize("uri", ["file://runs", "file://tmp/x", "file://runs/sweep",
-                                 "file://localhost:8000/tmp/x", "file://user@localhost/tmp/x"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "file://runs",
+        "file://tmp/x",
+        "file://runs/sweep",
+        "file://localhost:8000/tmp/x",
+        "file://user@localhost/tmp/x",
+    ],
+)
 def test_a_file_uri_with_a_host_is_refused(uri):
     with pytest.raises(StorageError) as err:
         storage.parse(uri)
@@ -107,16 +120,19 @@ def test_a_file_uri_with_a_host_is_refused(uri):
     assert "file:///ABSOLUTE/PATH" in message and "plain path" in message
 
 
-@pytest.mark.parametrize("uri, what", [
-    ("file://", "no absolute path"),
-    ("file:runs", "no absolute path"),
-    ("file://localhost", "no absolute path"),
-    ("file:///tmp/a#b", "%23"),  # urlparse would cut the path at '#' without a word
-    ("file:///tmp/a?b", "%3F"),
-    ("file:///tmp/a%00b", "NUL"),
-    ("s3://bucket/a#b", "'?' or '#'"),
-    ("s3://bucket/a?versionId=3", "'?' or '#'"),
-])
+@pytest.mark.parametrize(
+    "uri, what",
+    [
+        ("file://", "no absolute path"),
+        ("file:runs", "no absolute path"),
+        ("file://localhost", "no absolute path"),
+        ("file:///tmp/a#b", "%23"),  # urlparse would cut the path at '#' without a word
+        ("file:///tmp/a?b", "%3F"),
+        ("file:///tmp/a%00b", "NUL"),
+        ("s3://bucket/a#b", "'?' or '#'"),
+        ("s3://bucket/a?versionId=3", "'?' or '#'"),
+    ],
+)
 def test_other_malformed_uris_are_refused(uri, what):
     with pytest.raises(StorageError) as err:
         storage.parse(uri)
@@ -129,7 +145,7 @@ def test_a_long_uri_is_quoted_only_in_part():
         storage.parse(uri)
     message = str(err.value)
     assert len(message) < 1024
-    assert repr(uri)[:storage.URI_SHOWN] in message
+    assert repr(uri)[: storage.URI_SHOWN] in message
     assert f"... ({len(repr(uri))} characters)" in message
 
 
@@ -141,17 +157,20 @@ def test_a_plain_path_is_made_absolute_with_its_parent_segments_resolved(tmp_pat
 
 
 def test_the_storage_flag_names_itself(tmp_path, monkeypatch):
-    """--storage goes through validate.storage_location, which puts the flag first."""
+    """--storage goes through storage.storage_location, which puts the flag first."""
     monkeypatch.chdir(tmp_path)  # where file://runs used to land, and was accepted
     for uri in ("file://runs", f"file://{tmp_path}/../x"):
         with pytest.raises(validate.InputError, match=r"^--storage: storage URI "):
-            validate.storage_location(uri, "--storage")
+            storage.storage_location(uri, "--storage")
 
 
-@pytest.mark.parametrize("uri, culprit", [
-    ("file://runs", "file:///ABSOLUTE/PATH"),
-    ("file:///{tmp}/exp/../other", "'..' path segment"),
-])
+@pytest.mark.parametrize(
+    "uri, culprit",
+    [
+        ("file://runs", "file:///ABSOLUTE/PATH"),
+        ("file:///{tmp}/exp/../other", "'..' path segment"),
+    ],
+)
 def test_the_command_line_gives_one_line_and_exit_2(uri, culprit, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exp").mkdir()
@@ -187,22 +206,26 @@ def write_best(exp: Path, checkpoint) -> None:
     (exp / "best.json").write_text(json.dumps({"trial_id": "t1", "checkpoint": checkpoint}))
 
 
-@pytest.mark.parametrize("checkpoint", [
-    "/etc",
-    "../other/epoch_0001",
-    "{tmp}/other/epoch_0001",
-    "{tmp}/sweeps/s1-copy/epoch_0001",  # shares the experiment's name as a prefix, not its folder
-    "{tmp}/sweeps/s1",  # the experiment itself is no checkpoint under it
-    "{tmp}/sweeps/s1/../../other/epoch_0001",
-    "{tmp}/sweeps/s1/escape/epoch_0001",  # a link inside that leads outside
-    "file://{tmp}/other/epoch_0001",
-    "file://sweeps/s1/train/t1/epoch_0002",
-    "s3://bucket{tmp}/sweeps/s1/train/t1/epoch_0002",
-    42,
-    ["{tmp}/sweeps/s1/train/t1/epoch_0002"],
-])
-def test_best_json_pointing_outside_its_experiment_is_refused(experiment, checkpoint, tmp_path,
-                                                              monkeypatch):
+@pytest.mark.parametrize(
+    "checkpoint",
+    [
+        "/etc",
+        "../other/epoch_0001",
+        "{tmp}/other/epoch_0001",
+        "{tmp}/sweeps/s1-copy/epoch_0001",  # shares the experiment's name as a prefix, not its folder
+        "{tmp}/sweeps/s1",  # the experiment itself is no checkpoint under it
+        "{tmp}/sweeps/s1/../../other/epoch_0001",
+        "{tmp}/sweeps/s1/escape/epoch_0001",  # a link inside that leads outside
+        "file://{tmp}/other/epoch_0001",
+        "file://sweeps/s1/train/t1/epoch_0002",
+        "s3://bucket{tmp}/sweeps/s1/train/t1/epoch_0002",
+        42,
+        ["{tmp}/sweeps/s1/train/t1/epoch_0002"],
+    ],
+)
+def test_best_json_pointing_outside_its_experiment_is_refused(
+    experiment, checkpoint, tmp_path, monkeypatch
+):
     from raypose.evaluation import evaluate
 
     tmp = str(tmp_path)
@@ -216,9 +239,11 @@ def test_best_json_pointing_outside_its_experiment_is_refused(experiment, checkp
     with pytest.raises(evaluate.EvaluationError) as err:
         evaluate.resolve(str(experiment))
     message = str(err.value)
-    assert message.startswith(f"{experiment.resolve() / 'best.json'}: checkpoint "
-                              f"{validate.shown(checkpoint)} is not inside the experiment "
-                              f"{experiment.resolve()}"), message
+    assert message.startswith(
+        f"{experiment.resolve() / 'best.json'}: checkpoint "
+        f"{validate.shown(checkpoint)} is not inside the experiment "
+        f"{experiment.resolve()}"
+    ), message
     assert "\n" not in message
     assert snapshot(tmp_path) == before
 
@@ -248,8 +273,12 @@ def test_the_command_line_refuses_it_in_one_line_and_writes_nothing(experiment, 
 @pytest.mark.parametrize("form", ["path", "file-uri", "localhost-uri", "relative-experiment"])
 def test_a_checkpoint_under_the_experiment_is_taken(experiment, tmp_path, monkeypatch, form):
     ckpt = experiment.resolve() / "train" / "t1" / "epoch_0002"
-    written = {"path": str(ckpt), "file-uri": f"file://{ckpt}",
-               "localhost-uri": f"file://localhost{ckpt}", "relative-experiment": str(ckpt)}[form]
+    written = {
+        "path": str(ckpt),
+        "file-uri": f"file://{ckpt}",
+        "localhost-uri": f"file://localhost{ckpt}",
+        "relative-experiment": str(ckpt),
+    }[form]
     write_best(experiment, written)
     uri = str(experiment)
     if form == "relative-experiment":

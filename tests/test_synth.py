@@ -8,8 +8,8 @@ from PIL import Image
 
 from raypose import cli
 from raypose.data import synth
-from raypose.data.skeleton import H36M_SKELETON
 from raypose.data.schema import validate_file
+from raypose.data.skeleton import H36M_SKELETON
 
 # a camera whose crop is the image itself around the principal point: crop pixel (64, 64) is the
 # image point (0, 0), 1 crop pixel = 1 image pixel, f = 1000 px
@@ -25,8 +25,9 @@ def render(capsules, depth_ref=None):
     ends = np.array([[c[1] for c in capsules]], dtype=np.float64)
     radii = np.array([[c[2] for c in capsules]])
     colours = np.array([[c[3] for c in capsules]])
-    image, part, depth = synth.render_capsules(starts, ends, radii, colours, FOCAL, CENTRE, CROP,
-                                               depth_ref=depth_ref)
+    image, part, depth = synth.render_capsules(
+        starts, ends, radii, colours, FOCAL, CENTRE, CROP, depth_ref=depth_ref
+    )
     return image[0], part[0], depth[0]
 
 
@@ -51,7 +52,9 @@ def test_depth_cues_shading_and_size():
     # z = 3150 - 60 (surface) and the brightness is 0.6 * (1 - 0.45 * (3090 - 4000) / 1000) = 0.85;
     # at column 88, z = 4850 - 60 and it is 0.6 * 0.64 = 0.39.
     image, _, depth = render([((-150, 0, 3000), (150, 0, 5000), 60, GREY)], depth_ref=4000)
-    assert depth[64, 20] == pytest.approx(3090, abs=15) and depth[64, 88] == pytest.approx(4790, abs=15)
+    assert depth[64, 20] == pytest.approx(3090, abs=15) and depth[64, 88] == pytest.approx(
+        4790, abs=15
+    )
     assert image[64, 20].mean() == pytest.approx(0.85, abs=0.02)
     assert image[64, 88].mean() == pytest.approx(0.39, abs=0.02)
     # the same sphere twice as far covers a quarter of the pixels
@@ -65,25 +68,37 @@ def test_depth_cues_shading_and_size():
 
 def standing_scenes(yaws, swapped=None):
     n = len(yaws)
-    return {"subject": np.zeros(n, int), "action": np.full(n, synth.ACTIONS.index("walk")),
-            "phase": np.zeros(n), "camera": np.zeros(n, int), "yaw": np.array(yaws),
-            "pitch": np.zeros(n), "distance": np.full(n, 4000.0), "offset_x": np.zeros(n),
-            "offset_y": np.zeros(n), "margin": np.full(n, 0.25), "jitter": np.zeros((n, 2)),
-            "gain": np.ones(n),
-            "sides_swapped": np.zeros(n, bool) if swapped is None else np.asarray(swapped)}
+    return {
+        "subject": np.zeros(n, int),
+        "action": np.full(n, synth.ACTIONS.index("walk")),
+        "phase": np.zeros(n),
+        "camera": np.zeros(n, int),
+        "yaw": np.array(yaws),
+        "pitch": np.zeros(n),
+        "distance": np.full(n, 4000.0),
+        "offset_x": np.zeros(n),
+        "offset_y": np.zeros(n),
+        "margin": np.full(n, 0.25),
+        "jitter": np.zeros((n, 2)),
+        "gain": np.ones(n),
+        "sides_swapped": np.zeros(n, bool) if swapped is None else np.asarray(swapped),
+    }
 
 
 def upper_arm_colour(image, j2, shoulder, elbow):
     """(r, b) mean of the 3 x 3 pixels at the middle of the upper arm."""
     x, y = ((j2[shoulder] + j2[elbow]) / 2).astype(int)
-    r, _, b = image[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).astype(float).mean(axis=0)
+    r, _, b = image[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3).astype(float).mean(axis=0)
     return r, b
 
 
 def test_side_colours_follow_sides_swapped_and_chirality_is_kept():
     bodies = [synth.make_body("S1", seed=0)]
-    out = synth.render_scenes(standing_scenes([0.0, np.pi, 0.0, np.pi], [False, False, True, True]),
-                              bodies, np.random.default_rng(0))
+    out = synth.render_scenes(
+        standing_scenes([0.0, np.pi, 0.0, np.pi], [False, False, True, True]),
+        bodies,
+        np.random.default_rng(0),
+    )
     j2 = out["joints_2d"]
     # facing the camera (yaw 0): the subject's left shoulder appears on the image's right
     assert j2[0, 11, 0] > j2[0, 14, 0] + 10
@@ -132,9 +147,19 @@ def test_flipped_sample_looks_like_an_unflipped_one(side_colours):
     assert seen > 200 and seen_f > 200
     if side_colours == "per-sample":
         assert 0.4 < left < 0.6 and 0.4 < right < 0.6
-        assert abs(left - left_f) < 0.10 and abs(right - right_f) < 0.10, (left, left_f, right, right_f)
+        assert abs(left - left_f) < 0.10 and abs(right - right_f) < 0.10, (
+            left,
+            left_f,
+            right,
+            right_f,
+        )
     else:  # the labelled left arm is mostly warm, and mostly cool once flipped
-        assert left > 0.7 and right < 0.3 and left_f < 0.3 and right_f > 0.7, (left, left_f, right, right_f)
+        assert left > 0.7 and right < 0.3 and left_f < 0.3 and right_f > 0.7, (
+            left,
+            left_f,
+            right,
+            right_f,
+        )
 
 
 @pytest.mark.parametrize("side_colours", synth.SIDE_COLOURS)
@@ -142,8 +167,26 @@ def test_files_say_whether_flip_is_honest_and_training_follows(tmp_path, side_co
     from raypose.data.dataset import PoseDataset
 
     out = tmp_path / side_colours
-    assert cli.main(["data", "synth", "--out", str(out), "--train", "30", "--test", "10", "--seed", "3",
-                     "--side-colours", side_colours, "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(out),
+                "--train",
+                "30",
+                "--test",
+                "10",
+                "--seed",
+                "3",
+                "--side-colours",
+                side_colours,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     consistent = side_colours == "per-sample"
     for split in ("train.h5", "test.h5"):
         assert validate_file(out / split)["mirror_consistent"] is consistent
@@ -161,8 +204,24 @@ def test_files_say_whether_flip_is_honest_and_training_follows(tmp_path, side_co
 @pytest.fixture(scope="module")
 def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    assert cli.main(["data", "synth", "--out", str(out), "--train", "60", "--test", "24",
-                     "--seed", "3", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "synth",
+                "--out",
+                str(out),
+                "--train",
+                "60",
+                "--test",
+                "24",
+                "--seed",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -183,7 +242,9 @@ def test_generated_files(synth_dir):
         actions = f["action"].asstr()[:]
         # different random streams: no test pose or image repeats a training one
         assert not {a.tobytes() for a in g["images"][:]} & {a.tobytes() for a in images}
-        assert not {a.tobytes() for a in g["joints_3d"][:]} & {a.tobytes() for a in f["joints_3d"][:]}
+        assert not {a.tobytes() for a in g["joints_3d"][:]} & {
+            a.tobytes() for a in f["joints_3d"][:]
+        }
     # every joint inside the crop, with a margin
     assert j2.min() > 3 and j2.max() < 125
     assert (np.unique(actions, return_counts=True)[1] == 10).all()  # balanced actions
@@ -195,7 +256,9 @@ def test_generated_files(synth_dir):
     # 2D joints are the recorded camera's projection of the 3D joints, scaled and moved into the crop
     for k in range(len(j2)):
         (fx, fy), (cx, cy) = synth.CAMERAS[cameras[k]]
-        uv = np.stack([fx * j3[k, :, 0] / j3[k, :, 2] + cx, fy * j3[k, :, 1] / j3[k, :, 2] + cy], -1)
+        uv = np.stack(
+            [fx * j3[k, :, 0] / j3[k, :, 2] + cx, fy * j3[k, :, 1] / j3[k, :, 2] + cy], -1
+        )
         design = np.concatenate([uv.reshape(-1, 1), np.tile(np.eye(2), (17, 1))], axis=1)
         fit, *_ = np.linalg.lstsq(design, j2[k].reshape(-1), rcond=None)
         assert np.abs(design @ fit - j2[k].reshape(-1)).max() < 0.01
@@ -212,7 +275,21 @@ def test_same_seed_same_data_and_splits_differ(tmp_path, synth_dir):
 
 def test_sample_grid_png(synth_dir, tmp_path):
     out = tmp_path / "grid.png"
-    assert cli.main(["data", "samples", "--data", str(synth_dir / "train.h5"), "--out", str(out),
-                     "--n", "4", "--skeleton"]) == 0
+    assert (
+        cli.main(
+            [
+                "data",
+                "samples",
+                "--data",
+                str(synth_dir / "train.h5"),
+                "--out",
+                str(out),
+                "--n",
+                "4",
+                "--skeleton",
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as image:
         assert image.size == (2 * 256, 2 * 256)

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from raypose.storage import checkpoint
 from raypose import storage
-from raypose.config import ConfigError
 from raypose.cluster.driver import preflight
+from raypose.config import ConfigError
+from raypose.storage import checkpoint
 from raypose.train.run import build_trainer, run_training
 from tests.conftest import tiny_config
 
@@ -30,11 +30,19 @@ class EpochRecorder:
             def after_report(self, run_context, metrics, checkpoint):
                 # metrics: one dict per rank
                 with open(path, "a") as f:
-                    f.write(json.dumps({"epoch": metrics[0]["epoch"], "stage": metrics[0]["stage"],
-                                        "checkpoint": checkpoint is not None,
-                                        "val_mpjpe": metrics[0]["val_mpjpe"],
-                                        "startup_seconds": metrics[0]["startup_seconds"],
-                                        "train_loss": [m["train_loss"] for m in metrics]}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "epoch": metrics[0]["epoch"],
+                                "stage": metrics[0]["stage"],
+                                "checkpoint": checkpoint is not None,
+                                "val_mpjpe": metrics[0]["val_mpjpe"],
+                                "startup_seconds": metrics[0]["startup_seconds"],
+                                "train_loss": [m["train_loss"] for m in metrics],
+                            }
+                        )
+                        + "\n"
+                    )
 
         return _Recorder()
 
@@ -69,15 +77,23 @@ def test_two_workers_checkpoints_in_s3(ray_local, tiny_data, s3_bucket):
 def _spool_folder_of_an_ended_process() -> str:
     """A spool folder with a file in it, left by a process that has exited (as a worker killed
     during its upload leaves one)."""
-    code = ("from raypose import checkpoint; d = checkpoint.new_spool_dir(); "
-            "open(d + '/model.pt', 'wb').write(bytes(4096)); print(d)")
+    code = (
+        "from raypose import checkpoint; d = checkpoint.new_spool_dir(); "
+        "open(d + '/model.pt', 'wb').write(bytes(4096)); print(d)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return done.stdout.strip()
 
 
 def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path / "exp", name="pre", schedule__kind="pretrain",
-                      schedule__epochs=2, schedule__pretrain_share=0.5)
+    cfg = tiny_config(
+        tiny_data,
+        tmp_path / "exp",
+        name="pre",
+        schedule__kind="pretrain",
+        schedule__epochs=2,
+        schedule__pretrain_share=0.5,
+    )
     log = tmp_path / "epochs.jsonl"
     orphan = _spool_folder_of_an_ended_process()
     mine = checkpoint.new_spool_dir()  # this process is alive: its folder must stay
@@ -91,7 +107,10 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     finally:
         shutil.rmtree(mine, ignore_errors=True)
     assert result.error is None
-    assert [(r["epoch"], r["stage"]) for r in recorded(log)] == [(1, "detection"), (2, "regression")]
+    assert [(r["epoch"], r["stage"]) for r in recorded(log)] == [
+        (1, "detection"),
+        (2, "regression"),
+    ]
     assert result.metrics["epoch"] == 2
     # Ray Train recorded both checkpoints that raypose's upload function put in place, in the
     # record that raypose.cluster.driver.latest_checkpoint reads
@@ -99,7 +118,9 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
 
     assert (tmp_path / "exp" / "pre" / CHECKPOINT_RECORD).is_file()
     assert sorted(os.path.basename(c.path) for c, _ in result.best_checkpoints) == [
-        "epoch_0001", "epoch_0002"]
+        "epoch_0001",
+        "epoch_0002",
+    ]
     first = checkpoint.load(tmp_path / "exp" / "pre" / "epoch_0001")
     second = checkpoint.load(tmp_path / "exp" / "pre" / "epoch_0002")
     assert first["state"]["heads"] == {"regression": False, "detection": True}
@@ -109,18 +130,22 @@ def test_local_path_and_pretrain_stages(ray_local, tiny_data, tmp_path):
     assert "train_detection" not in second["state"]["metrics"]
     assert "train_regression" not in first["state"]["metrics"]
     # the detection stage reports the mean-pose baseline as its val_mpjpe (no regression head yet)
-    assert first["state"]["metrics"]["val_mpjpe"] == first["state"]["metrics"]["val_mean_pose_mpjpe"]
+    assert (
+        first["state"]["metrics"]["val_mpjpe"] == first["state"]["metrics"]["val_mean_pose_mpjpe"]
+    )
     assert first["state"]["metrics"]["has_regression_head"] is False
     assert second["state"]["metrics"]["regression_epochs"] == 1
 
 
 @pytest.mark.slow
 def test_stop_and_resume_with_same_name(ray_local, tiny_data, tmp_path):
-    cfg = tiny_config(tiny_data, tmp_path / "exp", name="resume", schedule__epochs=5,
-                      storage__checkpoint_every=3)
+    cfg = tiny_config(
+        tiny_data, tmp_path / "exp", name="resume", schedule__epochs=5, storage__checkpoint_every=3
+    )
     log = tmp_path / "epochs.jsonl"
-    first = build_trainer(cfg, "resume", preflight(cfg), callbacks=[EpochRecorder(str(log))],
-                          stop_after_epoch=2).fit()
+    first = build_trainer(
+        cfg, "resume", preflight(cfg), callbacks=[EpochRecorder(str(log))], stop_after_epoch=2
+    ).fit()
     assert first.error is None and first.metrics["epoch"] == 2
     assert [r["epoch"] for r in recorded(log)] == [1, 2]
     second = build_trainer(cfg, "resume", preflight(cfg), callbacks=[EpochRecorder(str(log))]).fit()
@@ -134,7 +159,9 @@ def test_stop_and_resume_with_same_name(ray_local, tiny_data, tmp_path):
         assert r["checkpoint"] == (r["val_mpjpe"] < best or r["epoch"] in (2, 3, 5)), epochs
         best = min(best, r["val_mpjpe"])
     # train losses are averaged over both workers: every rank reports the same numbers
-    assert all(len(r["train_loss"]) == 2 and r["train_loss"][0] == r["train_loss"][1] for r in epochs)
+    assert all(
+        len(r["train_loss"]) == 2 and r["train_loss"][0] == r["train_loss"][1] for r in epochs
+    )
     assert all(0 < r["startup_seconds"] < 300 for r in epochs)
 
 
@@ -150,8 +177,9 @@ def test_resume_refuses_another_config(ray_local, tiny_data, tmp_path):
 def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_data, tmp_path):
     from ray.util.state import list_actors
 
-    cfg = tiny_config(tiny_data, tmp_path / "exp", name="ft", schedule__epochs=4,
-                      storage__max_failures=2)
+    cfg = tiny_config(
+        tiny_data, tmp_path / "exp", name="ft", schedule__epochs=4, storage__max_failures=2
+    )
     log = tmp_path / "epochs.jsonl"
     trainer = build_trainer(cfg, "ft", preflight(cfg), callbacks=[EpochRecorder(str(log))])
     outcome = {}
@@ -162,8 +190,9 @@ def test_killed_worker_restarts_from_checkpoint(ray_local, tiny_data, tmp_path):
         time.sleep(0.2)
     assert recorded(log), "no epoch finished in time"
     address = ray_local.get_runtime_context().gcs_address  # this test's instance, not another one
-    workers = list_actors(address=address,
-                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    workers = list_actors(
+        address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
     assert len(workers) == 2
     os.kill(workers[1]["pid"], signal.SIGKILL)
     thread.join(timeout=300)
@@ -204,13 +233,15 @@ def test_gpu_flag_without_gpu_fails_before_workers(tiny_data, tmp_path):
     cfg = tiny_config(tiny_data, tmp_path / "exp", name="gpu", scaling__gpu=True)
     init_ray(num_cpus=2, command="test")
     try:
-        with pytest.raises(ConfigError, match=r"--workers and --gpu: 2 worker\(s\) of \{CPU: 1, "
-                           r"GPU: 1\} for the run, but the Ray cluster can never offer that "
-                           r"\(at most 0 .*no autoscaler"):
+        with pytest.raises(
+            ConfigError,
+            match=r"--workers and --gpu: 2 worker\(s\) of \{CPU: 1, "
+            r"GPU: 1\} for the run, but the Ray cluster can never offer that "
+            r"\(at most 0 .*no autoscaler",
+        ):
             run_training(cfg)
         address = ray.get_runtime_context().gcs_address
-        assert list_actors(address=address,
-                           filters=[("class_name", "=", "RayTrainWorker")]) == []
+        assert list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")]) == []
     finally:
         ray.shutdown()
     assert not (tmp_path / "exp" / "gpu").exists()  # nothing was written for the run

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-
 import pytest
 
 from raypose.search.sweep import run_sweep
@@ -34,16 +33,18 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     assert stored_best["trial_id"] == best["trial_id"]
     assert stored_best["metric"] == "val_mpjpe" and stored_best["value"] > 0
     assert stored_best["checkpoint"].startswith(f"s3://{exp}/train/{best['trial_id']}/epoch_")
-    assert fs.exists(stored_best["checkpoint"][len("s3://"):] + "/manifest.json")
+    assert fs.exists(stored_best["checkpoint"][len("s3://") :] + "/manifest.json")
     trial_ids = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{exp}/train"))
     assert len(trial_ids) == 4
     for trial_id in trial_ids:  # every trial left at least its latest checkpoint
-        assert any(p.rsplit("/", 1)[-1].startswith("epoch_") for p in fs.ls(f"{exp}/train/{trial_id}"))
+        assert any(
+            p.rsplit("/", 1)[-1].startswith("epoch_") for p in fs.ls(f"{exp}/train/{trial_id}")
+        )
     events = fs.glob(f"{exp}/*/events.out.tfevents.*")
     assert len(events) == 4, events  # one TensorBoard event file per trial
 
     # the Optuna study (SQLite, local; a copy in storage): pretrain_share only on pretrain trials
-    local_db = Path(best["study"]["url"][len("sqlite:///"):])
+    local_db = Path(best["study"]["url"][len("sqlite:///") :])
     assert local_db.parent.parent == tmp_path / "local" and local_db.parent.name.endswith("-sweep4")
     assert local_db.exists()
     assert fs.exists(f"{exp}/optuna.db")
@@ -53,8 +54,13 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
         assert ("pretrain_share" in t.params) == (t.params["schedule"] == "pretrain")
     # the first trial is the enqueued paper settings; ASHA's stops are PRUNED, never FAIL
     first = min(study.trials, key=lambda t: t.number)
-    assert first.params == {"lrn_alpha": 0.0025, "lrn_beta": 0.75, "schedule": "joint",
-                            "lambda": 1.0, "lr": 3e-4}
+    assert first.params == {
+        "lrn_alpha": 0.0025,
+        "lrn_beta": 0.75,
+        "schedule": "joint",
+        "lambda": 1.0,
+        "lr": 3e-4,
+    }
     assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
     paper = stored_best["paper_defaults"]
     assert paper["params"] == first.params and paper["not_searched"] == []
@@ -71,7 +77,6 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     # every trial was a Ray Train run with Ray's own cleanup: once the sweep is over, no
     # placement group holds a CPU
     import ray
-
     from conftest import wait_until
 
     wait_until(lambda: ray.available_resources().get("CPU") == 2.0, 60, "both CPUs free")
@@ -94,14 +99,39 @@ def test_resume_after_driver_killed(ray_local, tiny_data, tmp_path):
     sweep without running the finished trial again: with `--resume auto` (what the cluster files
     submit), the first run starts the sweep and the second continues it."""
     storage_dir = tmp_path / "exp"
-    args = ["--space", SMOKE, "--data", str(tiny_data), "--storage", str(storage_dir),
-            "--name", "killed", "--samples", "3", "--epochs", "2", "--workers-per-trial", "2",
-            "--max-concurrent", "1", "--set", "data.batch_size=8", "--resume", "auto",
-            "--address", ray_local.get_runtime_context().gcs_address]
+    args = [
+        "--space",
+        SMOKE,
+        "--data",
+        str(tiny_data),
+        "--storage",
+        str(storage_dir),
+        "--name",
+        "killed",
+        "--samples",
+        "3",
+        "--epochs",
+        "2",
+        "--workers-per-trial",
+        "2",
+        "--max-concurrent",
+        "1",
+        "--set",
+        "data.batch_size=8",
+        "--resume",
+        "auto",
+        "--address",
+        ray_local.get_runtime_context().gcs_address,
+    ]
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0", "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "raypose.cli", "tune", *args], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "raypose.cli", "tune", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     exp_dir = storage_dir / "killed"
     deadline = time.time() + 300
     finished = []
@@ -122,9 +152,14 @@ def test_resume_after_driver_killed(ray_local, tiny_data, tmp_path):
     before = sorted(p.name for p in done_run.glob("epoch_*"))
     stamps = {p.name: p.stat().st_mtime for p in done_run.glob("epoch_*")}
 
-    resumed = subprocess.run([sys.executable, "-m", "raypose.cli", "tune", *args],
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             timeout=600)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "raypose.cli", "tune", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert "--resume auto: continuing the sweep 'killed'" in resumed.stdout
     states = _experiment_state(exp_dir)

@@ -47,8 +47,12 @@ _PLACEMENT_GROUP = re.compile(r"_group_(\d+_)?[0-9a-f]{16,}$")
 def brief(resources: dict) -> str:
     """`{CPU: 2, GPU: 1}`: the resources a person asks for, without memory and Ray's own labels."""
     keys = [k for k in ("CPU", "GPU") if k in resources] + sorted(
-        k for k in resources if k not in ("CPU", "GPU", "memory", "object_store_memory")
-        and not k.startswith(("node:", "accelerator_type:")) and not _PLACEMENT_GROUP.search(k))
+        k
+        for k in resources
+        if k not in ("CPU", "GPU", "memory", "object_store_memory")
+        and not k.startswith(("node:", "accelerator_type:"))
+        and not _PLACEMENT_GROUP.search(k)
+    )
     return "{" + ", ".join(f"{k}: {resources[k]:g}" for k in keys) + "}"
 
 
@@ -58,6 +62,7 @@ class Capacity:
 
     most: None on a cluster, where an autoscaler may add nodes of types that Ray's public API
     does not describe; `now` on an instance raypose started itself, which nothing grows."""
+
     now: int
     most: int | None
     offer: str  # what the cluster holds, for messages
@@ -86,8 +91,12 @@ def cluster_capacity(bundle: dict, local: bool = False) -> Capacity:
     now = sum(fits(n["Resources"], bundle) for n in nodes)
     held = brief(ray.cluster_resources())  # Ray: the totals of the nodes that are up
     if local:
-        return Capacity(now, now, f"the local Ray instance that raypose started holds {held}; "
-                        "no autoscaler: that is all there is")
+        return Capacity(
+            now,
+            now,
+            f"the local Ray instance that raypose started holds {held}; "
+            "no autoscaler: that is all there is",
+        )
     return Capacity(now, None, f"nodes up: {len(nodes)} with {held}")
 
 
@@ -95,7 +104,10 @@ def _request_resources(bundles: list) -> None:
     """Asks the autoscaler to make room for `bundles`, replacing any earlier request of this
     driver's job; [] withdraws it."""
     import ray
-    from raypose.cluster.ray_internals import request_resources  # a standing request to the autoscaler
+
+    from raypose.cluster.ray_internals import (
+        request_resources,
+    )  # a standing request to the autoscaler
 
     # request_resources of Ray 2.55 and earlier takes only int amounts (2.60 takes floats too)
     bundles = [{k: int(v) if float(v).is_integer() else v for k, v in b.items()} for b in bundles]
@@ -146,8 +158,9 @@ def _asking_for(bundles: list):
         remove_placement_group(group)
 
 
-def check_resources(cfg: Config, flags: str, what: str = "the run",
-                    local: bool = False) -> Capacity:
+def check_resources(
+    cfg: Config, flags: str, what: str = "the run", local: bool = False
+) -> Capacity:
     """Before any worker starts, and before anything is written to storage: are the run's
     workers (the minimum of an elastic group) up? flags: the flags that asked, for the messages;
     local: raypose started this Ray instance itself, without an address.
@@ -175,11 +188,16 @@ def check_resources(cfg: Config, flags: str, what: str = "the run",
         return capacity
     asked = f"{need} worker(s) of {brief(bundle)} for {what}"
     if local:
-        raise ConfigError(f"{flags}: {asked}, but the Ray cluster can never offer that (at most "
-                          f"{capacity.now} such worker(s); {capacity.offer})")
+        raise ConfigError(
+            f"{flags}: {asked}, but the Ray cluster can never offer that (at most "
+            f"{capacity.now} such worker(s); {capacity.offer})"
+        )
     wait = cfg.scaling.autoscaler_wait_s
-    print(f"[raypose] waiting up to {wait:g} s for the autoscaler to add nodes: {asked}; "
-          f"{capacity.offer}", flush=True)
+    print(
+        f"[raypose] waiting up to {wait:g} s for the autoscaler to add nodes: {asked}; "
+        f"{capacity.offer}",
+        flush=True,
+    )
     deadline = time.monotonic() + wait
     with _asking_for([bundle] * need):
         while True:
@@ -194,5 +212,6 @@ def check_resources(cfg: Config, flags: str, what: str = "the run",
                     f"the cluster holds {now} such worker(s) ({held}); if no node type of the "
                     "cluster offers that, no wait is long enough (`ray status` shows the "
                     "autoscaler's pending and infeasible requests); scaling.autoscaler_wait_s "
-                    "sets the wait")
+                    "sets the wait"
+                )
             time.sleep(POLL_INTERVAL_S)

@@ -53,8 +53,15 @@ TOKEN_FILE = "auth_token"
 MAX_RAY_TEMP_DIR_CHARS = 40
 # Variables of the caller that must not leak into the dev cluster: another cluster's address or
 # token, and real AWS credentials (the dev cluster talks to moto only).
-SCRUBBED_VARIABLES = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "AWS_PROFILE",
-                      "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDPOINT_URL_S3")
+SCRUBBED_VARIABLES = (
+    "RAY_ADDRESS",
+    "RAY_API_SERVER_ADDRESS",
+    "RAY_AUTH_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ENDPOINT_URL_S3",
+)
 
 
 class ClusterError(RuntimeError):
@@ -85,8 +92,10 @@ def read_state(state_dir) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ClusterError(f"{path}: unreadable dev-cluster state ({e}); stop any leftover processes "
-                           f"by hand and delete the file") from e
+        raise ClusterError(
+            f"{path}: unreadable dev-cluster state ({e}); stop any leftover processes "
+            f"by hand and delete the file"
+        ) from e
 
 
 def _write_state(state_dir: Path, state: dict) -> None:
@@ -97,6 +106,7 @@ def _write_state(state_dir: Path, state: dict) -> None:
 
 
 # --- processes ------------------------------------------------------------------------------------
+
 
 def _record(process) -> dict:
     return {"pid": process.pid, "name": process.name(), "create_time": process.create_time()}
@@ -185,6 +195,7 @@ def _not_zombie(process) -> bool:
 
 def _stop_ray(processes: list, timeout: float = 10.0) -> list:
     """Stops a Ray instance's processes in Ray's own order: raylet, then the rest, then the GCS."""
+
     def name(process):
         try:
             return process.name()
@@ -205,8 +216,9 @@ def _recorded_and_found(state: dict) -> tuple[list, list]:
     moto = [p for p in (_live_process(r) for r in state["processes"] if r["role"] == "moto") if p]
     ray_records = [r for r in state["processes"] if r["role"] == "ray"]
     ray = {p.pid: p for p in (_live_process(r) for r in ray_records) if p}
-    for process in _ray_processes(state["ray_process_group"], state["ray_temp_dir"],
-                                  state["started_at"]):
+    for process in _ray_processes(
+        state["ray_process_group"], state["ray_temp_dir"], state["started_at"]
+    ):
         ray.setdefault(process.pid, process)
     return moto, list(ray.values())
 
@@ -216,6 +228,7 @@ def _is_running(state: dict) -> bool:
 
 
 # --- ports, files, executables ----------------------------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -235,8 +248,10 @@ def _check_port(port: int, flag: str) -> None:
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:
-            raise ClusterError(f"port {port} on 127.0.0.1 is already in use ({e.strerror}); "
-                               f"free it or choose another with {flag}") from e
+            raise ClusterError(
+                f"port {port} on 127.0.0.1 is already in use ({e.strerror}); "
+                f"free it or choose another with {flag}"
+            ) from e
 
 
 def _find_executable(name: str, install_hint: str) -> str:
@@ -268,7 +283,9 @@ def _ray_temp_dir(state_dir: Path) -> Path:
     preferred = state_dir / "ray"
     if len(str(preferred)) <= MAX_RAY_TEMP_DIR_CHARS:
         return preferred
-    return Path(tempfile.mkdtemp(prefix="raypose-ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
+    return Path(
+        tempfile.mkdtemp(prefix="raypose-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    )
 
 
 def _tail(path: Path, lines: int = 15) -> str:
@@ -278,27 +295,35 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def _wait_http(url: str, timeout: float, headers=None, process=None, log=None, what="server") -> None:
+def _wait_http(
+    url: str, timeout: float, headers=None, process=None, log=None, what="server"
+) -> None:
     """Polls `url` until it answers 200; fails early when `process` exits."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise ClusterError(f"{what} exited with code {process.returncode} while starting; "
-                               f"its log {log}:\n{_tail(log)}")
+            raise ClusterError(
+                f"{what} exited with code {process.returncode} while starting; "
+                f"its log {log}:\n{_tail(log)}"
+            )
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}),
-                                        timeout=5) as response:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers or {}), timeout=5
+            ) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError) as e:
             last = e
         time.sleep(0.25)
-    raise ClusterError(f"{what} did not answer {url} within {timeout:.0f} s (last error: {last})"
-                       + (f"; its log {log}:\n{_tail(log)}" if log else ""))
+    raise ClusterError(
+        f"{what} did not answer {url} within {timeout:.0f} s (last error: {last})"
+        + (f"; its log {log}:\n{_tail(log)}" if log else "")
+    )
 
 
 # --- the three commands -----------------------------------------------------------------------------
+
 
 def _client_env(dashboard_port: int, s3_port: int, bucket: str, token_path: Path) -> dict:
     return {
@@ -317,8 +342,9 @@ def _client_env(dashboard_port: int, s3_port: int, bucket: str, token_path: Path
     }
 
 
-def check_up_flags(dashboard_port: int, s3_port: int, bucket: str, num_cpus: int | None,
-                   ray_port: int | None) -> None:
+def check_up_flags(
+    dashboard_port: int, s3_port: int, bucket: str, num_cpus: int | None, ray_port: int | None
+) -> None:
     """`cluster up`'s flags on their own (no port is tried here): ClusterInputError naming the
     flag."""
     from raypose.validate import shown
@@ -326,24 +352,34 @@ def check_up_flags(dashboard_port: int, s3_port: int, bucket: str, num_cpus: int
     if num_cpus is not None and num_cpus < 1:
         raise ClusterInputError(f"--num-cpus {num_cpus}: must be at least 1")
     if not bucket or bucket != bucket.lower() or not 3 <= len(bucket) <= 63 or "/" in bucket:
-        raise ClusterInputError(f"--bucket {shown(bucket)}: an S3 bucket name is 3-63 lowercase "
-                                "characters, without '/'")
+        raise ClusterInputError(
+            f"--bucket {shown(bucket)}: an S3 bucket name is 3-63 lowercase characters, without '/'"
+        )
     _check_port_number(dashboard_port, "--dashboard-port")
     _check_port_number(s3_port, "--s3-port")
     if ray_port:  # 0 or none: a free port
         _check_port_number(ray_port, "--ray-port")
     if dashboard_port == s3_port:
-        raise ClusterInputError(f"--dashboard-port and --s3-port are both {s3_port}; "
-                                f"give them different ports")
+        raise ClusterInputError(
+            f"--dashboard-port and --s3-port are both {s3_port}; give them different ports"
+        )
     if RAY_WORKER_PORTS[0] <= dashboard_port <= RAY_WORKER_PORTS[1]:
-        raise ClusterInputError(f"--dashboard-port {dashboard_port} is inside Ray's worker port "
-                                f"range {RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}; choose a port "
-                                "outside it")
+        raise ClusterInputError(
+            f"--dashboard-port {dashboard_port} is inside Ray's worker port "
+            f"range {RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}; choose a port "
+            "outside it"
+        )
 
 
-def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: int = DEFAULT_S3_PORT,
-       bucket: str = DEFAULT_BUCKET, num_cpus: int | None = None, ray_port: int | None = None,
-       timeout: float = 120.0) -> dict:
+def up(
+    state_dir=None,
+    dashboard_port: int = DEFAULT_DASHBOARD_PORT,
+    s3_port: int = DEFAULT_S3_PORT,
+    bucket: str = DEFAULT_BUCKET,
+    num_cpus: int | None = None,
+    ray_port: int | None = None,
+    timeout: float = 120.0,
+) -> dict:
     """Starts the dev cluster and returns its state (ports, pids, env); if it is already running,
     returns the recorded state with "already_running": True and starts nothing."""
     # The flags first, before anything is read, started or written.
@@ -358,8 +394,9 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
 
     # Everything else that can be checked is checked before anything starts.
     ray_exe = _find_executable("ray", "install raypose's dependencies (pip install -e .)")
-    moto_exe = _find_executable("moto_server", "install the test extra: pip install -e '.[test]' "
-                                               "(it brings moto[server])")
+    moto_exe = _find_executable(
+        "moto_server", "install the test extra: pip install -e '.[test]' (it brings moto[server])"
+    )
     _check_port(dashboard_port, "--dashboard-port")
     _check_port(s3_port, "--s3-port")
     if ray_port:
@@ -380,7 +417,9 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
     child_env["RAY_USAGE_STATS_ENABLED"] = "0"
     # jobs run `python ...` from the head's PATH: put this interpreter's folder first, so a job
     # finds raypose's environment even when the virtual environment was not activated
-    child_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), child_env.get("PATH", "")])
+    child_env["PATH"] = os.pathsep.join(
+        [str(Path(sys.executable).parent), child_env.get("PATH", "")]
+    )
 
     started_at = time.time()
     moto_log = logs / "moto_server.log"
@@ -389,43 +428,81 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
     group = None
     try:
         with open(moto_log, "ab") as log:
-            moto = subprocess.Popen([moto_exe, "-H", "127.0.0.1", "-p", str(s3_port)],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=child_env, start_new_session=True)
+            moto = subprocess.Popen(
+                [moto_exe, "-H", "127.0.0.1", "-p", str(s3_port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                start_new_session=True,
+            )
         endpoint = client_env["AWS_ENDPOINT_URL"]
         _wait_http(endpoint + "/", 30, process=moto, log=moto_log, what="moto_server")
         _create_bucket(endpoint, bucket)
 
         ray_temp_dir = _ray_temp_dir(state_dir)
         ray_log = logs / "ray_start.log"
-        command = [ray_exe, "start", "--head", "--node-ip-address", "127.0.0.1",
-                   "--port", str(gcs_port), "--ray-client-server-port", str(client_port),
-                   "--dashboard-agent-listen-port", str(_free_port()),
-                   "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                   "--dashboard-port", str(dashboard_port), "--num-cpus", str(num_cpus),
-                   "--temp-dir", str(ray_temp_dir), "--disable-usage-stats",
-                   "--log-style", "record", "--log-color", "false"]
+        command = [
+            ray_exe,
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs_port),
+            "--ray-client-server-port",
+            str(client_port),
+            "--dashboard-agent-listen-port",
+            str(_free_port()),
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard_port),
+            "--num-cpus",
+            str(num_cpus),
+            "--temp-dir",
+            str(ray_temp_dir),
+            "--disable-usage-stats",
+            "--log-style",
+            "record",
+            "--log-color",
+            "false",
+        ]
         with open(ray_log, "ab") as log:
             log.write(("$ " + shlex.join(command) + "\n").encode())
             log.flush()
-            starter = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, env=child_env,
-                                       start_new_session=True)
+            starter = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                start_new_session=True,
+            )
             group = starter.pid  # its session and process group, inherited by every Ray process
             try:
                 code = starter.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 starter.kill()
-                raise ClusterError(f"`ray start` did not finish within {timeout:.0f} s; "
-                                   f"its log {ray_log}:\n{_tail(ray_log)}")
+                raise ClusterError(
+                    f"`ray start` did not finish within {timeout:.0f} s; "
+                    f"its log {ray_log}:\n{_tail(ray_log)}"
+                ) from None
         if code != 0:
-            raise ClusterError(f"`ray start` failed with code {code}; "
-                               f"its log {ray_log}:\n{_tail(ray_log)}")
+            raise ClusterError(
+                f"`ray start` failed with code {code}; its log {ray_log}:\n{_tail(ray_log)}"
+            )
         token = token_path.read_text().strip()
         dashboard = client_env["RAY_API_SERVER_ADDRESS"]
         auth = {"Authorization": f"Bearer {token}"}
-        _wait_http(dashboard + "/api/version", timeout, headers=auth, log=ray_log, what="Ray dashboard")
-        _wait_http(dashboard + "/api/jobs/", timeout, headers=auth, log=ray_log, what="Ray job server")
+        _wait_http(
+            dashboard + "/api/version", timeout, headers=auth, log=ray_log, what="Ray dashboard"
+        )
+        _wait_http(
+            dashboard + "/api/jobs/", timeout, headers=auth, log=ray_log, what="Ray job server"
+        )
 
         ray = _ray_processes(group, str(ray_temp_dir), started_at)
         session = ray_temp_dir / "session_latest"
@@ -435,14 +512,23 @@ def up(state_dir=None, dashboard_port: int = DEFAULT_DASHBOARD_PORT, s3_port: in
             "ray_temp_dir": str(ray_temp_dir),
             "ray_session_dir": str(session.resolve()) if session.exists() else None,
             "ray_process_group": group,
-            "ports": {"dashboard": dashboard_port, "s3": s3_port, "gcs": gcs_port,
-                      "client": client_port},
+            "ports": {
+                "dashboard": dashboard_port,
+                "s3": s3_port,
+                "gcs": gcs_port,
+                "client": client_port,
+            },
             "bucket": bucket,
             "num_cpus": num_cpus,
-            "processes": ([{"role": "moto", **_record(_psutil().Process(moto.pid))}]
-                          + [{"role": "ray", **_record(p)} for p in ray]),
-            "logs": {"moto_server": str(moto_log), "ray_start": str(ray_log),
-                     "ray": str(ray_temp_dir / "session_latest" / "logs")},
+            "processes": (
+                [{"role": "moto", **_record(_psutil().Process(moto.pid))}]
+                + [{"role": "ray", **_record(p)} for p in ray]
+            ),
+            "logs": {
+                "moto_server": str(moto_log),
+                "ray_start": str(ray_log),
+                "ray": str(ray_temp_dir / "session_latest" / "logs"),
+            },
             "env": client_env,
         }
         _write_state(state_dir, state)
@@ -461,8 +547,12 @@ def _create_bucket(endpoint: str, bucket: str) -> None:
     import s3fs
 
     # No region_name: s3fs would send it as a LocationConstraint, which us-east-1 rejects.
-    fs = s3fs.S3FileSystem(key=LOCAL_S3_CREDENTIAL, secret=LOCAL_S3_CREDENTIAL,
-                           client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(
+        key=LOCAL_S3_CREDENTIAL,
+        secret=LOCAL_S3_CREDENTIAL,
+        client_kwargs={"endpoint_url": endpoint},
+        skip_instance_cache=True,
+    )
     try:
         if not fs.exists(bucket):
             fs.mkdir(bucket)
@@ -491,23 +581,28 @@ def env(state_dir=None) -> dict:
     state_dir = Path(state_dir or default_state_dir()).expanduser().resolve()
     state = read_state(state_dir)
     if state is None or not _is_running(state):
-        raise ClusterError(f"no dev cluster is running (state dir {state_dir}); "
-                           f"start one with `raypose cluster up`")
+        raise ClusterError(
+            f"no dev cluster is running (state dir {state_dir}); "
+            f"start one with `raypose cluster up`"
+        )
     return dict(state["env"])
 
 
 def shell_lines(variables: dict) -> list:
     """`export` lines for a POSIX shell, then an `unset` of the two variables that would win over
     them: RAY_AUTH_TOKEN over the token file, AWS_ENDPOINT_URL_S3 over AWS_ENDPOINT_URL."""
-    return ([f"export {k}={shlex.quote(str(v))}" for k, v in variables.items()]
-            + ["unset RAY_AUTH_TOKEN AWS_ENDPOINT_URL_S3"])
+    return [f"export {k}={shlex.quote(str(v))}" for k, v in variables.items()] + [
+        "unset RAY_AUTH_TOKEN AWS_ENDPOINT_URL_S3"
+    ]
 
 
 # --- check: can `ray job submit` reach a cluster? ---------------------------------------------------
 
 SUBMIT_ADDRESS_HINT = "give the dashboard's address, http://HEAD:8265"
-TOKEN_HINT = ("set RAY_AUTH_TOKEN_PATH to the cluster's token file (or RAY_AUTH_TOKEN to the token); "
-              "for the dev cluster: eval \"$(raypose cluster env)\"")
+TOKEN_HINT = (
+    "set RAY_AUTH_TOKEN_PATH to the cluster's token file (or RAY_AUTH_TOKEN to the token); "
+    'for the dev cluster: eval "$(raypose cluster env)"'
+)
 
 
 def _submit_address(address: str | None) -> tuple[str, str]:
@@ -519,26 +614,34 @@ def _submit_address(address: str | None) -> tuple[str, str]:
         value = os.environ.get(name, "").strip()
         if value:
             if given and given.rstrip("/") != value.rstrip("/"):
-                raise ClusterError(f"{name}={value} overrides --address {given}: `ray job submit` "
-                                   f"uses the variable first; unset {name} (or set it to the "
-                                   f"address you mean)")
+                raise ClusterError(
+                    f"{name}={value} overrides --address {given}: `ray job submit` "
+                    f"uses the variable first; unset {name} (or set it to the "
+                    f"address you mean)"
+                )
             source = name
             break
     else:
         value, source = given, "--address"
     if not value:
-        raise ClusterError("no address to check: pass --address http://HEAD:8265 (the dashboard's "
-                           "address) or set RAY_API_SERVER_ADDRESS")
+        raise ClusterError(
+            "no address to check: pass --address http://HEAD:8265 (the dashboard's "
+            "address) or set RAY_API_SERVER_ADDRESS"
+        )
     value = value.rstrip("/")
     if "://" not in value:
-        raise ClusterError(f"{source} {value} has no http://, so `ray job submit` takes it for a GCS "
-                           f"address and asks that for the dashboard's; {SUBMIT_ADDRESS_HINT}")
+        raise ClusterError(
+            f"{source} {value} has no http://, so `ray job submit` takes it for a GCS "
+            f"address and asks that for the dashboard's; {SUBMIT_ADDRESS_HINT}"
+        )
     parsed = urllib.parse.urlparse(value)
     if parsed.scheme not in ("http", "https"):
-        raise ClusterError(f"{source} {value}: `ray job submit` talks HTTP to the dashboard, "
-                           f"not {parsed.scheme}://; {SUBMIT_ADDRESS_HINT}")
+        raise ClusterError(
+            f"{source} {value}: `ray job submit` talks HTTP to the dashboard, "
+            f"not {parsed.scheme}://; {SUBMIT_ADDRESS_HINT}"
+        )
     try:
-        parsed.port
+        _ = parsed.port  # raises for a port that is not a number or past 65535
     except ValueError:
         raise ClusterError(f"{source} {value}: not a valid port; {SUBMIT_ADDRESS_HINT}") from None
     if not parsed.hostname:
@@ -560,12 +663,16 @@ def _client_token() -> tuple[str | None, str]:
         try:
             token = Path(path).expanduser().read_text().strip()
         except OSError as e:
-            raise ClusterError(f"token authentication is on but no token was found: "
-                               f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({e.strerror}); "
-                               f"{TOKEN_HINT}") from None
+            raise ClusterError(
+                f"token authentication is on but no token was found: "
+                f"RAY_AUTH_TOKEN_PATH={path} cannot be read ({e.strerror}); "
+                f"{TOKEN_HINT}"
+            ) from None
         if not token:
-            raise ClusterError(f"token authentication is on but no token was found: "
-                               f"RAY_AUTH_TOKEN_PATH={path} is empty; {TOKEN_HINT}")
+            raise ClusterError(
+                f"token authentication is on but no token was found: "
+                f"RAY_AUTH_TOKEN_PATH={path} is empty; {TOKEN_HINT}"
+            )
         return token, f"RAY_AUTH_TOKEN_PATH={path}"
     default = Path.home() / ".ray" / "auth_token"
     try:
@@ -574,9 +681,11 @@ def _client_token() -> tuple[str | None, str]:
         token = ""
     if token:
         return token, str(default)
-    raise ClusterError(f"token authentication is on but no token was found: RAY_AUTH_MODE=token, "
-                       f"and neither RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH nor {default} gives one; "
-                       f"{TOKEN_HINT}")
+    raise ClusterError(
+        f"token authentication is on but no token was found: RAY_AUTH_MODE=token, "
+        f"and neither RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH nor {default} gives one; "
+        f"{TOKEN_HINT}"
+    )
 
 
 def check_submit_target(address: str | None = None, timeout: float = 5.0) -> str:
@@ -588,41 +697,60 @@ def check_submit_target(address: str | None = None, timeout: float = 5.0) -> str
     token, token_source = _client_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(url + "/api/version", headers=headers)
-    not_ray = (f"something answers at {url} but it is not a Ray dashboard ({{}}): check the host and "
-               f"port ({source}); {SUBMIT_ADDRESS_HINT}")
+    not_ray = (
+        f"something answers at {url} but it is not a Ray dashboard ({{}}): check the host and "
+        f"port ({source}); {SUBMIT_ADDRESS_HINT}"
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             body = response.read(65536)
     except urllib.error.HTTPError as e:
         text = e.read(300).decode(errors="replace").strip()
         if e.code == 401 and token is None:
-            raise ClusterError(f"the Ray cluster at {url} requires a token (HTTP 401) but none was "
-                               f"sent: token authentication is off on this side; set "
-                               f"RAY_AUTH_MODE=token and {TOKEN_HINT}") from None
+            raise ClusterError(
+                f"the Ray cluster at {url} requires a token (HTTP 401) but none was "
+                f"sent: token authentication is off on this side; set "
+                f"RAY_AUTH_MODE=token and {TOKEN_HINT}"
+            ) from None
         if e.code in (401, 403) and "token" in text.lower():
-            raise ClusterError(f"the Ray cluster at {url} refused the token from {token_source} "
-                               f"(HTTP {e.code}: {text.splitlines()[0] if text else e.reason}): "
-                               f"{TOKEN_HINT}") from None
+            raise ClusterError(
+                f"the Ray cluster at {url} refused the token from {token_source} "
+                f"(HTTP {e.code}: {text.splitlines()[0] if text else e.reason}): "
+                f"{TOKEN_HINT}"
+            ) from None
         raise ClusterError(not_ray.format(f"HTTP {e.code} {e.reason} on /api/version")) from None
     except urllib.error.URLError as e:
         reason = e.reason
         if isinstance(reason, ConnectionRefusedError):
-            raise ClusterError(f"no Ray dashboard answers at {url} (connection refused): is the "
-                               f"cluster up? Start it (`raypose cluster up` for the dev cluster), "
-                               f"or check the host and port ({source}); the dashboard listens on "
-                               f"port {DEFAULT_DASHBOARD_PORT} unless told otherwise") from None
+            raise ClusterError(
+                f"no Ray dashboard answers at {url} (connection refused): is the "
+                f"cluster up? Start it (`raypose cluster up` for the dev cluster), "
+                f"or check the host and port ({source}); the dashboard listens on "
+                f"port {DEFAULT_DASHBOARD_PORT} unless told otherwise"
+            ) from None
         if isinstance(reason, (socket.timeout, TimeoutError)):
-            raise ClusterError(f"no answer from {url} within {timeout:g} s: check the host, port "
-                               f"({source}) and firewall; {SUBMIT_ADDRESS_HINT}") from None
+            raise ClusterError(
+                f"no answer from {url} within {timeout:g} s: check the host, port "
+                f"({source}) and firewall; {SUBMIT_ADDRESS_HINT}"
+            ) from None
         if isinstance(reason, socket.gaierror):
-            raise ClusterError(f"cannot resolve the host of {url} ({reason.strerror}): check "
-                               f"{source}; {SUBMIT_ADDRESS_HINT}") from None
-        raise ClusterError(f"cannot reach {url} ({reason}): check {source}; "
-                           f"{SUBMIT_ADDRESS_HINT}") from None
-    except (socket.timeout, TimeoutError):
-        raise ClusterError(f"no answer from {url} within {timeout:g} s: check the host, port "
-                           f"({source}) and firewall; {SUBMIT_ADDRESS_HINT}") from None
-    except (OSError, ValueError, http.client.HTTPException) as e:  # e.g. a gRPC or other non-HTTP port
+            raise ClusterError(
+                f"cannot resolve the host of {url} ({reason.strerror}): check "
+                f"{source}; {SUBMIT_ADDRESS_HINT}"
+            ) from None
+        raise ClusterError(
+            f"cannot reach {url} ({reason}): check {source}; {SUBMIT_ADDRESS_HINT}"
+        ) from None
+    except TimeoutError:
+        raise ClusterError(
+            f"no answer from {url} within {timeout:g} s: check the host, port "
+            f"({source}) and firewall; {SUBMIT_ADDRESS_HINT}"
+        ) from None
+    except (
+        OSError,
+        ValueError,
+        http.client.HTTPException,
+    ) as e:  # e.g. a gRPC or other non-HTTP port
         raise ClusterError(not_ray.format(f"no HTTP answer: {type(e).__name__}")) from None
     try:
         version = json.loads(body)["ray_version"]
@@ -634,48 +762,93 @@ def check_submit_target(address: str | None = None, timeout: float = 5.0) -> str
 
 # --- command line -------------------------------------------------------------------------------------
 
+
 def add_arguments(parser):
-    parser.add_argument("action", choices=["up", "down", "env", "check"],
-                        help="up: start Ray head + S3 server; down: stop them; env: print shell "
-                             "exports; check: can `ray job submit` reach a cluster (any cluster, "
-                             "not only the dev one) with the token it would send?")
-    parser.add_argument("--address", default=None,
-                        help="check: the dashboard URL, http://HEAD:8265 (default: "
-                             "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, which `ray job submit` "
-                             "prefers to its own --address)")
-    parser.add_argument("--state-dir", default=None,
-                        help="where the state file, token and logs live "
-                             "(default: $RAYPOSE_STATE_DIR or ~/.raypose/dev-cluster)")
-    parser.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT,
-                        help="Ray dashboard and job server port on 127.0.0.1 (default: %(default)s)")
-    parser.add_argument("--s3-port", type=int, default=DEFAULT_S3_PORT,
-                        help="moto S3 server port on 127.0.0.1 (default: %(default)s)")
-    parser.add_argument("--bucket", default=DEFAULT_BUCKET,
-                        help="bucket created on the S3 server (default: %(default)s)")
-    parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs the Ray head offers (default: this machine's count)")
-    parser.add_argument("--ray-port", type=int, default=None,
-                        help="the Ray head's GCS port (default: a free port)")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds to wait for Ray and its dashboard to start (default: %(default)s)")
+    parser.add_argument(
+        "action",
+        choices=["up", "down", "env", "check"],
+        help="up: start Ray head + S3 server; down: stop them; env: print shell "
+        "exports; check: can `ray job submit` reach a cluster (any cluster, "
+        "not only the dev one) with the token it would send?",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="check: the dashboard URL, http://HEAD:8265 (default: "
+        "RAY_API_SERVER_ADDRESS or RAY_ADDRESS, which `ray job submit` "
+        "prefers to its own --address)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="where the state file, token and logs live "
+        "(default: $RAYPOSE_STATE_DIR or ~/.raypose/dev-cluster)",
+    )
+    parser.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DEFAULT_DASHBOARD_PORT,
+        help="Ray dashboard and job server port on 127.0.0.1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--s3-port",
+        type=int,
+        default=DEFAULT_S3_PORT,
+        help="moto S3 server port on 127.0.0.1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bucket",
+        default=DEFAULT_BUCKET,
+        help="bucket created on the S3 server (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs the Ray head offers (default: this machine's count)",
+    )
+    parser.add_argument(
+        "--ray-port", type=int, default=None, help="the Ray head's GCS port (default: a free port)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds to wait for Ray and its dashboard to start (default: %(default)s)",
+    )
 
 
 def run(args):
     state_dir = Path(args.state_dir or default_state_dir()).expanduser().resolve()
-    hint = "raypose cluster env" + ("" if state_dir == default_state_dir().expanduser().resolve()
-                                    else f" --state-dir {shlex.quote(str(state_dir))}")
+    hint = "raypose cluster env" + (
+        ""
+        if state_dir == default_state_dir().expanduser().resolve()
+        else f" --state-dir {shlex.quote(str(state_dir))}"
+    )
     try:
         if args.action == "up":
-            state = up(state_dir, dashboard_port=args.dashboard_port, s3_port=args.s3_port,
-                       bucket=args.bucket, num_cpus=args.num_cpus, ray_port=args.ray_port,
-                       timeout=args.timeout)
+            state = up(
+                state_dir,
+                dashboard_port=args.dashboard_port,
+                s3_port=args.s3_port,
+                bucket=args.bucket,
+                num_cpus=args.num_cpus,
+                ray_port=args.ray_port,
+                timeout=args.timeout,
+            )
             ports = state["ports"]
             # Every line but the exports is a comment, so `eval "$(raypose cluster up)"` works too.
-            print(f"# dev cluster {'already running' if state.get('already_running') else 'up'}"
-                  f" (state in {state_dir})")
-            print(f"#   Ray dashboard  http://127.0.0.1:{ports['dashboard']}  "
-                  f"(token in {state['env']['RAY_AUTH_TOKEN_PATH']})")
-            print(f"#   S3 (moto)      http://127.0.0.1:{ports['s3']}  bucket s3://{state['bucket']}")
+            print(
+                f"# dev cluster {'already running' if state.get('already_running') else 'up'}"
+                f" (state in {state_dir})"
+            )
+            print(
+                f"#   Ray dashboard  http://127.0.0.1:{ports['dashboard']}  "
+                f"(token in {state['env']['RAY_AUTH_TOKEN_PATH']})"
+            )
+            print(
+                f"#   S3 (moto)      http://127.0.0.1:{ports['s3']}  bucket s3://{state['bucket']}"
+            )
             print(f"#   logs           {state_dir / 'logs'}, {state['logs']['ray']}")
             print("\n".join(shell_lines(state["env"])))
             print(f'# load these into your shell: eval "$({hint})"')
@@ -686,8 +859,10 @@ def run(args):
                 return 0
             stopped = down(state_dir)
             if stopped:
-                print(f"stopped the dev cluster in {state_dir}: {len(stopped)} processes "
-                      f"(pids {' '.join(map(str, sorted(stopped)))})")
+                print(
+                    f"stopped the dev cluster in {state_dir}: {len(stopped)} processes "
+                    f"(pids {' '.join(map(str, sorted(stopped)))})"
+                )
             else:
                 print(f"the dev cluster in {state_dir} was no longer running; removed its state")
             print("# in shells that loaded its variables: unset " + " ".join(state["env"]))

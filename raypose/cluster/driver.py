@@ -13,15 +13,14 @@ import re
 import sys
 import time
 
-from raypose.cluster import capacity
-from raypose.storage import checkpoint
-from raypose.data import cache as datacache
 from raypose import storage
+from raypose.cluster import capacity
 from raypose.cluster.capacity import Capacity
 from raypose.config import Config, ConfigError
-from raypose.evaluation.metrics import mean_pose_baseline
-
-
+from raypose.data import cache as datacache
+from raypose.model.metrics import mean_pose_baseline
+from raypose.storage import checkpoint
+from raypose.storage import retry as storage_retry
 
 # ----------------------------------------------------------------------------------------------
 # Before Ray starts: config, data, storage, resume
@@ -39,25 +38,35 @@ def preflight(cfg: Config, create: bool = True) -> storage.Location:
     cfg.data.path = datacache.absolute(cfg.data.path)
     data = prepare_data(cfg)  # validates the file and both selections (non-empty)
     if cfg.data.epoch_samples > data["train_samples"]:
-        raise ConfigError(f"data.epoch_samples: {cfg.data.epoch_samples} is more than the "
-                          f"{data['train_samples']} samples of the training split of "
-                          f"{cfg.data.path}/train.h5 (0 trains on all of them every epoch)")
+        raise ConfigError(
+            f"data.epoch_samples: {cfg.data.epoch_samples} is more than the "
+            f"{data['train_samples']} samples of the training split of "
+            f"{cfg.data.path}/train.h5 (0 trains on all of them every epoch)"
+        )
     # each worker takes whole batches from its 1/workers share of an epoch (loop.steps_in_epoch,
     # drop_last): fewer samples than one batch per worker is an epoch without a training step,
     # whose loss would be NaN. An elastic group is checked at its largest, where shares are least.
     samples = cfg.data.epoch_samples or data["train_samples"]
     workers = cfg.scaling.workers
     if cfg.data.batch_size * workers > samples:
-        where = ("data.epoch_samples" if cfg.data.epoch_samples else
-                 f"the training split of {cfg.data.path}/train.h5")
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per worker with {workers} "
-                          f"worker(s) needs {cfg.data.batch_size * workers} samples per epoch, "
-                          f"but an epoch has {samples} ({where}), so it would take no training "
-                          "step; lower data.batch_size or the number of workers",
-                          key="data.batch_size")
+        where = (
+            "data.epoch_samples"
+            if cfg.data.epoch_samples
+            else f"the training split of {cfg.data.path}/train.h5"
+        )
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} per worker with {workers} "
+            f"worker(s) needs {cfg.data.batch_size * workers} samples per epoch, "
+            f"but an epoch has {samples} ({where}), so it would take no training "
+            "step; lower data.batch_size or the number of workers",
+            key="data.batch_size",
+        )
     if cfg.data.augment and cfg.data.flip and not data["info"].get("mirror_consistent", True):
-        print(f"[raypose] {cfg.data.path}: train.h5 has mirror_consistent=false (a fixed "
-              "side-colour code), so training runs without the left/right flip", flush=True)
+        print(
+            f"[raypose] {cfg.data.path}: train.h5 has mirror_consistent=false (a fixed "
+            "side-colour code), so training runs without the left/right flip",
+            flush=True,
+        )
     loc = storage.parse(cfg.storage.uri)
     cfg.storage.uri = loc.uri  # absolute too, for the same reason as the data path
     storage.check_reachable(loc, create=create)
@@ -72,8 +81,9 @@ def elastic_supported() -> bool:
 
     from ray.train import ScalingConfig
 
-    return any(f.name == "elastic_resize_monitor_interval_s"
-               for f in dataclasses.fields(ScalingConfig))
+    return any(
+        f.name == "elastic_resize_monitor_interval_s" for f in dataclasses.fields(ScalingConfig)
+    )
 
 
 def check_elastic_supported(cfg: Config) -> None:
@@ -83,9 +93,11 @@ def check_elastic_supported(cfg: Config) -> None:
     if low != high and not elastic_supported():
         import ray
 
-        raise ConfigError(f"--workers / --workers-per-trial {low}:{high}: elastic worker groups "
-                          f"need Ray 2.55 or later (this is Ray {ray.__version__}); give a fixed "
-                          "number of workers")
+        raise ConfigError(
+            f"--workers / --workers-per-trial {low}:{high}: elastic worker groups "
+            f"need Ray 2.55 or later (this is Ray {ray.__version__}); give a fixed "
+            "number of workers"
+        )
 
 
 def prepare_data(cfg: Config) -> dict:
@@ -94,15 +106,21 @@ def prepare_data(cfg: Config) -> dict:
     validation subjects. Remembered per file version, so preflight and build_trainer read the
     file once."""
     # for s3://..., the driver's own verified copy in this node's cache (see raypose.data.cache)
-    train_file = str(datacache.local_data_dir(datacache.absolute(cfg.data.path), ("train.h5",))
-                     / "train.h5")
+    train_file = str(
+        datacache.local_data_dir(datacache.absolute(cfg.data.path), ("train.h5",)) / "train.h5"
+    )
     try:
         stat = os.stat(train_file)
         version = (stat.st_mtime_ns, stat.st_size)
     except OSError:  # let the dataset raise its one clear DataError
         version = (None, None)
-    return _prepare_data(train_file, *version, tuple(cfg.data.val_subjects),
-                         cfg.data.max_train_samples, cfg.data.max_val_samples)
+    return _prepare_data(
+        train_file,
+        *version,
+        tuple(cfg.data.val_subjects),
+        cfg.data.max_train_samples,
+        cfg.data.max_val_samples,
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,8 +130,11 @@ def _prepare_data(train_file, mtime_ns, size, val_subjects, max_train, max_val) 
     train = PoseDataset(train_file, exclude_subjects=list(val_subjects), max_samples=max_train)
     val = PoseDataset(train_file, subjects=list(val_subjects), max_samples=max_val, info=train.info)
     info = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in train.info.items()}
-    return {"info": info, "train_samples": len(train),
-            "baseline": mean_pose_baseline(train.root_relative_poses(), val.root_relative_poses())}
+    return {
+        "info": info,
+        "train_samples": len(train),
+        "baseline": mean_pose_baseline(train.root_relative_poses(), val.root_relative_poses()),
+    }
 
 
 @contextlib.contextmanager
@@ -142,14 +163,16 @@ def latest_checkpoint(run: storage.Location) -> storage.Location | None:
     record = run.join(CHECKPOINT_RECORD)
     if not storage.exists(record):
         return None  # no checkpoint of this run ever finished
-    path, fs = storage.ray_storage(run)
+    path, fs = storage_retry.ray_storage(run)
     try:
         with _ray_train_quiet():
             result = Result.from_path(path, storage_filesystem=fs)
     except Exception as e:  # Ray's error for a record it cannot read
         reason = str(e).split(". ")[0].strip()[:300]
-        raise ConfigError(f"run {run.uri}: Ray Train cannot resume from its checkpoint record "
-                          f"{record.uri} ({reason}); use another --name") from None
+        raise ConfigError(
+            f"run {run.uri}: Ray Train cannot resume from its checkpoint record "
+            f"{record.uri} ({reason}); use another --name"
+        ) from None
     if result.checkpoint is None:
         return None
     return run.join(posixpath.basename(result.checkpoint.path.rstrip("/")))
@@ -163,7 +186,7 @@ def recorded_checkpoints(run: storage.Location) -> set[str]:
 
     if not storage.exists(run.join(CHECKPOINT_RECORD)):
         return set()
-    path, fs = storage.ray_storage(run)
+    path, fs = storage_retry.ray_storage(run)
     with _ray_train_quiet():
         result = Result.from_path(path, storage_filesystem=fs)
     return {posixpath.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or ()}
@@ -282,9 +305,19 @@ def run_interruptible(work, stopped):
 
 # how many workers a run has, where they sit and how long it waits for them may change between
 # invocations of one run (and do change in an elastic one); the model and data settings may not
-IGNORED_ON_RESUME = ("storage.", "scaling.workers", "scaling.min_workers", "scaling.placement",
-                     "scaling.resize_interval_s", "scaling.autoscaler_wait_s", "scaling.gpu",
-                     "scaling.cpus_per_worker", "scaling.compile", "schedule.epochs", "data.path")
+IGNORED_ON_RESUME = (
+    "storage.",
+    "scaling.workers",
+    "scaling.min_workers",
+    "scaling.placement",
+    "scaling.resize_interval_s",
+    "scaling.autoscaler_wait_s",
+    "scaling.gpu",
+    "scaling.cpus_per_worker",
+    "scaling.compile",
+    "schedule.epochs",
+    "data.path",
+)
 
 
 def check_resume_config(cfg: Config, run: storage.Location) -> None:
@@ -295,16 +328,23 @@ def check_resume_config(cfg: Config, run: storage.Location) -> None:
     try:
         stored = json.loads(storage.read_text(latest.join(checkpoint.CONFIG_FILE)))
     except FileNotFoundError:
-        raise ConfigError(f"run {run.uri} has a checkpoint without {checkpoint.CONFIG_FILE} "
-                          f"({latest.uri}); use another --name") from None
+        raise ConfigError(
+            f"run {run.uri} has a checkpoint without {checkpoint.CONFIG_FILE} "
+            f"({latest.uri}); use another --name"
+        ) from None
     ours = flatten(cfg.to_dict())
     theirs = flatten(stored)
-    diff = sorted(k for k in set(ours) | set(theirs)
-                  if ours.get(k) != theirs.get(k) and not k.startswith(IGNORED_ON_RESUME))
+    diff = sorted(
+        k
+        for k in set(ours) | set(theirs)
+        if ours.get(k) != theirs.get(k) and not k.startswith(IGNORED_ON_RESUME)
+    )
     if diff:
         details = ", ".join(f"{k}: stored {theirs.get(k)!r} vs now {ours.get(k)!r}" for k in diff)
-        raise ConfigError(f"run {run.uri} exists with another config ({details}); "
-                          "resume with the same settings or use another --name")
+        raise ConfigError(
+            f"run {run.uri} exists with another config ({details}); "
+            "resume with the same settings or use another --name"
+        )
 
 
 def flatten(d, prefix=""):
@@ -325,8 +365,11 @@ def forwarded_env() -> dict:
     """Variables the workers need to reach the same storage. Credentials are not copied here:
     workers inherit them from the node's environment (or the job's runtime_env), never from a
     config that could be logged."""
-    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
-            if k in os.environ}
+    return {
+        k: os.environ[k]
+        for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")
+        if k in os.environ
+    }
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, command: str = "raypose"):
@@ -348,16 +391,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, command: s
     console.route_loggers()
     # Ray's own logging setup would add a stderr handler again; console.route_loggers has
     # already sent its loggers to the log file
-    kwargs = {"configure_logging": console.verbose(), "log_to_driver": console.verbose(),
-              "logging_level": "INFO" if console.verbose() else "WARNING"}
+    kwargs = {
+        "configure_logging": console.verbose(),
+        "log_to_driver": console.verbose(),
+        "logging_level": "INFO" if console.verbose() else "WARNING",
+    }
     if address:
         _connect(address, kwargs)
         _Connection.local = False
     else:
         # "local": a new instance even where another runs on this host or a `ray start` left
         # its address file behind (ray.init() would join that one, or hang on a dead one)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                 dashboard_host="127.0.0.1", **kwargs)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            **kwargs,
+        )
         _Connection.local = True
     console.route_ray_output(command)
     import signal
@@ -409,14 +460,19 @@ def state_api_available() -> bool:
     State API says the run's controller is dead; without the State API the CPUs and GPUs stay
     reserved until the cluster restarts."""
     import ray
+
     from raypose.cluster.ray_internals import ServerUnavailable, list_actors  # the dashboard's API
 
     if ray.util.client.ray.is_connected():
         return True  # Ray Client: the cluster's own side runs Train; nothing to ask from here
     try:
         # this driver's cluster, not whichever other Ray instance runs on the host
-        list_actors(address=ray.get_runtime_context().gcs_address, limit=1, timeout=30,
-                    raise_on_missing_output=False)
+        list_actors(
+            address=ray.get_runtime_context().gcs_address,
+            limit=1,
+            timeout=30,
+            raise_on_missing_output=False,
+        )
     except ServerUnavailable:
         return False
     return True
@@ -431,13 +487,20 @@ def check_state_api(sweep: bool = False) -> None:
     import ray
 
     where = f"the Ray cluster at {ray.get_runtime_context().gcs_address}"
-    fix = ("start the head with its dashboard (`ray start --head` without "
-           "--include-dashboard=false, with ray[default] installed)")
+    fix = (
+        "start the head with its dashboard (`ray start --head` without "
+        "--include-dashboard=false, with ray[default] installed)"
+    )
     if sweep:
-        raise ConfigError(f"{where} has no dashboard (no State API): Ray Train frees the CPUs and "
-                          "GPUs of a trial that ASHA stops through the State API, so without it "
-                          f"the sweep would stall; {fix}")
-    print(f"[raypose] warning: {where} has no dashboard (no State API): Ray Train frees the CPUs "
-          "and GPUs of a run that ends without doing so (an interrupted driver) through the State "
-          "API, which the dashboard serves; if this run is interrupted, its resources stay "
-          f"reserved until the cluster restarts; {fix}", flush=True)
+        raise ConfigError(
+            f"{where} has no dashboard (no State API): Ray Train frees the CPUs and "
+            "GPUs of a trial that ASHA stops through the State API, so without it "
+            f"the sweep would stall; {fix}"
+        )
+    print(
+        f"[raypose] warning: {where} has no dashboard (no State API): Ray Train frees the CPUs "
+        "and GPUs of a run that ends without doing so (an interrupted driver) through the State "
+        "API, which the dashboard serves; if this run is interrupted, its resources stay "
+        f"reserved until the cluster restarts; {fix}",
+        flush=True,
+    )

@@ -22,8 +22,8 @@ import os
 import secrets
 import time
 
-from raypose.data import cache as datacache
 from raypose import storage
+from raypose.data import cache as datacache
 
 MARKER_DIR = ".raypose-node-check"
 DEFAULT_TIMEOUT_S = 60.0
@@ -43,8 +43,9 @@ def _hidden(path: str) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in prefixes)
 
 
-def check_this_node(data: str, split_files: list, storage_uri: str, marker: str | None,
-                    token: str | None) -> list:
+def check_this_node(
+    data: str, split_files: list, storage_uri: str, marker: str | None, token: str | None
+) -> list:
     """Runs on one node: the problems it sees (empty when none), each naming the path or URI.
     split_files: the split files of a local data folder that the driver sees there."""
     problems = []
@@ -56,8 +57,11 @@ def check_this_node(data: str, split_files: list, storage_uri: str, marker: str 
     else:
         import h5py
 
-        missing = [n for n in split_files
-                   if _hidden(os.path.join(data, n)) or not os.path.isfile(os.path.join(data, n))]
+        missing = [
+            n
+            for n in split_files
+            if _hidden(os.path.join(data, n)) or not os.path.isfile(os.path.join(data, n))
+        ]
         if missing:
             problems.append(f"--data {data}: {' and '.join(missing)} not found")
         for name in (n for n in split_files if n not in missing):
@@ -77,9 +81,11 @@ def check_this_node(data: str, split_files: list, storage_uri: str, marker: str 
         except OSError:
             seen = None
         if seen != token:
-            problems.append(f"--storage {loc.path} is not the driver's folder here (the marker "
-                            f"{marker} that the driver wrote is {'missing' if seen is None else 'another'}); "
-                            "use a volume every node mounts at this path, or s3://")
+            problems.append(
+                f"--storage {loc.path} is not the driver's folder here (the marker "
+                f"{marker} that the driver wrote is {'missing' if seen is None else 'another'}); "
+                "use a volume every node mounts at this path, or s3://"
+            )
     else:
         try:
             storage.check_reachable(loc, create=False)
@@ -93,16 +99,20 @@ def worker_nodes(cfg) -> list:
     import ray
 
     needed = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.gpu else {})}
-    return [n for n in ray.nodes()
-            if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in needed.items())]
+    return [
+        n
+        for n in ray.nodes()
+        if n["Alive"] and all(n["Resources"].get(k, 0) >= v for k, v in needed.items())
+    ]
 
 
 def _node_name(node: dict) -> str:
     return f"node {node['NodeID'][:8]} ({node['NodeManagerAddress']})"
 
 
-def check_nodes(cfg, storage_location: storage.Location,
-                timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
+def check_nodes(
+    cfg, storage_location: storage.Location, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> list:
     """Checks every node that can host a worker; returns their names, or raises one NodeCheckError
     line naming each failing node. Needs a connected Ray (after raypose.cluster.driver.init_ray)."""
     import ray
@@ -112,8 +122,11 @@ def check_nodes(cfg, storage_location: storage.Location,
 
     nodes = worker_nodes(cfg)
     if not nodes:  # an autoscaling cluster whose worker nodes are not up yet
-        print("[raypose] node check: no node that can host a worker is up yet; nodes that join "
-              "later are not checked", flush=True)
+        print(
+            "[raypose] node check: no node that can host a worker is up yet; nodes that join "
+            "later are not checked",
+            flush=True,
+        )
         return []
     alive = [n for n in ray.nodes() if n["Alive"]]
     marker = token = None
@@ -125,12 +138,19 @@ def check_nodes(cfg, storage_location: storage.Location,
         with open(marker, "w") as f:
             f.write(token)
     # Ray: one task per node, pinned there; it asks for no CPU so that it never queues behind work
-    split_files = [] if datacache.is_uri(cfg.data.path) else [
-        n for n in datacache.SPLIT_FILES if os.path.isfile(os.path.join(cfg.data.path, n))]
+    split_files = (
+        []
+        if datacache.is_uri(cfg.data.path)
+        else [n for n in datacache.SPLIT_FILES if os.path.isfile(os.path.join(cfg.data.path, n))]
+    )
     check = ray.remote(num_cpus=0, max_retries=0)(check_this_node)
-    refs = {check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-                          runtime_env={"env_vars": forwarded_env()}).remote(
-                cfg.data.path, split_files, storage_location.uri, marker, token): n for n in nodes}
+    refs = {
+        check.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
+            runtime_env={"env_vars": forwarded_env()},
+        ).remote(cfg.data.path, split_files, storage_location.uri, marker, token): n
+        for n in nodes
+    }
     start = time.perf_counter()
     try:
         done, pending = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
@@ -153,7 +173,10 @@ def check_nodes(cfg, storage_location: storage.Location,
         raise NodeCheckError("node check failed: " + "; ".join(failures))
     names = [_node_name(n) for n in nodes]
     shared = " and the same storage folder" if marker else ""
-    print(f"[raypose] node check: {len(nodes)} node(s) read --data {cfg.data.path} and reach "
-          f"--storage {storage_location.uri}{shared} ({', '.join(names)}; "
-          f"{time.perf_counter() - start:.1f} s)", flush=True)
+    print(
+        f"[raypose] node check: {len(nodes)} node(s) read --data {cfg.data.path} and reach "
+        f"--storage {storage_location.uri}{shared} ({', '.join(names)}; "
+        f"{time.perf_counter() - start:.1f} s)",
+        flush=True,
+    )
     return names

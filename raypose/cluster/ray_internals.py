@@ -10,6 +10,9 @@ Import this module only where the names are needed (it imports Ray Train and Tun
 # `Result.from_path` reads it, but raises the same RuntimeError when the record is missing (a
 # run that never finished a checkpoint: start from scratch) as when it cannot read it (refuse
 # to resume); raypose asks for the file first to tell the two apart.
+# The autoscaler's standing request for resources: the only way to ask an autoscaling cluster
+# for GPU nodes before a run's placement group does (raypose.cluster.capacity). DeveloperAPI.
+from ray.autoscaler.sdk import request_resources  # noqa: E402, F401
 from ray.train.v2._internal.constants import (  # noqa: F401
     CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as CHECKPOINT_RECORD,
 )
@@ -28,7 +31,3 @@ from ray.tune.search import Searcher  # noqa: E402, F401
 # group (Ray Train's own cleaner asks it; raypose.cluster.driver.state_api_available). DeveloperAPI.
 from ray.util.state import list_actors  # noqa: E402, F401
 from ray.util.state.exception import ServerUnavailable  # noqa: E402, F401
-
-# The autoscaler's standing request for resources: the only way to ask an autoscaling cluster
-# for GPU nodes before a run's placement group does (raypose.cluster.capacity). DeveloperAPI.
-from ray.autoscaler.sdk import request_resources  # noqa: E402, F401

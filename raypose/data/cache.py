@@ -63,14 +63,6 @@ def absolute(data: str) -> str:
     return os.path.abspath(parsed.path if parsed.scheme == "file" else str(data))
 
 
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(READ_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _schema_version(path: Path):
     """The file's schema_version attribute, or None when it has none (validate_file says why)."""
     import h5py
@@ -91,13 +83,20 @@ def write_manifest(folder) -> Path:
     for name in SPLIT_FILES:
         path = folder / name
         if path.is_file():
-            files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path),
-                           "schema_version": _schema_version(path)}
+            files[name] = {
+                "size": path.stat().st_size,
+                "sha256": storage.sha256_file(path),
+                "schema_version": _schema_version(path),
+            }
     if not files:
-        raise DataCacheError(f"{folder}: neither {' nor '.join(SPLIT_FILES)} exists; "
-                             "nothing to write a manifest for")
-    manifest = {"manifest_version": MANIFEST_VERSION, "schema_version": SCHEMA_VERSION,
-                "files": files}
+        raise DataCacheError(
+            f"{folder}: neither {' nor '.join(SPLIT_FILES)} exists; nothing to write a manifest for"
+        )
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "schema_version": SCHEMA_VERSION,
+        "files": files,
+    }
     target = folder / MANIFEST_FILE
     tmp = folder / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
@@ -122,23 +121,31 @@ def read_manifest(loc: storage.Location) -> dict:
     try:
         text = storage.filesystem(loc).cat_file(where.path)
     except FileNotFoundError:
-        raise DataCacheError(f"--data {loc.uri}: no {MANIFEST_FILE} at {where.uri}; `raypose data "
-                             "synth` and `raypose data h36m` write it next to train.h5 and test.h5 "
-                             "(upload it with them)") from None
+        raise DataCacheError(
+            f"--data {loc.uri}: no {MANIFEST_FILE} at {where.uri}; `raypose data "
+            "synth` and `raypose data h36m` write it next to train.h5 and test.h5 "
+            "(upload it with them)"
+        ) from None
     except PermissionError:
-        raise DataCacheError(f"--data {loc.uri}: access to {where.uri} denied; check the "
-                             "storage credentials (AWS_ACCESS_KEY_ID or AWS_PROFILE)") from None
+        raise DataCacheError(
+            f"--data {loc.uri}: access to {where.uri} denied; check the "
+            "storage credentials (AWS_ACCESS_KEY_ID or AWS_PROFILE)"
+        ) from None
     except Exception as e:  # connection refused, DNS, timeouts: botocore raises many kinds
-        raise DataCacheError(f"--data {loc.uri}: cannot read {where.uri} ({type(e).__name__}); "
-                             "check AWS_ENDPOINT_URL and the network") from None
+        raise DataCacheError(
+            f"--data {loc.uri}: cannot read {where.uri} ({type(e).__name__}); "
+            "check AWS_ENDPOINT_URL and the network"
+        ) from None
     try:
         manifest = json.loads(text)
         files = manifest["files"]
-        for name, entry in files.items():
+        for entry in files.values():
             int(entry["size"]), str(entry["sha256"])
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise DataCacheError(f"--data {loc.uri}: {where.uri} is not a raypose data manifest "
-                             "(expected JSON with 'files': {name: {size, sha256}})") from None
+        raise DataCacheError(
+            f"--data {loc.uri}: {where.uri} is not a raypose data manifest "
+            "(expected JSON with 'files': {name: {size, sha256}})"
+        ) from None
     return manifest
 
 
@@ -158,8 +165,10 @@ def local_data_dir(data: str, files=SPLIT_FILES) -> Path:
     for name in files:
         entry = manifest["files"].get(name)
         if entry is None:
-            raise DataCacheError(f"--data {loc.uri}: {MANIFEST_FILE} lists no {name} (it lists "
-                                 f"{', '.join(sorted(manifest['files'])) or 'nothing'})")
+            raise DataCacheError(
+                f"--data {loc.uri}: {MANIFEST_FILE} lists no {name} (it lists "
+                f"{', '.join(sorted(manifest['files'])) or 'nothing'})"
+            )
         fetch_file(loc.join(name), folder / name, entry)
     return folder
 
@@ -194,7 +203,7 @@ def _cached_copy_matches(target: Path, entry: dict) -> bool:
         seen = {}
     if seen == {"sha256": entry["sha256"], "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}:
         return True
-    if sha256_file(target) != entry["sha256"]:
+    if storage.sha256_file(target) != entry["sha256"]:
         return False
     _write_sidecar(target, entry["sha256"])
     return True
@@ -203,7 +212,9 @@ def _cached_copy_matches(target: Path, entry: dict) -> bool:
 def _write_sidecar(target: Path, sha256: str) -> None:
     stat = target.stat()
     tmp = target.with_name(f".{target.name}.{os.getpid()}.verified.tmp")
-    tmp.write_text(json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}))
+    tmp.write_text(
+        json.dumps({"sha256": sha256, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    )
     os.replace(tmp, _sidecar(target))
 
 
@@ -218,28 +229,41 @@ def _download(remote: storage.Location, target: Path, entry: dict) -> None:
     size = 0
     start = time.perf_counter()
     try:
-        with storage.filesystem(remote).open(remote.path, "rb", block_size=READ_BLOCK) as src, \
-                open(tmp, "wb") as dst:
+        with (
+            storage.filesystem(remote).open(remote.path, "rb", block_size=READ_BLOCK) as src,
+            open(tmp, "wb") as dst,
+        ):
             while block := src.read(READ_BLOCK):
                 digest.update(block)
                 dst.write(block)
                 size += len(block)
     except FileNotFoundError:
         tmp.unlink(missing_ok=True)
-        raise DataCacheError(f"--data: {remote.uri} is listed in {MANIFEST_FILE} but does not "
-                             "exist") from None
+        raise DataCacheError(
+            f"--data: {remote.uri} is listed in {MANIFEST_FILE} but does not exist"
+        ) from None
     except Exception as e:
         tmp.unlink(missing_ok=True)
-        raise DataCacheError(f"--data: downloading {remote.uri} failed ({type(e).__name__}); "
-                             "check AWS_ENDPOINT_URL and the network") from None
+        raise DataCacheError(
+            f"--data: downloading {remote.uri} failed ({type(e).__name__}); "
+            "check AWS_ENDPOINT_URL and the network"
+        ) from None
     if size != int(entry["size"]) or digest.hexdigest() != entry["sha256"]:
         tmp.unlink(missing_ok=True)
-        what = (f"{size} bytes, the manifest says {entry['size']}" if size != int(entry["size"])
-                else "its sha256 differs from the manifest's")
-        raise DataCacheError(f"--data: {remote.uri} does not match {MANIFEST_FILE} ({what}); "
-                             "upload the files and the manifest together again")
+        what = (
+            f"{size} bytes, the manifest says {entry['size']}"
+            if size != int(entry["size"])
+            else "its sha256 differs from the manifest's"
+        )
+        raise DataCacheError(
+            f"--data: {remote.uri} does not match {MANIFEST_FILE} ({what}); "
+            "upload the files and the manifest together again"
+        )
     os.replace(tmp, target)
     _write_sidecar(target, entry["sha256"])
     seconds = time.perf_counter() - start
-    print(f"[raypose] data: fetched {remote.uri} ({size / 1e6:.1f} MB in {seconds:.1f} s) into "
-          f"{target}", flush=True)
+    print(
+        f"[raypose] data: fetched {remote.uri} ({size / 1e6:.1f} MB in {seconds:.1f} s) into "
+        f"{target}",
+        flush=True,
+    )

@@ -103,16 +103,23 @@ def standard_normals(uniforms):
     radius_b = torch.sqrt(-2.0 * torch.log(uniforms[:, 2]))
     angle_a = 2.0 * torch.pi * uniforms[:, 1]
     angle_b = 2.0 * torch.pi * uniforms[:, 3]
-    return torch.stack([radius_a * torch.cos(angle_a), radius_a * torch.sin(angle_a),
-                        radius_b * torch.cos(angle_b)], dim=1)
+    return torch.stack(
+        [
+            radius_a * torch.cos(angle_a),
+            radius_a * torch.sin(angle_a),
+            radius_b * torch.cos(angle_b),
+        ],
+        dim=1,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # device side (torch): crop, flip, colour noise, normalisation, targets
 
 
-def detection_targets(joints_2d, grid: int = 10, window: int = 30, stride: int = 10,
-                      crop_size: int = CROP_SIZE) -> torch.Tensor:
+def detection_targets(
+    joints_2d, grid: int = 10, window: int = 30, stride: int = 10, crop_size: int = CROP_SIZE
+) -> torch.Tensor:
     """Indicators h_{i,l}: 1 where joint i's 2D point lies inside sliding window l.
 
     joints_2d: (B, J, 2) crop pixels (x, y), pixel convention of raypose.data.schema (a tensor on
@@ -153,6 +160,7 @@ def crop_offsets(joints_2d: torch.Tensor, uniforms: torch.Tensor) -> torch.Tenso
 @dataclass
 class Augmentation:
     """What augment_batch needs from a dataset: its settings and the file's colour statistics."""
+
     augment: bool
     color_noise: float
     flip: bool
@@ -167,13 +175,16 @@ class Augmentation:
         if device not in cache:
             parents = np.array(self.skeleton.parents)
             values = {
-                "eigval": self.rgb_eigval, "eigvec": self.rgb_eigvec,
-                "mean": IMAGE_MEAN, "std": IMAGE_STD,
+                "eigval": self.rgb_eigval,
+                "eigvec": self.rgb_eigvec,
+                "mean": IMAGE_MEAN,
+                "std": IMAGE_STD,
                 "flip_permutation": self.skeleton.flip_permutation(),
                 "parent": np.where(parents < 0, np.arange(len(parents)), parents),  # root: itself
                 "steps": np.arange(CROP_SIZE),
                 # a mirror: x -> 112 - x in crop pixels, x -> -x in camera coordinates
-                "mirror_2d_scale": np.float32([-1, 1]), "mirror_2d_shift": np.float32([CROP_SIZE, 0]),
+                "mirror_2d_scale": np.float32([-1, 1]),
+                "mirror_2d_shift": np.float32([CROP_SIZE, 0]),
                 "mirror_3d_scale": np.float32([-1, 1, 1]),
             }
             cache[device] = {k: torch.as_tensor(v).to(device) for k, v in values.items()}
@@ -211,14 +222,20 @@ def augment_batch(raw: dict, aug: Augmentation, channels_last: bool = False) -> 
     # index of each crop pixel among the batch's B * 128 * 128 RGB pixels: one index_select of
     # 3-byte rows is ~3x faster than indexing with three index tensors
     batch_index = torch.arange(b, device=device)[:, None, None]
-    pixel = (batch_index * IMAGE_SIZE + rows[:, :, None]) * IMAGE_SIZE + cols[:, None, :]  # (B, 112, 112)
-    crops = images.reshape(-1, 3).index_select(0, pixel.reshape(-1)).view(b, CROP_SIZE, CROP_SIZE, 3)
+    pixel = (batch_index * IMAGE_SIZE + rows[:, :, None]) * IMAGE_SIZE + cols[
+        :, None, :
+    ]  # (B, 112, 112)
+    crops = (
+        images.reshape(-1, 3).index_select(0, pixel.reshape(-1)).view(b, CROP_SIZE, CROP_SIZE, 3)
+    )
 
     # (x / 255 + noise - mean) / std as one fused multiply-add per pixel
     noise = (alphas * const["eigval"]) @ const["eigvec"].T  # (B, 3): eigvec @ (alpha * eigval)
     shift = (noise - const["mean"]) / const["std"]  # (B, 3)
     scale = 1.0 / (255.0 * const["std"])  # (3,)
-    image = torch.addcmul(shift[:, None, None, :], crops.to(torch.float32), scale)  # (B, 112, 112, 3)
+    image = torch.addcmul(
+        shift[:, None, None, :], crops.to(torch.float32), scale
+    )  # (B, 112, 112, 3)
     image = image.permute(0, 3, 1, 2)  # (B, 3, 112, 112), channels_last strides
     if not channels_last:
         image = image.contiguous()
@@ -254,7 +271,9 @@ def _contiguous_runs(sorted_rows: np.ndarray):
     breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
     starts = np.concatenate(([0], breaks))
     stops = np.concatenate((breaks, [len(sorted_rows)]))
-    return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1, int(a)) for a, b in zip(starts, stops)]
+    return [
+        (int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1, int(a)) for a, b in zip(starts, stops)
+    ]
 
 
 class PoseDataset:
@@ -279,9 +298,20 @@ class PoseDataset:
     per position), info (validate_file's summary), augmentation.
     """
 
-    def __init__(self, path, subjects=None, exclude_subjects=None, actions=None, augment=False,
-                 color_noise=0.1, flip=True, max_samples=0, seed=0, skeleton: Skeleton = H36M_SKELETON,
-                 info: dict | None = None):
+    def __init__(
+        self,
+        path,
+        subjects=None,
+        exclude_subjects=None,
+        actions=None,
+        augment=False,
+        color_noise=0.1,
+        flip=True,
+        max_samples=0,
+        seed=0,
+        skeleton: Skeleton = H36M_SKELETON,
+        info: dict | None = None,
+    ):
         self.path = str(path)
         self.info = validate_file(self.path) if info is None else info
         self.seed = int(seed)
@@ -292,8 +322,10 @@ class PoseDataset:
         self._pose_cache = None
         with h5py.File(self.path, "r") as f:
             if f["images"].shape[0] != self.info["n"]:
-                raise DataError(f"{self.path}: key 'images': {f['images'].shape[0]} rows, but the file "
-                                f"had {self.info['n']} when it was validated; it changed since")
+                raise DataError(
+                    f"{self.path}: key 'images': {f['images'].shape[0]} rows, but the file "
+                    f"had {self.info['n']} when it was validated; it changed since"
+                )
             subject_of_row = f["subject"].asstr()[:]
             action_of_row = f["action"].asstr()[:]
             # validated here: the summary's own; else the file may not be the one summarised
@@ -302,10 +334,14 @@ class PoseDataset:
         # code, h5schema's mirror_consistent) is never flipped: the mirror would teach a look that
         # never occurs at test
         self.flip = bool(flip) and bool(self.info.get("mirror_consistent", True))
-        self.augmentation = Augmentation(bool(augment), float(color_noise), self.flip,
-                                         np.asarray(self.info["rgb_eigval"], dtype=np.float32),
-                                         np.asarray(self.info["rgb_eigvec"], dtype=np.float32),
-                                         skeleton)
+        self.augmentation = Augmentation(
+            bool(augment),
+            float(color_noise),
+            self.flip,
+            np.asarray(self.info["rgb_eigval"], dtype=np.float32),
+            np.asarray(self.info["rgb_eigvec"], dtype=np.float32),
+            skeleton,
+        )
         keep = np.ones(len(subject_of_row), dtype=bool)
         filters = []
         if subjects is not None:
@@ -321,16 +357,21 @@ class PoseDataset:
         if len(indices) == 0:
             raise DataError(
                 f"no samples in {self.path} for {', '.join(filters)} (keys 'subject'/'action'); "
-                f"the file has subjects {self.info['subjects']} and actions {self.info['actions']}")
+                f"the file has subjects {self.info['subjects']} and actions {self.info['actions']}"
+            )
         if max_samples and max_samples < len(indices):
-            pick = np.unique(np.linspace(0, len(indices) - 1, int(max_samples)).round().astype(np.int64))
+            pick = np.unique(
+                np.linspace(0, len(indices) - 1, int(max_samples)).round().astype(np.int64)
+            )
             indices = indices[pick]
         self.indices = indices
         names, action_ids = np.unique(action_of_row, return_inverse=True)
         assert names.tolist() == self.action_names
         self.sample_actions = action_ids[indices].astype(np.int64)  # per selected sample
         self.subjects = sorted(set(subject_of_row[indices].tolist()))
-        self.sample_subjects = np.searchsorted(self.subjects, subject_of_row[indices]).astype(np.int64)
+        self.sample_subjects = np.searchsorted(self.subjects, subject_of_row[indices]).astype(
+            np.int64
+        )
 
     def _check_skeleton(self, ours: dict | None) -> None:
         """ours: this file's skeleton when self.info summarises a file that may be another."""
@@ -338,8 +379,9 @@ class PoseDataset:
         if skeleton is None:
             return  # a summary from before validate_file reported skeletons
         if ours is not None:
-            check_same_skeleton(self.path, ours, self.info.get("path", "the validated file"),
-                                skeleton)
+            check_same_skeleton(
+                self.path, ours, self.info.get("path", "the validated file"), skeleton
+            )
         here = Path(self.path)
         if here.name == "test.h5" and (here.parent / "train.h5").is_file():
             train = read_skeleton(here.parent / "train.h5")
@@ -385,7 +427,7 @@ class PoseDataset:
         for start, stop, at in _contiguous_runs(sorted_rows):
             count = (stop - start, *tail)
             file_space.select_hyperslab((start, *zeros), count)
-            ds.id.read(h5py.h5s.create_simple(count), file_space, out[at:at + stop - start])
+            ds.id.read(h5py.h5s.create_simple(count), file_space, out[at : at + stop - start])
 
     def read_rows(self, rows, keys=("images", "joints_3d", "joints_2d")) -> dict:
         """Raw arrays for file rows (any order): sorted, read run by run, then put back in order."""
@@ -419,11 +461,13 @@ class PoseDataset:
 
     def _check_positions(self, positions: np.ndarray) -> None:
         if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
-            raise IndexError(f"positions must lie in [0, {len(self)}), "
-                             f"got {positions.min()}..{positions.max()}")
+            raise IndexError(
+                f"positions must lie in [0, {len(self)}), got {positions.min()}..{positions.max()}"
+            )
 
-    def host_batch(self, positions, epoch: int = 0, pin_memory: bool = False, images=None,
-                   where=None) -> dict:
+    def host_batch(
+        self, positions, epoch: int = 0, pin_memory: bool = False, images=None, where=None
+    ) -> dict:
         """The host half of a batch: uint8 images, poses of the 128 box and random draws, as CPU
         tensors (pinned when pin_memory, for an asynchronous copy to a GPU).
 
@@ -438,8 +482,11 @@ class PoseDataset:
         b = len(positions)
         out = torch.empty((b, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8, pin_memory=pin_memory)
         np.take(images, where, axis=0, out=out.numpy())
-        draws = (augmentation_draws(self.seed, epoch, positions) if self.augmentation.augment
-                 else np.full((b, DRAWS_PER_SAMPLE), 0.5, dtype=np.float32))
+        draws = (
+            augmentation_draws(self.seed, epoch, positions)
+            if self.augmentation.augment
+            else np.full((b, DRAWS_PER_SAMPLE), 0.5, dtype=np.float32)
+        )
         small = {
             "joints_3d": poses["joints_3d"][positions],
             "joints_2d": poses["joints_2d"][positions],
@@ -453,7 +500,9 @@ class PoseDataset:
             batch[key] = tensor.pin_memory() if pin_memory else tensor
         return batch
 
-    def get_batch(self, positions, epoch: int = 0, device=None, channels_last: bool = False) -> dict:
+    def get_batch(
+        self, positions, epoch: int = 0, device=None, channels_last: bool = False
+    ) -> dict:
         """Batched training tensors for positions (indices into self.indices), on device (CPU by
         default); see the module docstring."""
         device = torch.device("cpu") if device is None else torch.device(device)
@@ -475,8 +524,14 @@ def to_device(raw: dict, device: torch.device) -> dict:
 # epochs: order, shards, batches
 
 
-def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, block: int = SHUFFLE_BLOCK,
-                buffer_blocks: int = SHUFFLE_BUFFER) -> np.ndarray:
+def epoch_order(
+    n: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    block: int = SHUFFLE_BLOCK,
+    buffer_blocks: int = SHUFFLE_BUFFER,
+) -> np.ndarray:
     """The order of positions 0..n-1 for one epoch, seeded by (seed, epoch).
 
     shuffle=False: 0..n-1. shuffle=True: blocks of `block` consecutive positions in random order,
@@ -490,11 +545,13 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, block: int = SHUFF
     order = order[order < n]
     window = block * buffer_blocks
     for start in range(0, n, window):
-        order[start:start + window] = rng.permutation(order[start:start + window])
+        order[start : start + window] = rng.permutation(order[start : start + window])
     return order
 
 
-def epoch_positions(n: int, shuffle: bool, seed: int, epoch: int, epoch_samples: int = 0) -> np.ndarray:
+def epoch_positions(
+    n: int, shuffle: bool, seed: int, epoch: int, epoch_samples: int = 0
+) -> np.ndarray:
     """The positions one epoch trains on, in order.
 
     epoch_samples 0 (or >= n): all n, in epoch_order(seed, epoch). Otherwise epochs are slices of
@@ -507,12 +564,19 @@ def epoch_positions(n: int, shuffle: bool, seed: int, epoch: int, epoch_samples:
     per_pass = n // epoch_samples
     order = epoch_order(n, shuffle, seed, epoch // per_pass)
     start = (epoch % per_pass) * epoch_samples
-    return order[start:start + epoch_samples]
+    return order[start : start + epoch_samples]
 
 
-def shard_positions(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0,
-                    world_size: int = 1, drop_last: bool = False,
-                    epoch_samples: int = 0) -> np.ndarray:
+def shard_positions(
+    n: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+    epoch_samples: int = 0,
+) -> np.ndarray:
     """This rank's positions for one epoch.
 
     The epoch's positions (epoch_positions) are made divisible by world_size: drop_last=False pads it by
@@ -524,16 +588,17 @@ def shard_positions(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0,
     order = epoch_positions(n, shuffle, seed, epoch, epoch_samples)
     n = len(order)
     if drop_last:
-        order = order[:n - n % world_size]
+        order = order[: n - n % world_size]
     else:
         total = -(-n // world_size) * world_size
         order = np.resize(order, total)  # wraps around
     per_rank = len(order) // world_size
-    return order[rank * per_rank:(rank + 1) * per_rank]
+    return order[rank * per_rank : (rank + 1) * per_rank]
 
 
-def host_batches(dataset: PoseDataset, chunks, epoch: int, pin_memory: bool = False,
-                 window: int = READ_WINDOW):
+def host_batches(
+    dataset: PoseDataset, chunks, epoch: int, pin_memory: bool = False, window: int = READ_WINDOW
+):
     """Host batches (PoseDataset.host_batch) for each chunk of positions, reading the images of
     about `window` samples at a time: the distinct rows of a window are read as contiguous runs."""
     i = 0
@@ -546,7 +611,7 @@ def host_batches(dataset: PoseDataset, chunks, epoch: int, pin_memory: bool = Fa
         images, where = dataset.read_images(np.concatenate(group))
         at = 0
         for chunk in group:
-            yield dataset.host_batch(chunk, epoch, pin_memory, images, where[at:at + len(chunk)])
+            yield dataset.host_batch(chunk, epoch, pin_memory, images, where[at : at + len(chunk)])
             at += len(chunk)
         i = j
 
@@ -556,11 +621,17 @@ def batch_chunks(positions: np.ndarray, batch_size: int, drop_last: bool = False
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     stop = len(positions) - len(positions) % batch_size if drop_last else len(positions)
-    return [positions[s:min(s + batch_size, stop)] for s in range(0, stop, batch_size)]
+    return [positions[s : min(s + batch_size, stop)] for s in range(0, stop, batch_size)]
 
 
-def device_batches(dataset: PoseDataset, chunks, epoch: int = 0, device=None,
-                   channels_last: bool = False, prefetch: int = 2):
+def device_batches(
+    dataset: PoseDataset,
+    chunks,
+    epoch: int = 0,
+    device=None,
+    channels_last: bool = False,
+    prefetch: int = 2,
+):
     """Training tensors on device for each chunk of positions: the host half runs in a background
     thread, `prefetch` batches ahead (0: in this thread), into pinned memory on CUDA; each batch
     is copied to the device once and augmented there."""
@@ -572,16 +643,28 @@ def device_batches(dataset: PoseDataset, chunks, epoch: int = 0, device=None,
         yield augment_batch(to_device(raw, device), dataset.augmentation, channels_last)
 
 
-def iterate_batches(dataset: PoseDataset, batch_size: int, shuffle: bool, seed: int, epoch: int,
-                    rank: int = 0, world_size: int = 1, drop_last: bool = False, prefetch: int = 2,
-                    device=None, channels_last: bool = False, epoch_samples: int = 0):
+def iterate_batches(
+    dataset: PoseDataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+    prefetch: int = 2,
+    device=None,
+    channels_last: bool = False,
+    epoch_samples: int = 0,
+):
     """Yields training tensors (device_batches) for this rank's shard of one epoch.
 
     Shards follow shard_positions (padding by wrapping unless drop_last, so every rank takes the
     same number of steps; epoch_samples as there). drop_last also drops this shard's last
     incomplete batch."""
-    shard = shard_positions(len(dataset), shuffle, seed, epoch, rank, world_size, drop_last,
-                            epoch_samples)
+    shard = shard_positions(
+        len(dataset), shuffle, seed, epoch, rank, world_size, drop_last, epoch_samples
+    )
     chunks = batch_chunks(shard, batch_size, drop_last)
     yield from device_batches(dataset, chunks, epoch, device, channels_last, prefetch)
 

@@ -52,16 +52,20 @@ def find_sequences(root) -> list:
     """Sorted (subject, action, sequence dir) for every ROOT/<subject>/<action>-<subaction>/annot.h5."""
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"{root}: Human3.6M root not found (expected a directory with "
-                        f"<subject>/<action>-<subaction>/annot.h5)")
+        raise DataError(
+            f"{root}: Human3.6M root not found (expected a directory with "
+            f"<subject>/<action>-<subaction>/annot.h5)"
+        )
     sequences = []
     for annot in sorted(root.glob("*/*/annot.h5")):
         seq = annot.parent
         action = seq.name.rsplit("-", 1)[0] if "-" in seq.name else seq.name
         sequences.append((seq.parent.name, action, seq))
     if not sequences:
-        raise DataError(f"{root}: no sequences found (expected <subject>/<action>-<subaction>/annot.h5, "
-                        f"e.g. S1/Walking-1/annot.h5)")
+        raise DataError(
+            f"{root}: no sequences found (expected <subject>/<action>-<subaction>/annot.h5, "
+            f"e.g. S1/Walking-1/annot.h5)"
+        )
     return sequences
 
 
@@ -75,7 +79,9 @@ def read_annotations(annot_path) -> dict:
     with f:
         for key in ANNOT_KEYS:
             if key not in f:
-                raise DataError(f"{annot_path}: key '{key}' missing; expected all of {list(ANNOT_KEYS)}")
+                raise DataError(
+                    f"{annot_path}: key '{key}' missing; expected all of {list(ANNOT_KEYS)}"
+                )
         pose_2d = np.asarray(f["pose/2d"][:], dtype=np.float64)
         pose_3d = np.asarray(f["pose/3d"][:], dtype=np.float64)
         camera = f["camera"][:]
@@ -83,16 +89,24 @@ def read_annotations(annot_path) -> dict:
     n = len(pose_2d)
     for key, array, tail in (("pose/2d", pose_2d, (32, 2)), ("pose/3d", pose_3d, (32, 3))):
         if array.shape[1:] != tail:
-            raise DataError(f"{annot_path}: key '{key}': expected shape (N, {tail[0]}, {tail[1]}), "
-                            f"got {array.shape}")
+            raise DataError(
+                f"{annot_path}: key '{key}': expected shape (N, {tail[0]}, {tail[1]}), "
+                f"got {array.shape}"
+            )
     for key, array in (("pose/3d", pose_3d), ("camera", camera), ("frame", frame)):
         if len(array) != n:
-            raise DataError(f"{annot_path}: key '{key}': expected {n} rows like 'pose/2d', got {len(array)}")
+            raise DataError(
+                f"{annot_path}: key '{key}': expected {n} rows like 'pose/2d', got {len(array)}"
+            )
     if not np.issubdtype(frame.dtype, np.integer):
         raise DataError(f"{annot_path}: key 'frame': expected integers, got {frame.dtype}")
     cameras = [c.decode() if isinstance(c, bytes) else str(c) for c in camera.tolist()]
-    return {"pose_2d": pose_2d[:, H36M_17_OF_32], "pose_3d": pose_3d[:, H36M_17_OF_32],
-            "camera": cameras, "frame": frame.astype(np.int64)}
+    return {
+        "pose_2d": pose_2d[:, H36M_17_OF_32],
+        "pose_3d": pose_3d[:, H36M_17_OF_32],
+        "camera": cameras,
+        "frame": frame.astype(np.int64),
+    }
 
 
 def crop_box(joints_2d: np.ndarray, margin: float = 0.2) -> tuple:
@@ -135,15 +149,21 @@ def convert_sequence(seq_dir, annotations: dict, margin: float = 0.2):
             camera, frame = annotations["camera"][i], int(annotations["frame"][i])
             jpeg = seq_dir / "imageSequence" / camera / f"img_{frame:06d}.jpg"
             if not jpeg.is_file():
-                raise DataError(f"{jpeg}: frame image missing (row {i} of {seq_dir / 'annot.h5'}, "
-                                f"key 'frame' = {frame}, camera {camera})")
+                raise DataError(
+                    f"{jpeg}: frame image missing (row {i} of {seq_dir / 'annot.h5'}, "
+                    f"key 'frame' = {frame}, camera {camera})"
+                )
             box = crop_box(annotations["pose_2d"][i], margin)
             with Image.open(jpeg) as image:
                 images[k] = crop_image(image, box)
             joints_2d[k] = to_crop(annotations["pose_2d"][i], box)
-        yield {"images": images, "joints_3d": annotations["pose_3d"][rows.start:rows.stop],
-               "joints_2d": joints_2d, "camera": annotations["camera"][rows.start:rows.stop],
-               "frame": annotations["frame"][rows.start:rows.stop].astype(np.int32)}
+        yield {
+            "images": images,
+            "joints_3d": annotations["pose_3d"][rows.start : rows.stop],
+            "joints_2d": joints_2d,
+            "camera": annotations["camera"][rows.start : rows.stop],
+            "frame": annotations["frame"][rows.start : rows.stop].astype(np.int32),
+        }
 
 
 def convert(root, out_dir, progress=True, margin: float = 0.2) -> dict:
@@ -166,13 +186,18 @@ def convert(root, out_dir, progress=True, margin: float = 0.2) -> dict:
         if split is None:
             if subject not in skipped:
                 skipped.append(subject)
-                warnings.warn(f"{root / subject}: subject {subject!r} is in neither split "
-                              f"(train {SPLITS['train']}, test {SPLITS['test']}); skipped")
+                warnings.warn(
+                    f"{root / subject}: subject {subject!r} is in neither split "
+                    f"(train {SPLITS['train']}, test {SPLITS['test']}); skipped"
+                )
             continue
         by_split[split].append((subject, action, seq))
     # read (and check) every annotation before writing anything
-    annotations = {seq: read_annotations(seq / "annot.h5") for items in by_split.values()
-                   for _, _, seq in items}
+    annotations = {
+        seq: read_annotations(seq / "annot.h5")
+        for items in by_split.values()
+        for _, _, seq in items
+    }
     t0 = time.perf_counter()
     result = {"skipped_subjects": skipped}
     total = 0
@@ -180,20 +205,28 @@ def convert(root, out_dir, progress=True, margin: float = 0.2) -> dict:
     try:
         for split, items in by_split.items():
             if not items:
-                warnings.warn(f"{root}: no sequences of the {split} subjects {SPLITS[split]}; "
-                              f"{out_dir / (split + '.h5')} not written")
+                warnings.warn(
+                    f"{root}: no sequences of the {split} subjects {SPLITS[split]}; "
+                    f"{out_dir / (split + '.h5')} not written"
+                )
                 continue
-            writers[split] = SplitWriter(out_dir / f"{split}.h5", source="h36m",
-                                         attrs={"h36m_root": str(root), "crop_margin": margin})
+            writers[split] = SplitWriter(
+                out_dir / f"{split}.h5",
+                source="h36m",
+                attrs={"h36m_root": str(root), "crop_margin": margin},
+            )
             writers[split].open()
             n_rows = sum(len(annotations[seq]["frame"]) for _, _, seq in items)
-            with tqdm(total=n_rows, desc=f"h36m {split}.h5", unit="img", disable=not progress) as bar:
+            with tqdm(
+                total=n_rows, desc=f"h36m {split}.h5", unit="img", disable=not progress
+            ) as bar:
                 for subject, action, seq in items:
                     for batch in convert_sequence(seq, annotations[seq], margin):
                         b = len(batch["images"])
                         writers[split].append(subject=[subject] * b, action=[action] * b, **batch)
                         bar.update(b)
-        for split, writer in writers.items():  # renamed into place only after every row of both splits
+        # renamed into place only after every row of both splits
+        for writer in writers.values():
             writer.close()
             total += writer.n
     except BaseException:
@@ -212,14 +245,24 @@ def convert(root, out_dir, progress=True, margin: float = 0.2) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", required=True,
-                        help="processed Human3.6M directory (<subject>/<action>-<subaction>/annot.h5)")
+    parser.add_argument(
+        "--root",
+        required=True,
+        help="processed Human3.6M directory (<subject>/<action>-<subaction>/annot.h5)",
+    )
     parser.add_argument("--out", default="data/h36m", help="output directory (default: data/h36m)")
-    parser.add_argument("--margin", type=float, default=0.2,
-                        help="box side = (1 + margin) x the joints' larger extent (default 0.2)")
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=0.2,
+        help="box side = (1 + margin) x the joints' larger extent (default 0.2)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--force", action="store_true",
-                        help="replace train.h5 and test.h5 if --out holds them (default: refuse)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace train.h5 and test.h5 if --out holds them (default: refuse)",
+    )
 
 
 def run(args) -> int:

@@ -89,9 +89,14 @@ class DataError(ValueError):
 
 
 def skeleton_json(skeleton: Skeleton = H36M_SKELETON) -> str:
-    return json.dumps({"names": list(skeleton.names), "parents": list(skeleton.parents),
-                       "joints_left": list(skeleton.joints_left),
-                       "joints_right": list(skeleton.joints_right)})
+    return json.dumps(
+        {
+            "names": list(skeleton.names),
+            "parents": list(skeleton.parents),
+            "joints_left": list(skeleton.joints_left),
+            "joints_right": list(skeleton.joints_right),
+        }
+    )
 
 
 def _expected_shape(key: str) -> str:
@@ -118,7 +123,10 @@ class _ColourStats:
         self.outer = np.zeros((3, 3))
 
     def update(self, images: np.ndarray) -> None:
-        pixels = images[:, ::PCA_PIXEL_STRIDE, ::PCA_PIXEL_STRIDE].reshape(-1, 3).astype(np.float64) / 255.0
+        pixels = (
+            images[:, ::PCA_PIXEL_STRIDE, ::PCA_PIXEL_STRIDE].reshape(-1, 3).astype(np.float64)
+            / 255.0
+        )
         self.count += len(pixels)
         self.sum += pixels.sum(axis=0)
         self.outer += pixels.T @ pixels
@@ -129,8 +137,11 @@ class _ColourStats:
         eigval, eigvec = np.linalg.eigh(cov)  # ascending
         order = np.argsort(eigval)[::-1]
         eigval = np.sqrt(np.clip(eigval[order], 0.0, None))
-        return {"rgb_mean": mean.astype(np.float32), "rgb_eigval": eigval.astype(np.float32),
-                "rgb_eigvec": eigvec[:, order].astype(np.float32)}
+        return {
+            "rgb_mean": mean.astype(np.float32),
+            "rgb_eigval": eigval.astype(np.float32),
+            "rgb_eigvec": eigvec[:, order].astype(np.float32),
+        }
 
 
 class SplitWriter:
@@ -147,13 +158,21 @@ class SplitWriter:
     is left untouched. Writing zero rows is an error (an empty split is never written).
     """
 
-    def __init__(self, path, source: str, attrs: dict | None = None,
-                 skeleton: Skeleton = H36M_SKELETON, chunk_rows: int = CHUNK_ROWS):
+    def __init__(
+        self,
+        path,
+        source: str,
+        attrs: dict | None = None,
+        skeleton: Skeleton = H36M_SKELETON,
+        chunk_rows: int = CHUNK_ROWS,
+    ):
         if source not in SOURCES:
             raise DataError(f"{path}: attribute 'source' must be one of {SOURCES}, got {source!r}")
         if skeleton.num_joints != NUM_JOINTS:
-            raise DataError(f"{path}: attribute 'skeleton' must have {NUM_JOINTS} joints, "
-                            f"got {skeleton.num_joints}")
+            raise DataError(
+                f"{path}: attribute 'skeleton' must have {NUM_JOINTS} joints, "
+                f"got {skeleton.num_joints}"
+            )
         self.path = Path(path)
         self.source = source
         self.extra_attrs = dict(attrs or {})
@@ -177,15 +196,18 @@ class SplitWriter:
 
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent
+        )
         os.close(fd)
         self._tmp = Path(tmp)
         self._file = h5py.File(self._tmp, "w")
         for key in KEYS:
             tail, dtype = ARRAY_KEYS.get(key, ((), _STR))
             rows = self.chunk_rows if key in ("images",) + POSE_KEYS else LABEL_CHUNK_ROWS
-            self._file.create_dataset(key, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype,
-                                      chunks=(rows, *tail))
+            self._file.create_dataset(
+                key, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(rows, *tail)
+            )
 
     # validation --------------------------------------------------------------------------------
     def _error(self, key: str, what: str) -> DataError:
@@ -206,7 +228,9 @@ class SplitWriter:
             value = arrays[key]
             if key in STRING_KEYS:
                 if isinstance(value, (str, bytes)):
-                    raise self._error(key, "expected a sequence of str, one per sample, got one str")
+                    raise self._error(
+                        key, "expected a sequence of str, one per sample, got one str"
+                    )
                 values = [v.decode("utf-8") if isinstance(v, bytes) else v for v in value]
                 if not all(isinstance(v, (str, np.str_)) for v in values):
                     raise self._error(key, "expected str values")
@@ -215,20 +239,26 @@ class SplitWriter:
                 tail, dtype = ARRAY_KEYS[key]
                 array = np.asarray(value)
                 if array.ndim != 1 + len(tail) or array.shape[1:] != tail:
-                    raise self._error(key, f"expected shape {_expected_shape(key)}, got {array.shape}")
+                    raise self._error(
+                        key, f"expected shape {_expected_shape(key)}, got {array.shape}"
+                    )
                 if key == "images" and array.dtype != np.uint8:
                     raise self._error(key, f"expected dtype uint8, got {array.dtype}")
                 if key in POSE_KEYS:
                     if not np.issubdtype(array.dtype, np.floating):
-                        raise self._error(key, f"expected a float dtype (stored as float32), "
-                                               f"got {array.dtype}")
+                        raise self._error(
+                            key, f"expected a float dtype (stored as float32), got {array.dtype}"
+                        )
                     row = _first_nonfinite_row(array)
                     if row >= 0:
-                        raise self._error(key, f"NaN or inf in row {row} of the batch; poses must be finite")
+                        raise self._error(
+                            key, f"NaN or inf in row {row} of the batch; poses must be finite"
+                        )
                 if key == "frame":
                     if not np.issubdtype(array.dtype, np.integer):
-                        raise self._error(key, f"expected an integer dtype (stored as int32), "
-                                               f"got {array.dtype}")
+                        raise self._error(
+                            key, f"expected an integer dtype (stored as int32), got {array.dtype}"
+                        )
                     limits = np.iinfo(np.int32)
                     if array.size and (array.min() < limits.min or array.max() > limits.max):
                         raise self._error(key, "values do not fit int32")
@@ -248,7 +278,7 @@ class SplitWriter:
         for key in KEYS:
             ds = self._file[key]
             ds.resize(self.n + b, axis=0)
-            ds[self.n:self.n + b] = batch[key]
+            ds[self.n : self.n + b] = batch[key]
         self._stats.update(batch["images"])
         self.n += b
 
@@ -259,8 +289,10 @@ class SplitWriter:
             return
         try:
             if self.n == 0:
-                raise DataError(f"{self.path}: key 'images': no samples were written; an empty split "
-                                f"is not written (expected at least 1 row)")
+                raise DataError(
+                    f"{self.path}: key 'images': no samples were written; an empty split "
+                    f"is not written (expected at least 1 row)"
+                )
             attrs = self._file.attrs
             attrs["schema_version"] = SCHEMA_VERSION
             attrs["skeleton"] = skeleton_json(self.skeleton)
@@ -290,8 +322,14 @@ class SplitWriter:
             self._tmp = None
 
 
-def write_split(path, *, attrs: dict | None = None, source: str = "synth",
-                skeleton: Skeleton = H36M_SKELETON, **arrays) -> Path:
+def write_split(
+    path,
+    *,
+    attrs: dict | None = None,
+    source: str = "synth",
+    skeleton: Skeleton = H36M_SKELETON,
+    **arrays,
+) -> Path:
     """One-shot SplitWriter: write_split(path, images=..., joints_3d=..., ..., frame=...)."""
     with SplitWriter(path, source=source, attrs=attrs, skeleton=skeleton) as writer:
         writer.append(**arrays)
@@ -305,7 +343,7 @@ def write_split(path, *, attrs: dict | None = None, source: str = "synth",
 def _unique_strings(ds, rows_per_read: int = 1 << 16) -> list:
     values = set()
     for start in range(0, ds.shape[0], rows_per_read):
-        values.update(ds.asstr()[start:start + rows_per_read].tolist())
+        values.update(ds.asstr()[start : start + rows_per_read].tolist())
     return sorted(values)
 
 
@@ -329,8 +367,10 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
         return DataError(f"{name}: key '{key}': {what}")
 
     if not path.exists():
-        raise DataError(f"{name}: file not found (expected an HDF5 split file with key 'images' "
-                        f"and the rest of raypose schema v{SCHEMA_VERSION})")
+        raise DataError(
+            f"{name}: file not found (expected an HDF5 split file with key 'images' "
+            f"and the rest of raypose schema v{SCHEMA_VERSION})"
+        )
     if path.is_dir():
         raise DataError(f"{name}: is a directory, expected an HDF5 split file")
     if not h5py.is_hdf5(path):
@@ -353,7 +393,9 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
                 joint_names = list(skeleton["names"])
                 parents = list(skeleton["parents"])
             except (TypeError, ValueError, KeyError) as exc:
-                raise error("skeleton", f"expected JSON with names/parents/joints_left/joints_right ({exc})")
+                raise error(
+                    "skeleton", f"expected JSON with names/parents/joints_left/joints_right ({exc})"
+                ) from None
             if len(joint_names) != NUM_JOINTS or len(parents) != NUM_JOINTS:
                 raise error("skeleton", f"expected {NUM_JOINTS} joints, got {len(joint_names)}")
             skeleton = _skeleton_summary(skeleton)
@@ -367,13 +409,19 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
                     raise error(key, f"attribute missing; expected float array of shape {shape}")
                 value = np.asarray(attrs[key])
                 if value.shape != shape or not np.issubdtype(value.dtype, np.floating):
-                    raise error(key, f"attribute: expected float array of shape {shape}, "
-                                     f"got {value.dtype} {value.shape}")
+                    raise error(
+                        key,
+                        f"attribute: expected float array of shape {shape}, "
+                        f"got {value.dtype} {value.shape}",
+                    )
                 if not np.isfinite(value).all():
                     # the PCA colour noise adds rgb_eigvec @ (alpha * rgb_eigval) to every pixel:
                     # one NaN makes every training image, and then the loss, NaN
-                    raise error(key, f"attribute holds NaN or inf ({value.tolist()}); the colour "
-                                     "statistics must be finite: write the file again")
+                    raise error(
+                        key,
+                        f"attribute holds NaN or inf ({value.tolist()}); the colour "
+                        "statistics must be finite: write the file again",
+                    )
                 colour[key] = value.astype(np.float32)
 
             mirror = attrs.get("mirror_consistent", True)
@@ -392,7 +440,9 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
                     if ds.ndim != 1:
                         raise error(key, f"expected shape (N,), got {ds.shape}")
                     if h5py.check_string_dtype(ds.dtype) is None:
-                        raise error(key, f"expected variable-length UTF-8 strings, got dtype {ds.dtype}")
+                        raise error(
+                            key, f"expected variable-length UTF-8 strings, got dtype {ds.dtype}"
+                        )
                 else:
                     tail, dtype = ARRAY_KEYS[key]
                     if ds.ndim != 1 + len(tail) or ds.shape[1:] != tail:
@@ -410,19 +460,30 @@ def validate_file(path, check_values: bool = True, display_name=None) -> dict:
                 for key in POSE_KEYS:
                     ds = f[key]
                     for start in range(0, n, rows):
-                        row = _first_nonfinite_row(ds[start:start + rows])
+                        row = _first_nonfinite_row(ds[start : start + rows])
                         if row >= 0:
-                            raise error(key, f"NaN or inf in row {start + row}; poses must be finite")
+                            raise error(
+                                key, f"NaN or inf in row {start + row}; poses must be finite"
+                            )
             return {
-                "path": str(path), "n": int(n), "source": source, "schema_version": int(version),
-                "joint_names": joint_names, "skeleton": skeleton,
-                "subjects": _unique_strings(f["subject"]), "actions": _unique_strings(f["action"]),
-                "cameras": _unique_strings(f["camera"]), "mirror_consistent": mirror, **colour,
+                "path": str(path),
+                "n": int(n),
+                "source": source,
+                "schema_version": int(version),
+                "joint_names": joint_names,
+                "skeleton": skeleton,
+                "subjects": _unique_strings(f["subject"]),
+                "actions": _unique_strings(f["action"]),
+                "cameras": _unique_strings(f["camera"]),
+                "mirror_consistent": mirror,
+                **colour,
             }
     except OSError as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{name}: cannot be read as HDF5 ({reason}); the file is truncated or "
-                        "damaged, write it again") from None
+        raise DataError(
+            f"{name}: cannot be read as HDF5 ({reason}); the file is truncated or "
+            "damaged, write it again"
+        ) from None
 
 
 SKELETON_FIELDS = ("names", "parents", "joints_left", "joints_right")
@@ -454,11 +515,14 @@ def check_same_skeleton(path, skeleton: dict, reference_path, reference: dict) -
         ours, theirs = list(skeleton.get(key, [])), list(reference.get(key, []))
         if ours == theirs:
             continue
-        at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
-                  min(len(ours), len(theirs)))
+        at = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs))
+        )
         ours_at = repr(ours[at]) if at < len(ours) else "nothing"
         theirs_at = repr(theirs[at]) if at < len(theirs) else "nothing"
-        raise DataError(f"{path}: key 'skeleton': differs from the skeleton of {reference_path} "
-                        f"({key}[{at}] is {ours_at} here and {theirs_at} there); both splits "
-                        "must list the same joints in the same order: write them with the same "
-                        "skeleton")
+        raise DataError(
+            f"{path}: key 'skeleton': differs from the skeleton of {reference_path} "
+            f"({key}[{at}] is {ours_at} here and {theirs_at} there); both splits "
+            "must list the same joints in the same order: write them with the same "
+            "skeleton"
+        )

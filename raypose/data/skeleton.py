@@ -29,8 +29,25 @@ class Skeleton:
 
 
 H36M_SKELETON = Skeleton(
-    names=("Hip", "RHip", "RKnee", "RFoot", "LHip", "LKnee", "LFoot", "Spine", "Thorax",
-           "Neck", "Head", "LShoulder", "LElbow", "LWrist", "RShoulder", "RElbow", "RWrist"),
+    names=(
+        "Hip",
+        "RHip",
+        "RKnee",
+        "RFoot",
+        "LHip",
+        "LKnee",
+        "LFoot",
+        "Spine",
+        "Thorax",
+        "Neck",
+        "Head",
+        "LShoulder",
+        "LElbow",
+        "LWrist",
+        "RShoulder",
+        "RElbow",
+        "RWrist",
+    ),
     parents=(-1, 0, 1, 2, 0, 4, 5, 0, 7, 8, 9, 8, 11, 12, 8, 14, 15),
     joints_left=(4, 5, 6, 11, 12, 13),
     joints_right=(1, 2, 3, 14, 15, 16),

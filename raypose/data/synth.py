@@ -43,8 +43,14 @@ import numpy as np
 from raypose.data.cache import write_manifest
 from raypose.data.schema import SplitWriter, validate_file
 from raypose.data.skeleton import H36M_SKELETON
-from raypose.validate import (InputError, existing_file, output_dir, output_file, refuse_existing,
-                              replace_atomically)
+from raypose.validate import (
+    InputError,
+    existing_file,
+    output_dir,
+    output_file,
+    refuse_existing,
+    replace_atomically,
+)
 
 IMAGE_SIZE = 128
 TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8")
@@ -62,20 +68,39 @@ CAMERAS = {
 
 # Human3.6M-like bone lengths, mm (mean adult of the Human3.6M training subjects).
 BONE_MM = {
-    "hip": 133.0, "thigh": 446.0, "shin": 452.0, "spine": 233.0, "thorax": 257.0,
-    "neck": 121.0, "head": 115.0, "shoulder": 151.0, "upper_arm": 279.0, "forearm": 250.0,
+    "hip": 133.0,
+    "thigh": 446.0,
+    "shin": 452.0,
+    "spine": 233.0,
+    "thorax": 257.0,
+    "neck": 121.0,
+    "head": 115.0,
+    "shoulder": 151.0,
+    "upper_arm": 279.0,
+    "forearm": 250.0,
 }
 RADIUS_MM = {
-    "thigh": 72.0, "shin": 52.0, "foot": 38.0, "pelvis": 95.0, "belly": 115.0, "chest": 125.0,
-    "shoulders": 62.0, "neck": 45.0, "head": 98.0, "nose": 26.0, "upper_arm": 46.0,
-    "forearm": 37.0, "hand": 44.0,
+    "thigh": 72.0,
+    "shin": 52.0,
+    "foot": 38.0,
+    "pelvis": 95.0,
+    "belly": 115.0,
+    "chest": 125.0,
+    "shoulders": 62.0,
+    "neck": 45.0,
+    "head": 98.0,
+    "nose": 26.0,
+    "upper_arm": 46.0,
+    "forearm": 37.0,
+    "hand": 44.0,
 }
 
 # Colour slots of a body; primitives index into them.
 TORSO, SKIN, LEFT_ARM, RIGHT_ARM, LEFT_LEG, RIGHT_LEG, SHOES, NOSE, HAIR, SHIRT_FRONT = range(10)
 # the slot each slot takes when a sample's sides are swapped (warm limbs on the right)
-SWAPPED_SLOTS = np.array([TORSO, SKIN, RIGHT_ARM, LEFT_ARM, RIGHT_LEG, LEFT_LEG, SHOES, NOSE, HAIR,
-                          SHIRT_FRONT])
+SWAPPED_SLOTS = np.array(
+    [TORSO, SKIN, RIGHT_ARM, LEFT_ARM, RIGHT_LEG, LEFT_LEG, SHOES, NOSE, HAIR, SHIRT_FRONT]
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,16 +161,27 @@ def make_body(subject: str, seed: int) -> dict:
     # the shirt's front panel: the torso's hue, pale; the back has none
     colours[SHIRT_FRONT] = _hsv(torso_hue, rng.uniform(0.05, 0.2), rng.uniform(0.9, 1.0))
     colours[HAIR] = _hsv(rng.uniform(20, 40), rng.uniform(0.3, 0.7), rng.uniform(0.08, 0.35))
-    skin = np.array([(0.96, 0.80, 0.69), (0.87, 0.67, 0.52), (0.72, 0.52, 0.36), (0.50, 0.34, 0.22)])
+    skin = np.array(
+        [(0.96, 0.80, 0.69), (0.87, 0.67, 0.52), (0.72, 0.52, 0.36), (0.50, 0.34, 0.22)]
+    )
     colours[SKIN] = np.clip(skin[rng.integers(len(skin))] * rng.uniform(0.92, 1.05, 3), 0, 1)
     warm, cool = rng.uniform(0, 35), rng.uniform(190, 235)
     colours[LEFT_ARM] = _hsv(warm, rng.uniform(0.7, 0.95), rng.uniform(0.85, 1.0))
     colours[RIGHT_ARM] = _hsv(cool, rng.uniform(0.7, 0.95), rng.uniform(0.85, 1.0))
-    colours[LEFT_LEG] = _hsv(warm + rng.uniform(-8, 8), rng.uniform(0.7, 0.95), rng.uniform(0.5, 0.65))
-    colours[RIGHT_LEG] = _hsv(cool + rng.uniform(-8, 8), rng.uniform(0.7, 0.95), rng.uniform(0.5, 0.65))
+    colours[LEFT_LEG] = _hsv(
+        warm + rng.uniform(-8, 8), rng.uniform(0.7, 0.95), rng.uniform(0.5, 0.65)
+    )
+    colours[RIGHT_LEG] = _hsv(
+        cool + rng.uniform(-8, 8), rng.uniform(0.7, 0.95), rng.uniform(0.5, 0.65)
+    )
     colours[SHOES] = np.full(3, rng.uniform(0.12, 0.3))
     colours[NOSE] = np.array([0.1, 0.07, 0.06])
-    return {"subject": subject, "bones": bones, "radii": radii, "colours": colours.astype(np.float32)}
+    return {
+        "subject": subject,
+        "bones": bones,
+        "radii": radii,
+        "colours": colours.astype(np.float32),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,8 +189,10 @@ def make_body(subject: str, seed: int) -> dict:
 
 SIDES = ("l", "r")
 ANGLE_KEYS = ("bend", "lean", "twist", "head_pitch", "head_yaw") + tuple(
-    f"{name}_{s}" for s in SIDES
-    for name in ("hip_flex", "hip_abd", "knee", "sh_flex", "sh_abd", "sh_twist", "elbow"))
+    f"{name}_{s}"
+    for s in SIDES
+    for name in ("hip_flex", "hip_abd", "knee", "sh_flex", "sh_abd", "sh_twist", "elbow")
+)
 
 
 def _standing(b: int) -> dict:
@@ -272,16 +310,24 @@ def forward_kinematics(body: dict, a: dict):
     j[:, 10] = j[:, 9] + _apply(head, _unit([0, 1.0, -0.25]) * L["head"])
     hands, feet = [], []
     for side, sign, (hip, knee, foot), (shoulder, elbow, wrist) in (
-            ("l", 1.0, (4, 5, 6), (11, 12, 13)), ("r", -1.0, (1, 2, 3), (14, 15, 16))):
+        ("l", 1.0, (4, 5, 6), (11, 12, 13)),
+        ("r", -1.0, (1, 2, 3), (14, 15, 16)),
+    ):
         j[:, hip] = sign * np.array([L["hip"], 0, 0])
         leg = _rot("z", sign * a[f"hip_abd_{side}"]) @ _rot("x", -a[f"hip_flex_{side}"])
         shin = leg @ _rot("x", a[f"knee_{side}"])
         j[:, knee] = j[:, hip] + _apply(leg, down * L["thigh"])
         j[:, foot] = j[:, knee] + _apply(shin, down * L["shin"])
-        feet.append((j[:, foot], j[:, foot] + _apply(shin, _unit([0, -0.25, 1]) * 0.3 * L["thigh"])))
+        feet.append(
+            (j[:, foot], j[:, foot] + _apply(shin, _unit([0, -0.25, 1]) * 0.3 * L["thigh"]))
+        )
         j[:, shoulder] = j[:, 8] + _apply(chest, _unit([sign, -0.22, -0.08]) * L["shoulder"])
-        arm = torso @ _rot("z", sign * a[f"sh_abd_{side}"]) @ _rot("x", -a[f"sh_flex_{side}"]) \
+        arm = (
+            torso
+            @ _rot("z", sign * a[f"sh_abd_{side}"])
+            @ _rot("x", -a[f"sh_flex_{side}"])
             @ _rot("y", sign * a[f"sh_twist_{side}"])
+        )
         forearm = arm @ _rot("x", -a[f"elbow_{side}"])
         j[:, elbow] = j[:, shoulder] + _apply(arm, down * L["upper_arm"])
         j[:, wrist] = j[:, elbow] + _apply(forearm, down * L["forearm"])
@@ -293,23 +339,40 @@ def forward_kinematics(body: dict, a: dict):
     # front panel (a capsule set forward in the chest, hidden inside it from behind)
     hair = head_centre + _apply(head, [0, 0.12 * R["head"], -0.22 * R["head"]])
     panel_forward = _apply(chest, [0, 0, 0.45 * R["chest"]])
-    panel = (0.5 * (j[:, 0] + j[:, 7]) + panel_forward, j[:, 8] + panel_forward
-             + _apply(chest, down * 0.45 * R["chest"]))
+    panel = (
+        0.5 * (j[:, 0] + j[:, 7]) + panel_forward,
+        j[:, 8] + panel_forward + _apply(chest, down * 0.45 * R["chest"]),
+    )
     P = [  # (start, end, radius, colour slot)
-        (j[:, 1], j[:, 2], R["thigh"], RIGHT_LEG), (j[:, 2], j[:, 3], R["shin"], RIGHT_LEG),
-        (j[:, 4], j[:, 5], R["thigh"], LEFT_LEG), (j[:, 5], j[:, 6], R["shin"], LEFT_LEG),
-        (*feet[1], R["foot"], SHOES), (*feet[0], R["foot"], SHOES),
-        (j[:, 1], j[:, 4], R["pelvis"], TORSO), (j[:, 0], j[:, 7], R["belly"], TORSO),
+        (j[:, 1], j[:, 2], R["thigh"], RIGHT_LEG),
+        (j[:, 2], j[:, 3], R["shin"], RIGHT_LEG),
+        (j[:, 4], j[:, 5], R["thigh"], LEFT_LEG),
+        (j[:, 5], j[:, 6], R["shin"], LEFT_LEG),
+        (*feet[1], R["foot"], SHOES),
+        (*feet[0], R["foot"], SHOES),
+        (j[:, 1], j[:, 4], R["pelvis"], TORSO),
+        (j[:, 0], j[:, 7], R["belly"], TORSO),
         (j[:, 7], j[:, 8] + _apply(chest, down * 0.3 * R["chest"]), R["chest"], TORSO),
-        (j[:, 11], j[:, 14], R["shoulders"], TORSO), (j[:, 8], j[:, 9], R["neck"], SKIN),
-        (head_centre, head_centre, R["head"], SKIN), (nose, nose, R["nose"], NOSE),
-        (hair, hair, 0.97 * R["head"], HAIR), (*panel, 0.6 * R["chest"], SHIRT_FRONT),
-        (j[:, 11], j[:, 12], R["upper_arm"], LEFT_ARM), (j[:, 12], j[:, 13], R["forearm"], LEFT_ARM),
-        (j[:, 14], j[:, 15], R["upper_arm"], RIGHT_ARM), (j[:, 15], j[:, 16], R["forearm"], RIGHT_ARM),
-        (hands[0], hands[0], R["hand"], SKIN), (hands[1], hands[1], R["hand"], SKIN),
+        (j[:, 11], j[:, 14], R["shoulders"], TORSO),
+        (j[:, 8], j[:, 9], R["neck"], SKIN),
+        (head_centre, head_centre, R["head"], SKIN),
+        (nose, nose, R["nose"], NOSE),
+        (hair, hair, 0.97 * R["head"], HAIR),
+        (*panel, 0.6 * R["chest"], SHIRT_FRONT),
+        (j[:, 11], j[:, 12], R["upper_arm"], LEFT_ARM),
+        (j[:, 12], j[:, 13], R["forearm"], LEFT_ARM),
+        (j[:, 14], j[:, 15], R["upper_arm"], RIGHT_ARM),
+        (j[:, 15], j[:, 16], R["forearm"], RIGHT_ARM),
+        (hands[0], hands[0], R["hand"], SKIN),
+        (hands[1], hands[1], R["hand"], SKIN),
     ]
-    ends = np.stack([np.stack([np.broadcast_to(s, (b, 3)), np.broadcast_to(e, (b, 3))], axis=1)
-                     for s, e, _, _ in P], axis=1)  # (B, P, 2, 3)
+    ends = np.stack(
+        [
+            np.stack([np.broadcast_to(s, (b, 3)), np.broadcast_to(e, (b, 3))], axis=1)
+            for s, e, _, _ in P
+        ],
+        axis=1,
+    )  # (B, P, 2, 3)
     radii = np.array([r for _, _, r, _ in P])
     slots = np.array([c for _, _, _, c in P])
     return j, ends, radii, slots
@@ -319,8 +382,18 @@ def forward_kinematics(body: dict, a: dict):
 # rendering
 
 
-def render_capsules(starts, ends, radii, colours, focal, principal, crop, size: int = IMAGE_SIZE,
-                    background=None, depth_ref=None):
+def render_capsules(
+    starts,
+    ends,
+    radii,
+    colours,
+    focal,
+    principal,
+    crop,
+    size: int = IMAGE_SIZE,
+    background=None,
+    depth_ref=None,
+):
     """Draws capsules with a depth buffer straight into square crops of the camera image.
 
     starts, ends: (B, P, 3) capsule axis end points, camera coordinates in mm (z forward);
@@ -363,10 +436,12 @@ def render_capsules(starts, ends, radii, colours, focal, principal, crop, size: 
     ra = radii * focal[:, None, 0] * to_crop[:, None] / za  # (B, P) crop pixels
     rb = radii * focal[:, None, 0] * to_crop[:, None] / zb
     ab = b2 - a2
-    inv_len2 = 1.0 / np.maximum((ab ** 2).sum(-1), 1e-6)  # (B, P)
+    inv_len2 = 1.0 / np.maximum((ab**2).sum(-1), 1e-6)  # (B, P)
     # each capsule's pixel box, clipped to the crop
     rmax = np.maximum(ra, rb)
-    box_lo = np.clip(np.floor(np.minimum(a2, b2) - rmax[..., None]), 0, size).astype(np.int64)  # (B, P, 2)
+    box_lo = np.clip(np.floor(np.minimum(a2, b2) - rmax[..., None]), 0, size).astype(
+        np.int64
+    )  # (B, P, 2)
     box_hi = np.clip(np.ceil(np.maximum(a2, b2) + rmax[..., None]) + 1, 0, size).astype(np.int64)
 
     zbuf = np.full((b, size, size), np.inf, dtype=np.float32)
@@ -393,7 +468,9 @@ def render_capsules(starts, ends, radii, colours, focal, principal, crop, size: 
         rad = ra[:, k, None, None] + t * (rb - ra)[:, k, None, None]
         cover = 1.0 - (dx * dx + dy * dy) / (rad * rad)  # > 0 inside the capsule
         bulge = np.sqrt(np.maximum(cover, 0.0))  # 1 on the axis, 0 at the rim
-        depth = za[:, k, None, None] + t * (zb - za)[:, k, None, None] - bulge * radii[:, k, None, None]
+        depth = (
+            za[:, k, None, None] + t * (zb - za)[:, k, None, None] - bulge * radii[:, k, None, None]
+        )
         flat = (batch * size + rows[:, :, None]) * size + cols[:, None, :]  # (B, h, w) pixel ids
         nearer = (cover > 0) & (depth < zbuf_flat[flat])
         flat = flat[nearer]
@@ -440,7 +517,9 @@ def textured_background(rng: np.random.Generator, b: int, size: int = IMAGE_SIZE
     blotch = rows[:, :, i0] * (1 - w[:, 0]) + rows[:, :, i0 + 1] * w[:, 0]  # (B, size, size, 3)
     image += blotch * rng.uniform(0.02, 0.12, (b, 1, 1, 1)).astype(f32)
     image *= 1 + rng.uniform(-0.25, 0.25, (b, 1, 1, 1)).astype(f32) * (y[..., None] / size - 0.5)
-    image += rng.standard_normal(image.shape, dtype=f32) * rng.uniform(0.01, 0.06, (b, 1, 1, 1)).astype(f32)
+    image += rng.standard_normal(image.shape, dtype=f32) * rng.uniform(
+        0.01, 0.06, (b, 1, 1, 1)
+    ).astype(f32)
     return np.clip(image, 0, 1)
 
 
@@ -516,17 +595,29 @@ def render_scenes(scenes: dict, bodies: list, rng: np.random.Generator) -> dict:
     camera_ids = list(CAMERAS)
     focal = np.array([CAMERAS[camera_ids[c]][0] for c in scenes["camera"]])
     principal = np.array([CAMERAS[camera_ids[c]][1] for c in scenes["camera"]])
-    uv = focal[:, None] * joints_cam[..., :2] / joints_cam[..., 2:] + principal[:, None]  # (n, 17, 2)
+    uv = (
+        focal[:, None] * joints_cam[..., :2] / joints_cam[..., 2:] + principal[:, None]
+    )  # (n, 17, 2)
     lo, hi = uv.min(axis=1), uv.max(axis=1)
     side = (1 + scenes["margin"]) * (hi - lo).max(axis=1)
     centre = (lo + hi) / 2 + scenes["jitter"] * side[:, None]
-    crop = np.concatenate([centre - side[:, None] / 2, side[:, None]], axis=1)  # (n, 3) x0, y0, side
+    crop = np.concatenate(
+        [centre - side[:, None] / 2, side[:, None]], axis=1
+    )  # (n, 3) x0, y0, side
     joints_2d = (uv - crop[:, None, :2]) * (IMAGE_SIZE / side)[:, None, None]
 
     background = textured_background(rng, n)
     images, _, _ = render_capsules(
-        ends_cam[:, :, 0], ends_cam[:, :, 1], radii, colours * scenes["gain"][:, None, None],
-        focal, principal, crop, background=background, depth_ref=joints_cam[:, 0, 2])
+        ends_cam[:, :, 0],
+        ends_cam[:, :, 1],
+        radii,
+        colours * scenes["gain"][:, None, None],
+        focal,
+        principal,
+        crop,
+        background=background,
+        depth_ref=joints_cam[:, 0, 2],
+    )
     images += rng.standard_normal(images.shape, dtype=np.float32) * np.float32(0.012)
     return {
         "images": (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8),
@@ -537,8 +628,9 @@ def render_scenes(scenes: dict, bodies: list, rng: np.random.Generator) -> dict:
     }
 
 
-def write_synthetic_split(path, subjects, n: int, seed: int, split_stream: int, progress=True,
-                          side_colours: str = "fixed") -> Path:
+def write_synthetic_split(
+    path, subjects, n: int, seed: int, split_stream: int, progress=True, side_colours: str = "fixed"
+) -> Path:
     """Renders n samples of the given subjects into one split file; the random stream is
     (seed, split_stream), so splits with different streams never share a scene. side_colours:
     'fixed' (left limbs warm) or 'per-sample' (see the module's docstring)."""
@@ -551,25 +643,40 @@ def write_synthetic_split(path, subjects, n: int, seed: int, split_stream: int, 
     scenes = sample_scenes(rng, bodies, n)
     if side_colours == "fixed":  # drawn all the same, so both modes render the same scenes
         scenes["sides_swapped"][:] = False
-    attrs = {"synth_seed": int(seed), "side_colours": side_colours,
-             "mirror_consistent": side_colours == "per-sample"}
-    with SplitWriter(path, source="synth", attrs=attrs) as writer, \
-            tqdm(total=n, desc=f"synth {Path(path).name}", unit="img", disable=not progress) as bar:
+    attrs = {
+        "synth_seed": int(seed),
+        "side_colours": side_colours,
+        "mirror_consistent": side_colours == "per-sample",
+    }
+    with (
+        SplitWriter(path, source="synth", attrs=attrs) as writer,
+        tqdm(total=n, desc=f"synth {Path(path).name}", unit="img", disable=not progress) as bar,
+    ):
         for start in range(0, n, RENDER_BATCH):
             rows = slice(start, min(start + RENDER_BATCH, n))
             batch = {k: v[rows] for k, v in scenes.items()}
             out = render_scenes(batch, bodies, rng)
             writer.append(
-                images=out["images"], joints_3d=out["joints_3d"], joints_2d=out["joints_2d"],
+                images=out["images"],
+                joints_3d=out["joints_3d"],
+                joints_2d=out["joints_2d"],
                 subject=[subjects[i] for i in batch["subject"]],
-                action=[ACTIONS[i] for i in batch["action"]], camera=out["camera"],
-                frame=(np.floor(batch["phase"] * 1000).astype(np.int32) % 1000))
+                action=[ACTIONS[i] for i in batch["action"]],
+                camera=out["camera"],
+                frame=(np.floor(batch["phase"] * 1000).astype(np.int32) % 1000),
+            )
             bar.update(rows.stop - rows.start)
     return Path(path)
 
 
-def synthesize(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 0, progress=True,
-               side_colours: str = "fixed") -> dict:
+def synthesize(
+    out_dir,
+    n_train: int = 2000,
+    n_test: int = 200,
+    seed: int = 0,
+    progress=True,
+    side_colours: str = "fixed",
+) -> dict:
     """Writes out_dir/train.h5 (S1 S5 S6 S7 S8) and out_dir/test.h5 (S9 S11).
 
     Returns {'train': path, 'test': path, 'n_train', 'n_test', 'seconds', 'images_per_s'}.
@@ -579,14 +686,24 @@ def synthesize(out_dir, n_train: int = 2000, n_test: int = 200, seed: int = 0, p
             raise ValueError(f"{name} must be >= 1, got {value}")
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    train = write_synthetic_split(out_dir / "train.h5", TRAIN_SUBJECTS, int(n_train), seed, 0, progress,
-                                  side_colours)
-    test = write_synthetic_split(out_dir / "test.h5", TEST_SUBJECTS, int(n_test), seed, 1, progress,
-                                 side_colours)
-    write_manifest(out_dir)  # size and sha256 of each file, checked by nodes that fetch --data s3://...
+    train = write_synthetic_split(
+        out_dir / "train.h5", TRAIN_SUBJECTS, int(n_train), seed, 0, progress, side_colours
+    )
+    test = write_synthetic_split(
+        out_dir / "test.h5", TEST_SUBJECTS, int(n_test), seed, 1, progress, side_colours
+    )
+    write_manifest(
+        out_dir
+    )  # size and sha256 of each file, checked by nodes that fetch --data s3://...
     seconds = time.perf_counter() - t0
-    return {"train": str(train), "test": str(test), "n_train": int(n_train), "n_test": int(n_test),
-            "seconds": seconds, "images_per_s": (n_train + n_test) / seconds}
+    return {
+        "train": str(train),
+        "test": str(test),
+        "n_train": int(n_train),
+        "n_test": int(n_test),
+        "seconds": seconds,
+        "images_per_s": (n_train + n_test) / seconds,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -604,16 +721,29 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="data/synth", help="output directory (default: data/synth)")
-    parser.add_argument("--train", type=_positive_int, default=2000, help="training samples (default 2000)")
-    parser.add_argument("--test", type=_positive_int, default=200, help="test samples (default 200)")
+    parser.add_argument(
+        "--out", default="data/synth", help="output directory (default: data/synth)"
+    )
+    parser.add_argument(
+        "--train", type=_positive_int, default=2000, help="training samples (default 2000)"
+    )
+    parser.add_argument(
+        "--test", type=_positive_int, default=200, help="test samples (default 200)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--side-colours", choices=SIDE_COLOURS, default="fixed",
-                        help="fixed: left limbs warm, trained without flip (default); per-sample: "
-                             "the warm side drawn per sample, trained with flip")
+    parser.add_argument(
+        "--side-colours",
+        choices=SIDE_COLOURS,
+        default="fixed",
+        help="fixed: left limbs warm, trained without flip (default); per-sample: "
+        "the warm side drawn per sample, trained with flip",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--force", action="store_true",
-                        help="replace train.h5 and test.h5 if --out holds them (default: refuse)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace train.h5 and test.h5 if --out holds them (default: refuse)",
+    )
 
 
 def run(args) -> int:
@@ -623,21 +753,35 @@ def run(args) -> int:
         raise InputError(f"--seed must be in [0, 2**32), got {args.seed}")
     out = output_dir(args.out, "--out")
     refuse_existing([out / "train.h5", out / "test.h5"], "--out", args.force)
-    result = synthesize(args.out, args.train, args.test, args.seed, progress=not args.no_progress,
-                        side_colours=args.side_colours)
-    print(f"wrote {result['train']} ({result['n_train']} samples) and {result['test']} "
-          f"({result['n_test']} samples) in {result['seconds']:.1f} s: "
-          f"{result['images_per_s']:.0f} images/s")
+    result = synthesize(
+        args.out,
+        args.train,
+        args.test,
+        args.seed,
+        progress=not args.no_progress,
+        side_colours=args.side_colours,
+    )
+    print(
+        f"wrote {result['train']} ({result['n_train']} samples) and {result['test']} "
+        f"({result['n_test']} samples) in {result['seconds']:.1f} s: "
+        f"{result['images_per_s']:.0f} images/s"
+    )
     return 0
 
 
 def add_arguments_samples(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="an HDF5 split file (raypose schema)")
     parser.add_argument("--out", required=True, help="PNG to write")
-    parser.add_argument("--n", type=_positive_int, default=16, help="number of samples (default 16)")
+    parser.add_argument(
+        "--n", type=_positive_int, default=16, help="number of samples (default 16)"
+    )
     parser.add_argument("--skeleton", action="store_true", help="draw the 2D skeleton on each crop")
-    parser.add_argument("--scale", type=_positive_int, default=2, help="upscaling of each crop (default 2)")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
+    parser.add_argument(
+        "--scale", type=_positive_int, default=2, help="upscaling of each crop (default 2)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out if it exists (default: refuse)"
+    )
 
 
 def sample_grid(path, n: int = 16, skeleton: bool = False, scale: int = 2):
@@ -664,8 +808,13 @@ def sample_grid(path, n: int = 16, skeleton: bool = False, scale: int = 2):
         if skeleton:
             pts = joints_2d[k] * scale
             for child, parent in H36M_SKELETON.bones():
-                colour = ((255, 230, 0) if child in left else (0, 230, 255) if child in right
-                          else (255, 255, 255))
+                colour = (
+                    (255, 230, 0)
+                    if child in left
+                    else (0, 230, 255)
+                    if child in right
+                    else (255, 255, 255)
+                )
                 draw.line([tuple(pts[parent]), tuple(pts[child])], fill=colour, width=2)
         draw.text((3, 2), f"{subjects[k]} {actions[k]}", fill=(255, 255, 255))
         sheet.paste(tile, ((k % cols) * cell, (k // cols) * cell))

@@ -28,23 +28,40 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raypose import validate
-from raypose.storage import checkpoint
-from raypose.data import cache as datacache
-from raypose import storage
+from raypose import storage, validate
 from raypose.config import ConfigError, config_from_checkpoint
+from raypose.data import cache as datacache
 from raypose.data.dataset import PoseDataset
-from raypose.train.loop import build_model, predict
-from raypose.evaluation.metrics import body_size, grouped_report, mean_pose_baseline
 from raypose.data.skeleton import H36M_SKELETON
+from raypose.evaluation.history import sweep_history
+from raypose.model.metrics import body_size, grouped_report, mean_pose_baseline
+from raypose.storage import checkpoint
+from raypose.storage.experiment import (
+    EvaluationError,
+    fetch_study_copy,
+    free_local_dir,
+    free_storage_dir,
+    resolve,
+    study_copy,
+    upload_outputs,
+)
+from raypose.train.loop import build_model, predict
 
 # PAPER.md's results table (MPJPE mm, Human3.6M), printed beside ours for orientation
 PAPER_RESULTS = {
-    "DconvMP-HML (multi-task, paper)": {"Walking": 77.60, "Discussion": 148.79, "Eating": 104.01,
-                                        "Taking Photo": 189.08, "Walking Dog": 146.59,
-                                        "Greeting": 127.17},
-    "DconvMP (detection-pretrained, paper)": {"Walking": 80.09, "Eating": 103.31,
-                                              "Taking Photo": 190.37},
+    "DconvMP-HML (multi-task, paper)": {
+        "Walking": 77.60,
+        "Discussion": 148.79,
+        "Eating": 104.01,
+        "Taking Photo": 189.08,
+        "Walking Dog": 146.59,
+        "Greeting": 127.17,
+    },
+    "DconvMP (detection-pretrained, paper)": {
+        "Walking": 80.09,
+        "Eating": 103.31,
+        "Taking Photo": 190.37,
+    },
 }
 
 
@@ -67,75 +84,16 @@ def paper_value(row: dict, action: str):
 
 
 # every file an evaluation writes; an --out holding any of them is refused
-OUTPUT_FILES = ("report.json", "report.md", "predictions.npz", "skeletons.png", "joint_errors.png",
-                "sweep_history.png", "param_importance.png", "learning_curves.png")
-
-
-class EvaluationError(RuntimeError):
-    """The URI names neither a finished experiment nor a checkpoint, or an output would
-    overwrite an earlier one."""
-
-
-def resolve(uri: str) -> dict:
-    """{'kind': 'experiment'|'checkpoint', 'checkpoint': Location, 'best': dict|None}
-
-    An experiment's best.json must name a checkpoint under the experiment itself (same scheme
-    and bucket, a path below the experiment's); EvaluationError otherwise."""
-    loc = storage.parse(uri)
-    fs = storage.filesystem(loc)
-    try:
-        present = fs.exists(loc.path)
-    except Exception as e:
-        raise storage.StorageError(f"{loc.uri} is unreachable: {type(e).__name__}") from None
-    if not present:
-        raise EvaluationError(f"{loc.uri} does not exist")
-    if fs.exists(loc.join(checkpoint.MANIFEST_FILE).path):
-        return {"kind": "checkpoint", "checkpoint": loc, "best": None, "experiment": None}
-    best_loc = loc.join("best.json")
-    if not fs.exists(best_loc.path):
-        names = [Path(p).name for p in fs.ls(loc.path, detail=False)]
-        if any(n.startswith("experiment_state") for n in names) or "train" in names:
-            raise EvaluationError(f"experiment {loc.uri} has no best.json: the sweep has not finished "
-                                  "(continue it with raypose tune --resume), or pass a checkpoint URI")
-        checkpoints = sorted(n for n in names if n.startswith("epoch_"))
-        if checkpoints:  # a training run's folder
-            raise EvaluationError(f"{loc.uri} is a training run, not a checkpoint: it holds "
-                                  f"{', '.join(checkpoints)}; pass one of them, e.g. "
-                                  f"{loc.join(checkpoints[-1]).uri}")
-        raise EvaluationError(f"{loc.uri} is neither an experiment (no best.json) nor a checkpoint "
-                              f"(no {checkpoint.MANIFEST_FILE})")
-    best = read_best_json(best_loc)
-    try:
-        ckpt_uri = best["checkpoint"]
-    except (KeyError, TypeError):
-        raise EvaluationError(f"{best_loc.uri} is not a raypose best.json (no 'checkpoint' key)") from None
-    if not ckpt_uri:
-        raise EvaluationError(f"{best_loc.uri} names no checkpoint")
-    # the evaluation reads that checkpoint and writes its report next to it: a best.json edited
-    # or copied to point elsewhere (/etc, another bucket, ../other) must not take it there
-    refused = (f"{best_loc.uri}: checkpoint {validate.shown(ckpt_uri)} is not inside the "
-               f"experiment {loc.uri}; best.json may only name a checkpoint under it")
-    if not isinstance(ckpt_uri, str):
-        raise EvaluationError(refused)
-    try:
-        ckpt_loc = storage.parse(ckpt_uri)
-    except storage.StorageError as e:
-        raise EvaluationError(f"{refused} ({e})") from None
-    if ckpt_loc.scheme != loc.scheme or not ckpt_loc.path.startswith(loc.path.rstrip("/") + "/"):
-        raise EvaluationError(refused)
-    return {"kind": "experiment", "checkpoint": ckpt_loc, "best": best, "experiment": loc}
-
-
-def read_best_json(best_loc: storage.Location):
-    """The parsed best.json; an EvaluationError naming the file when it is not JSON."""
-    try:
-        return json.loads(storage.read_text(best_loc))
-    except json.JSONDecodeError as e:
-        raise EvaluationError(f"{best_loc.uri} is not JSON ({e.msg} at line {e.lineno}); a sweep "
-                              "writes best.json when it finishes") from None
-    except UnicodeDecodeError:
-        raise EvaluationError(f"{best_loc.uri} is not JSON (not UTF-8 text); a sweep writes "
-                              "best.json when it finishes") from None
+OUTPUT_FILES = (
+    "report.json",
+    "report.md",
+    "predictions.npz",
+    "skeletons.png",
+    "joint_errors.png",
+    "sweep_history.png",
+    "param_importance.png",
+    "learning_curves.png",
+)
 
 
 STAGES = ("joint", "regression", "detection")
@@ -147,16 +105,23 @@ def check_state(local_ckpt: Path, state: dict) -> dict:
     where = f"checkpoint {local_ckpt}: {checkpoint.STATE_FILE}"
     epoch = state.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise checkpoint.CheckpointError(f"{where}: 'epoch' must be a whole number >= 0, got "
-                                         f"{validate.shown(epoch)}")
+        raise checkpoint.CheckpointError(
+            f"{where}: 'epoch' must be a whole number >= 0, got {validate.shown(epoch)}"
+        )
     if state.get("stage") not in STAGES:
-        raise checkpoint.CheckpointError(f"{where}: 'stage' must be one of {', '.join(STAGES)}, got "
-                                         f"{validate.shown(state.get('stage'))}")
+        raise checkpoint.CheckpointError(
+            f"{where}: 'stage' must be one of {', '.join(STAGES)}, got "
+            f"{validate.shown(state.get('stage'))}"
+        )
     heads = state.get("heads", {"regression": True, "detection": True})
-    if not (isinstance(heads, dict) and all(isinstance(heads.get(h), bool)
-                                            for h in ("regression", "detection"))):
-        raise checkpoint.CheckpointError(f"{where}: 'heads' must be an object with 'regression' and "
-                                         f"'detection' true or false, got {validate.shown(heads)}")
+    if not (
+        isinstance(heads, dict)
+        and all(isinstance(heads.get(h), bool) for h in ("regression", "detection"))
+    ):
+        raise checkpoint.CheckpointError(
+            f"{where}: 'heads' must be an object with 'regression' and "
+            f"'detection' true or false, got {validate.shown(heads)}"
+        )
     if not (heads["regression"] or heads["detection"]):
         raise checkpoint.CheckpointError(f"{where}: 'heads' names no head")
     return heads
@@ -168,20 +133,25 @@ def load_model(local_ckpt: Path, device: torch.device):
     rebuilt from the checkpoint's own config."""
     loaded = checkpoint.load_metadata(local_ckpt)  # verifies sha256 of every file
     try:
-        cfg = config_from_checkpoint(loaded["config"],
-                                     f"checkpoint {local_ckpt}: {checkpoint.CONFIG_FILE}")
+        cfg = config_from_checkpoint(
+            loaded["config"], f"checkpoint {local_ckpt}: {checkpoint.CONFIG_FILE}"
+        )
     except ConfigError as e:  # a fault of the checkpoint: named as such, with its file and key
         raise checkpoint.CheckpointError(str(e)) from None
     heads = check_state(local_ckpt, loaded["state"])
-    stage = "joint" if heads["regression"] and heads["detection"] else (
-        "regression" if heads["regression"] else "detection")
+    stage = (
+        "joint"
+        if heads["regression"] and heads["detection"]
+        else ("regression" if heads["regression"] else "detection")
+    )
     loaded.update(checkpoint.load_weights(local_ckpt))  # nothing is unpickled before the checks
     model = build_model(cfg, stage)
     try:
         model.load_state_dict(loaded["model"])
     except RuntimeError as e:
         raise checkpoint.CheckpointError(
-            f"checkpoint {local_ckpt}: weights do not fit the model of its config ({e})") from None
+            f"checkpoint {local_ckpt}: weights do not fit the model of its config ({e})"
+        ) from None
     return model.to(device).eval(), cfg, loaded
 
 
@@ -192,34 +162,50 @@ def detection_scores(logits: np.ndarray, targets: np.ndarray) -> dict:
     top = logits.argmax(axis=-1)  # [N, 17]
     hit = np.take_along_axis(targets, top[..., None], axis=-1)[..., 0] > 0.5
     has_window = targets.max(axis=-1) > 0.5
-    return {"cell_accuracy": cell,
-            "top_window_accuracy": float(hit[has_window].mean()) if has_window.any() else None}
+    return {
+        "cell_accuracy": cell,
+        "top_window_accuracy": float(hit[has_window].mean()) if has_window.any() else None,
+    }
 
 
-def check_inputs(uri: str, data_dir: str | None, out_dir: str | None, use_gpu: bool,
-                 batch_size: int, force: bool = False) -> None:
+def check_inputs(
+    uri: str,
+    data_dir: str | None,
+    out_dir: str | None,
+    use_gpu: bool,
+    batch_size: int,
+    force: bool = False,
+) -> None:
     """Every check on the command's own input that needs no checkpoint, run before any download:
     the flags, the kinds of the paths, an earlier report in --out, and that storage answers."""
     validate.positive(batch_size, "--batch-size")
     if use_gpu and not torch.cuda.is_available():
         raise ConfigError("--gpu was given but no CUDA device is visible; drop --gpu")
     if data_dir is not None:
-        validate.data_location(data_dir, "--data")
+        storage.data_location(data_dir, "--data")
     if out_dir is not None:
         out = validate.output_dir(out_dir, "--out")
         clash = [n for n in OUTPUT_FILES if (out / n).exists()]
         if clash and not force:  # an earlier evaluation's outputs are never overwritten silently
-            raise EvaluationError(f"{out / clash[0]} already exists: --out {out} holds an earlier "
-                                  "evaluation; pass another --out, or --force to replace it "
-                                  "(nothing was written)")
+            raise EvaluationError(
+                f"{out / clash[0]} already exists: --out {out} holds an earlier "
+                "evaluation; pass another --out, or --force to replace it "
+                "(nothing was written)"
+            )
     loc = storage.parse(uri)
     if loc.scheme == "s3":
         storage.check_reachable(loc, create=False)
 
 
-def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
-             use_gpu: bool = False, batch_size: int = 64, force: bool = False,
-             local_label: str | None = None) -> dict:
+def evaluate(
+    uri: str,
+    data_dir: str | None = None,
+    out_dir: str | None = None,
+    use_gpu: bool = False,
+    batch_size: int = 64,
+    force: bool = False,
+    local_label: str | None = None,
+) -> dict:
     """local_label: what report.json names as the local output folder (default: --out's path;
     an evaluation run as a Ray task names the caller's folder, not the node's temporary one)."""
     check_inputs(uri, data_dir, out_dir, use_gpu, batch_size, force)
@@ -227,12 +213,14 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
     ckpt_loc = target["checkpoint"]
     device = torch.device("cuda" if use_gpu else "cpu")
     if use_gpu and not torch.cuda.is_available():
-        raise ConfigError("--gpu was given but no CUDA device is visible here; on a cluster, "
-                          "submit with `ray job submit --entrypoint-num-gpus 1` (the driver runs "
-                          "on the head, which often has no GPU), or drop --gpu")
+        raise ConfigError(
+            "--gpu was given but no CUDA device is visible here; on a cluster, "
+            "submit with `ray job submit --entrypoint-num-gpus 1` (the driver runs "
+            "on the head, which often has no GPU), or drop --gpu"
+        )
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = f"evaluation-{posixpath.basename(ckpt_loc.path)}-{stamp}"
-    out = Path(out_dir) if out_dir else _free_local_dir(Path("runs") / "evaluation" / folder)
+    out = Path(out_dir) if out_dir else free_local_dir(Path("runs") / "evaluation" / folder)
     with tempfile.TemporaryDirectory() as tmp:
         local = storage.download_dir(ckpt_loc, Path(tmp) / "checkpoint")
         try:
@@ -242,30 +230,41 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
         if not loaded["state"].get("heads", {}).get("regression", True):
             raise checkpoint.CheckpointError(
                 f"checkpoint {ckpt_loc.uri} has no regression head (a detection-stage checkpoint); "
-                "evaluate a checkpoint from the regression stage")
+                "evaluate a checkpoint from the regression stage"
+            )
         # a local folder, or for s3://... this machine's verified copy (raypose.data.cache)
         data_dir = datacache.local_data_dir(data_dir or cfg.data.path)
         test = PoseDataset(str(Path(data_dir) / "test.h5"), augment=False)
-        train = PoseDataset(str(Path(data_dir) / "train.h5"), exclude_subjects=cfg.data.val_subjects)
-        study_db = fetch_study_copy(target["experiment"], Path(tmp)) if target["experiment"] else None
+        train = PoseDataset(
+            str(Path(data_dir) / "train.h5"), exclude_subjects=cfg.data.val_subjects
+        )
+        study_db = (
+            fetch_study_copy(target["experiment"], Path(tmp)) if target["experiment"] else None
+        )
         print(f"[raypose] evaluating {ckpt_loc.uri} on {len(test)} test samples", flush=True)
         with torch.no_grad():
             pred = predict(model, test, batch_size, device)
         actions = np.array(test.action_names)[pred["actions"]]
         report = build_report(pred, actions, test, train, loaded, ckpt_loc, target)
         subjects = np.array(test.subjects)[test.sample_subjects[pred["positions"]]]
-        report["per_subject"] = per_subject(pred["pred_3d"], pred["gt_3d"], subjects,
-                                            train.root_relative_poses())
+        report["per_subject"] = per_subject(
+            pred["pred_3d"], pred["gt_3d"], subjects, train.root_relative_poses()
+        )
         # written into a folder beside --out and renamed into it file by file at the end, so a
         # failed evaluation leaves --out as it was and --force never mixes two reports
         with validate.staged_folder(out, OUTPUT_FILES) as stage:
-            np.savez_compressed(stage / "predictions.npz", pred_3d=pred["pred_3d"],
-                                gt_3d=pred["gt_3d"], actions=actions, positions=pred["positions"])
+            np.savez_compressed(
+                stage / "predictions.npz",
+                pred_3d=pred["pred_3d"],
+                gt_3d=pred["gt_3d"],
+                actions=actions,
+                positions=pred["positions"],
+            )
             report["figures"] = write_figures(stage, test, pred, report, study_db, target)
             # the storage folder is chosen just before the upload, so that a folder made meanwhile
             # by another evaluation of the same checkpoint is not written into
             parent = storage.Location(ckpt_loc.scheme, posixpath.dirname(ckpt_loc.path))
-            remote = _free_storage_dir(parent, folder)
+            remote = free_storage_dir(parent, folder)
             report["outputs"] = {"local": local_label or str(out.resolve()), "storage": remote.uri}
             (stage / "report.md").write_text(markdown_report(report))
             (stage / "report.json").write_text(json.dumps(report, indent=1))
@@ -277,60 +276,20 @@ def evaluate(uri: str, data_dir: str | None = None, out_dir: str | None = None,
 def print_result(report: dict, out: Path) -> None:
     """The evaluation's last two lines: the result, and where the report is."""
     print(summary_line(report), flush=True)
-    print(f"[raypose] report: {out.resolve() / 'report.md'} and {report['outputs']['storage']}",
-          flush=True)
+    print(
+        f"[raypose] report: {out.resolve() / 'report.md'} and {report['outputs']['storage']}",
+        flush=True,
+    )
 
 
 def summary_line(report: dict) -> str:
     """The one-line result: model and mean-pose baseline side by side, both as means over actions
     (each action weighted equally, as PAPER.md's tables are)."""
     mean = report["mean_over_actions"]
-    return (f"[raypose] mean over actions: MPJPE {mean['mpjpe']:.1f} mm, P-MPJPE {mean['p_mpjpe']:.1f} mm; "
-            f"mean-pose baseline MPJPE {report['mean_pose_baseline']['mean_over_actions']:.1f} mm")
-
-
-def study_copy(experiment: storage.Location) -> storage.Location:
-    """Where a sweep keeps the copy of its Optuna study (raypose.search.sweep's CopyStudy callback)."""
-    return experiment.join("optuna.db")
-
-
-def fetch_study_copy(experiment: storage.Location, local_dir: Path) -> Path | None:
-    """The experiment's Optuna study copy, downloaded into local_dir; None when there is none."""
-    copy = study_copy(experiment)
-    if not storage.exists(copy):
-        return None
-    local = Path(local_dir) / "optuna.db"
-    storage.filesystem(copy).get_file(copy.path, str(local))
-    return local
-
-
-def upload_outputs(out: Path, names, remote: storage.Location) -> None:
-    """Copy out/<name> for each name, in order, into the storage folder remote.  Callers put the
-    file that marks a complete folder (report.json) last."""
-    fs = storage.filesystem(remote)
-    if remote.scheme == "file":
-        Path(remote.path).mkdir(parents=True, exist_ok=True)
-    for name in names:
-        fs.put_file(str(out / name), remote.join(name).path)
-
-
-def _free_local_dir(base: Path) -> Path:
-    """base, or base-2, base-3 ... whichever does not exist yet."""
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
-
-
-def _free_storage_dir(parent: storage.Location, name: str) -> storage.Location:
-    """parent/name, or parent/name-2, name-3 ... whichever does not exist in storage yet."""
-    fs = storage.filesystem(parent)
-    candidate, n = parent.join(name), 1
-    while fs.exists(candidate.path):
-        n += 1
-        candidate = parent.join(f"{name}-{n}")
-    return candidate
+    return (
+        f"[raypose] mean over actions: MPJPE {mean['mpjpe']:.1f} mm, P-MPJPE {mean['p_mpjpe']:.1f} mm; "
+        f"mean-pose baseline MPJPE {report['mean_pose_baseline']['mean_over_actions']:.1f} mm"
+    )
 
 
 def centre_crops(dataset: PoseDataset, positions: np.ndarray) -> np.ndarray:
@@ -346,13 +305,18 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
     if pred["pred_3d"] is None:
         raise checkpoint.CheckpointError(
             f"checkpoint {ckpt_loc.uri} has no regression head (a detection-stage checkpoint); "
-            "evaluate a checkpoint from the regression stage")
+            "evaluate a checkpoint from the regression stage"
+        )
     names = list(H36M_SKELETON.names)
     metrics = grouped_report(pred["pred_3d"], pred["gt_3d"], actions, names)
     train_poses = train.root_relative_poses()
-    baseline = {"mpjpe": mean_pose_baseline(train_poses, pred["gt_3d"]),
-                "per_action": {a: mean_pose_baseline(train_poses, pred["gt_3d"][actions == a])
-                               for a in sorted(set(actions.tolist()))}}
+    baseline = {
+        "mpjpe": mean_pose_baseline(train_poses, pred["gt_3d"]),
+        "per_action": {
+            a: mean_pose_baseline(train_poses, pred["gt_3d"][actions == a])
+            for a in sorted(set(actions.tolist()))
+        },
+    }
     # the same weighting as metrics' mean_over_actions: each action counts once
     baseline["mean_over_actions"] = float(np.mean(list(baseline["per_action"].values())))
     report = {
@@ -365,10 +329,15 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
         "test_samples": int(len(pred["gt_3d"])),
         **metrics,
         "mean_pose_baseline": baseline,
-        "detection": (detection_scores(pred["detection_logits"], pred["detection_targets"])
-                      if pred["detection_logits"] is not None else None),
-        "manifest": {"raypose_version": loaded["manifest"]["raypose_version"],
-                     "config_sha256": loaded["manifest"]["config_sha256"]},
+        "detection": (
+            detection_scores(pred["detection_logits"], pred["detection_targets"])
+            if pred["detection_logits"] is not None
+            else None
+        ),
+        "manifest": {
+            "raypose_version": loaded["manifest"]["raypose_version"],
+            "config_sha256": loaded["manifest"]["config_sha256"],
+        },
     }
     return report
 
@@ -383,67 +352,120 @@ def per_subject(pred_3d, gt_3d, subjects, train_poses) -> dict:
     out = {}
     for s in sorted(set(subjects.tolist())):
         sel = subjects == s
-        m = grouped_report(pred_3d[sel], gt_3d[sel], np.zeros(int(sel.sum())), list(H36M_SKELETON.names))
-        out[str(s)] = {"count": int(sel.sum()), **m["overall"],
-                       "mean_pose_mpjpe": mean_pose_baseline(train_poses, gt_3d[sel]),
-                       "size_vs_train": float(body_size(gt_3d[sel], parents).mean()) / train_size}
+        m = grouped_report(
+            pred_3d[sel], gt_3d[sel], np.zeros(int(sel.sum())), list(H36M_SKELETON.names)
+        )
+        out[str(s)] = {
+            "count": int(sel.sum()),
+            **m["overall"],
+            "mean_pose_mpjpe": mean_pose_baseline(train_poses, gt_3d[sel]),
+            "size_vs_train": float(body_size(gt_3d[sel], parents).mean()) / train_size,
+        }
     return out
 
 
 def markdown_report(report: dict) -> str:
     actions = sorted(report["per_action"])
-    lines = ["# raypose evaluation", "",
-             f"Checkpoint: `{report['checkpoint']}` (epoch {report['epoch']}, {report['stage']} stage)",
-             f"Test samples: {report['test_samples']}", "",
-             "MPJPE in mm (Protocol #1, root-aligned); std over samples in brackets.", "",
-             "| method | " + " | ".join(actions) + " | mean |",
-             "|---|" + "---|" * (len(actions) + 1)]
+    lines = [
+        "# raypose evaluation",
+        "",
+        f"Checkpoint: `{report['checkpoint']}` (epoch {report['epoch']}, {report['stage']} stage)",
+        f"Test samples: {report['test_samples']}",
+        "",
+        "MPJPE in mm (Protocol #1, root-aligned); std over samples in brackets.",
+        "",
+        "| method | " + " | ".join(actions) + " | mean |",
+        "|---|" + "---|" * (len(actions) + 1),
+    ]
     pa = report["per_action"]
-    lines.append("| raypose | " + " | ".join(f"{pa[a]['mpjpe']:.2f} ({pa[a]['std_mpjpe']:.2f})" for a in actions)
-                 + f" | {report['mean_over_actions']['mpjpe']:.2f} |")
-    lines.append("| raypose P-MPJPE | " + " | ".join(f"{pa[a]['p_mpjpe']:.2f}" for a in actions)
-                 + f" | {report['mean_over_actions']['p_mpjpe']:.2f} |")
-    lines.append("| raypose N-MPJPE | " + " | ".join(f"{pa[a]['n_mpjpe']:.2f}" for a in actions)
-                 + f" | {report['mean_over_actions']['n_mpjpe']:.2f} |")
+    lines.append(
+        "| raypose | "
+        + " | ".join(f"{pa[a]['mpjpe']:.2f} ({pa[a]['std_mpjpe']:.2f})" for a in actions)
+        + f" | {report['mean_over_actions']['mpjpe']:.2f} |"
+    )
+    lines.append(
+        "| raypose P-MPJPE | "
+        + " | ".join(f"{pa[a]['p_mpjpe']:.2f}" for a in actions)
+        + f" | {report['mean_over_actions']['p_mpjpe']:.2f} |"
+    )
+    lines.append(
+        "| raypose N-MPJPE | "
+        + " | ".join(f"{pa[a]['n_mpjpe']:.2f}" for a in actions)
+        + f" | {report['mean_over_actions']['n_mpjpe']:.2f} |"
+    )
     bl = report["mean_pose_baseline"]["per_action"]
-    lines.append("| mean-pose baseline | " + " | ".join(f"{bl[a]:.2f}" for a in actions)
-                 + f" | {report['mean_pose_baseline']['mean_over_actions']:.2f} |")
+    lines.append(
+        "| mean-pose baseline | "
+        + " | ".join(f"{bl[a]:.2f}" for a in actions)
+        + f" | {report['mean_pose_baseline']['mean_over_actions']:.2f} |"
+    )
     for method, row in PAPER_RESULTS.items():
         values = [paper_value(row, a) for a in actions]
         if any(v is not None for v in values):  # Human3.6M test data: the paper's rows line up
-            lines.append(f"| {method} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values)
-                         + " | - |")
+            lines.append(
+                f"| {method} | "
+                + " | ".join("-" if v is None else f"{v:.2f}" for v in values)
+                + " | - |"
+            )
     paper_actions = sorted({a for row in PAPER_RESULTS.values() for a in row})
-    lines += ["", "For reference, the paper's Human3.6M numbers (MPJPE mm, S9/S11):", "",
-              "| method | " + " | ".join(paper_actions) + " |", "|---|" + "---|" * len(paper_actions)]
+    lines += [
+        "",
+        "For reference, the paper's Human3.6M numbers (MPJPE mm, S9/S11):",
+        "",
+        "| method | " + " | ".join(paper_actions) + " |",
+        "|---|" + "---|" * len(paper_actions),
+    ]
     for method, row in PAPER_RESULTS.items():
-        lines.append(f"| {method} | " + " | ".join(f"{row[a]:.2f}" if a in row else "-"
-                                                  for a in paper_actions) + " |")
+        lines.append(
+            f"| {method} | "
+            + " | ".join(f"{row[a]:.2f}" if a in row else "-" for a in paper_actions)
+            + " |"
+        )
     if report.get("per_subject"):
-        lines += ["", "## Per subject (mm)", "",
-                  "Body size: the subject's summed bone lengths over the training poses' mean. The "
-                  "network sees a centred crop, which does not show how large a body is, so a subject "
-                  "of another size keeps an error that N-MPJPE (scale aligned) removes.", "",
-                  "| subject | samples | body size | MPJPE | N-MPJPE | P-MPJPE | mean-pose baseline | ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Per subject (mm)",
+            "",
+            "Body size: the subject's summed bone lengths over the training poses' mean. The "
+            "network sees a centred crop, which does not show how large a body is, so a subject "
+            "of another size keeps an error that N-MPJPE (scale aligned) removes.",
+            "",
+            "| subject | samples | body size | MPJPE | N-MPJPE | P-MPJPE | mean-pose baseline | ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for s, v in report["per_subject"].items():
-            lines.append(f"| {s} | {v['count']} | {v['size_vs_train']:.3f}x | {v['mpjpe']:.2f} | "
-                         f"{v['n_mpjpe']:.2f} | {v['p_mpjpe']:.2f} | {v['mean_pose_mpjpe']:.2f} | "
-                         f"{v['mpjpe'] / v['mean_pose_mpjpe']:.2f}x |")
-    lines += ["", "## Per joint (mm)", "",
-              "| joint | MPJPE | P-MPJPE | N-MPJPE |", "|---|---|---|---|"]
+            lines.append(
+                f"| {s} | {v['count']} | {v['size_vs_train']:.3f}x | {v['mpjpe']:.2f} | "
+                f"{v['n_mpjpe']:.2f} | {v['p_mpjpe']:.2f} | {v['mean_pose_mpjpe']:.2f} | "
+                f"{v['mpjpe'] / v['mean_pose_mpjpe']:.2f}x |"
+            )
+    lines += [
+        "",
+        "## Per joint (mm)",
+        "",
+        "| joint | MPJPE | P-MPJPE | N-MPJPE |",
+        "|---|---|---|---|",
+    ]
     pj = report["per_joint"]
     for j in pj["mpjpe"]:
-        lines.append(f"| {j} | {pj['mpjpe'][j]:.2f} | {pj['p_mpjpe'][j]:.2f} | {pj['n_mpjpe'][j]:.2f} |")
+        lines.append(
+            f"| {j} | {pj['mpjpe'][j]:.2f} | {pj['p_mpjpe'][j]:.2f} | {pj['n_mpjpe'][j]:.2f} |"
+        )
     if report["detection"]:
         d = report["detection"]
         top = "-" if d["top_window_accuracy"] is None else f"{100 * d['top_window_accuracy']:.1f} %"
-        lines += ["", f"Detection head: cell accuracy {100 * d['cell_accuracy']:.2f} %, "
-                      f"most confident window contains the joint for {top} of joints."]
+        lines += [
+            "",
+            f"Detection head: cell accuracy {100 * d['cell_accuracy']:.2f} %, "
+            f"most confident window contains the joint for {top} of joints.",
+        ]
     if report.get("sweep"):
         sw = report["sweep"]
-        lines += ["", f"Sweep: {report['experiment']}, best trial {report['trial_id']}; "
-                      f"{sw['trials']} trials, history from {sw['history_from'] or 'nowhere'}."]
+        lines += [
+            "",
+            f"Sweep: {report['experiment']}, best trial {report['trial_id']}; "
+            f"{sw['trials']} trials, history from {sw['history_from'] or 'nowhere'}.",
+        ]
         if sw["note"]:
             lines.append(f"Note: {sw['note']}.")
         if sw.get("report_note"):
@@ -451,7 +473,12 @@ def markdown_report(report: dict) -> str:
     if report.get("sweep_report"):
         from raypose.evaluation import report as sweep_report
 
-        lines += ["", "## Sweep report", "", sweep_report.markdown_section(report["sweep_report"], level=3)]
+        lines += [
+            "",
+            "## Sweep report",
+            "",
+            sweep_report.markdown_section(report["sweep_report"], level=3),
+        ]
     lines += ["", "Figures: " + ", ".join(report.get("figures") or []), ""]
     if report.get("outputs"):
         lines += [f"Outputs: {report['outputs']['local']} and {report['outputs']['storage']}", ""]
@@ -464,24 +491,41 @@ def write_figures(out: Path, test, pred, report, study_db, target) -> list:
     from raypose.evaluation import figures
 
     n = min(4, len(pred["positions"]))
-    figures.skeleton_figure(centre_crops(test, pred["positions"][:n]), pred["pred_3d"][:n],
-                            pred["gt_3d"][:n], out / "skeletons.png")
-    figures.joint_error_figure(report["per_joint"]["mpjpe"], out / "joint_errors.png",
-                               baseline=report["mean_pose_baseline"]["mpjpe"])
+    figures.skeleton_figure(
+        centre_crops(test, pred["positions"][:n]),
+        pred["pred_3d"][:n],
+        pred["gt_3d"][:n],
+        out / "skeletons.png",
+    )
+    figures.joint_error_figure(
+        report["per_joint"]["mpjpe"],
+        out / "joint_errors.png",
+        baseline=report["mean_pose_baseline"]["mpjpe"],
+    )
     names = ["skeletons.png", "joint_errors.png"]
     report["sweep"] = report["sweep_report"] = None
     if target["experiment"] is not None:
         sweep = sweep_history(target["best"] or {}, study_db, study_copy(target["experiment"]))
         if sweep["trials"]:
-            figures.sweep_history_figure(sweep["trials"], out / "sweep_history.png",
-                                         metric=(target["best"] or {}).get("metric", "val_mpjpe"))
+            figures.sweep_history_figure(
+                sweep["trials"],
+                out / "sweep_history.png",
+                metric=(target["best"] or {}).get("metric", "val_mpjpe"),
+            )
             names.append("sweep_history.png")
-        figures.param_importance_figure(sweep["importances"], out / "param_importance.png",
-                                        note=None if sweep["importances"] else sweep["note"])
+        figures.param_importance_figure(
+            sweep["importances"],
+            out / "param_importance.png",
+            note=None if sweep["importances"] else sweep["note"],
+        )
         names.append("param_importance.png")
-        report["sweep"] = {"study_copy": study_copy(target["experiment"]).uri if study_db else None,
-                           "history_from": sweep["source"], "trials": len(sweep["trials"]),
-                           "note": sweep["note"], "report_note": None}
+        report["sweep"] = {
+            "study_copy": study_copy(target["experiment"]).uri if study_db else None,
+            "history_from": sweep["source"],
+            "trials": len(sweep["trials"]),
+            "note": sweep["note"],
+            "report_note": None,
+        }
         # the sweep report's sections (raypose report), drawn from the same best.json and study
         from raypose.evaluation import report as sweep_report
 
@@ -492,93 +536,14 @@ def write_figures(out: Path, test, pred, report, study_db, target) -> list:
             report["sweep"]["report_note"] = f"sweep report left out: {e}"
             report["sweep_report"] = None
         else:
-            summary = sweep_report.summarise(best, target["experiment"].uri, sweep["importances"],
-                                             sweep["note"])
+            summary = sweep_report.summarise(
+                best, target["experiment"].uri, sweep["importances"], sweep["note"]
+            )
             curves = sweep_report.write_learning_curves(out, summary)
             summary["figures"] = curves + ["param_importance.png"]
             names[2:2] = curves
             report["sweep_report"] = summary
     return names
-
-
-def sweep_history(best: dict, study_db: Path | None, copy: storage.Location) -> dict:
-    """{'trials', 'importances', 'source', 'note'} for the sweep figures: from the Optuna study
-    copy when there is one that can be read, else from best.json's trial rows."""
-    import optuna
-    import sqlalchemy.exc
-
-    study_name = (best.get("study") or {}).get("name")
-    if study_db is not None:
-        try:
-            trials, importances = study_history(study_db, study_name)
-        except (optuna.exceptions.OptunaError, sqlalchemy.exc.SQLAlchemyError, KeyError,
-                ValueError, RuntimeError) as e:
-            note = f"the Optuna study copy {copy.uri} could not be read ({type(e).__name__})"
-        else:
-            note = None if importances else ("parameter importances need at least 2 finished "
-                                             "trials whose parameters vary")
-            return {"trials": trials, "importances": importances, "source": "optuna study copy",
-                    "note": note}
-    else:
-        note = f"no copy of the Optuna study at {copy.uri}"
-    trials = trials_from_best(best)
-    if trials:
-        note += "; history drawn from best.json's trial rows, parameter importances not computed"
-    else:
-        note += (" and no trial rows in best.json; sweep_history.png not drawn, parameter "
-                 "importances not computed")
-    return {"trials": trials, "importances": {}, "source": "best.json" if trials else None,
-            "note": note}
-
-
-TRIAL_STATES = ("COMPLETE", "PRUNED", "ERROR")
-
-
-def trial_state(row: dict) -> str:
-    """COMPLETE, PRUNED or ERROR: a best.json trial row's own 'state', or, in files written before
-    rows carried one, read off its 'error' and 'stopped_early'."""
-    state = str(row.get("state") or "").upper()
-    if state in TRIAL_STATES:
-        return state
-    if row.get("error"):
-        return "ERROR"
-    return "PRUNED" if row.get("stopped_early") else "COMPLETE"
-
-
-def trials_from_best(best: dict) -> list:
-    """best.json's trial rows (raypose.search.sweep.summarise) in the form sweep_history_figure takes
-    (Optuna's state names: FAIL for an error, INCOMPLETE for a trial that reported nothing)."""
-    trials = []
-    for number, row in enumerate(best.get("trials") or []):
-        value = row.get("best_val_mpjpe")
-        state = trial_state(row)
-        if state == "ERROR":
-            state = "FAIL"
-        elif value is None:
-            state = "INCOMPLETE"
-        trials.append({"number": number, "value": value, "params": row.get("params") or {},
-                       "state": state})
-    return trials
-
-
-def study_history(db: Path | None, study_name: str | None):
-    """(trials, importances) from the sweep's Optuna study copy; empty when there is none.
-    A study copy holding one study is read whatever its name."""
-    if db is None or not db.exists():
-        return [], {}
-    import optuna
-
-    from raypose.evaluation.figures import param_importances
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = f"sqlite:///{db}"
-    names = optuna.study.get_all_study_names(storage=url)
-    if study_name not in names and len(names) == 1:
-        study_name = names[0]
-    study = optuna.load_study(study_name=study_name, storage=url)
-    trials = [{"number": t.number, "value": t.value, "params": t.params, "state": t.state.name}
-              for t in study.trials]
-    return trials, param_importances(study)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -587,23 +552,33 @@ def study_history(db: Path | None, study_name: str | None):
 
 def add_arguments(parser) -> None:
     parser.add_argument("uri", help="experiment URI (with best.json) or checkpoint URI")
-    parser.add_argument("--data", help="data directory with test.h5, or s3://bucket/prefix with its "
-                        "manifest.json (default: the checkpoint config's)")
+    parser.add_argument(
+        "--data",
+        help="data directory with test.h5, or s3://bucket/prefix with its "
+        "manifest.json (default: the checkpoint config's)",
+    )
     parser.add_argument("--out", help="local output folder (default: runs/evaluation/<checkpoint>)")
     parser.add_argument("--gpu", action="store_true", help="run on the GPU")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--force", action="store_true",
-                        help="replace the report in --out if it holds one (default: refuse)")
-    parser.add_argument("--address", help="run the evaluation as a Ray task on this cluster "
-                        "(HOST:PORT or ray://HOST:PORT; with --gpu the task asks for a GPU); "
-                        "default: here, without Ray")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the report in --out if it holds one (default: refuse)",
+    )
+    parser.add_argument(
+        "--address",
+        help="run the evaluation as a Ray task on this cluster "
+        "(HOST:PORT or ray://HOST:PORT; with --gpu the task asks for a GPU); "
+        "default: here, without Ray",
+    )
 
 
 def run(args) -> int:
     # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
     if args.address:
-        evaluate_on_cluster(args.uri, args.data, args.out, args.gpu, args.batch_size, args.force,
-                            args.address)
+        evaluate_on_cluster(
+            args.uri, args.data, args.out, args.gpu, args.batch_size, args.force, args.address
+        )
     else:
         evaluate(args.uri, args.data, args.out, args.gpu, args.batch_size, args.force)
     return 0
@@ -621,8 +596,15 @@ def evaluate_task(uri, data_dir, use_gpu, batch_size, storage_env, local_label) 
         return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
 
-def evaluate_on_cluster(uri: str, data_dir: str | None, out_dir: str | None, use_gpu: bool,
-                        batch_size: int, force: bool, address: str) -> None:
+def evaluate_on_cluster(
+    uri: str,
+    data_dir: str | None,
+    out_dir: str | None,
+    use_gpu: bool,
+    batch_size: int,
+    force: bool,
+    address: str,
+) -> None:
     """`raypose evaluate --address`: the evaluation runs as one Ray task on the cluster (a GPU
     node with --gpu) and its outputs come back into --out here. --data and the storage must be
     visible from the cluster's nodes (object storage, or a shared path)."""
@@ -633,13 +615,16 @@ def evaluate_on_cluster(uri: str, data_dir: str | None, out_dir: str | None, use
     validate.ray_address(address, "--address")
     check_inputs(uri, data_dir, out_dir, False, batch_size, force)  # --gpu: the node's GPU
     folder = f"evaluation-{posixpath.basename(storage.parse(uri).path.rstrip('/'))}"
-    out = Path(out_dir) if out_dir else _free_local_dir(Path("runs") / "evaluation" / folder)
+    out = Path(out_dir) if out_dir else free_local_dir(Path("runs") / "evaluation" / folder)
     init_ray(address, command="evaluate")
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0, max_retries=0)(evaluate_task)
-    print(f"[raypose] evaluating {uri} as a Ray task on {address}"
-          + (" (1 GPU)" if use_gpu else ""), flush=True)
-    files = ray.get(task.remote(uri, data_dir, use_gpu, batch_size, forwarded_env(),
-                                str(out.resolve())))
+    print(
+        f"[raypose] evaluating {uri} as a Ray task on {address}" + (" (1 GPU)" if use_gpu else ""),
+        flush=True,
+    )
+    files = ray.get(
+        task.remote(uri, data_dir, use_gpu, batch_size, forwarded_env(), str(out.resolve()))
+    )
     with validate.staged_folder(out, OUTPUT_FILES) as stage:
         for name, data in files.items():
             (stage / name).write_bytes(data)

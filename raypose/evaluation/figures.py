@@ -44,8 +44,9 @@ def _upright(pose: np.ndarray) -> tuple:
     return pose[:, 0], pose[:, 2], -pose[:, 1]
 
 
-def skeleton_figure(images, pred, gt, out_path, skeleton: Skeleton = H36M_SKELETON,
-                    joints_2d=None) -> Path:
+def skeleton_figure(
+    images, pred, gt, out_path, skeleton: Skeleton = H36M_SKELETON, joints_2d=None
+) -> Path:
     """For each sample, the crop beside a 3D plot of the predicted (coloured by side) and true
     (black, dashed) skeleton, root-relative, in mm.
 
@@ -59,8 +60,10 @@ def skeleton_figure(images, pred, gt, out_path, skeleton: Skeleton = H36M_SKELET
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [N, H, W, 3] uint8, got shape {images.shape}")
     if pred.shape != gt.shape or pred.shape != (len(images), k, 3):
-        raise ValueError(f"pred and gt must both be [N, {k}, 3] with N = {len(images)} images; "
-                         f"got {pred.shape} and {gt.shape}")
+        raise ValueError(
+            f"pred and gt must both be [N, {k}, 3] with N = {len(images)} images; "
+            f"got {pred.shape} and {gt.shape}"
+        )
     if joints_2d is not None:
         joints_2d = np.asarray(joints_2d, dtype=np.float64)
         if joints_2d.shape != (len(images), k, 2):
@@ -95,7 +98,9 @@ def skeleton_figure(images, pred, gt, out_path, skeleton: Skeleton = H36M_SKELET
                 if style == "true":
                     ax.plot(x[idx], depth[idx], height[idx], color=TRUE_COLOUR, lw=1.2, ls="--")
                 else:
-                    ax.plot(x[idx], depth[idx], height[idx], color=_bone_colour(child, skeleton), lw=2)
+                    ax.plot(
+                        x[idx], depth[idx], height[idx], color=_bone_colour(child, skeleton), lw=2
+                    )
         ax.set_xlim(-half, half)
         ax.set_ylim(-half, half)
         ax.set_zlim(-half, half)
@@ -132,13 +137,23 @@ def joint_error_figure(per_joint: dict, out_path, baseline=None) -> Path:
             raise ValueError(f"baseline has no value for joints {missing}")
         width = 0.4
         ax.bar(x - width / 2, values, width, color="tab:blue", label="model")
-        ax.bar(x + width / 2, [float(baseline[n]) for n in names], width, color="tab:gray",
-               label="baseline")
+        ax.bar(
+            x + width / 2,
+            [float(baseline[n]) for n in names],
+            width,
+            color="tab:gray",
+            label="baseline",
+        )
         ax.legend(fontsize=8)
     else:
         ax.bar(x, values, 0.7, color="tab:blue", label="model")
         if baseline is not None:
-            ax.axhline(float(baseline), color="tab:red", ls="--", label=f"baseline {float(baseline):.1f} mm")
+            ax.axhline(
+                float(baseline),
+                color="tab:red",
+                ls="--",
+                label=f"baseline {float(baseline):.1f} mm",
+            )
             ax.legend(fontsize=8)
     ax.axhline(values.mean(), color="black", lw=0.8, ls=":")
     ax.set_xticks(x)
@@ -164,23 +179,42 @@ def sweep_history_figure(trials: list, out_path, metric: str = "val_mpjpe") -> P
     fig = _new_figure(6.4, 4.0)
     ax = fig.add_subplot()
     rows = sorted(trials, key=lambda t: t["number"])
-    done = [(t["number"], float(t["value"])) for t in rows
-            if _state_name(t["state"]) == "COMPLETE" and t.get("value") is not None]
-    pruned = [(t["number"], float(t["value"])) for t in rows
-              if _state_name(t["state"]) == "PRUNED" and t.get("value") is not None]
+    done = [
+        (t["number"], float(t["value"]))
+        for t in rows
+        if _state_name(t["state"]) == "COMPLETE" and t.get("value") is not None
+    ]
+    pruned = [
+        (t["number"], float(t["value"]))
+        for t in rows
+        if _state_name(t["state"]) == "PRUNED" and t.get("value") is not None
+    ]
     others = len(rows) - len(done) - len(pruned)
     if done:
         numbers, values = np.array(done).T
         ax.scatter(numbers, values, color="tab:blue", s=25, label="complete", zorder=3)
         best = np.minimum.accumulate(values)
-        ax.step(numbers, best, where="post", color="tab:red", lw=1.5,
-                label=f"best so far ({best[-1]:.1f})")
+        ax.step(
+            numbers,
+            best,
+            where="post",
+            color="tab:red",
+            lw=1.5,
+            label=f"best so far ({best[-1]:.1f})",
+        )
     if pruned:
         numbers, values = np.array(pruned).T
         ax.scatter(numbers, values, marker="v", color="tab:orange", s=25, label="pruned", zorder=3)
     if not done and not pruned:
-        ax.text(0.5, 0.5, "no trial has reported a value yet", ha="center", va="center",
-                transform=ax.transAxes, fontsize=11)
+        ax.text(
+            0.5,
+            0.5,
+            "no trial has reported a value yet",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=11,
+        )
     else:
         ax.legend(fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -202,8 +236,16 @@ def param_importance_figure(importances: dict | None, out_path, note: str | None
     fig = _new_figure(6.4, 0.35 * max(len(importances or {}), 4) + 1.5)
     ax = fig.add_subplot()
     if not importances:
-        ax.text(0.5, 0.5, note or "parameter importances need at least 2 finished trials",
-                ha="center", va="center", transform=ax.transAxes, fontsize=11, wrap=True)
+        ax.text(
+            0.5,
+            0.5,
+            note or "parameter importances need at least 2 finished trials",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=11,
+            wrap=True,
+        )
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title("parameter importance", fontsize=10)
@@ -243,8 +285,13 @@ OTHER_SCHEDULE_COLOUR = "tab:gray"
 BEST_COLOUR, PAPER_COLOUR = "tab:green", "tab:purple"
 
 
-def learning_curves_figure(curves: list, out_path, baseline: float | None = None,
-                           metric: str = "val_mpjpe", note: str | None = None) -> Path:
+def learning_curves_figure(
+    curves: list,
+    out_path,
+    baseline: float | None = None,
+    metric: str = "val_mpjpe",
+    note: str | None = None,
+) -> Path:
     """Every trial's validation error per epoch in one plot.
 
     curves: [{'trial_id': str, 'schedule': 'joint' | 'pretrain' | None, 'state': 'COMPLETE' |
@@ -259,7 +306,7 @@ def learning_curves_figure(curves: list, out_path, baseline: float | None = None
     ax = fig.add_subplot()
     drawn = [c for c in curves if len(c.get("values") or [])]
     # highlighted trials last, so that they lie on top
-    drawn.sort(key=lambda c: (bool(c.get("is_best")) or bool(c.get("is_paper_defaults"))))
+    drawn.sort(key=lambda c: bool(c.get("is_best")) or bool(c.get("is_paper_defaults")))
     all_values = []
     for c in drawn:
         epochs = np.asarray(c["epochs"], dtype=np.float64)
@@ -268,51 +315,124 @@ def learning_curves_figure(curves: list, out_path, baseline: float | None = None
         colour = SCHEDULE_COLOURS.get(c.get("schedule"), OTHER_SCHEDULE_COLOUR)
         state = _state_name(c.get("state", "COMPLETE"))
         highlighted = c.get("is_best") or c.get("is_paper_defaults")
-        style = {"PRUNED": ("--", 1.0, 0.75), "ERROR": (":", 1.0, 0.75)}.get(state, ("-", 1.5, 0.85))
+        style = {"PRUNED": ("--", 1.0, 0.75), "ERROR": (":", 1.0, 0.75)}.get(
+            state, ("-", 1.5, 0.85)
+        )
         ls, lw, alpha = style
         if highlighted:
             lw, alpha = 3.2, 1.0
             edge = BEST_COLOUR if c.get("is_best") else PAPER_COLOUR
             # a wide band in the highlight colour under the schedule-coloured line
-            ax.plot(epochs, values, color=edge, lw=lw + 8, alpha=0.4, ls="-",
-                    solid_capstyle="round", marker="o" if len(values) == 1 else None, ms=16, zorder=4)
-        ax.plot(epochs, values, color=colour, ls=ls, lw=lw, alpha=alpha, zorder=5 if highlighted else 2,
-                marker="o" if len(values) == 1 else None, ms=4)
+            ax.plot(
+                epochs,
+                values,
+                color=edge,
+                lw=lw + 8,
+                alpha=0.4,
+                ls="-",
+                solid_capstyle="round",
+                marker="o" if len(values) == 1 else None,
+                ms=16,
+                zorder=4,
+            )
+        ax.plot(
+            epochs,
+            values,
+            color=colour,
+            ls=ls,
+            lw=lw,
+            alpha=alpha,
+            zorder=5 if highlighted else 2,
+            marker="o" if len(values) == 1 else None,
+            ms=4,
+        )
         end = "x" if state in ("PRUNED", "ERROR") else "o"
-        ax.plot(epochs[-1:], values[-1:], marker=end, color=colour, ms=8 if end == "x" else 4,
-                mew=2, ls="none", zorder=6 if highlighted else 3)
+        ax.plot(
+            epochs[-1:],
+            values[-1:],
+            marker=end,
+            color=colour,
+            ms=8 if end == "x" else 4,
+            mew=2,
+            ls="none",
+            zorder=6 if highlighted else 3,
+        )
         if highlighted:
-            what = ("best = paper defaults" if c.get("is_best") and c.get("is_paper_defaults")
-                    else "best" if c.get("is_best") else "paper defaults")
+            what = (
+                "best = paper defaults"
+                if c.get("is_best") and c.get("is_paper_defaults")
+                else "best"
+                if c.get("is_best")
+                else "paper defaults"
+            )
             low = int(np.argmin(values))
-            ax.annotate(f"{what}: {c['trial_id']} ({values[low]:.1f} mm)",
-                        xy=(epochs[low], values[low]),
-                        xytext=(-12, -20 if c.get("is_best") else 16), textcoords="offset points",
-                        ha="right", va="center", fontsize=8.5, fontweight="bold",
-                        color=BEST_COLOUR if c.get("is_best") else PAPER_COLOUR,
-                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "alpha": 0.9,
-                              "ec": BEST_COLOUR if c.get("is_best") else PAPER_COLOUR},
-                        arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.8}, zorder=7)
+            ax.annotate(
+                f"{what}: {c['trial_id']} ({values[low]:.1f} mm)",
+                xy=(epochs[low], values[low]),
+                xytext=(-12, -20 if c.get("is_best") else 16),
+                textcoords="offset points",
+                ha="right",
+                va="center",
+                fontsize=8.5,
+                fontweight="bold",
+                color=BEST_COLOUR if c.get("is_best") else PAPER_COLOUR,
+                bbox={
+                    "boxstyle": "round,pad=0.2",
+                    "fc": "white",
+                    "alpha": 0.9,
+                    "ec": BEST_COLOUR if c.get("is_best") else PAPER_COLOUR,
+                },
+                arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.8},
+                zorder=7,
+            )
     if baseline is not None:
         ax.axhline(float(baseline), color="0.35", ls="-.", lw=1.2, zorder=1)
         all_values.append(float(baseline))
     if not drawn:
-        ax.text(0.5, 0.5, "no trial reported a validation error per epoch", ha="center",
-                va="center", transform=ax.transAxes, fontsize=11)
+        ax.text(
+            0.5,
+            0.5,
+            "no trial reported a validation error per epoch",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            fontsize=11,
+        )
     else:
         from matplotlib.lines import Line2D
 
-        handles = [Line2D([], [], color=SCHEDULE_COLOURS["joint"], lw=2, label="joint"),
-                   Line2D([], [], color=SCHEDULE_COLOURS["pretrain"], lw=2, label="pretrain"),
-                   Line2D([], [], color="0.3", lw=1.5, marker="o", ms=4, label="complete"),
-                   Line2D([], [], color="0.3", lw=1.0, ls="--", marker="x", ms=7, mew=2,
-                          label="pruned (stopped early)"),
-                   Line2D([], [], color=BEST_COLOUR, lw=9, alpha=0.4, label="best trial")]
+        handles = [
+            Line2D([], [], color=SCHEDULE_COLOURS["joint"], lw=2, label="joint"),
+            Line2D([], [], color=SCHEDULE_COLOURS["pretrain"], lw=2, label="pretrain"),
+            Line2D([], [], color="0.3", lw=1.5, marker="o", ms=4, label="complete"),
+            Line2D(
+                [],
+                [],
+                color="0.3",
+                lw=1.0,
+                ls="--",
+                marker="x",
+                ms=7,
+                mew=2,
+                label="pruned (stopped early)",
+            ),
+            Line2D([], [], color=BEST_COLOUR, lw=9, alpha=0.4, label="best trial"),
+        ]
         if any(c.get("is_paper_defaults") for c in drawn):
-            handles.append(Line2D([], [], color=PAPER_COLOUR, lw=9, alpha=0.4, label="paper defaults"))
+            handles.append(
+                Line2D([], [], color=PAPER_COLOUR, lw=9, alpha=0.4, label="paper defaults")
+            )
         if baseline is not None:
-            handles.append(Line2D([], [], color="0.35", ls="-.", lw=1.2,
-                                  label=f"mean-pose baseline ({float(baseline):.1f} mm)"))
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color="0.35",
+                    ls="-.",
+                    lw=1.2,
+                    label=f"mean-pose baseline ({float(baseline):.1f} mm)",
+                )
+            )
         ax.legend(handles=handles, fontsize=8, loc="upper right", framealpha=0.9)
         low, high = min(all_values), max(all_values)
         # room under the lowest curve for the best trial's label
@@ -329,8 +449,10 @@ def learning_curves_figure(curves: list, out_path, baseline: float | None = None
     ax.set_ylabel(f"{metric} (mm, lower is better)")
     schedules = [c.get("schedule") for c in drawn]
     pruned = sum(_state_name(c.get("state", "COMPLETE")) == "PRUNED" for c in drawn)
-    title = (f"validation MPJPE per epoch: {len(drawn)} trials ({schedules.count('joint')} joint, "
-             f"{schedules.count('pretrain')} pretrain), {pruned} pruned")
+    title = (
+        f"validation MPJPE per epoch: {len(drawn)} trials ({schedules.count('joint')} joint, "
+        f"{schedules.count('pretrain')} pretrain), {pruned} pruned"
+    )
     if len(curves) > len(drawn):
         title += f"; {len(curves) - len(drawn)} without a value not drawn"
     ax.set_title(title, fontsize=10)

@@ -29,14 +29,19 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from raypose import validate
-from raypose.evaluation import evaluate
-from raypose import storage
+from raypose import storage, validate
 from raypose.config import Config, ConfigError, resolve_key
-from raypose.evaluation.evaluate import TRIAL_STATES, trial_state
+from raypose.evaluation import history
+from raypose.storage import experiment as files
+from raypose.storage.experiment import TRIAL_STATES, trial_state
 
 SCHEDULES = ("joint", "pretrain")
-OUTPUT_FILES = ("sweep_report.md", "sweep_report.json", "learning_curves.png", "param_importance.png")
+OUTPUT_FILES = (
+    "sweep_report.md",
+    "sweep_report.json",
+    "learning_curves.png",
+    "param_importance.png",
+)
 REQUIRED_KEYS = ("trial_id", "params", "value", "trials")
 REQUIRED_TRIAL_KEYS = ("trial_id", "params", "best_val_mpjpe")
 
@@ -58,13 +63,15 @@ def read_best(uri: str) -> tuple:
     except Exception as e:  # botocore raises many kinds for an endpoint that is down
         raise storage.StorageError(f"{loc.uri} is unreachable: {type(e).__name__}") from None
     if not present:
-        # evaluate.resolve says what the URI is instead: missing, an unfinished sweep, a training run
-        target = evaluate.resolve(uri)
-        raise SweepReportError(f"{loc.uri} is a {target['kind']}, not an experiment (no best.json); "
-                               "pass the sweep's folder, the one holding best.json")
+        # raypose.storage.experiment.resolve says what the URI is instead: missing, an unfinished sweep, a training run
+        target = files.resolve(uri)
+        raise SweepReportError(
+            f"{loc.uri} is a {target['kind']}, not an experiment (no best.json); "
+            "pass the sweep's folder, the one holding best.json"
+        )
     try:
-        best = evaluate.read_best_json(best_loc)
-    except evaluate.EvaluationError as e:
+        best = files.read_best_json(best_loc)
+    except files.EvaluationError as e:
         raise SweepReportError(str(e)) from None
     check_best(best, best_loc.uri)
     return loc, best
@@ -76,13 +83,17 @@ def check_best(best, where: str) -> None:
         raise SweepReportError(f"{where}: expected a JSON object, got {type(best).__name__}")
     for key in REQUIRED_KEYS:
         if key not in best:
-            raise SweepReportError(f"{where} has no {key!r} key; it is not a raypose best.json "
-                                   f"(expected keys {', '.join(REQUIRED_KEYS)} ...)")
+            raise SweepReportError(
+                f"{where} has no {key!r} key; it is not a raypose best.json "
+                f"(expected keys {', '.join(REQUIRED_KEYS)} ...)"
+            )
     if not isinstance(best["trials"], list) or not best["trials"]:
         raise SweepReportError(f"{where}: 'trials' must be a non-empty list of trial rows")
     for i, row in enumerate(best["trials"]):
         if not isinstance(row, dict):
-            raise SweepReportError(f"{where}: trials[{i}] must be an object, got {type(row).__name__}")
+            raise SweepReportError(
+                f"{where}: trials[{i}] must be an object, got {type(row).__name__}"
+            )
         for key in REQUIRED_TRIAL_KEYS:
             if key not in row:
                 raise SweepReportError(f"{where}: trials[{i}] has no {key!r} key")
@@ -123,8 +134,10 @@ def trial_rows(best: dict, notes: list) -> list:
     rows_in = best["trials"]
     paper = best.get("paper_defaults")
     paper_id = paper.get("trial_id") if isinstance(paper, dict) else None
-    missing = {key: sum(key not in r for r in rows_in)
-               for key in ("state", "schedule", "is_paper_defaults", "history")}
+    missing = {
+        key: sum(key not in r for r in rows_in)
+        for key in ("state", "schedule", "is_paper_defaults", "history")
+    }
     rows = []
     for row in rows_in:
         params = row.get("params") or {}
@@ -133,39 +146,52 @@ def trial_rows(best: dict, notes: list) -> list:
             value, epoch = _finite(row.get("best_val_mpjpe")), row.get("best_epoch")
             curve = [[int(epoch), value]] if value is not None and epoch is not None else []
         else:
-            curve = [[int(h["epoch"]), _finite(h.get("val_mpjpe"))] for h in history
-                     if h.get("has_regression_head", True) and _finite(h.get("val_mpjpe")) is not None]
+            curve = [
+                [int(h["epoch"]), _finite(h.get("val_mpjpe"))]
+                for h in history
+                if h.get("has_regression_head", True) and _finite(h.get("val_mpjpe")) is not None
+            ]
             curve.sort()
         if "is_paper_defaults" in row:
             is_paper = bool(row["is_paper_defaults"])
         else:
             is_paper = paper_id is not None and str(row["trial_id"]) == str(paper_id)
-        rows.append({
-            "trial_id": str(row["trial_id"]),
-            "state": trial_state(row),
-            "schedule": _schedule_of(row, best.get("config")),
-            "is_best": str(row["trial_id"]) == str(best["trial_id"]),
-            "is_paper_defaults": is_paper,
-            "epochs": row.get("epochs"),
-            "best_val_mpjpe": _finite(row.get("best_val_mpjpe")),
-            "best_epoch": row.get("best_epoch"),
-            "params": params,
-            "error": row.get("error"),
-            "history_available": history is not None,
-            "curve": curve,
-        })
+        rows.append(
+            {
+                "trial_id": str(row["trial_id"]),
+                "state": trial_state(row),
+                "schedule": _schedule_of(row, best.get("config")),
+                "is_best": str(row["trial_id"]) == str(best["trial_id"]),
+                "is_paper_defaults": is_paper,
+                "epochs": row.get("epochs"),
+                "best_val_mpjpe": _finite(row.get("best_val_mpjpe")),
+                "best_epoch": row.get("best_epoch"),
+                "params": params,
+                "error": row.get("error"),
+                "history_available": history is not None,
+                "curve": curve,
+            }
+        )
     if missing["state"]:
-        notes.append(f"{missing['state']} trial row(s) carry no 'state' (an older best.json): "
-                     "ERROR where the row names an error, PRUNED where it stopped early, else COMPLETE")
+        notes.append(
+            f"{missing['state']} trial row(s) carry no 'state' (an older best.json): "
+            "ERROR where the row names an error, PRUNED where it stopped early, else COMPLETE"
+        )
     if missing["schedule"]:
         unknown = sum(r["schedule"] is None for r in rows)
-        left_out = f"; {unknown} trial(s) have none and are left out of the comparison" if unknown else ""
-        notes.append(f"{missing['schedule']} trial row(s) carry no 'schedule': read from the trial's "
-                     f"params, else from the sweep's base config{left_out}")
+        left_out = (
+            f"; {unknown} trial(s) have none and are left out of the comparison" if unknown else ""
+        )
+        notes.append(
+            f"{missing['schedule']} trial row(s) carry no 'schedule': read from the trial's "
+            f"params, else from the sweep's base config{left_out}"
+        )
     if missing["history"]:
-        notes.append(f"{missing['history']} trial row(s) carry no per-epoch 'history' (an older "
-                     "best.json): their learning curve is the single point of their best epoch, "
-                     "and they are left out of the comparison at equal epochs")
+        notes.append(
+            f"{missing['history']} trial row(s) carry no per-epoch 'history' (an older "
+            "best.json): their learning curve is the single point of their best epoch, "
+            "and they are left out of the comparison at equal epochs"
+        )
     return rows
 
 
@@ -185,16 +211,26 @@ def equal_epochs(rows: list) -> dict:
             continue
         for epoch, value in r["curve"]:
             by_epoch.setdefault(epoch, {s: [] for s in SCHEDULES})[r["schedule"]].append(value)
-    table = [{"epoch": e, **{s: _stats(by_epoch[e][s]) for s in SCHEDULES}} for e in sorted(by_epoch)]
+    table = [
+        {"epoch": e, **{s: _stats(by_epoch[e][s]) for s in SCHEDULES}} for e in sorted(by_epoch)
+    ]
     shared = [t for t in table if t["joint"] and t["pretrain"]]
-    result = {"rows": table, "epoch": None, "winner": None, "margin_mm": None, "margin_percent": None}
+    result = {
+        "rows": table,
+        "epoch": None,
+        "winner": None,
+        "margin_mm": None,
+        "margin_percent": None,
+    }
     if not shared:
         reached = {s: sum(1 for t in table if t[s]) for s in SCHEDULES}
         if not table:
             why = "no trial row has a per-epoch history"
         else:
-            why = (f"no epoch has a val MPJPE from both schedules (joint at {reached['joint']} "
-                   f"epoch(s), pretrain at {reached['pretrain']})")
+            why = (
+                f"no epoch has a val MPJPE from both schedules (joint at {reached['joint']} "
+                f"epoch(s), pretrain at {reached['pretrain']})"
+            )
         result["answer"] = f"joint and pretrain cannot be compared at equal epochs: {why}."
         return result
     last = shared[-1]
@@ -202,19 +238,24 @@ def equal_epochs(rows: list) -> dict:
     result["epoch"] = last["epoch"]
     if joint["best"] == pretrain["best"]:
         result.update(winner="tie", margin_mm=0.0, margin_percent=0.0)
-        result["answer"] = (f"At epoch {last['epoch']}, the largest epoch both schedules reached, "
-                            f"joint and pretrain tie at {joint['best']:.1f} mm (best of "
-                            f"{joint['count']} and {pretrain['count']} trials).")
+        result["answer"] = (
+            f"At epoch {last['epoch']}, the largest epoch both schedules reached, "
+            f"joint and pretrain tie at {joint['best']:.1f} mm (best of "
+            f"{joint['count']} and {pretrain['count']} trials)."
+        )
         return result
-    winner, loser = ("joint", "pretrain") if joint["best"] < pretrain["best"] else ("pretrain", "joint")
-    w, l = last[winner], last[loser]
-    margin = l["best"] - w["best"]
-    result.update(winner=winner, margin_mm=margin, margin_percent=100.0 * margin / l["best"])
+    winner, loser = (
+        ("joint", "pretrain") if joint["best"] < pretrain["best"] else ("pretrain", "joint")
+    )
+    won, lost = last[winner], last[loser]
+    margin = lost["best"] - won["best"]
+    result.update(winner=winner, margin_mm=margin, margin_percent=100.0 * margin / lost["best"])
     result["answer"] = (
         f"At epoch {last['epoch']}, the largest epoch both schedules reached, {winner} won: its "
-        f"best trial reached {w['best']:.1f} mm against {l['best']:.1f} mm for {loser}, "
-        f"{margin:.1f} mm ({result['margin_percent']:.1f} %) lower (medians {w['median']:.1f} vs "
-        f"{l['median']:.1f} mm; {w['count']} {winner} and {l['count']} {loser} trial(s) at that epoch).")
+        f"best trial reached {won['best']:.1f} mm against {lost['best']:.1f} mm for {loser}, "
+        f"{margin:.1f} mm ({result['margin_percent']:.1f} %) lower (medians {won['median']:.1f} vs "
+        f"{lost['median']:.1f} mm; {won['count']} {winner} and {lost['count']} {loser} trial(s) at that epoch)."
+    )
     return result
 
 
@@ -225,9 +266,13 @@ def _ratio(a, b):
 def best_vs_paper(best: dict, rows: list, baseline: float | None, notes: list) -> dict:
     """The best trial and the paper-defaults trial side by side, and their ratios."""
     best_row = next((r for r in rows if r["is_best"]), None)
-    best_entry = {"trial_id": str(best["trial_id"]), "params": best["params"],
-                  "value": _finite(best["value"]), "epoch": best.get("epoch"),
-                  "schedule": best_row["schedule"] if best_row else None}
+    best_entry = {
+        "trial_id": str(best["trial_id"]),
+        "params": best["params"],
+        "value": _finite(best["value"]),
+        "epoch": best.get("epoch"),
+        "schedule": best_row["schedule"] if best_row else None,
+    }
     paper_row = next((r for r in rows if r["is_paper_defaults"]), None)
     paper = best.get("paper_defaults")
     paper_entry = None
@@ -236,18 +281,25 @@ def best_vs_paper(best: dict, rows: list, baseline: float | None, notes: list) -
         value = _finite(paper.get("value"))
         if value is None and paper_row is not None:
             value = paper_row["best_val_mpjpe"]
-        paper_entry = {"trial_id": str(paper.get("trial_id") or paper_row["trial_id"]),
-                       "params": paper.get("params") or (paper_row or {}).get("params") or {},
-                       "value": value, "state": paper_row["state"] if paper_row else None}
+        paper_entry = {
+            "trial_id": str(paper.get("trial_id") or paper_row["trial_id"]),
+            "params": paper.get("params") or (paper_row or {}).get("params") or {},
+            "value": value,
+            "state": paper_row["state"] if paper_row else None,
+        }
         if value is None:
-            notes.append(f"the paper-defaults trial {paper_entry['trial_id']} reported no val MPJPE"
-                         + (f" (state {paper_row['state']})" if paper_row else "")
-                         + "; no ratio to it")
+            notes.append(
+                f"the paper-defaults trial {paper_entry['trial_id']} reported no val MPJPE"
+                + (f" (state {paper_row['state']})" if paper_row else "")
+                + "; no ratio to it"
+            )
     elif "paper_defaults" in best:
         notes.append("this sweep ran no trial with the paper's settings (paper_defaults is null)")
     else:
-        notes.append("best.json has no 'paper_defaults' (an older sweep): no paper-defaults trial "
-                     "to compare with")
+        notes.append(
+            "best.json has no 'paper_defaults' (an older sweep): no paper-defaults trial "
+            "to compare with"
+        )
     return {
         "best": best_entry,
         "paper_defaults": paper_entry,
@@ -288,28 +340,39 @@ def settings(params: dict) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return {"set_flags": " ".join(flags),
-            "yaml": yaml.safe_dump(nested, default_flow_style=False, sort_keys=True)}
+    return {
+        "set_flags": " ".join(flags),
+        "yaml": yaml.safe_dump(nested, default_flow_style=False, sort_keys=True),
+    }
 
 
-def summarise(best: dict, experiment_uri: str, importances: dict | None = None,
-              importance_note: str | None = None) -> dict:
+def summarise(
+    best: dict,
+    experiment_uri: str,
+    importances: dict | None = None,
+    importance_note: str | None = None,
+) -> dict:
     """Everything sweep_report.json holds, from best.json (checked by check_best) and the
     parameter importances when they could be computed."""
     notes = []
     rows = trial_rows(best, notes)
     baseline = _finite(best.get("val_mean_pose_mpjpe"))
     if baseline is None:
-        notes.append("best.json has no 'val_mean_pose_mpjpe' (an older sweep): no ratio to the "
-                     "mean-pose baseline and no baseline line in learning_curves.png")
+        notes.append(
+            "best.json has no 'val_mean_pose_mpjpe' (an older sweep): no ratio to the "
+            "mean-pose baseline and no baseline line in learning_curves.png"
+        )
     counts = {s: sum(r["state"] == s for r in rows) for s in TRIAL_STATES}
     return {
         "experiment": best.get("experiment") or experiment_uri,
         "metric": best.get("metric", "val_mpjpe"),
         "mode": best.get("mode", "min"),
         "val_mean_pose_mpjpe": baseline,
-        "counts": {"trials": len(rows), **counts,
-                   **{s: sum(r["schedule"] == s for r in rows) for s in SCHEDULES}},
+        "counts": {
+            "trials": len(rows),
+            **counts,
+            **{s: sum(r["schedule"] == s for r in rows) for s in SCHEDULES},
+        },
         "equal_epochs": equal_epochs(rows),
         "best_vs_paper": best_vs_paper(best, rows, baseline, notes),
         "importances": dict(importances or {}),
@@ -347,46 +410,73 @@ def markdown_section(summary: dict, level: int = 2) -> str:
     evaluate's report.md)."""
     h = "#" * level
     c = summary["counts"]
-    lines = [f"Experiment `{summary['experiment']}`: {c['trials']} trials ({c['joint']} joint, "
-             f"{c['pretrain']} pretrain): {c['COMPLETE']} complete, {c['PRUNED']} pruned, "
-             f"{c['ERROR']} error.  Metric: {summary['metric']}, validation MPJPE in mm, lower is better.",
-             f"Validation mean-pose baseline: {_mm(summary['val_mean_pose_mpjpe'])} mm.", ""]
+    lines = [
+        f"Experiment `{summary['experiment']}`: {c['trials']} trials ({c['joint']} joint, "
+        f"{c['pretrain']} pretrain): {c['COMPLETE']} complete, {c['PRUNED']} pruned, "
+        f"{c['ERROR']} error.  Metric: {summary['metric']}, validation MPJPE in mm, lower is better.",
+        f"Validation mean-pose baseline: {_mm(summary['val_mean_pose_mpjpe'])} mm.",
+        "",
+    ]
     if "learning_curves.png" in (summary.get("figures") or []):
         lines += ["![learning curves](learning_curves.png)", ""]
 
     eq = summary["equal_epochs"]
     lines += [f"{h} Joint vs pretrain at equal epochs", "", eq["answer"], ""]
     if eq["rows"]:
-        lines += ["| epoch | joint best | joint median | joint trials | pretrain best | "
-                  "pretrain median | pretrain trials |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| epoch | joint best | joint median | joint trials | pretrain best | "
+            "pretrain median | pretrain trials |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in eq["rows"]:
             cells = []
             for s in SCHEDULES:
                 st = row[s]
-                cells += ["-", "-", "0"] if st is None else [_mm(st["best"]), _mm(st["median"]),
-                                                             str(st["count"])]
+                cells += (
+                    ["-", "-", "0"]
+                    if st is None
+                    else [_mm(st["best"]), _mm(st["median"]), str(st["count"])]
+                )
             lines.append(f"| {row['epoch']} | " + " | ".join(cells) + " |")
-        lines += ["", "Each epoch counts the trials that reported a val MPJPE at it (pruned ones "
-                      "included; a pretrain trial reports none during its detection stage).", ""]
+        lines += [
+            "",
+            "Each epoch counts the trials that reported a val MPJPE at it (pruned ones "
+            "included; a pretrain trial reports none during its detection stage).",
+            "",
+        ]
 
     bp = summary["best_vs_paper"]
     b, p = bp["best"], bp["paper_defaults"]
-    lines += [f"{h} Best trial vs paper defaults", "",
-              "| | trial | schedule | best val MPJPE (mm) | / mean-pose baseline |", "|---|---|---|---|---|",
-              f"| best | {b['trial_id']} | {b['schedule'] or '-'} | {_mm(b['value'])} | "
-              f"{_x(bp['ratio_best_to_baseline'])} |"]
+    lines += [
+        f"{h} Best trial vs paper defaults",
+        "",
+        "| | trial | schedule | best val MPJPE (mm) | / mean-pose baseline |",
+        "|---|---|---|---|---|",
+        f"| best | {b['trial_id']} | {b['schedule'] or '-'} | {_mm(b['value'])} | "
+        f"{_x(bp['ratio_best_to_baseline'])} |",
+    ]
     if p is not None:
-        paper_schedule = next((r["schedule"] for r in summary["trials"] if r["is_paper_defaults"]), None)
-        lines.append(f"| paper defaults | {p['trial_id']} | {paper_schedule or '-'} | {_mm(p['value'])} | "
-                     f"{_x(bp['ratio_paper_to_baseline'])} |")
-        lines += ["", f"best / paper defaults: {_x(bp['ratio_best_to_paper'])}", "",
-                  "| param | best | paper defaults |", "|---|---|---|"]
+        paper_schedule = next(
+            (r["schedule"] for r in summary["trials"] if r["is_paper_defaults"]), None
+        )
+        lines.append(
+            f"| paper defaults | {p['trial_id']} | {paper_schedule or '-'} | {_mm(p['value'])} | "
+            f"{_x(bp['ratio_paper_to_baseline'])} |"
+        )
+        lines += [
+            "",
+            f"best / paper defaults: {_x(bp['ratio_best_to_paper'])}",
+            "",
+            "| param | best | paper defaults |",
+            "|---|---|---|",
+        ]
         for key in dict.fromkeys([*b["params"], *p["params"]]):
-            lines.append(f"| {key} | {_value_text(b['params'].get(key, '-'))} | "
-                         f"{_value_text(p['params'].get(key, '-'))} |")
+            lines.append(
+                f"| {key} | {_value_text(b['params'].get(key, '-'))} | "
+                f"{_value_text(p['params'].get(key, '-'))} |"
+            )
     else:
-        lines += ["", "No paper-defaults trial in this sweep.", "",
-                  "| param | best |", "|---|---|"]
+        lines += ["", "No paper-defaults trial in this sweep.", "", "| param | best |", "|---|---|"]
         for key, value in b["params"].items():
             lines.append(f"| {key} | {_value_text(value)} |")
     lines.append("")
@@ -403,22 +493,46 @@ def markdown_section(summary: dict, level: int = 2) -> str:
     lines.append("")
 
     st = summary["settings"]
-    lines += [f"{h} Settings to use", "",
-              "The best trial's parameters, on top of the sweep's base config (best.json's 'config' "
-              "holds the full one):", "", "```bash", f"raypose train {st['set_flags']}", "```", "",
-              "or in a `--config` YAML file:", "", "```yaml", st["yaml"].rstrip(), "```", ""]
+    lines += [
+        f"{h} Settings to use",
+        "",
+        "The best trial's parameters, on top of the sweep's base config (best.json's 'config' "
+        "holds the full one):",
+        "",
+        "```bash",
+        f"raypose train {st['set_flags']}",
+        "```",
+        "",
+        "or in a `--config` YAML file:",
+        "",
+        "```yaml",
+        st["yaml"].rstrip(),
+        "```",
+        "",
+    ]
 
-    lines += [f"{h} Trials", "",
-              "| trial | state | schedule | epochs run | best val MPJPE (mm) | best epoch | params |",
-              "|---|---|---|---|---|---|---|"]
-    order = sorted(summary["trials"], key=lambda r: (r["best_val_mpjpe"] is None, r["best_val_mpjpe"] or 0))
+    lines += [
+        f"{h} Trials",
+        "",
+        "| trial | state | schedule | epochs run | best val MPJPE (mm) | best epoch | params |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(
+        summary["trials"], key=lambda r: (r["best_val_mpjpe"] is None, r["best_val_mpjpe"] or 0)
+    )
     for r in order:
-        tags = [t for t, on in (("best", r["is_best"]), ("paper defaults", r["is_paper_defaults"])) if on]
+        tags = [
+            t
+            for t, on in (("best", r["is_best"]), ("paper defaults", r["is_paper_defaults"]))
+            if on
+        ]
         name = r["trial_id"] + (f" ({', '.join(tags)})" if tags else "")
         state = r["state"] + (f": {r['error']}" if r["error"] else "")
         epochs, best_epoch = ("-" if v is None else v for v in (r["epochs"], r["best_epoch"]))
-        lines.append(f"| {name} | {state} | {r['schedule'] or '-'} | {epochs} | {_mm(r['best_val_mpjpe'])} | "
-                     f"{best_epoch} | {_params_text(r['params'])} |")
+        lines.append(
+            f"| {name} | {state} | {r['schedule'] or '-'} | {epochs} | {_mm(r['best_val_mpjpe'])} | "
+            f"{best_epoch} | {_params_text(r['params'])} |"
+        )
     lines.append("")
     if summary["notes"]:
         lines += [f"{h} Notes", ""] + [f"- {n}" for n in summary["notes"]] + [""]
@@ -440,17 +554,34 @@ def write_learning_curves(out: Path, summary: dict) -> list:
     """learning_curves.png when some trial has a point to draw; returns the file names written."""
     from raypose.evaluation.figures import learning_curves_figure
 
-    curves = [{"trial_id": r["trial_id"], "schedule": r["schedule"], "state": r["state"],
-               "epochs": [e for e, _ in r["curve"]], "values": [v for _, v in r["curve"]],
-               "is_best": r["is_best"], "is_paper_defaults": r["is_paper_defaults"]}
-              for r in summary["trials"]]
+    curves = [
+        {
+            "trial_id": r["trial_id"],
+            "schedule": r["schedule"],
+            "state": r["state"],
+            "epochs": [e for e, _ in r["curve"]],
+            "values": [v for _, v in r["curve"]],
+            "is_best": r["is_best"],
+            "is_paper_defaults": r["is_paper_defaults"],
+        }
+        for r in summary["trials"]
+    ]
     if not any(r["curve"] for r in summary["trials"]):
         return []
     without_history = sum(not r["history_available"] for r in summary["trials"])
-    note = (f"{without_history} trial(s) without a per-epoch history in best.json (an older sweep): "
-            "drawn at their best epoch only" if without_history else None)
-    learning_curves_figure(curves, out / "learning_curves.png", baseline=summary["val_mean_pose_mpjpe"],
-                           metric=summary["metric"], note=note)
+    note = (
+        f"{without_history} trial(s) without a per-epoch history in best.json (an older sweep): "
+        "drawn at their best epoch only"
+        if without_history
+        else None
+    )
+    learning_curves_figure(
+        curves,
+        out / "learning_curves.png",
+        baseline=summary["val_mean_pose_mpjpe"],
+        metric=summary["metric"],
+        note=note,
+    )
     return ["learning_curves.png"]
 
 
@@ -460,40 +591,53 @@ def sweep_report(uri: str, out_dir: str | None = None, force: bool = False) -> d
         checked = validate.output_dir(out_dir, "--out")
         clash = [n for n in OUTPUT_FILES if (checked / n).exists()]
         if clash and not force:  # an earlier report is never overwritten silently
-            raise SweepReportError(f"{checked / clash[0]} already exists: --out {checked} holds an "
-                                   "earlier report; pass another --out, or --force to replace it "
-                                   "(nothing was written)")
+            raise SweepReportError(
+                f"{checked / clash[0]} already exists: --out {checked} holds an "
+                "earlier report; pass another --out, or --force to replace it "
+                "(nothing was written)"
+            )
     if storage.parse(uri).scheme == "s3":
         storage.check_reachable(storage.parse(uri), create=False)
     experiment, best = read_best(uri)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = f"sweep-report-{stamp}"
     name = posixpath.basename(experiment.path.rstrip("/")) or "experiment"
-    out = (Path(out_dir) if out_dir
-           else evaluate._free_local_dir(Path("runs") / "sweep-report" / f"{name}-{stamp}"))
+    out = (
+        Path(out_dir)
+        if out_dir
+        else files.free_local_dir(Path("runs") / "sweep-report" / f"{name}-{stamp}")
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        study_db = evaluate.fetch_study_copy(experiment, Path(tmp))
-        sweep = evaluate.sweep_history(best, study_db, evaluate.study_copy(experiment))
+        study_db = files.fetch_study_copy(experiment, Path(tmp))
+        sweep = history.sweep_history(best, study_db, files.study_copy(experiment))
     summary = summarise(best, experiment.uri, sweep["importances"], sweep["note"])
     from raypose.evaluation.figures import param_importance_figure
 
     # written beside --out and renamed into it at the end: a failure leaves --out as it was
     with validate.staged_folder(out, OUTPUT_FILES) as stage:
         figures = write_learning_curves(stage, summary)
-        param_importance_figure(sweep["importances"], stage / "param_importance.png",
-                                note=None if sweep["importances"] else sweep["note"])
+        param_importance_figure(
+            sweep["importances"],
+            stage / "param_importance.png",
+            note=None if sweep["importances"] else sweep["note"],
+        )
         summary["figures"] = figures + ["param_importance.png"]
-        remote = evaluate._free_storage_dir(experiment, folder)
+        remote = files.free_storage_dir(experiment, folder)
         summary["outputs"] = {"local": str(out.resolve()), "storage": remote.uri}
         (stage / "sweep_report.md").write_text(markdown_report(summary))
         (stage / "sweep_report.json").write_text(json.dumps(summary, indent=1))
-    evaluate.upload_outputs(out, [*summary["figures"], "sweep_report.md", "sweep_report.json"], remote)
+    files.upload_outputs(out, [*summary["figures"], "sweep_report.md", "sweep_report.json"], remote)
     print(f"[raypose] {summary['equal_epochs']['answer']}", flush=True)
     bp = summary["best_vs_paper"]
-    print(f"[raypose] best trial {bp['best']['trial_id']}: {_mm(bp['best']['value'])} mm; "
-          f"best / paper defaults {_x(bp['ratio_best_to_paper'])}, best / mean-pose baseline "
-          f"{_x(bp['ratio_best_to_baseline'])}", flush=True)
-    print(f"[raypose] sweep report: {out.resolve() / 'sweep_report.md'} and {remote.uri}", flush=True)
+    print(
+        f"[raypose] best trial {bp['best']['trial_id']}: {_mm(bp['best']['value'])} mm; "
+        f"best / paper defaults {_x(bp['ratio_best_to_paper'])}, best / mean-pose baseline "
+        f"{_x(bp['ratio_best_to_baseline'])}",
+        flush=True,
+    )
+    print(
+        f"[raypose] sweep report: {out.resolve() / 'sweep_report.md'} and {remote.uri}", flush=True
+    )
     return summary
 
 
@@ -503,9 +647,14 @@ def sweep_report(uri: str, out_dir: str | None = None, force: bool = False) -> d
 
 def add_arguments(parser) -> None:
     parser.add_argument("uri", help="experiment URI: the sweep's folder holding best.json")
-    parser.add_argument("--out", help="local output folder (default: runs/sweep-report/<experiment>-<time>)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace the report in --out if it holds one (default: refuse)")
+    parser.add_argument(
+        "--out", help="local output folder (default: runs/sweep-report/<experiment>-<time>)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the report in --out if it holds one (default: refuse)",
+    )
 
 
 def run(args) -> int:

@@ -43,5 +43,7 @@ def multitask_loss(outputs: dict, batch: dict, lam: float, stage: str = "joint")
     elif stage == "regression":
         loss = e_r
     else:
-        raise ValueError(f"unknown training stage {stage!r}; expected joint, detection or regression")
+        raise ValueError(
+            f"unknown training stage {stage!r}; expected joint, detection or regression"
+        )
     return loss, parts

@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raypose.config import ModelConfig  # the model's settings live with the other config (torch-free)
+from raypose.config import (
+    ModelConfig,
+)  # the model's settings live with the other config (torch-free)
 
 NUM_JOINTS = 17
 DETECTION_GRID = 10  # 10 x 10 windows of 30 px, stride 10, on the 112 px crop
@@ -29,8 +31,9 @@ class SpatialLRN(nn.Module):
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         # count_include_pad=False divides by the neighbours inside the map
-        mean_sq = F.avg_pool2d(u * u, self.window, stride=1, padding=self.window // 2,
-                               count_include_pad=False)
+        mean_sq = F.avg_pool2d(
+            u * u, self.window, stride=1, padding=self.window // 2, count_include_pad=False
+        )
         return u / (1.0 + self.alpha * mean_sq).pow(self.beta)
 
     def extra_repr(self) -> str:
@@ -82,14 +85,17 @@ class LiChanNet(nn.Module):
       'detection_logits' (B, 17, 100) logits, if the head exists
     """
 
-    def __init__(self, cfg: ModelConfig | None = None, regression: bool = True, detection: bool = True):
+    def __init__(
+        self, cfg: ModelConfig | None = None, regression: bool = True, detection: bool = True
+    ):
         super().__init__()
         self.cfg = cfg or ModelConfig()
         self.trunk = Trunk(self.cfg)
         features = 64 * 10 * 10
         self.regression = Head(features, NUM_JOINTS * 3, self.cfg) if regression else None
-        self.detection = (Head(features, NUM_JOINTS * DETECTION_GRID**2, self.cfg)
-                          if detection else None)
+        self.detection = (
+            Head(features, NUM_JOINTS * DETECTION_GRID**2, self.cfg) if detection else None
+        )
 
     def forward(self, images: torch.Tensor) -> dict:
         features = self.trunk(images)  # (B, 6400)
@@ -97,7 +103,9 @@ class LiChanNet(nn.Module):
         if self.regression is not None:
             out["offsets"] = torch.tanh(self.regression(features)).view(-1, NUM_JOINTS, 3)
         if self.detection is not None:
-            out["detection_logits"] = self.detection(features).view(-1, NUM_JOINTS, DETECTION_GRID**2)
+            out["detection_logits"] = self.detection(features).view(
+                -1, NUM_JOINTS, DETECTION_GRID**2
+            )
         return out
 
 
@@ -126,13 +134,20 @@ def summary(cfg: ModelConfig | None = None) -> str:
 
     with torch.no_grad():
         rows.append(("input", shape(x), 0))
-        x = F.relu(t.conv1(x)); rows.append(("conv1", shape(x), count_parameters(t.conv1)))
-        x = F.max_pool2d(x, 3, 2, ceil_mode=True); rows.append(("pool1", shape(x), 0))
-        x = F.relu(t.conv2(x)); rows.append(("conv2", shape(x), count_parameters(t.conv2)))
-        x = t.lrn(x); rows.append(("lrn", shape(x), 0))
-        x = F.max_pool2d(x, 3, 2, ceil_mode=True); rows.append(("pool2", shape(x), 0))
-        x = t.conv3(x); rows.append(("conv3", shape(x), count_parameters(t.conv3)))
-        x = F.max_pool2d(x, 3, 2, ceil_mode=True); rows.append(("pool3", shape(x), 0))
+        x = F.relu(t.conv1(x))
+        rows.append(("conv1", shape(x), count_parameters(t.conv1)))
+        x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+        rows.append(("pool1", shape(x), 0))
+        x = F.relu(t.conv2(x))
+        rows.append(("conv2", shape(x), count_parameters(t.conv2)))
+        x = t.lrn(x)
+        rows.append(("lrn", shape(x), 0))
+        x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+        rows.append(("pool2", shape(x), 0))
+        x = t.conv3(x)
+        rows.append(("conv3", shape(x), count_parameters(t.conv3)))
+        x = F.max_pool2d(x, 3, 2, ceil_mode=True)
+        rows.append(("pool3", shape(x), 0))
         for prefix, head in (("fcr", model.regression), ("fcd", model.detection)):
             for i, fc in enumerate((head.fc1, head.fc2, head.fc3), start=1):
                 rows.append((f"{prefix}{i}", str(fc.out_features), count_parameters(fc)))

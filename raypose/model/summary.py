@@ -5,8 +5,14 @@ from raypose.model.network import summary
 
 
 def add_arguments(parser):
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a model setting, e.g. --set fc1_width=512")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model setting, e.g. --set fc1_width=512",
+    )
 
 
 def run(args):
@@ -16,9 +22,11 @@ def run(args):
     apply_overrides(cfg, args.overrides, sources=sources)
     for key, source in sources.items():
         if not key.startswith("model."):
-            raise ConfigError(f"{source}: {key} is not a model setting; model-summary takes "
-                              "model.* keys only (lrn_alpha, lrn_beta, lrn_window, dropout, "
-                              "fc1_width, fc2_width)")
+            raise ConfigError(
+                f"{source}: {key} is not a model setting; model-summary takes "
+                "model.* keys only (lrn_alpha, lrn_beta, lrn_window, dropout, "
+                "fc1_width, fc2_width)"
+            )
     cfg.validate(sources)
     print(summary(cfg.model))
     return 0

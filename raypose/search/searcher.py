@@ -47,29 +47,52 @@ def trial_state(result: dict | None, error: bool) -> str:
     return "PRUNED"
 
 
-def make_scheduler(max_epochs: int, grace_period: int = 1, reduction_factor: float = 2,
-                   reference: dict | None = None):
+def make_scheduler(
+    max_epochs: int,
+    grace_period: int = 1,
+    reduction_factor: float = 2,
+    reference: dict | None = None,
+):
     """reference: the paper-settings point; the first trial whose config holds it is never
     stopped (its results still count at every rung), so every sweep compares its best trial with
     the paper's settings trained as long."""
     return RegressionStageASHA(
-        reference, time_attr="epoch", metric=METRIC, mode=MODE, max_t=max_epochs,
-        grace_period=grace_period, reduction_factor=reduction_factor)
+        reference,
+        time_attr="epoch",
+        metric=METRIC,
+        mode=MODE,
+        max_t=max_epochs,
+        grace_period=grace_period,
+        reduction_factor=reduction_factor,
+    )
 
 
-def make_searcher(space, seed: int, study_url: str, study_name: str, points_to_evaluate=(),
-                  concurrent: bool = False, samples: int = 8):
+def make_searcher(
+    space,
+    seed: int,
+    study_url: str,
+    study_name: str,
+    points_to_evaluate=(),
+    concurrent: bool = False,
+    samples: int = 8,
+):
     """A StudySearcher on the study `study_name` at `study_url` (created unless it exists): a
     seeded multivariate TPE (constant liar when trials run at once, so concurrent trials do not
     all sample the same region) on a define-by-run space. points_to_evaluate are the study's
     first trials when the study is new."""
-    return StudySearcher(space, seed, study_url, study_name,
-                         points_to_evaluate=points_to_evaluate, concurrent=concurrent,
-                         samples=samples)
+    return StudySearcher(
+        space,
+        seed,
+        study_url,
+        study_name,
+        points_to_evaluate=points_to_evaluate,
+        concurrent=concurrent,
+        samples=samples,
+    )
 
 
 def sqlite_path(url: str) -> Path | None:
-    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
 SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite 3 database file
@@ -92,19 +115,24 @@ def check_study_db(study_url: str) -> None:
         return
     where = f"--study-db {clipped(study_url, 240)}"  # a path: shown whole unless absurd
     if db.is_dir():
-        raise ConfigError(f"{where}: is a folder, expected an Optuna SQLite file "
-                          "(or a path that does not exist yet)")
+        raise ConfigError(
+            f"{where}: is a folder, expected an Optuna SQLite file "
+            "(or a path that does not exist yet)"
+        )
     try:
         with open(db, "rb") as f:
             header = f.read(100)  # the database header
     except OSError as e:
-        raise ConfigError(f"{where}: the file cannot be read "
-                          f"({e.strerror or type(e).__name__})") from None
+        raise ConfigError(
+            f"{where}: the file cannot be read ({e.strerror or type(e).__name__})"
+        ) from None
     if not header:
         return  # an empty file: SQLite takes it for an empty database
     if not header.startswith(SQLITE_HEADER):
-        raise ConfigError(f"{where}: the file is not a SQLite database; give an Optuna "
-                          "SQLite file or a path that does not exist yet")
+        raise ConfigError(
+            f"{where}: the file is not a SQLite database; give an Optuna "
+            "SQLite file or a path that does not exist yet"
+        )
     # read without writing: immutable=1 makes SQLite create no -shm/-wal files beside it, except
     # for a WAL database whose -wal file holds changes not yet in the file itself
     live_wal = len(header) > 18 and header[18] == 2 and Path(f"{db}-wal").exists()
@@ -112,18 +140,22 @@ def check_study_db(study_url: str) -> None:
     try:
         con = sqlite3.connect(f"{db.resolve().as_uri()}?{options}", uri=True)
         try:
-            tables = sorted(row[0] for row in con.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'table'"))
+            tables = sorted(
+                row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            )
         finally:
             con.close()
     except sqlite3.DatabaseError as e:
-        raise ConfigError(f"{where}: the file is not a readable SQLite database "
-                          f"({clipped(e, 120)})") from None
+        raise ConfigError(
+            f"{where}: the file is not a readable SQLite database ({clipped(e, 120)})"
+        ) from None
     if not tables or all(t in tables for t in OPTUNA_TABLES):
         return
-    raise ConfigError(f"{where}: the file is a SQLite database of something else (tables "
-                      f"{clipped(', '.join(tables), 120)}), not an Optuna study database; give "
-                      "an Optuna SQLite file or a path that does not exist yet")
+    raise ConfigError(
+        f"{where}: the file is a SQLite database of something else (tables "
+        f"{clipped(', '.join(tables), 120)}), not an Optuna study database; give "
+        "an Optuna SQLite file or a path that does not exist yet"
+    )
 
 
 def read_state(path: str) -> dict:
@@ -141,12 +173,18 @@ def read_state(path: str) -> dict:
     def ints(items):
         return all(type(i) is int for i in items)  # not bool
 
-    ok = (isinstance(state, dict) and state.get("format") == STATE_FORMAT
-          and isinstance(state.get("study_url"), str) and isinstance(state.get("study_name"), str)
-          and isinstance(state.get("trials"), dict) and ints(state["trials"].values())
-          and isinstance(state.get("reported"), dict)
-          and all(isinstance(v, list) and ints(v) for v in state["reported"].values())
-          and isinstance(state.get("completed"), list) and strings(state["completed"]))
+    ok = (
+        isinstance(state, dict)
+        and state.get("format") == STATE_FORMAT
+        and isinstance(state.get("study_url"), str)
+        and isinstance(state.get("study_name"), str)
+        and isinstance(state.get("trials"), dict)
+        and ints(state["trials"].values())
+        and isinstance(state.get("reported"), dict)
+        and all(isinstance(v, list) and ints(v) for v in state["reported"].values())
+        and isinstance(state.get("completed"), list)
+        and strings(state["completed"])
+    )
     if not ok:
         raise ValueError(f"{path}: not a raypose searcher state ({STATE_FORMAT} JSON expected)")
     return state
@@ -176,7 +214,8 @@ class RegressionStageASHA(AsyncHyperBandScheduler):
         if not self.reference:
             return False
         if self.reference_trial_id is None and all(
-                (trial.config or {}).get(k) == v for k, v in self.reference.items()):
+            (trial.config or {}).get(k) == v for k, v in self.reference.items()
+        ):
             self.reference_trial_id = trial.trial_id
         return trial.trial_id == self.reference_trial_id
 
@@ -196,6 +235,7 @@ class RegressionStageASHA(AsyncHyperBandScheduler):
             return
         super().on_trial_complete(tune_controller, trial, result)
 
+
 class StudySearcher(Searcher):
     """Tells the study what ASHA and best.json see (see the module's docstring).
 
@@ -205,8 +245,16 @@ class StudySearcher(Searcher):
     STUDY_URL_ENV when set, else at that URL. save/restore write and read that state as JSON.
     """
 
-    def __init__(self, space, seed: int, study_url: str, study_name: str,
-                 points_to_evaluate=(), concurrent: bool = False, samples: int = 8):
+    def __init__(
+        self,
+        space,
+        seed: int,
+        study_url: str,
+        study_name: str,
+        points_to_evaluate=(),
+        concurrent: bool = False,
+        samples: int = 8,
+    ):
         super().__init__(metric=METRIC, mode=MODE)
         self.space = space
         self.seed, self.concurrent, self.samples = seed, concurrent, samples
@@ -223,10 +271,13 @@ class StudySearcher(Searcher):
     def sampler(self, offset: int):
         return optuna.samplers.TPESampler(
             seed=None if self.seed is None else self.seed + offset,
-            multivariate=True, group=True, constant_liar=self.concurrent,
+            multivariate=True,
+            group=True,
+            constant_liar=self.concurrent,
             # TPE's default of 10 random trials first would leave a small sweep with no
             # model-based trial at all
-            n_startup_trials=min(10, max(3, self.samples // 3)))
+            n_startup_trials=min(10, max(3, self.samples // 3)),
+        )
 
     def open(self, create: bool, points=()) -> None:
         url = self.study_url if create else os.environ.get(STUDY_URL_ENV) or self.study_url
@@ -237,13 +288,16 @@ class StudySearcher(Searcher):
             # SQLite would create an empty database there: the sweep's trials would be lost
             raise FileNotFoundError(
                 f"the sweep's Optuna study {url} is not on this machine; set {STUDY_URL_ENV} "
-                "to the URL of its copy here")
+                "to the URL of its copy here"
+            )
         storage = optuna.storages.RDBStorage(url)
-        common = dict(study_name=self.study_name, storage=storage,
-                      pruner=optuna.pruners.NopPruner())  # ASHA stops trials, not Optuna
+        common = dict(
+            study_name=self.study_name, storage=storage, pruner=optuna.pruners.NopPruner()
+        )  # ASHA stops trials, not Optuna
         if create:
-            study = optuna.create_study(direction="minimize", load_if_exists=True,
-                                        sampler=self.sampler(0), **common)
+            study = optuna.create_study(
+                direction="minimize", load_if_exists=True, sampler=self.sampler(0), **common
+            )
             if not study.get_trials(deepcopy=False):  # the points go first, and only once
                 for point in points:
                     study.enqueue_trial(point)
@@ -266,7 +320,8 @@ class StudySearcher(Searcher):
         if trial_id not in self.live:
             study = self.opened()
             db_id = self.storage.get_trial_id_from_study_id_trial_number(
-                self.storage.get_study_id_from_name(self.study_name), self.trials[trial_id])
+                self.storage.get_study_id_from_name(self.study_name), self.trials[trial_id]
+            )
             self.live[trial_id] = optuna.trial.Trial(study, db_id)
         return self.live[trial_id]
 
@@ -292,8 +347,9 @@ class StudySearcher(Searcher):
             self.trial_of(trial_id).report(float(result[METRIC]), epoch)
             reported.add(epoch)
 
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
         if trial_id in self.completed or trial_id not in self.trials:
             return
         state = trial_state(result, error)
@@ -306,8 +362,11 @@ class StudySearcher(Searcher):
             if not math.isnan(value):
                 study.tell(number, value, state=TrialState.COMPLETE, skip_if_finished=True)
             else:  # PRUNED takes its last intermediate value; Optuna refuses a NaN value
-                study.tell(number, state=TrialState.PRUNED if state == "PRUNED"
-                           else TrialState.FAIL, skip_if_finished=True)
+                study.tell(
+                    number,
+                    state=TrialState.PRUNED if state == "PRUNED" else TrialState.FAIL,
+                    skip_if_finished=True,
+                )
         finally:
             self.completed.add(trial_id)
             self.live.pop(trial_id, None)
@@ -315,10 +374,14 @@ class StudySearcher(Searcher):
     # -- saved state: JSON with Tune's experiment state, the study URL in pickles
 
     def save(self, checkpoint_path: str) -> None:
-        state = {"format": STATE_FORMAT, "study_url": self.study_url,
-                 "study_name": self.study_name, "trials": self.trials,
-                 "reported": {t: sorted(e) for t, e in self.reported.items()},
-                 "completed": sorted(self.completed)}
+        state = {
+            "format": STATE_FORMAT,
+            "study_url": self.study_url,
+            "study_name": self.study_name,
+            "trials": self.trials,
+            "reported": {t: sorted(e) for t, e in self.reported.items()},
+            "completed": sorted(self.completed),
+        }
         with open(checkpoint_path, "w") as f:
             json.dump(state, f)
 

@@ -93,8 +93,10 @@ class Parameter:
 
     def active(self, values: dict) -> bool:
         """Whether this parameter exists, given the values chosen so far."""
-        return all(other in values and any(_same(values[other], v) for v in allowed)
-                   for other, allowed in self.condition)
+        return all(
+            other in values and any(_same(values[other], v) for v in allowed)
+            for other, allowed in self.condition
+        )
 
     def suggest(self, trial):
         """One value from an optuna Trial (or anything with its suggest_* methods)."""
@@ -112,7 +114,9 @@ class Parameter:
         if self.distribution in ("uniform", "loguniform"):
             text = f"{self.distribution} [{self.low:g}, {self.high:g}]"
         elif self.distribution == "int":
-            text = f"int [{self.low}, {self.high}]" + (f" step {self.step}" if self.step != 1 else "")
+            text = f"int [{self.low}, {self.high}]" + (
+                f" step {self.step}" if self.step != 1 else ""
+            )
             text += " log" if self.log else ""
         elif self.distribution == "categorical":
             text = "one of " + ", ".join(map(str, self.choices))
@@ -151,8 +155,11 @@ class SearchSpace:
         OptunaSearch records what the trial's suggest_* calls return and merges in the dict this
         returns: the fixed parameters that exist in this trial (None when there are none)."""
         values = self.suggest(trial)
-        fixed = {p.name: values[p.name] for p in self.parameters
-                 if p.distribution == "fixed" and p.name in values}
+        fixed = {
+            p.name: values[p.name]
+            for p in self.parameters
+            if p.distribution == "fixed" and p.name in values
+        }
         return fixed or None
 
     def apply(self, params: dict, cfg: Config | None = None) -> Config:
@@ -161,9 +168,11 @@ class SearchSpace:
         params: {name: value} as suggest() returns it, or Tune's trial config from OptunaSearch."""
         unknown = sorted(set(params) - set(self.names))
         if unknown:
-            raise SearchSpaceError(f"{self.path}: trial parameters {shown(unknown, PARAMS_SHOWN)} "
-                                   f"are not in this search space; it has "
-                                   f"{shown(self.names, PARAMS_SHOWN)}")
+            raise SearchSpaceError(
+                f"{self.path}: trial parameters {shown(unknown, PARAMS_SHOWN)} "
+                f"are not in this search space; it has "
+                f"{shown(self.names, PARAMS_SHOWN)}"
+            )
         cfg = copy.deepcopy(cfg) if cfg is not None else Config()
         for p in self.parameters:
             if p.name in params:
@@ -174,8 +183,9 @@ class SearchSpace:
         try:
             return cfg.validate()
         except ConfigError as e:
-            raise SearchSpaceError(f"{self.path}: trial parameters "
-                                   f"{shown(params, PARAMS_SHOWN)}: {e}") from None
+            raise SearchSpaceError(
+                f"{self.path}: trial parameters {shown(params, PARAMS_SHOWN)}: {e}"
+            ) from None
 
     def check_against(self, cfg: Config) -> None:
         """Check, before any trial runs, that every trial can build a valid config from cfg.
@@ -205,9 +215,11 @@ class SearchSpace:
                     trial.validate()
                 except ConfigError as e:
                     given = "".join(f" and {n}={shown(v)}" for n, v in needs.items())
-                    raise SearchSpaceError(f"{self.path}: parameters.{p.name}: {label} "
-                                           f"{shown(value)}{given} gives an invalid config: "
-                                           f"{e}") from None
+                    raise SearchSpaceError(
+                        f"{self.path}: parameters.{p.name}: {label} "
+                        f"{shown(value)}{given} gives an invalid config: "
+                        f"{e}"
+                    ) from None
 
     @staticmethod
     def _required_values(p: Parameter, by_name: dict) -> dict:
@@ -222,11 +234,16 @@ class SearchSpace:
         """The same values as `--set KEY=VALUE` strings (dotted keys), e.g. for a job command line."""
         unknown = sorted(set(params) - set(self.names))
         if unknown:
-            raise SearchSpaceError(f"{self.path}: trial parameters {shown(unknown, PARAMS_SHOWN)} "
-                                   f"are not in this search space; it has "
-                                   f"{shown(self.names, PARAMS_SHOWN)}")
-        return [f"{p.key}={_format_override(params[p.name])}" for p in self.parameters
-                if p.name in params]
+            raise SearchSpaceError(
+                f"{self.path}: trial parameters {shown(unknown, PARAMS_SHOWN)} "
+                f"are not in this search space; it has "
+                f"{shown(self.names, PARAMS_SHOWN)}"
+            )
+        return [
+            f"{p.key}={_format_override(params[p.name])}"
+            for p in self.parameters
+            if p.name in params
+        ]
 
     def describe(self) -> str:
         lines = [f"search space {self.path}: minimise {self.metric}"]
@@ -245,6 +262,7 @@ def _format_override(value) -> str:
 
 
 # --- loading and checking --------------------------------------------------------------------
+
 
 class _DuplicateKey(Exception):
     def __init__(self, key, line):
@@ -266,8 +284,9 @@ def _construct_unique_mapping(loader, node, deep=False):
     return loader.construct_mapping(node, deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-                                 _construct_unique_mapping)
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
 
 
 def load_space(path) -> SearchSpace:
@@ -278,34 +297,45 @@ def load_space(path) -> SearchSpace:
     try:
         doc = read_yaml(path, "search-space file", SearchSpaceError, loader=_UniqueKeyLoader)
     except _DuplicateKey as e:
-        raise SearchSpaceError(f"{source}: line {e.line}: key {shown(e.key)} "
-                               "appears twice") from None
+        raise SearchSpaceError(
+            f"{source}: line {e.line}: key {shown(e.key)} appears twice"
+        ) from None
     return parse_space(doc, source)
 
 
 def parse_space(doc, source: str = "<search space>") -> SearchSpace:
     """Check a search space given as a dict (a parsed file); source names it in errors."""
     if not isinstance(doc, dict):
-        raise SearchSpaceError(f"{source}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, "
-                               f"got {type(doc).__name__}")
+        raise SearchSpaceError(
+            f"{source}: expected a mapping with keys {', '.join(TOP_LEVEL_KEYS)}, "
+            f"got {type(doc).__name__}"
+        )
     for key in doc:
         if key not in TOP_LEVEL_KEYS:
-            raise SearchSpaceError(f"{source}: unknown top-level key {shown(key)}; expected "
-                                   f"{', '.join(TOP_LEVEL_KEYS)}")
+            raise SearchSpaceError(
+                f"{source}: unknown top-level key {shown(key)}; expected "
+                f"{', '.join(TOP_LEVEL_KEYS)}"
+            )
     metric = doc.get("metric", DEFAULT_METRIC)
     if metric not in REPORTED_METRICS:
-        raise SearchSpaceError(f"{source}: metric {shown(metric)} is not one a trial reports for "
-                               f"ranking; expected one of {', '.join(REPORTED_METRICS)}")
+        raise SearchSpaceError(
+            f"{source}: metric {shown(metric)} is not one a trial reports for "
+            f"ranking; expected one of {', '.join(REPORTED_METRICS)}"
+        )
     params = doc.get("parameters")
     if not isinstance(params, dict) or not params:
-        raise SearchSpaceError(f"{source}: parameters must be a non-empty mapping of "
-                               f"name: {{distribution: ...}}, got {shown(params)}")
+        raise SearchSpaceError(
+            f"{source}: parameters must be a non-empty mapping of "
+            f"name: {{distribution: ...}}, got {shown(params)}"
+        )
     parsed, keys = [], {}
     for name, spec in params.items():
         param = _parse_parameter(name, spec, parsed, params, source)
         if param.key in keys:
-            raise SearchSpaceError(f"{source}: parameters.{name}: sets {param.key}, as "
-                                   f"parameters.{keys[param.key]} already does")
+            raise SearchSpaceError(
+                f"{source}: parameters.{name}: sets {param.key}, as "
+                f"parameters.{keys[param.key]} already does"
+            )
         keys[param.key] = name
         parsed.append(param)
     return SearchSpace(path=source, metric=metric, parameters=tuple(parsed))
@@ -320,8 +350,10 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
         return SearchSpaceError(f"{where}: {what}")
 
     if not isinstance(spec, dict):
-        raise fail(f"expected a mapping like {{distribution: uniform, low: 0.1, high: 0.9}}, "
-                   f"got {shown(spec)}")
+        raise fail(
+            f"expected a mapping like {{distribution: uniform, low: 0.1, high: 0.9}}, "
+            f"got {shown(spec)}"
+        )
     kind = spec.get("distribution")
     if kind is None:
         raise fail(f"missing distribution; expected one of {', '.join(FIELDS)}")
@@ -343,7 +375,13 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
     default = get_value(Config(), key)
     is_float_key = isinstance(default, float)
     is_int_key = isinstance(default, int) and not isinstance(default, bool)
-    kind_of_setting = {bool: "a bool", int: "an int", float: "a float", str: "a string", list: "a list"}
+    kind_of_setting = {
+        bool: "a bool",
+        int: "an int",
+        float: "a float",
+        str: "a string",
+        list: "a list",
+    }
     setting = f"{key} is {kind_of_setting.get(type(default), type(default).__name__)} setting"
 
     fields = {}
@@ -355,8 +393,10 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
         if low > high:
             raise fail(f"{kind} needs low < high, got low={low:g}, high={high:g}")
         if low == high:
-            raise fail(f"{kind} needs low < high, got low == high == {low:g}; "
-                       f"use distribution: fixed for a constant")
+            raise fail(
+                f"{kind} needs low < high, got low == high == {low:g}; "
+                f"use distribution: fixed for a constant"
+            )
         if kind == "loguniform" and low <= 0:
             raise fail(f"loguniform needs low > 0, got {low:g}")
         fields = dict(low=float(low), high=float(high))
@@ -375,8 +415,10 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
         if step < 1:
             raise fail(f"int needs step >= 1, got {step}")
         if (high - low) % step:
-            raise fail(f"int needs high - low to be a multiple of step, got low={low}, "
-                       f"high={high}, step={step}")
+            raise fail(
+                f"int needs high - low to be a multiple of step, got low={low}, "
+                f"high={high}, step={step}"
+            )
         if log and low <= 0:
             raise fail(f"int with log: true needs low > 0, got {low}")
         if log and step != 1:
@@ -412,21 +454,28 @@ def _parse_condition(condition, earlier: list, all_params: dict, fail) -> tuple:
     if condition is None:
         return ()
     if not isinstance(condition, dict) or not condition:
-        raise fail(f"condition must be a mapping like {{schedule: pretrain}}, "
-                   f"got {shown(condition)}")
+        raise fail(
+            f"condition must be a mapping like {{schedule: pretrain}}, got {shown(condition)}"
+        )
     by_name = {p.name: p for p in earlier}
     parsed = []
     for other, values in condition.items():
         if other not in by_name:
             if other in all_params:
-                raise fail(f"condition on {shown(other)}, which is defined later in the file; "
-                           f"move it above this parameter")
-            raise fail(f"condition on unknown parameter {shown(other)}; defined so far: "
-                       f"{', '.join(by_name) or 'none'}")
+                raise fail(
+                    f"condition on {shown(other)}, which is defined later in the file; "
+                    f"move it above this parameter"
+                )
+            raise fail(
+                f"condition on unknown parameter {shown(other)}; defined so far: "
+                f"{', '.join(by_name) or 'none'}"
+            )
         target = by_name[other]
         if target.distribution not in ("categorical", "fixed"):
-            raise fail(f"condition on {shown(other)}, which is {target.distribution}; a condition "
-                       f"needs a categorical or fixed parameter")
+            raise fail(
+                f"condition on {shown(other)}, which is {target.distribution}; a condition "
+                f"needs a categorical or fixed parameter"
+            )
         possible = target.choices if target.distribution == "categorical" else (target.value,)
         values = values if isinstance(values, list) else [values]
         if not values:
@@ -435,9 +484,11 @@ def _parse_condition(condition, earlier: list, all_params: dict, fail) -> tuple:
             values = [_maybe_float(v) for v in values]
         for v in values:
             if not any(_same(v, c) for c in possible):
-                raise fail(f"condition value {shown(v)} for {shown(other)} is not among its "
-                           f"{'choices' if target.distribution == 'categorical' else 'value'} "
-                           f"{shown(list(possible), PARAMS_SHOWN)}")
+                raise fail(
+                    f"condition value {shown(v)} for {shown(other)} is not among its "
+                    f"{'choices' if target.distribution == 'categorical' else 'value'} "
+                    f"{shown(list(possible), PARAMS_SHOWN)}"
+                )
         parsed.append((other, tuple(values)))
     return tuple(parsed)
 

@@ -32,28 +32,47 @@ import statistics
 import time
 from pathlib import Path
 
-from raypose import console, validate
-from raypose.storage import runlock
-from raypose.storage import seal
-from raypose import storage
-from raypose.config import (Config, ConfigError, config_from_dict, get_value, load_config,
-                            set_value, set_workers)
+from raypose import console, storage, validate
+from raypose.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    get_value,
+    load_config,
+    set_value,
+    set_workers,
+)
+from raypose.search.searcher import (
+    METRIC,
+    MODE,
+    STUDY_URL_ENV,
+    check_study_db,
+    judged,
+    make_scheduler,
+    make_searcher,
+    sqlite_path,
+    trial_state,
+)
 from raypose.search.space import load_space
-from raypose.search.searcher import (METRIC, MODE, STUDY_URL_ENV, check_study_db, judged,
-                              make_scheduler, make_searcher, sqlite_path, trial_state)
+from raypose.storage import runlock, seal
 
 TRIAL_DRIVER_MEMORY = 768 * 1024**2  # bytes; see build_tuner
 # The paper's settings (PAPER.md), by config key; everything else keeps the base config's default
-PAPER_SETTINGS = {"model.lrn_alpha": 0.0025, "model.lrn_beta": 0.75,
-                  "loss.detection_weight": 1.0, "schedule.kind": "joint"}
+PAPER_SETTINGS = {
+    "model.lrn_alpha": 0.0025,
+    "model.lrn_beta": 0.75,
+    "loss.detection_weight": 1.0,
+    "schedule.kind": "joint",
+}
 
 
 # ----------------------------------------------------------------------------------------------
 # Runs as one Tune trial (a Tune function): builds and runs a Ray Train trainer
 
 
-def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_env: dict,
-                    data: dict):
+def train_driver_fn(
+    params: dict, base_config: dict, experiment: str, storage_env: dict, data: dict
+):
     """One Tune trial: a Ray Train run of the trial's config, whose reports reach Tune through
     Ray's TuneReportCallback (Ray's documented Train V2 + Tune pattern)."""
     started = time.time()  # the trial's start, for the workers' startup_seconds
@@ -71,10 +90,15 @@ def train_driver_fn(params: dict, base_config: dict, experiment: str, storage_en
     trial_id = tune.get_context().get_trial_id()
     loc = storage.parse(cfg.storage.uri).join(experiment, "train")
     cfg.storage.name = f"{experiment}/train/{trial_id}"
-    trainer = build_trainer(cfg, trial_id, loc, callbacks=[TuneReportCallback()],
-                            created_at=started,
-                            # the driver's data summary holds unless the trial changed the data
-                            data=data if cfg.to_dict()["data"] == base_config["data"] else None)
+    trainer = build_trainer(
+        cfg,
+        trial_id,
+        loc,
+        callbacks=[TuneReportCallback()],
+        created_at=started,
+        # the driver's data summary holds unless the trial changed the data
+        data=data if cfg.to_dict()["data"] == base_config["data"] else None,
+    )
     # Ray: Train V2 raises TrainingFailedError on failure, which fails this trial
     trainer.fit()
 
@@ -96,7 +120,9 @@ def paper_defaults_point(space, cfg: Config) -> tuple:
         value = PAPER_SETTINGS.get(p.key, get_value(cfg, p.key))
         if _in_range(p, value):
             point[p.name] = value
-    missing = sorted(k for k, v in PAPER_SETTINGS.items() if k not in searched and get_value(cfg, k) != v)
+    missing = sorted(
+        k for k, v in PAPER_SETTINGS.items() if k not in searched and get_value(cfg, k) != v
+    )
     return point, missing
 
 
@@ -148,13 +174,16 @@ def check_no_stale_study(study_url: str, name: str) -> None:
     try:
         names = [s.study_name for s in optuna.study.get_all_study_summaries(storage=study_url)]
     except Exception as e:  # an unreachable or corrupt database
-        raise ConfigError(f"--study-db {study_url}: cannot open the Optuna database "
-                          f"({type(e).__name__}: {e})") from None
+        raise ConfigError(
+            f"--study-db {study_url}: cannot open the Optuna database ({type(e).__name__}: {e})"
+        ) from None
     if name in names:
         gone = f" (or delete {db} if that sweep is gone)" if db is not None else ""
-        raise ConfigError(f"the Optuna database {study_url} already holds a study named {name!r} "
-                          "from an earlier sweep; pass --resume to continue that sweep, another "
-                          f"--name, or another --study-db{gone}")
+        raise ConfigError(
+            f"the Optuna database {study_url} already holds a study named {name!r} "
+            "from an earlier sweep; pass --resume to continue that sweep, another "
+            f"--name, or another --study-db{gone}"
+        )
 
 
 def copy_study(db: Path, target: storage.Location) -> None:
@@ -185,7 +214,11 @@ def make_copy_study_callback(study_url: str, target: storage.Location):
     class CopyStudy(Callback):
         def _copy(self):
             db = sqlite_path(study_url)
-            if target.scheme == "file" and db is not None and db.resolve() == Path(target.path).resolve():
+            if (
+                target.scheme == "file"
+                and db is not None
+                and db.resolve() == Path(target.path).resolve()
+            ):
                 return  # the study already lives in the experiment's folder
             if db is not None and db.exists():
                 copy_study(db, target)
@@ -208,8 +241,16 @@ def make_copy_study_callback(study_url: str, target: storage.Location):
     return CopyStudy()
 
 
-def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int, study_url: str,
-                resume: bool, paper_point: dict | None = None):
+def build_tuner(
+    cfg: Config,
+    space,
+    name: str,
+    samples: int,
+    max_concurrent: int,
+    study_url: str,
+    resume: bool,
+    paper_point: dict | None = None,
+):
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
 
@@ -219,51 +260,80 @@ def build_tuner(cfg: Config, space, name: str, samples: int, max_concurrent: int
     from raypose.cluster.driver import forwarded_env, prepare_data
 
     # the data are validated and the baseline computed once, here, for every trial's workers
-    trainable = tune.with_parameters(train_driver_fn, base_config=cfg.to_dict(), experiment=name,
-                                     storage_env=forwarded_env(), data=prepare_data(cfg))
+    trainable = tune.with_parameters(
+        train_driver_fn,
+        base_config=cfg.to_dict(),
+        experiment=name,
+        storage_env=forwarded_env(),
+        data=prepare_data(cfg),
+    )
     # the Tune function only drives a Ray Train run, whose workers hold the CPUs/GPUs: it asks for
     # no CPU, and for the memory a process that imports Ray Tune, Ray Train and torch takes
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
-    callbacks = [TBXLoggerCallback(), make_copy_study_callback(study_url, loc.join(name, "optuna.db")),
-                 console.make_sweep_callback(samples, cfg.schedule.epochs, METRIC, judged, space.names)]
+    callbacks = [
+        TBXLoggerCallback(),
+        make_copy_study_callback(study_url, loc.join(name, "optuna.db")),
+        console.make_sweep_callback(samples, cfg.schedule.epochs, METRIC, judged, space.names),
+    ]
     if resume:
         # Ray: finished trials are kept; unfinished ones restart and their Ray Train run resumes
         # from its latest checkpoint (same trial id -> same Train run name)
-        return tune.Tuner.restore(loc.join(name).path, trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                  storage_filesystem=storage_fs)
+        return tune.Tuner.restore(
+            loc.join(name).path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            storage_filesystem=storage_fs,
+        )
     return tune.Tuner(  # Ray: one trial = one Tune function = one Ray Train run
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(space, cfg.seed, study_url, name,
-                                     points_to_evaluate=[paper_point] if paper_point else (),
-                                     concurrent=max_concurrent > 1, samples=samples),
+            search_alg=make_searcher(
+                space,
+                cfg.seed,
+                study_url,
+                name,
+                points_to_evaluate=[paper_point] if paper_point else (),
+                concurrent=max_concurrent > 1,
+                samples=samples,
+            ),
             scheduler=make_scheduler(cfg.schedule.epochs, reference=paper_point),
             num_samples=samples,
             max_concurrent_trials=max_concurrent,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path,
-                                  storage_filesystem=storage_fs, callbacks=callbacks,
-                                  # a trial lost with its node (the Tune function's process) is
-                                  # run again under the same trial id, so its Ray Train run resumes
-                                  # from the trial's own latest checkpoint
-                                  failure_config=tune.FailureConfig(
-                                      max_failures=cfg.storage.max_failures),
-                                  # Tune's status tables go to the log file; the sweep's own lines
-                                  # come from console.make_sweep_callback
-                                  verbose=1 if console.verbose() else 0),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            callbacks=callbacks,
+            # a trial lost with its node (the Tune function's process) is
+            # run again under the same trial id, so its Ray Train run resumes
+            # from the trial's own latest checkpoint
+            failure_config=tune.FailureConfig(max_failures=cfg.storage.max_failures),
+            # Tune's status tables go to the log file; the sweep's own lines
+            # come from console.make_sweep_callback
+            verbose=1 if console.verbose() else 0,
+        ),
     )
 
 
 def experiment_exists(loc: storage.Location) -> bool:
     fs = storage.filesystem(loc)
-    return fs.exists(loc.path) and any("experiment_state" in p for p in fs.ls(loc.path, detail=False))
+    return fs.exists(loc.path) and any(
+        "experiment_state" in p for p in fs.ls(loc.path, detail=False)
+    )
 
 
 HISTORY_KEYS = ("epoch", "val_mpjpe", "stage", "has_regression_head")
 
 
-def summarise(result_grid, wall_seconds: float, max_concurrent: int, space_names,
-              paper_point: dict | None = None) -> tuple:
+def summarise(
+    result_grid,
+    wall_seconds: float,
+    max_concurrent: int,
+    space_names,
+    paper_point: dict | None = None,
+) -> tuple:
     """(rows, text, share): one row per trial (with its per-epoch history), a table for people,
     and the share of the sweep's slot time spent inside training epochs."""
     rows = []
@@ -274,27 +344,39 @@ def summarise(result_grid, wall_seconds: float, max_concurrent: int, space_names
         best = min(with_head, key=lambda h: h["val_mpjpe"]) if with_head else None
         params = {k: v for k, v in (r.config or {}).items() if k in space_names}
         stages = {h.get("stage") for h in history}
-        startup = [h["startup_seconds"] for h in history[:1] if h.get("startup_seconds") is not None]
-        rows.append({
-            "trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
-            "params": params,
-            "state": trial_state(history[-1] if history else None, r.error is not None),
-            "schedule": "joint" if "joint" in stages or not stages else "pretrain",
-            "is_paper_defaults": bool(paper_point) and all(
-                params.get(k) == v for k, v in paper_point.items()),
-            "epochs": int(max([h.get("epoch", 0) for h in history] or [0])),
-            "best_val_mpjpe": best["val_mpjpe"] if best else None,
-            "best_epoch": int(best["epoch"]) if best else None,
-            "checkpoint_path": best.get("checkpoint_path") if best else None,
-            "stopped_early": bool(history) and history[-1].get("epoch", 0) < history[-1].get("epochs_planned", 0),
-            "epoch_seconds": float(sum(h.get("epoch_seconds", 0.0) for h in history)),
-            "startup_seconds": startup[0] if startup else None,
-            "val_mean_pose_mpjpe": _plain(history[-1].get("val_mean_pose_mpjpe")) if history else None,
-            "time_total_s": float((r.metrics or {}).get("time_total_s", 0.0)),
-            "error": None if r.error is None else type(r.error).__name__,
-            "history": [{k: (None if k == "val_mpjpe" and not judged(h) else _plain(h.get(k)))
-                         for k in HISTORY_KEYS} for h in history],
-        })
+        startup = [
+            h["startup_seconds"] for h in history[:1] if h.get("startup_seconds") is not None
+        ]
+        rows.append(
+            {
+                "trial_id": (r.metrics or {}).get("trial_id") or Path(r.path).name,
+                "params": params,
+                "state": trial_state(history[-1] if history else None, r.error is not None),
+                "schedule": "joint" if "joint" in stages or not stages else "pretrain",
+                "is_paper_defaults": bool(paper_point)
+                and all(params.get(k) == v for k, v in paper_point.items()),
+                "epochs": int(max([h.get("epoch", 0) for h in history] or [0])),
+                "best_val_mpjpe": best["val_mpjpe"] if best else None,
+                "best_epoch": int(best["epoch"]) if best else None,
+                "checkpoint_path": best.get("checkpoint_path") if best else None,
+                "stopped_early": bool(history)
+                and history[-1].get("epoch", 0) < history[-1].get("epochs_planned", 0),
+                "epoch_seconds": float(sum(h.get("epoch_seconds", 0.0) for h in history)),
+                "startup_seconds": startup[0] if startup else None,
+                "val_mean_pose_mpjpe": _plain(history[-1].get("val_mean_pose_mpjpe"))
+                if history
+                else None,
+                "time_total_s": float((r.metrics or {}).get("time_total_s", 0.0)),
+                "error": None if r.error is None else type(r.error).__name__,
+                "history": [
+                    {
+                        k: (None if k == "val_mpjpe" and not judged(h) else _plain(h.get(k)))
+                        for k in HISTORY_KEYS
+                    }
+                    for h in history
+                ],
+            }
+        )
     paper_rows = [r for r in rows if r["is_paper_defaults"]]
     for extra in paper_rows[1:]:  # only the enqueued (first) one is the paper's trial
         extra["is_paper_defaults"] = False
@@ -303,17 +385,24 @@ def summarise(result_grid, wall_seconds: float, max_concurrent: int, space_names
     lines = [f"{'trial':<10} {'state':<8} {'epochs':>6} {'best mm':>9} {'epoch s':>8}  params"]
     for r in sorted(rows, key=lambda r: (r["best_val_mpjpe"] is None, r["best_val_mpjpe"] or 0)):
         best = f"{r['best_val_mpjpe']:.1f}" if r["best_val_mpjpe"] is not None else "-"
-        params = " ".join(f"{k}={format_value(v)}" for k, v in r["params"].items())
+        params = " ".join(f"{k}={console.format_value(v)}" for k, v in r["params"].items())
         flag = " (paper settings)" if r["is_paper_defaults"] else ""
         flag += f" ERROR {r['error']}" if r["error"] else ""
-        lines.append(f"{r['trial_id']:<10} {r['state']:<8} {r['epochs']:>6} {best:>9} "
-                     f"{r['epoch_seconds']:>8.1f}  {params}{flag}")
+        lines.append(
+            f"{r['trial_id']:<10} {r['state']:<8} {r['epochs']:>6} {best:>9} "
+            f"{r['epoch_seconds']:>8.1f}  {params}{flag}"
+        )
     startups = sorted(r["startup_seconds"] for r in rows if r["startup_seconds"] is not None)
-    lines.append(f"sweep wall time {wall_seconds:.1f} s; time inside training epochs "
-                 f"{total_epoch_seconds:.1f} s summed over trials = {100 * share:.1f} % of "
-                 f"{max_concurrent} concurrent slot(s) x wall time"
-                 + (f"; median start to first training step {statistics.median(startups):.1f} s"
-                    if startups else ""))
+    lines.append(
+        f"sweep wall time {wall_seconds:.1f} s; time inside training epochs "
+        f"{total_epoch_seconds:.1f} s summed over trials = {100 * share:.1f} % of "
+        f"{max_concurrent} concurrent slot(s) x wall time"
+        + (
+            f"; median start to first training step {statistics.median(startups):.1f} s"
+            if startups
+            else ""
+        )
+    )
     return rows, "\n".join(lines), share
 
 
@@ -324,10 +413,6 @@ def _plain(value):
     if isinstance(value, float) and value != value:
         return None
     return value
-
-
-def format_value(v):
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def checkpoint_uri(loc: storage.Location, path: str | None) -> str | None:
@@ -344,16 +429,28 @@ DEFAULT_SAMPLES = 8
 APPLIED_ON_RESUME = ("data.path", "storage.", "scaling.")
 
 
-def sweep_record(cfg: Config, space_path: str, samples: int, max_concurrent: int, study_url: str) -> dict:
+def sweep_record(
+    cfg: Config, space_path: str, samples: int, max_concurrent: int, study_url: str
+) -> dict:
     """The settings a sweep starts with, stored as <storage>/<name>/sweep.json."""
-    return {"samples": samples, "max_concurrent": max_concurrent, "study_url": study_url,
-            "space": str(space_path),
-            "space_sha256": hashlib.sha256(Path(space_path).read_bytes()).hexdigest(),
-            "config": cfg.to_dict()}
+    return {
+        "samples": samples,
+        "max_concurrent": max_concurrent,
+        "study_url": study_url,
+        "space": str(space_path),
+        "space_sha256": hashlib.sha256(Path(space_path).read_bytes()).hexdigest(),
+        "config": cfg.to_dict(),
+    }
 
 
-def resume_settings(exp: storage.Location, cfg: Config, space_path: str, samples: int | None,
-                    max_concurrent: int | None, study_url: str | None) -> dict:
+def resume_settings(
+    exp: storage.Location,
+    cfg: Config,
+    space_path: str,
+    samples: int | None,
+    max_concurrent: int | None,
+    study_url: str | None,
+) -> dict:
     """The stored settings a resumed sweep keeps. Raises one ConfigError that names every flag
     asking for something a resume cannot apply (None means the flag was not given)."""
     from raypose.cluster.driver import flatten
@@ -366,24 +463,34 @@ def resume_settings(exp: storage.Location, cfg: Config, space_path: str, samples
     if stored is None:
         refused = [f"{flag} {value}" for flag, value in given.items() if value is not None]
         if refused:
-            raise ConfigError(f"--resume cannot apply {', '.join(refused)}: {exp.uri} has no "
-                              f"{SWEEP_RECORD}, so the sweep keeps the settings Tune saved; drop "
-                              "those flags or start a new sweep with another --name")
+            raise ConfigError(
+                f"--resume cannot apply {', '.join(refused)}: {exp.uri} has no "
+                f"{SWEEP_RECORD}, so the sweep keeps the settings Tune saved; drop "
+                "those flags or start a new sweep with another --name"
+            )
         return {"samples": None, "max_concurrent": None, "study_url": None}
-    refused = [f"{flag} {value} (the sweep has {stored[key]})"
-               for (flag, value), key in zip(given.items(), ("samples", "max_concurrent", "study_url"))
-               if value is not None and value != stored[key]]
+    refused = [
+        f"{flag} {value} (the sweep has {stored[key]})"
+        for (flag, value), key in zip(given.items(), ("samples", "max_concurrent", "study_url"))
+        if value is not None and value != stored[key]
+    ]
     if hashlib.sha256(Path(space_path).read_bytes()).hexdigest() != stored["space_sha256"]:
-        refused.append(f"--space {space_path} (differs from the space the sweep started with, "
-                       f"{stored['space']})")
+        refused.append(
+            f"--space {space_path} (differs from the space the sweep started with, "
+            f"{stored['space']})"
+        )
     ours, theirs = flatten(cfg.to_dict()), flatten(stored["config"])
-    refused += [f"{k} {ours.get(k)!r} (the sweep has {theirs.get(k)!r})"
-                for k in sorted(set(ours) | set(theirs))
-                if ours.get(k) != theirs.get(k) and not k.startswith(APPLIED_ON_RESUME)]
+    refused += [
+        f"{k} {ours.get(k)!r} (the sweep has {theirs.get(k)!r})"
+        for k in sorted(set(ours) | set(theirs))
+        if ours.get(k) != theirs.get(k) and not k.startswith(APPLIED_ON_RESUME)
+    ]
     if refused:
-        raise ConfigError(f"--resume cannot apply {'; '.join(refused)}: a resumed sweep keeps its "
-                          "trial count, concurrency, search space, Optuna study and base config; "
-                          "drop those flags or start a new sweep with another --name")
+        raise ConfigError(
+            f"--resume cannot apply {'; '.join(refused)}: a resumed sweep keeps its "
+            "trial count, concurrency, search space, Optuna study and base config; "
+            "drop those flags or start a new sweep with another --name"
+        )
     return {k: stored[k] for k in ("samples", "max_concurrent", "study_url")}
 
 
@@ -397,9 +504,11 @@ def seed_study(study_url: str, exp: storage.Location) -> None:
         db.parent.mkdir(parents=True, exist_ok=True)
         storage.filesystem(exp).get_file(copy.path, str(db))
     except OSError as e:
-        raise ConfigError(f"--resume: the sweep's Optuna study {study_url} is missing here and "
-                          f"cannot be restored from {copy.uri} ({e.strerror or e}); resume on the "
-                          "machine that started the sweep") from None
+        raise ConfigError(
+            f"--resume: the sweep's Optuna study {study_url} is missing here and "
+            f"cannot be restored from {copy.uri} ({e.strerror or e}); resume on the "
+            "machine that started the sweep"
+        ) from None
 
 
 def existing_checkpoint(loc: storage.Location, rows: list) -> dict:
@@ -412,14 +521,27 @@ def existing_checkpoint(loc: storage.Location, rows: list) -> dict:
         uri = checkpoint_uri(loc, row["checkpoint_path"])
         if uri and storage.exists(storage.parse(uri).join(MANIFEST_FILE)):
             return row
-        print(f"[raypose] trial {row['trial_id']}: its best checkpoint ({uri}) is not in storage; "
-              "best.json names the next trial", flush=True)
-    raise RuntimeError("no trial's best checkpoint is in storage (with a regression head); "
-                       "see the trial errors above")
+        print(
+            f"[raypose] trial {row['trial_id']}: its best checkpoint ({uri}) is not in storage; "
+            "best.json names the next trial",
+            flush=True,
+        )
+    raise RuntimeError(
+        "no trial's best checkpoint is in storage (with a regression head); "
+        "see the trial errors above"
+    )
 
 
-def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_concurrent: int | None,
-              resume: bool | str = False, study_url: str | None = None, address: str | None = None) -> dict:
+def run_sweep(
+    cfg: Config,
+    space_path: str,
+    name: str,
+    samples: int | None,
+    max_concurrent: int | None,
+    resume: bool | str = False,
+    study_url: str | None = None,
+    address: str | None = None,
+) -> dict:
     """A new sweep, or with resume=True the interrupted sweep <storage>/<name>; resume="auto"
     continues that sweep when it exists and starts it otherwise. samples, max_concurrent and
     study_url: None means the default for a new sweep, the stored value on resume (where any
@@ -437,21 +559,27 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     # a resume makes nothing: a refused one leaves storage as it was
     given = storage.parse(cfg.storage.uri)
     if resume is True and given.scheme == "file" and not Path(given.path).is_dir():
-        raise ConfigError(f"--resume: no sweep named {name!r} under {given.uri} (the folder does "
-                          "not exist)")
+        raise ConfigError(
+            f"--resume: no sweep named {name!r} under {given.uri} (the folder does not exist)"
+        )
     loc = preflight(cfg, create=resume is not True)
     exp = loc.join(name)
     if resume == "auto":
         # a RayJob's retries run the same entrypoint: the first attempt starts the sweep, later
         # ones continue it
         resume = experiment_exists(exp)
-        print(f"[raypose] --resume auto: {'continuing the' if resume else 'no'} sweep {name!r} "
-              f"under {loc.uri}{'' if resume else '; starting it'}", flush=True)
+        print(
+            f"[raypose] --resume auto: {'continuing the' if resume else 'no'} sweep {name!r} "
+            f"under {loc.uri}{'' if resume else '; starting it'}",
+            flush=True,
+        )
     if resume and not experiment_exists(exp):
         raise ConfigError(f"--resume: no sweep named {name!r} under {loc.uri}")
     if not resume and experiment_exists(exp):
-        raise ConfigError(f"a sweep named {name!r} already exists under {loc.uri}; "
-                          "pass --resume to continue it or choose another --name")
+        raise ConfigError(
+            f"a sweep named {name!r} already exists under {loc.uri}; "
+            "pass --resume to continue it or choose another --name"
+        )
     if resume:
         stored = resume_settings(exp, cfg, space_path, samples, max_concurrent, study_url)
         samples, max_concurrent = stored["samples"], stored["max_concurrent"]
@@ -461,14 +589,18 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
         if study_url != here and loc.scheme != "file" and db is not None and not _creatable(db):
             # the SQLite cache of the machine that started the sweep does not exist here (another
             # home, a fresh pod): this machine's cache, seeded from the copy in storage, holds it
-            print(f"[raypose] the sweep's Optuna study {study_url} cannot be created here; "
-                  f"using {here}, restored from {exp.join('optuna.db').uri}", flush=True)
+            print(
+                f"[raypose] the sweep's Optuna study {study_url} cannot be created here; "
+                f"using {here}, restored from {exp.join('optuna.db').uri}",
+                flush=True,
+            )
             study_url = here
         check_study_db(study_url)
         seed_study(study_url, exp)
         # nothing Tune would unpickle is read unless this machine's key sealed it
-        seal.verify_experiment(storage.filesystem(exp), exp.path,
-                               lambda p: f"s3://{p}" if loc.scheme == "s3" else p)
+        seal.verify_experiment(
+            storage.filesystem(exp), exp.path, lambda p: f"s3://{p}" if loc.scheme == "s3" else p
+        )
         os.environ[STUDY_URL_ENV] = study_url  # read by the restored searcher (make_searcher)
     else:
         samples = samples or DEFAULT_SAMPLES
@@ -478,21 +610,35 @@ def run_sweep(cfg: Config, space_path: str, name: str, samples: int | None, max_
     lock = runlock.hold(loc, name, "raypose tune")
     lock.__enter__()
     try:
-        return _run_sweep_locked(cfg, space, space_path, name, loc, exp, samples, max_concurrent,
-                                 resume, study_url, address)
+        return _run_sweep_locked(
+            cfg,
+            space,
+            space_path,
+            name,
+            loc,
+            exp,
+            samples,
+            max_concurrent,
+            resume,
+            study_url,
+            address,
+        )
     finally:
         lock.__exit__(None, None, None)
 
 
-def _run_sweep_locked(cfg, space, space_path, name, loc, exp, samples, max_concurrent, resume,
-                      study_url, address) -> dict:
+def _run_sweep_locked(
+    cfg, space, space_path, name, loc, exp, samples, max_concurrent, resume, study_url, address
+) -> dict:
     from raypose.cluster.driver import check_resources, check_state_api, init_ray, run_interruptible
 
     init_ray(address, command="tune")
     check_state_api(sweep=True)
     capacity = check_resources(
-        cfg, "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial",
-        what="one trial")
+        cfg,
+        "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial",
+        what="one trial",
+    )
     from raypose.cluster import nodes
 
     nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
@@ -500,20 +646,28 @@ def _run_sweep_locked(cfg, space, space_path, name, loc, exp, samples, max_concu
     # cluster's GPU nodes start at zero); the nodes up now when the maximum is unknown
     slots = (capacity.now if capacity.most is None else capacity.most) // cfg.scaling.workers
     if resume:
-        print(f"[raypose] resuming sweep {name} under {loc.uri}: keeps its "
-              f"{samples or 'saved number of'} trials, {max_concurrent or 'its saved number'} at a "
-              f"time, search space, base config and Optuna study {study_url}; applies "
-              f"data.path, storage.* and scaling.* ({cfg.scaling.workers} worker(s) per trial) to "
-              "trials that start or restart", flush=True)
+        print(
+            f"[raypose] resuming sweep {name} under {loc.uri}: keeps its "
+            f"{samples or 'saved number of'} trials, {max_concurrent or 'its saved number'} at a "
+            f"time, search space, base config and Optuna study {study_url}; applies "
+            f"data.path, storage.* and scaling.* ({cfg.scaling.workers} worker(s) per trial) to "
+            "trials that start or restart",
+            flush=True,
+        )
         max_concurrent = max_concurrent or max(1, int(slots))  # for the summary's time share
     else:
         if max_concurrent is None:
             max_concurrent = max(1, int(slots))
-        print(f"[raypose] sweep {name}: {samples} trials of {cfg.schedule.epochs} epochs, "
-              f"{cfg.scaling.workers} worker(s) each, {max_concurrent} at a time; "
-              f"space {space_path}; Optuna study {study_url}", flush=True)
-        storage.write_text(exp.join(SWEEP_RECORD), json.dumps(
-            sweep_record(cfg, space_path, samples, max_concurrent, study_url), indent=1))
+        print(
+            f"[raypose] sweep {name}: {samples} trials of {cfg.schedule.epochs} epochs, "
+            f"{cfg.scaling.workers} worker(s) each, {max_concurrent} at a time; "
+            f"space {space_path}; Optuna study {study_url}",
+            flush=True,
+        )
+        storage.write_text(
+            exp.join(SWEEP_RECORD),
+            json.dumps(sweep_record(cfg, space_path, samples, max_concurrent, study_url), indent=1),
+        )
     paper_point, paper_missing = paper_defaults_point(space, cfg)
     start = time.perf_counter()
     # Optuna's and Tune's own lines go to the log file; Tune would copy AWS credentials from this
@@ -532,19 +686,25 @@ def _run_sweep_locked(cfg, space, space_path, name, loc, exp, samples, max_concu
         if loc.scheme != "file" and db is not None and db.exists():
             copy_study(db, exp.join("optuna.db"))  # the study as the stop left it
         tidied = f"; removed {removed} unrecorded checkpoint folder(s)" if removed else ""
-        return (f"sweep {name} stopped{tidied}; `raypose tune` with the same flags and --resume "
-                "continues it (finished trials are kept, the others resume from their last "
-                "recorded checkpoint)")
+        return (
+            f"sweep {name} stopped{tidied}; `raypose tune` with the same flags and --resume "
+            "continues it (finished trials are kept, the others resume from their last "
+            "recorded checkpoint)"
+        )
 
     with console.quiet(), storage.credentials_out_of_environment():
-        tuner = build_tuner(cfg, space, name, samples, max_concurrent, study_url, resume, paper_point)
+        tuner = build_tuner(
+            cfg, space, name, samples, max_concurrent, study_url, resume, paper_point
+        )
         grid = run_interruptible(tuner.fit, stopped)
     wall = time.perf_counter() - start
     rows, text, share = summarise(grid, wall, max_concurrent, space.names, paper_point)
     print(text, flush=True)
     finished = [r for r in rows if r["best_val_mpjpe"] is not None]
     if not finished:
-        raise RuntimeError(f"sweep {name}: no trial reached a validation MPJPE; see the trial errors above")
+        raise RuntimeError(
+            f"sweep {name}: no trial reached a validation MPJPE; see the trial errors above"
+        )
     best = existing_checkpoint(loc, finished)
     paper = next((r for r in rows if r["is_paper_defaults"]), None)
     baselines = [r["val_mean_pose_mpjpe"] for r in rows if r["val_mean_pose_mpjpe"] is not None]
@@ -557,9 +717,15 @@ def _run_sweep_locked(cfg, space, space_path, name, loc, exp, samples, max_concu
         "mode": MODE,
         "value": best["best_val_mpjpe"],
         "val_mean_pose_mpjpe": baselines[0] if baselines else None,
-        "paper_defaults": None if paper is None else {
-            "trial_id": paper["trial_id"], "params": paper["params"], "value": paper["best_val_mpjpe"],
-            "state": paper["state"], "not_searched": paper_missing},
+        "paper_defaults": None
+        if paper is None
+        else {
+            "trial_id": paper["trial_id"],
+            "params": paper["params"],
+            "value": paper["best_val_mpjpe"],
+            "state": paper["state"],
+            "not_searched": paper_missing,
+        },
         "epoch": best["best_epoch"],
         "checkpoint": checkpoint_uri(loc, best["checkpoint_path"]),
         "study": {"url": study_url, "name": name, "copy": exp.join("optuna.db").uri},
@@ -570,12 +736,19 @@ def _run_sweep_locked(cfg, space, space_path, name, loc, exp, samples, max_concu
     storage.write_text(exp.join("best.json"), json.dumps(best_json, indent=1, default=str))
     versus = ""
     if paper is not None and paper["best_val_mpjpe"]:
-        versus += f", {best['best_val_mpjpe'] / paper['best_val_mpjpe']:.2f}x the paper settings' " \
-                  f"{paper['best_val_mpjpe']:.1f} mm"
+        versus += (
+            f", {best['best_val_mpjpe'] / paper['best_val_mpjpe']:.2f}x the paper settings' "
+            f"{paper['best_val_mpjpe']:.1f} mm"
+        )
     if baselines:
-        versus += f", {best['best_val_mpjpe'] / baselines[0]:.2f}x the mean pose's {baselines[0]:.1f} mm"
-    print(f"[raypose] best trial {best['trial_id']}: val_mpjpe {best['best_val_mpjpe']:.1f} mm at epoch "
-          f"{best['best_epoch']}{versus}; {exp.join('best.json').uri}", flush=True)
+        versus += (
+            f", {best['best_val_mpjpe'] / baselines[0]:.2f}x the mean pose's {baselines[0]:.1f} mm"
+        )
+    print(
+        f"[raypose] best trial {best['trial_id']}: val_mpjpe {best['best_val_mpjpe']:.1f} mm at epoch "
+        f"{best['best_epoch']}{versus}; {exp.join('best.json').uri}",
+        flush=True,
+    )
     return best_json
 
 
@@ -588,21 +761,41 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", required=True, help="directory with train.h5")
     parser.add_argument("--storage", required=True, help="a path, file://... or s3://bucket/prefix")
     parser.add_argument("--name", required=True, help="the sweep's name under --storage")
-    parser.add_argument("--samples", type=int, default=None,
-                        help=f"number of trials (default {DEFAULT_SAMPLES}; a resume keeps the sweep's own)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help=f"number of trials (default {DEFAULT_SAMPLES}; a resume keeps the sweep's own)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="epochs per trial")
-    parser.add_argument("--workers-per-trial", default=None,
-                        help="Ray Train workers per trial: N, or MIN:MAX for elastic trials")
+    parser.add_argument(
+        "--workers-per-trial",
+        default=None,
+        help="Ray Train workers per trial: N, or MIN:MAX for elastic trials",
+    )
     parser.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
-    parser.add_argument("--max-concurrent", type=int, default=None,
-                        help="trials at a time (default: as many as the cluster's CPUs/GPUs fit; "
-                        "a resume keeps the sweep's own)")
-    parser.add_argument("--resume", nargs="?", const="yes", default="no", choices=["yes", "auto", "no"],
-                        help="continue an interrupted sweep; `--resume auto` continues it when it "
-                        "exists and starts it otherwise (for job retries)")
-    parser.add_argument("--study-db", default=None,
-                        help="SQLAlchemy URL of the Optuna study (default: SQLite in the experiment "
-                        "folder, or for S3 a local cache of this experiment; a resume keeps the sweep's own)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="trials at a time (default: as many as the cluster's CPUs/GPUs fit; "
+        "a resume keeps the sweep's own)",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="yes",
+        default="no",
+        choices=["yes", "auto", "no"],
+        help="continue an interrupted sweep; `--resume auto` continues it when it "
+        "exists and starts it otherwise (for job retries)",
+    )
+    parser.add_argument(
+        "--study-db",
+        default=None,
+        help="SQLAlchemy URL of the Optuna study (default: SQLite in the experiment "
+        "folder, or for S3 a local cache of this experiment; a resume keeps the sweep's own)",
+    )
     parser.add_argument("--config", help="YAML file with base config overrides")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local instance)")
@@ -625,9 +818,17 @@ def run(args) -> int:
         set_workers(cfg, args.workers_per_trial, "--workers-per-trial", sources)
     set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
     cfg.validate(sources)
-    validate.data_location(args.data, "--data")
-    validate.storage_location(args.storage, "--storage")
+    storage.data_location(args.data, "--data")
+    storage.storage_location(args.storage, "--storage")
     validate.ray_address_from(args.address)  # before any data is read or storage made
-    run_sweep(cfg, args.space, args.name, args.samples, args.max_concurrent,
-              {"yes": True, "no": False, "auto": "auto"}[args.resume], args.study_db, args.address)
+    run_sweep(
+        cfg,
+        args.space,
+        args.name,
+        args.samples,
+        args.max_concurrent,
+        {"yes": True, "no": False, "auto": "auto"}[args.resume],
+        args.study_db,
+        args.address,
+    )
     return 0

@@ -21,6 +21,8 @@ from urllib.parse import unquote_to_bytes, urlparse
 
 import fsspec
 
+from raypose import validate
+
 
 class StorageError(RuntimeError):
     """Storage is unreachable or a path in it is missing; the message names the URI."""
@@ -67,21 +69,27 @@ def parse(uri: str) -> Location:
     if parsed.scheme == "":
         # a plain path is the user's own folder, made absolute here ('..' included)
         return Location("file", str(Path(text).expanduser().resolve()))
-    raise StorageError(f"storage URI {named}: unsupported scheme {shown(parsed.scheme)}; "
-                       "use a path, file:// or s3://")
+    raise StorageError(
+        f"storage URI {named}: unsupported scheme {shown(parsed.scheme)}; "
+        "use a path, file:// or s3://"
+    )
 
 
 def _refuse_parent_segment(path: str, named: str) -> None:
     if ".." in path.split("/"):
-        raise StorageError(f"storage URI {named} has a '..' path segment; write the path without "
-                           "'..' (for a local folder, its absolute path)")
+        raise StorageError(
+            f"storage URI {named} has a '..' path segment; write the path without "
+            "'..' (for a local folder, its absolute path)"
+        )
 
 
 def _refuse_query(text: str, named: str) -> None:
     # urlparse would cut the path at '?' or '#' and drop the rest without a word
     if "?" in text or "#" in text:
-        raise StorageError(f"storage URI {named} holds '?' or '#', which would end its path there; "
-                           "storage paths cannot contain them")
+        raise StorageError(
+            f"storage URI {named} holds '?' or '#', which would end its path there; "
+            "storage paths cannot contain them"
+        )
 
 
 def _file_uri_path(parsed, text: str, named: str) -> str:
@@ -89,22 +97,39 @@ def _file_uri_path(parsed, text: str, named: str) -> str:
     from raypose.validate import shown
 
     if parsed.netloc.lower() not in ("", "localhost"):
-        raise StorageError(f"storage URI {named} names the host {shown(parsed.netloc)}, not a "
-                           "local folder; write file:///ABSOLUTE/PATH (three slashes) or a "
-                           "plain path")
+        raise StorageError(
+            f"storage URI {named} names the host {shown(parsed.netloc)}, not a "
+            "local folder; write file:///ABSOLUTE/PATH (three slashes) or a "
+            "plain path"
+        )
     if "?" in text or "#" in text:
-        raise StorageError(f"storage URI {named} holds '?' or '#', which would end its path "
-                           "there; write them as %3F and %23")
+        raise StorageError(
+            f"storage URI {named} holds '?' or '#', which would end its path "
+            "there; write them as %3F and %23"
+        )
     # file names are bytes on POSIX: decode %-escapes as the file system would name them
     path = os.fsdecode(unquote_to_bytes(parsed.path))
     if not path.startswith("/"):
-        raise StorageError(f"storage URI {named} has no absolute path; write "
-                           "file:///ABSOLUTE/PATH (three slashes) or a plain path")
+        raise StorageError(
+            f"storage URI {named} has no absolute path; write "
+            "file:///ABSOLUTE/PATH (three slashes) or a plain path"
+        )
     if "\x00" in path:
         raise StorageError(f"storage URI {named} holds a NUL character (%00)")
     _refuse_parent_segment(path, named)
     # POSIX may give '//' at the start a meaning of its own; file:////x means /x
     return str(Path("/" + path.lstrip("/")).resolve())
+
+
+def sha256_file(path, block: int = 8 << 20) -> str:
+    """The SHA-256 of a local file: the one hasher of data files and checkpoints."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def endpoint_url() -> str | None:
@@ -134,11 +159,13 @@ def timeouts() -> dict:
     every S3 filesystem reads them, so a bad value is refused by the first storage check."""
     from raypose.validate import env_count, env_seconds
 
-    return {"connect": env_seconds("RAYPOSE_S3_CONNECT_TIMEOUT", 5.0),
-            "read": env_seconds("RAYPOSE_S3_READ_TIMEOUT", 60.0),
-            "check": env_seconds("RAYPOSE_S3_CHECK_TIMEOUT", 10.0),
-            "outage": env_seconds(RETRY_ENV, RETRY_DEFAULT_S),
-            "attempts": env_count("RAYPOSE_S3_ATTEMPTS", 2)}
+    return {
+        "connect": env_seconds("RAYPOSE_S3_CONNECT_TIMEOUT", 5.0),
+        "read": env_seconds("RAYPOSE_S3_READ_TIMEOUT", 60.0),
+        "check": env_seconds("RAYPOSE_S3_CHECK_TIMEOUT", 10.0),
+        "outage": env_seconds(RETRY_ENV, RETRY_DEFAULT_S),
+        "attempts": env_count("RAYPOSE_S3_ATTEMPTS", 2),
+    }
 
 
 def filesystem(loc: Location, check: bool = False) -> fsspec.AbstractFileSystem:
@@ -156,10 +183,11 @@ def filesystem(loc: Location, check: bool = False) -> fsspec.AbstractFileSystem:
             connect, read, attempts = min(connect, t["check"]), t["check"], 1
         # "standard" mode counts the first try in total_max_attempts (legacy mode did not)
         retries = {"total_max_attempts": attempts, "mode": "standard"}
-        fs = s3fs.S3FileSystem(client_kwargs=client_kwargs,
-                               config_kwargs={"connect_timeout": connect, "read_timeout": read,
-                                              "retries": retries},
-                               skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(
+            client_kwargs=client_kwargs,
+            config_kwargs={"connect_timeout": connect, "read_timeout": read, "retries": retries},
+            skip_instance_cache=True,
+        )
         # s3fs retries timeouts itself too (5 times, with back-off) on top of botocore's attempts
         fs.retries = attempts
         return fs
@@ -169,8 +197,13 @@ def filesystem(loc: Location, check: bool = False) -> fsspec.AbstractFileSystem:
 RETRY_ENV = "RAYPOSE_UPLOAD_RETRY_S"  # how long Ray's storage operations retry an outage
 RETRY_DEFAULT_S = 300.0
 # errors that say what is there, not that the store is away: never retried
-_DEFINITE = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
-             PermissionError)
+_DEFINITE = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 
 def _transient_errors() -> tuple:
@@ -210,9 +243,11 @@ def retry_outage(what: str, step, deadline: float | None = None):
         except transient as e:
             if time.monotonic() + pause > deadline:
                 raise
-            print(f"[raypose] storage: {what} failed ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160] if str(e) else ''}); retrying in {pause:.0f} s",
-                  flush=True)
+            print(
+                f"[raypose] storage: {what} failed ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else ''}); retrying in {pause:.0f} s",
+                flush=True,
+            )
             time.sleep(pause)
             pause = min(pause * 2, 15.0)
 
@@ -220,8 +255,12 @@ def retry_outage(what: str, step, deadline: float | None = None):
 # AWS credentials that Ray Tune copies from the driver's environment into every trial's
 # runtime_env (ray/tune/execution/class_cache.py, ENV_VARS_TO_PROPAGATE), which Ray's runtime-env
 # agent writes to its log file
-CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                        "AWS_SECURITY_TOKEN")
+CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+)
 
 
 @contextlib.contextmanager
@@ -244,8 +283,9 @@ def credentials_out_of_environment():
     folder = tempfile.mkdtemp(prefix="raypose-credentials-")  # 0700
     path = os.path.join(folder, "credentials")
     profile = os.environ.get("AWS_PROFILE") or "default"
-    lines = [f"[{profile}]"] + [f"{k.lower()} = {v}" for k, v in found.items()
-                                if k != "AWS_SECURITY_TOKEN"]
+    lines = [f"[{profile}]"] + [
+        f"{k.lower()} = {v}" for k, v in found.items() if k != "AWS_SECURITY_TOKEN"
+    ]
     if "AWS_SESSION_TOKEN" not in found and "AWS_SECURITY_TOKEN" in found:
         lines.append(f"aws_session_token = {found['AWS_SECURITY_TOKEN']}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -264,19 +304,6 @@ def credentials_out_of_environment():
         else:
             os.environ["AWS_SHARED_CREDENTIALS_FILE"] = previous
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def ray_storage(loc: Location):
-    """(storage_path, storage_filesystem) for Ray's RunConfig: the same filesystem as fsspec's,
-    wrapped for pyarrow with every call retried through an outage (storage_retry); local
-    paths go to Ray as they are."""
-    if loc.scheme == "s3":
-        import pyarrow.fs
-
-        from raypose.storage.retry import RetryingHandler
-
-        return loc.path, pyarrow.fs.PyFileSystem(RetryingHandler(filesystem(loc)))
-    return loc.path, None
 
 
 def check_reachable(loc: Location, create: bool = True) -> None:
@@ -302,20 +329,28 @@ def check_reachable(loc: Location, create: bool = True) -> None:
     except FileNotFoundError:
         raise StorageError(f"storage {loc.uri}: bucket {bucket!r} does not exist{where}") from None
     except PermissionError:
-        raise StorageError(f"storage {loc.uri}: access to bucket {bucket!r} denied{where}; check "
-                           "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)") from None
+        raise StorageError(
+            f"storage {loc.uri}: access to bucket {bucket!r} denied{where}; check "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+        ) from None
     except Exception as e:  # connection refused, DNS, timeouts: botocore raises many kinds
         kind = type(e).__name__
         if "ReadTimeout" in kind or "Timeout" in kind and "Connect" not in kind:
-            what = (f"accepted the connection but did not answer within {t['check']:g} s "
-                    "(RAYPOSE_S3_CHECK_TIMEOUT)")
+            what = (
+                f"accepted the connection but did not answer within {t['check']:g} s "
+                "(RAYPOSE_S3_CHECK_TIMEOUT)"
+            )
         elif "ConnectTimeout" in kind:
-            what = (f"did not accept a connection within {min(t['connect'], t['check']):g} s "
-                    "(RAYPOSE_S3_CONNECT_TIMEOUT)")
+            what = (
+                f"did not accept a connection within {min(t['connect'], t['check']):g} s "
+                "(RAYPOSE_S3_CONNECT_TIMEOUT)"
+            )
         else:
             what = f"is unreachable ({kind})"
-        raise StorageError(f"storage {loc.uri}: the endpoint {endpoint_text()} {what}; check "
-                           "AWS_ENDPOINT_URL and the network") from None
+        raise StorageError(
+            f"storage {loc.uri}: the endpoint {endpoint_text()} {what}; check "
+            "AWS_ENDPOINT_URL and the network"
+        ) from None
 
 
 def exists(loc: Location) -> bool:
@@ -362,3 +397,35 @@ def download_dir(loc: Location, local_dir: str) -> Path:
         if info["type"] == "file":
             fs.get_file(info["name"], str(out / posixpath.basename(info["name"])))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The --data and --storage flags
+
+
+def data_location(path, where: str):
+    """--data: an object-storage URI (checked for its form here; raypose.data.cache reads its
+    manifest before any work) or an existing local folder."""
+    text = str(path)
+    if "://" in text:
+        try:
+            loc = parse(text)
+        except (ValueError, RuntimeError) as e:
+            raise validate.InputError(f"{where} {text}: {e}") from None
+        if loc.scheme != "s3" or not loc.path.strip("/"):
+            raise validate.InputError(
+                f"{where} {text}: expected a local folder or s3://bucket/prefix"
+            )
+        return text
+    return validate.existing_dir(path, where, "data folder")
+
+
+def storage_location(uri, where: str):
+    """The storage Location of a --storage value; a local one must be a folder or absent."""
+    try:
+        loc = parse(uri)
+    except StorageError as e:
+        raise validate.InputError(f"{where}: {e}") from None
+    if loc.scheme == "file":
+        validate.output_dir(loc.path, where)
+    return loc

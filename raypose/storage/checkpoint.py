@@ -19,8 +19,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from raypose import __version__
-from raypose.data.cache import sha256_file  # the one file hasher (data and checkpoints)
+from raypose import __version__, storage
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -109,8 +108,9 @@ def upload(local_dir: str, target: str, fs) -> int:
                 continue
             except OSError:  # another device (EXDEV), or no hard links there: a copy
                 pass
-        pyarrow.fs.copy_files(src, dst, source_filesystem=pyarrow.fs.LocalFileSystem(),
-                              destination_filesystem=fs)
+        pyarrow.fs.copy_files(
+            src, dst, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs
+        )
     return linked
 
 
@@ -120,12 +120,17 @@ def save(directory, model_state: dict, optimizer_state: dict, config: dict, stat
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    texts = {CONFIG_FILE: json.dumps(config, indent=1, sort_keys=True).encode(),
-             STATE_FILE: json.dumps(state, indent=1, sort_keys=True).encode()}
+    texts = {
+        CONFIG_FILE: json.dumps(config, indent=1, sort_keys=True).encode(),
+        STATE_FILE: json.dumps(state, indent=1, sort_keys=True).encode(),
+    }
     files = {
         MODEL_FILE: _write(d / MODEL_FILE, lambda f: torch.save(model_state, f)),
         OPTIMIZER_FILE: _write(d / OPTIMIZER_FILE, lambda f: torch.save(optimizer_state, f)),
-        **{name: _write(d / name, lambda f, text=text: f.write(text)) for name, text in texts.items()},
+        **{
+            name: _write(d / name, lambda f, text=text: f.write(text))
+            for name, text in texts.items()
+        },
     }
     manifest = {
         "raypose_version": __version__,
@@ -148,27 +153,35 @@ def read_json(directory, name: str) -> dict:
     except UnicodeDecodeError:
         raise CheckpointError(f"checkpoint {d}: {name} is not JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {d}: {name} is not JSON ({e.msg} at line {e.lineno})") from None
+        raise CheckpointError(
+            f"checkpoint {d}: {name} is not JSON ({e.msg} at line {e.lineno})"
+        ) from None
     except (ValueError, RecursionError) as e:  # e.g. an int of more digits than Python converts
         raise CheckpointError(f"checkpoint {d}: {name} is not JSON ({type(e).__name__})") from None
     except OSError as e:
-        raise CheckpointError(f"checkpoint {d}: {name} cannot be read "
-                              f"({e.strerror or type(e).__name__})") from None
+        raise CheckpointError(
+            f"checkpoint {d}: {name} cannot be read ({e.strerror or type(e).__name__})"
+        ) from None
     if not isinstance(value, dict):
-        raise CheckpointError(f"checkpoint {d}: {name} holds a JSON {_json_type(value)}, "
-                              "expected an object")
+        raise CheckpointError(
+            f"checkpoint {d}: {name} holds a JSON {_json_type(value)}, expected an object"
+        )
     return value
 
 
 def _json_type(value) -> str:
     return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
-        type(value), "number")
+        type(value), "number"
+    )
 
 
 def _check_manifest(d: Path, manifest: dict) -> dict:
     """The manifest's own form: every key verify and its readers use, of the right type."""
+
     def bad(what):
-        return CheckpointError(f"checkpoint {d}: {MANIFEST_FILE} is not a raypose manifest ({what})")
+        return CheckpointError(
+            f"checkpoint {d}: {MANIFEST_FILE} is not a raypose manifest ({what})"
+        )
 
     files = manifest.get("files")
     if not isinstance(files, dict):
@@ -182,8 +195,15 @@ def _check_manifest(d: Path, manifest: dict) -> dict:
         entry = files[name]
         size = entry.get("size") if isinstance(entry, dict) else None
         digest = entry.get("sha256") if isinstance(entry, dict) else None
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str):
-            raise bad(f"the entry of {name} needs a 'size' (a whole number) and a 'sha256' (a string)")
+        if (
+            isinstance(size, bool)
+            or not isinstance(size, int)
+            or size < 0
+            or not isinstance(digest, str)
+        ):
+            raise bad(
+                f"the entry of {name} needs a 'size' (a whole number) and a 'sha256' (a string)"
+            )
     return manifest
 
 
@@ -198,12 +218,19 @@ def verify(directory) -> dict:
         p = d / name
         if not p.is_file():
             raise CheckpointError(f"checkpoint {d}: {name} is missing")
-        if p.stat().st_size != files[name]["size"] or sha256_file(p) != files[name]["sha256"]:
-            raise CheckpointError(f"checkpoint {d}: {name} does not match its manifest "
-                                  "(sha256 or size differ): the file is corrupt or from another checkpoint")
+        if (
+            p.stat().st_size != files[name]["size"]
+            or storage.sha256_file(p) != files[name]["sha256"]
+        ):
+            raise CheckpointError(
+                f"checkpoint {d}: {name} does not match its manifest "
+                "(sha256 or size differ): the file is corrupt or from another checkpoint"
+            )
     config = read_json(d, CONFIG_FILE)
     if config_hash(config) != manifest["config_sha256"]:
-        raise CheckpointError(f"checkpoint {d}: {CONFIG_FILE} does not match the manifest's config hash")
+        raise CheckpointError(
+            f"checkpoint {d}: {CONFIG_FILE} does not match the manifest's config hash"
+        )
     return manifest
 
 
@@ -213,15 +240,20 @@ def load_metadata(directory, verify_manifest: bool = True) -> dict:
     before load_weights builds anything from it."""
     d = Path(directory)
     manifest = verify(d) if verify_manifest else None
-    return {"config": read_json(d, CONFIG_FILE), "state": read_json(d, STATE_FILE),
-            "manifest": manifest}
+    return {
+        "config": read_json(d, CONFIG_FILE),
+        "state": read_json(d, STATE_FILE),
+        "manifest": manifest,
+    }
 
 
 def load_weights(directory, map_location="cpu") -> dict:
     """{'model', 'optimizer'}: the two state_dicts, loaded with weights_only=True."""
     d = Path(directory)
-    return {"model": _load_weights(d, MODEL_FILE, map_location),
-            "optimizer": _load_weights(d, OPTIMIZER_FILE, map_location)}
+    return {
+        "model": _load_weights(d, MODEL_FILE, map_location),
+        "optimizer": _load_weights(d, OPTIMIZER_FILE, map_location),
+    }
 
 
 def load(directory, verify_manifest: bool = True, map_location="cpu") -> dict:
@@ -238,15 +270,21 @@ def _load_weights(d: Path, name: str, map_location):
         return torch.load(d / name, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"checkpoint {d}: cannot load {name} (UnpicklingError: {e})") from None
+            raise CheckpointError(
+                f"checkpoint {d}: cannot load {name} (UnpicklingError: {e})"
+            ) from None
         # torch's message spans lines and suggests weights_only=False; keep the one fact that matters
         found = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+)", str(e))
         detail = f" ({found.group(0)})" if found else ""
-        raise CheckpointError(f"checkpoint {d}: {name} holds objects other than tensors{detail}; "
-                              "raypose loads weights with weights_only=True and does not unpickle "
-                              "arbitrary objects") from None
+        raise CheckpointError(
+            f"checkpoint {d}: {name} holds objects other than tensors{detail}; "
+            "raypose loads weights with weights_only=True and does not unpickle "
+            "arbitrary objects"
+        ) from None
     except Exception as e:
-        raise CheckpointError(f"checkpoint {d}: cannot load {name} ({type(e).__name__}: {e})") from None
+        raise CheckpointError(
+            f"checkpoint {d}: cannot load {name} ({type(e).__name__}: {e})"
+        ) from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,7 @@ import socket
 import threading
 import time
 
-from raypose import validate
-from raypose import storage
+from raypose import storage, validate
 from raypose.config import ConfigError
 
 LOCKS = ".raypose-locks"
@@ -76,8 +75,10 @@ def held(record: dict | None) -> bool:
 def _describe(record: dict) -> str:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("started") or 0)))
     age = time.time() - float(record.get("heartbeat") or 0)
-    return (f"`{record.get('command', 'raypose')}` as process {record.get('pid')} on "
-            f"{record.get('host')} since {since} (alive {age:.0f} s ago)")
+    return (
+        f"`{record.get('command', 'raypose')}` as process {record.get('pid')} on "
+        f"{record.get('host')} since {since} (alive {age:.0f} s ago)"
+    )
 
 
 def _write(lock: storage.Location, record: dict, exclusive: bool) -> bool:
@@ -99,16 +100,28 @@ def _write(lock: storage.Location, record: dict, exclusive: bool) -> bool:
 def hold(loc: storage.Location, name: str, command: str):
     """Hold the lock of run/sweep `name` under storage loc while the block runs."""
     lock = lock_location(loc, name)
-    record = {"token": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
-              "command": command, "started": time.time(), "heartbeat": time.time()}
-    refused = (f"{name!r} under {loc.uri} is already running: {{}}; wait for it to end or stop "
-               f"it, or use another --name (its lock: {lock.uri})")
+    record = {
+        "token": secrets.token_hex(8),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "command": command,
+        "started": time.time(),
+        "heartbeat": time.time(),
+    }
+    refused = (
+        f"{name!r} under {loc.uri} is already running: {{}}; wait for it to end or stop "
+        f"it, or use another --name (its lock: {lock.uri})"
+    )
     existing = _read(lock)
     if held(existing):
         raise RunLockedError(refused.format(_describe(existing)))
     if existing is not None:
-        print(f"[raypose] taking over the stale lock of {name!r} ({lock.uri}"
-              + (f": {_describe(existing)}" if existing else "") + ")", flush=True)
+        print(
+            f"[raypose] taking over the stale lock of {name!r} ({lock.uri}"
+            + (f": {_describe(existing)}" if existing else "")
+            + ")",
+            flush=True,
+        )
     if not _write(lock, record, exclusive=existing is None):
         raise RunLockedError(refused.format(_describe(_read(lock) or {})))
     if lock.scheme != "file" or existing is not None:

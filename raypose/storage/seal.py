@@ -25,12 +25,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import os
 import re
 import secrets
 from pathlib import Path, PurePosixPath
 
+import pyarrow
+import pyarrow.fs
+
+from raypose import storage
 from raypose.config import ConfigError
+from raypose.storage import retry_outage
+from raypose.storage.retry import RetryingHandler, SpooledUpload
 
 KEY_ENV = "RAYPOSE_SEAL_KEY"
 MIN_KEY_CHARS = 32
@@ -57,9 +64,11 @@ def load_key() -> bytes:
     value = os.environ.get(KEY_ENV)
     if value is not None:
         if len(value) < MIN_KEY_CHARS:
-            raise ConfigError(f"{KEY_ENV} must be at least {MIN_KEY_CHARS} characters "
-                              f"(got {len(value)}); e.g. `python -c 'import secrets; "
-                              "print(secrets.token_hex(32))'`")
+            raise ConfigError(
+                f"{KEY_ENV} must be at least {MIN_KEY_CHARS} characters "
+                f"(got {len(value)}); e.g. `python -c 'import secrets; "
+                "print(secrets.token_hex(32))'`"
+            )
         return value.encode()
     path = key_file()
     try:
@@ -67,8 +76,10 @@ def load_key() -> bytes:
     except FileNotFoundError:
         pass
     except ValueError:
-        raise ConfigError(f"{path} is not a sealing key (64 hex digits); delete it to make a new "
-                          f"one, or set {KEY_ENV}") from None
+        raise ConfigError(
+            f"{path} is not a sealing key (64 hex digits); delete it to make a new "
+            f"one, or set {KEY_ENV}"
+        ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
     # O_EXCL: two sweeps starting at once keep one key between them
@@ -104,10 +115,13 @@ def seal_text(key: bytes, path: str, data: bytes) -> str:
 
 def check(key: bytes, path: str, data: bytes, seal: bytes | None, where: str) -> None:
     """Raise SealError unless seal is this key's seal of (path's name, data)."""
+
     def refuse(why: str):
-        raise SealError(f"refusing to read {where}: {why}. Ray would unpickle it, and raypose "
-                        "reads such files only when the key of the machine that wrote them "
-                        f"sealed them (set {KEY_ENV} to that machine's key, or start a new sweep)")
+        raise SealError(
+            f"refusing to read {where}: {why}. Ray would unpickle it, and raypose "
+            "reads such files only when the key of the machine that wrote them "
+            f"sealed them (set {KEY_ENV} to that machine's key, or start a new sweep)"
+        )
 
     if seal is None:
         refuse(f"it has no seal ({PurePosixPath(path).name}{SUFFIX} is missing)")
@@ -116,8 +130,10 @@ def check(key: bytes, path: str, data: bytes, seal: bytes | None, where: str) ->
     if not lines or any(len(p) != 3 or p[0] != "hmac-sha256" for p in lines):
         refuse(f"its seal ({PurePosixPath(path).name}{SUFFIX}) is malformed")
     if all(p[1] != key_id(key) for p in lines):
-        refuse(f"it was sealed with another key (key id {lines[0][1]}; this machine's is "
-               f"{key_id(key)})")
+        refuse(
+            f"it was sealed with another key (key id {lines[0][1]}; this machine's is "
+            f"{key_id(key)})"
+        )
     expected = seal_text(key, path, data).split()[2]
     if not any(hmac.compare_digest(expected, p[2]) for p in lines):
         refuse("its content does not match its seal (it was changed after the sweep wrote it)")
@@ -142,10 +158,79 @@ def verify_experiment(fs, root: str, where) -> int:
 def tune_storage(loc):
     """(storage_path, storage_filesystem) for Tune's RunConfig and Tuner.restore: storage's
     retrying filesystem (local folders included) that seals and checks Tune's pickles."""
-    import pyarrow.fs
-
-    from raypose import storage
-    from raypose.storage.retry import SealingHandler
-
     current_key()  # a key that cannot be read or made is refused before Ray starts
     return loc.path, pyarrow.fs.PyFileSystem(SealingHandler(storage.filesystem(loc)))
+
+
+class _SealedUpload(SpooledUpload):
+    """An upload that also writes the file's seal (raypose.storage.seal) once the file is in storage."""
+
+    def __init__(self, fs, path: str):
+        super().__init__(fs, path)
+        self._data = io.BytesIO()
+
+    def write(self, b):
+        self._data.write(b)
+        return super().write(b)
+
+    def close(self):
+        if self.closed:
+            return
+        stamp_path = self._path + SUFFIX
+        new = seal_text(current_key(), self._path, self._data.getvalue()).encode()
+        # the seal holds both the old and the new file's lines while the file is replaced, so a
+        # process stopped between the two writes leaves a file its seal still covers
+        try:
+            old = retry_outage(f"reading {stamp_path}", lambda: self._fs.cat_file(stamp_path))
+        except FileNotFoundError:
+            old = b""
+        if old:
+            retry_outage(f"writing {stamp_path}", lambda: self._fs.pipe_file(stamp_path, old + new))
+        super().close()
+        retry_outage(f"writing {stamp_path}", lambda: self._fs.pipe_file(stamp_path, new))
+
+
+class SealingHandler(RetryingHandler):
+    """The filesystem Ray Tune gets (raypose.storage.seal): every file Tune would unpickle is sealed when
+    written and checked against its seal when read. The handler holds no key (it is pickled
+    into tuner.pkl and sent to Ray's processes): each process uses its own, current_key."""
+
+    def _open_for_reading(self, path):
+        if not guarded(path):
+            return super()._open_for_reading(path)
+
+        def read(p):
+            with self.fs.open(p, "rb") as f:
+                return f.read()
+
+        data = retry_outage(f"reading {path}", lambda: read(path))
+        try:
+            stamp = retry_outage(f"reading {path}{SUFFIX}", lambda: read(path + SUFFIX))
+        except FileNotFoundError:
+            stamp = None
+        check(current_key(), path, data, stamp, path)
+        return pyarrow.BufferReader(data)
+
+    def open_output_stream(self, path, metadata):
+        if not guarded(path):
+            return super().open_output_stream(path, metadata)
+        return pyarrow.PythonFile(_SealedUpload(self.fs, path), mode="w")
+
+    def delete_file(self, path):
+        super().delete_file(path)
+        if guarded(path):
+            try:
+                super().delete_file(path + SUFFIX)
+            except FileNotFoundError:
+                pass
+
+    def move(self, src, dest):
+        if guarded(src) or guarded(dest):
+            # a guarded file is moved with its seal only when the seal covers its new name
+            data = self._open_for_reading(src).read()
+            stream = self.open_output_stream(dest, None)
+            stream.write(data)
+            stream.close()
+            self.delete_file(src)
+            return None
+        return super().move(src, dest)

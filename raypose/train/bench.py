@@ -23,10 +23,22 @@ from pathlib import Path
 import torch
 
 from raypose.config import Config, apply_overrides, config_from_dict
-from raypose.data.dataset import (augment_batch, batch_chunks, host_batches, iterate_batches,
-                             shard_positions, to_device)
-from raypose.train.loop import (amp_active, build_model, build_optimizer, maybe_compile, open_splits,
-                          train_epoch)
+from raypose.data.dataset import (
+    augment_batch,
+    batch_chunks,
+    host_batches,
+    iterate_batches,
+    shard_positions,
+    to_device,
+)
+from raypose.train.loop import (
+    amp_active,
+    build_model,
+    build_optimizer,
+    maybe_compile,
+    open_splits,
+    train_epoch,
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -75,8 +87,9 @@ def device_augment_samples_per_s(cfg: Config, device: torch.device, batches: int
     train_set, _ = open_splits(cfg)
     shard = shard_positions(len(train_set), True, cfg.seed, 0, drop_last=True)
     chunks = batch_chunks(shard, cfg.data.batch_size, drop_last=True)[:8]
-    raws = [to_device(raw, device) for raw in host_batches(train_set, chunks, 0,
-                                                           device.type == "cuda")]
+    raws = [
+        to_device(raw, device) for raw in host_batches(train_set, chunks, 0, device.type == "cuda")
+    ]
     augment_batch(raws[0], train_set.augmentation, cfg.scaling.channels_last)  # warm-up
     _sync(device)
     clock = time.perf_counter if device.type == "cuda" else time.process_time
@@ -87,8 +100,9 @@ def device_augment_samples_per_s(cfg: Config, device: torch.device, batches: int
     return batches * cfg.data.batch_size / (clock() - start)
 
 
-def loop_samples_per_s(cfg: Config, device: torch.device, steps: int, warmup: int,
-                       threads: int) -> float:
+def loop_samples_per_s(
+    cfg: Config, device: torch.device, steps: int, warmup: int, threads: int
+) -> float:
     """raypose.train.loop.train_epoch on the joint model, `steps` timed steps after `warmup`."""
     if device.type == "cpu":
         torch.set_num_threads(threads)
@@ -102,9 +116,16 @@ def loop_samples_per_s(cfg: Config, device: torch.device, steps: int, warmup: in
 
     def batches(epoch):
         while True:  # as many batches as asked for, whatever the dataset size
-            yield from iterate_batches(train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed,
-                                       epoch=epoch, drop_last=True, device=device,
-                                       channels_last=cfg.scaling.channels_last)
+            yield from iterate_batches(
+                train_set,
+                cfg.data.batch_size,
+                shuffle=True,
+                seed=cfg.seed,
+                epoch=epoch,
+                drop_last=True,
+                device=device,
+                channels_last=cfg.scaling.channels_last,
+            )
             epoch += 1
 
     train_epoch(train_model, optimizer, batches(0), cfg, "joint", device, max_steps=warmup)
@@ -119,15 +140,23 @@ def bench_func_per_worker(loop_config: dict) -> None:
     from raypose.config import config_from_dict
 
     cfg = config_from_dict(loop_config["config"])
-    rate = loop_samples_per_s(cfg, ray.train.torch.get_device(), loop_config["steps"],
-                              loop_config["warmup"], loop_config["threads"])
+    rate = loop_samples_per_s(
+        cfg,
+        ray.train.torch.get_device(),
+        loop_config["steps"],
+        loop_config["warmup"],
+        loop_config["threads"],
+    )
     # Train V2's Result.metrics are those of the latest checkpoint: report a tiny one
     with tempfile.TemporaryDirectory() as tmp:
-        ray.train.report({"samples_per_s": rate}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        ray.train.report(
+            {"samples_per_s": rate}, checkpoint=ray.train.Checkpoint.from_directory(tmp)
+        )
 
 
-def ray_samples_per_s(cfg: Config, device: torch.device, steps: int, warmup: int,
-                      threads: int) -> tuple:
+def ray_samples_per_s(
+    cfg: Config, device: torch.device, steps: int, warmup: int, threads: int
+) -> tuple:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -135,10 +164,15 @@ def ray_samples_per_s(cfg: Config, device: torch.device, steps: int, warmup: int
         trainer = TorchTrainer(  # as raypose.train.run builds it
             bench_func_per_worker,
             torch_config=TorchConfig(),
-            train_loop_config={"config": cfg.to_dict(), "steps": steps, "warmup": warmup,
-                               "threads": threads},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=device.type == "cuda",
-                                         resources_per_worker={"CPU": threads}),
+            train_loop_config={
+                "config": cfg.to_dict(),
+                "steps": steps,
+                "warmup": warmup,
+                "threads": threads,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=1, use_gpu=device.type == "cuda", resources_per_worker={"CPU": threads}
+            ),
             run_config=RunConfig(name="bench", storage_path=tmp),
         )
         start = time.perf_counter()
@@ -150,16 +184,27 @@ def ray_samples_per_s(cfg: Config, device: torch.device, steps: int, warmup: int
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", default="data/synth", help="data directory (made with synth if missing)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="where the model trains (auto: cuda when torch sees a GPU)")
+    parser.add_argument(
+        "--data", default="data/synth", help="data directory (made with synth if missing)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the model trains (auto: cuda when torch sees a GPU)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=40, help="timed training steps per measurement")
+    parser.add_argument(
+        "--steps", type=int, default=40, help="timed training steps per measurement"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure the plain loop with torch.compile")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also measure the plain loop with torch.compile"
+    )
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray Train loop")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -171,8 +216,10 @@ def _line(name: str, values: list, unit: str = "samples/s") -> str:
 
 def _ratio(name: str, a: list, b: list) -> str:
     ratios = [x / y for x, y in zip(a, b)]
-    return (f"  {name:<40} median {statistics.median(ratios):.3f}   "
-            f"(per repeat: {', '.join(f'{r:.3f}' for r in ratios)})")
+    return (
+        f"  {name:<40} median {statistics.median(ratios):.3f}   "
+        f"(per repeat: {', '.join(f'{r:.3f}' for r in ratios)})"
+    )
 
 
 def run(args) -> int:
@@ -181,16 +228,21 @@ def run(args) -> int:
     from raypose import validate
 
     # every flag is checked before data is rendered or Ray started
-    for flag, value in (("--repeats", args.repeats), ("--steps", args.steps),
-                        ("--threads", args.threads)):
+    for flag, value in (
+        ("--repeats", args.repeats),
+        ("--steps", args.steps),
+        ("--threads", args.threads),
+    ):
         validate.positive(value, flag)
     if args.warmup < 0:
         raise validate.InputError(f"--warmup must be >= 0, got {args.warmup}")
     data = validate.output_dir(args.data, "--data")
     if not (data / "train.h5").exists() and (data / "test.h5").exists():
         # rendering a set would replace that test.h5
-        raise validate.InputError(f"--data {args.data}: holds test.h5 but no train.h5; give a "
-                                  "folder with both, or one without either for a rendered set")
+        raise validate.InputError(
+            f"--data {args.data}: holds test.h5 but no train.h5; give a "
+            "folder with both, or one without either for a rendered set"
+        )
     if not args.no_ray:
         validate.ray_address_from(None)
     device = pick_device(args.device)
@@ -214,22 +266,36 @@ def run(args) -> int:
     compiled = config_from_dict(cfg.to_dict())
     compiled.scaling.compile = True
     amp = amp_active(device, cfg.scaling.amp)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
-    print(f"[raypose] bench on {device.type} ({name}): batch {args.batch_size}, {args.steps} timed "
-          f"steps after {args.warmup} warm-up, {args.repeats} repeats (taking turns); "
-          f"bf16 autocast {'on' if amp else 'off'}, channels_last {cfg.scaling.channels_last}",
-          flush=True)
+    name = (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
+    )
+    print(
+        f"[raypose] bench on {device.type} ({name}): batch {args.batch_size}, {args.steps} timed "
+        f"steps after {args.warmup} warm-up, {args.repeats} repeats (taking turns); "
+        f"bf16 autocast {'on' if amp else 'off'}, channels_last {cfg.scaling.channels_last}",
+        flush=True,
+    )
     feed_batches = max(args.steps, 64)
-    results = {"feed": [], "augment": [], "plain": [], "compiled": [], "ray": [], "ray_run_seconds": []}
+    results = {
+        "feed": [],
+        "augment": [],
+        "plain": [],
+        "compiled": [],
+        "ray": [],
+        "ray_run_seconds": [],
+    }
     for r in range(args.repeats):
         results["feed"].append(host_feed_samples_per_s(cfg, device, feed_batches))
         results["augment"].append(device_augment_samples_per_s(cfg, device, feed_batches))
         results["plain"].append(loop_samples_per_s(cfg, device, args.steps, args.warmup, threads))
-        line = (f"  repeat {r + 1}: host feed {results['feed'][-1]:,.0f}  device augment "
-                f"{results['augment'][-1]:,.0f}  plain loop {results['plain'][-1]:,.2f}")
+        line = (
+            f"  repeat {r + 1}: host feed {results['feed'][-1]:,.0f}  device augment "
+            f"{results['augment'][-1]:,.0f}  plain loop {results['plain'][-1]:,.2f}"
+        )
         if args.compile:
-            results["compiled"].append(loop_samples_per_s(compiled, device, args.steps,
-                                                          max(args.warmup, 3), threads))
+            results["compiled"].append(
+                loop_samples_per_s(compiled, device, args.steps, max(args.warmup, 3), threads)
+            )
             line += f"  compiled {results['compiled'][-1]:,.2f}"
         if not args.no_ray:
             ray_rate, ray_total = ray_samples_per_s(cfg, device, args.steps, args.warmup, threads)
@@ -257,4 +323,3 @@ def run(args) -> int:
 
         ray.shutdown()
     return 0
-

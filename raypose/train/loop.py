@@ -11,11 +11,16 @@ import torch
 import torch.distributed as dist
 
 from raypose.config import Config
-from raypose.data.dataset import (PoseDataset, batch_chunks, device_batches, iterate_batches,
-                             shard_positions)
+from raypose.data.dataset import (
+    PoseDataset,
+    batch_chunks,
+    device_batches,
+    iterate_batches,
+    shard_positions,
+)
+from raypose.data.skeleton import OFFSET_SCALE_MM, from_parent_relative
 from raypose.model.losses import multitask_loss
 from raypose.model.network import LiChanNet
-from raypose.data.skeleton import OFFSET_SCALE_MM, from_parent_relative
 
 
 def stage_for_epoch(cfg: Config, epoch: int) -> str:
@@ -57,8 +62,16 @@ def steps_in_epoch(dataset_len: int, cfg: Config, world_size: int = 1) -> int:
     """The steps each rank takes in one training epoch: epoch_batches' shard (drop_last), cut into
     whole batches. Every epoch and rank has the same count; its shard's length is taken from
     shard_positions itself, unshuffled, so the two cannot disagree on the rule."""
-    shard = shard_positions(dataset_len, False, 0, 0, 0, world_size, drop_last=True,
-                            epoch_samples=cfg.data.epoch_samples)
+    shard = shard_positions(
+        dataset_len,
+        False,
+        0,
+        0,
+        0,
+        world_size,
+        drop_last=True,
+        epoch_samples=cfg.data.epoch_samples,
+    )
     return len(shard) // cfg.data.batch_size
 
 
@@ -78,10 +91,12 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
         # fused: one kernel over all 21 M parameters instead of a loop over the parameter tensors;
         # measured on the 2-core CPU machine (`train_epoch`, batch 16, one thread, 3 alternating
         # rounds): 1.08x the training rate, median of medians (README, "Speed")
-        return torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                fused=True)
-    return torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                           weight_decay=cfg.optim.weight_decay)
+        return torch.optim.Adam(
+            params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True
+        )
+    return torch.optim.SGD(
+        params, lr=cfg.optim.lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+    )
 
 
 @functools.lru_cache(maxsize=4)
@@ -134,8 +149,9 @@ class NonFiniteLossError(RuntimeError):
 NONFINITE_CHECK_STEPS = 50
 
 
-def nonfinite_loss_error(cfg: Config, step: int, epoch: int | None = None,
-                         epoch_steps: int = 0, where: str = "") -> NonFiniteLossError:
+def nonfinite_loss_error(
+    cfg: Config, step: int, epoch: int | None = None, epoch_steps: int = 0, where: str = ""
+) -> NonFiniteLossError:
     """The error for a NaN or inf loss at `step` (0-based) of `epoch` (0-based; None when the
     caller has no epochs, as the benchmarks)."""
     when = f"step {step + 1}" + (f" of {epoch_steps}" if epoch_steps else "")
@@ -146,12 +162,23 @@ def nonfinite_loss_error(cfg: Config, step: int, epoch: int | None = None,
         f"a learning rate too high for this model (optim.lr {cfg.optim.lr:g}), NaN or inf in "
         "the data's colour statistics (train.h5's rgb_eigval/rgb_eigvec attributes, which the "
         "PCA colour noise adds to every pixel), or a checkpoint with NaN weights that the run "
-        "resumed from")
+        "resumed from"
+    )
 
 
-def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torch.device,
-                max_steps: int = 0, world_size: int = 1, epoch: int | None = None,
-                epoch_steps: int = 0, check_every: int = 0) -> dict:
+def train_epoch(
+    model,
+    optimizer,
+    batches,
+    cfg: Config,
+    stage: str,
+    device: torch.device,
+    max_steps: int = 0,
+    world_size: int = 1,
+    epoch: int | None = None,
+    epoch_steps: int = 0,
+    check_every: int = 0,
+) -> dict:
     """One pass over `batches` (training tensors already on device); returns the mean loss parts
     over all ranks, the samples this rank saw and the seconds spent.
 
@@ -186,12 +213,17 @@ def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torc
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        sums += torch.stack([loss.detach(),
-                             zero if parts["regression"] is None else parts["regression"],
-                             zero if parts["detection"] is None else parts["detection"]])
+        sums += torch.stack(
+            [
+                loss.detach(),
+                zero if parts["regression"] is None else parts["regression"],
+                zero if parts["detection"] is None else parts["detection"],
+            ]
+        )
         # device ops only: a where on the device, the step index as a scalar argument
-        first_bad = torch.where(torch.isfinite(loss.detach()), first_bad,
-                                first_bad.clamp(max=steps))
+        first_bad = torch.where(
+            torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=steps)
+        )
         steps += 1
         samples += len(batch["image"])
         if steps % check_every == 0:
@@ -208,11 +240,18 @@ def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torc
         raise nonfinite_loss_error(cfg, int(bad), epoch, epoch_steps)
     if steps and not math.isfinite(totals[0]):
         # another rank's loss, in the all-reduced sums
-        raise nonfinite_loss_error(cfg, steps - 1, epoch, epoch_steps,
-                                   where=" (on another worker, by this step at the latest)")
+        raise nonfinite_loss_error(
+            cfg,
+            steps - 1,
+            epoch,
+            epoch_steps,
+            where=" (on another worker, by this step at the latest)",
+        )
     seconds = time.perf_counter() - start
-    means = {f"train_{k}": (v / (steps * world_size) if steps else float("nan"))
-             for k, v in zip(("loss", "regression", "detection"), totals)}
+    means = {
+        f"train_{k}": (v / (steps * world_size) if steps else float("nan"))
+        for k, v in zip(("loss", "regression", "detection"), totals)
+    }
     if stage == "detection":
         means.pop("train_regression")
     if stage == "regression":
@@ -221,8 +260,15 @@ def train_epoch(model, optimizer, batches, cfg: Config, stage: str, device: torc
 
 
 @torch.no_grad()
-def predict(model, dataset: PoseDataset, batch_size: int, device: torch.device,
-            channels_last: bool = False, rank: int = 0, world_size: int = 1) -> dict:
+def predict(
+    model,
+    dataset: PoseDataset,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
     """Root-relative predictions (mm) for this rank's share of the dataset (no augmentation).
 
     Rank r takes the r-th of world_size contiguous slices (every sample once overall, read as
@@ -231,9 +277,12 @@ def predict(model, dataset: PoseDataset, batch_size: int, device: torch.device,
     [n, 17, 100] when the model has a detection head."""
     model.eval()
     positions = np.array_split(np.arange(len(dataset)), world_size)[rank]
-    parts = {k: [] for k in ("gt_3d", "actions", "pred_3d", "detection_logits", "detection_targets")}
-    for batch in device_batches(dataset, batch_chunks(positions, batch_size), device=device,
-                                channels_last=channels_last):
+    parts = {
+        k: [] for k in ("gt_3d", "actions", "pred_3d", "detection_logits", "detection_targets")
+    }
+    for batch in device_batches(
+        dataset, batch_chunks(positions, batch_size), device=device, channels_last=channels_last
+    ):
         outputs = model(batch["image"])
         parts["gt_3d"].append(batch["joints_3d"])
         parts["actions"].append(batch["action"])
@@ -247,8 +296,15 @@ def predict(model, dataset: PoseDataset, batch_size: int, device: torch.device,
     return {"positions": positions, **out}
 
 
-def validate(model, dataset: PoseDataset, batch_size: int, device: torch.device, cfg: Config,
-             rank: int = 0, world_size: int = 1) -> dict:
+def validate(
+    model,
+    dataset: PoseDataset,
+    batch_size: int,
+    device: torch.device,
+    cfg: Config,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
     """Validation metrics, reduced across workers when a process group is up (every rank gets the
     same numbers): val_mpjpe (mm) if the model has a regression head, and val_detection_loss /
     val_detection_accuracy if it has a detection head."""
@@ -289,18 +345,46 @@ def open_splits(cfg: Config, seed: int | None = None, info: dict | None = None):
     # a local folder as it is; for s3://... this node's verified copy (fetched once per node)
     path = str(local_data_dir(cfg.data.path, ("train.h5",)) / "train.h5")
     seed = cfg.seed if seed is None else seed
-    train = PoseDataset(path, exclude_subjects=cfg.data.val_subjects, augment=cfg.data.augment,
-                        color_noise=cfg.data.color_noise, flip=cfg.data.flip,
-                        max_samples=cfg.data.max_train_samples, seed=seed, info=info)
-    val = PoseDataset(path, subjects=cfg.data.val_subjects, augment=False,
-                      max_samples=cfg.data.max_val_samples, seed=seed, info=info or train.info)
+    train = PoseDataset(
+        path,
+        exclude_subjects=cfg.data.val_subjects,
+        augment=cfg.data.augment,
+        color_noise=cfg.data.color_noise,
+        flip=cfg.data.flip,
+        max_samples=cfg.data.max_train_samples,
+        seed=seed,
+        info=info,
+    )
+    val = PoseDataset(
+        path,
+        subjects=cfg.data.val_subjects,
+        augment=False,
+        max_samples=cfg.data.max_val_samples,
+        seed=seed,
+        info=info or train.info,
+    )
     return train, val
 
 
-def epoch_batches(dataset, cfg: Config, epoch: int, rank: int = 0, world_size: int = 1,
-                  device: torch.device | None = None):
+def epoch_batches(
+    dataset,
+    cfg: Config,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+):
     """This rank's training batches of one epoch, on device, read ahead in a background thread."""
-    return iterate_batches(dataset, cfg.data.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                           rank=rank, world_size=world_size, drop_last=True, device=device,
-                           channels_last=cfg.scaling.channels_last,
-                           epoch_samples=cfg.data.epoch_samples)
+    return iterate_batches(
+        dataset,
+        cfg.data.batch_size,
+        shuffle=True,
+        seed=cfg.seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        drop_last=True,
+        device=device,
+        channels_last=cfg.scaling.channels_last,
+        epoch_samples=cfg.data.epoch_samples,
+    )

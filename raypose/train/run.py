@@ -12,15 +12,22 @@ in that record; FailureConfig(max_failures) restarts a lost worker group from it
 import posixpath
 import time
 
-from raypose import console
+from raypose import console, storage, validate
 from raypose.cluster import nodes
-from raypose.storage import runlock
-from raypose import storage
-from raypose import validate
+from raypose.cluster.driver import (
+    check_resources,
+    check_state_api,
+    forwarded_env,
+    init_ray,
+    latest_checkpoint,
+    preflight,
+    prepare_data,
+    remove_unrecorded,
+    run_interruptible,
+)
 from raypose.config import Config, ConfigError, load_config, set_workers
-from raypose.cluster.driver import (check_resources, check_state_api, forwarded_env, init_ray,
-                             latest_checkpoint, preflight, prepare_data, remove_unrecorded,
-                             run_interruptible)
+from raypose.storage import retry as storage_retry
+from raypose.storage import runlock
 
 # ----------------------------------------------------------------------------------------------
 # Runs on each Ray Train worker: raypose.train.worker, imported there (it imports torch)
@@ -38,9 +45,16 @@ def train_func_per_worker(loop_config: dict) -> None:
 # Runs on the driver
 
 
-def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(),
-                  stop_after_epoch: int = 0, created_at: float | None = None,
-                  data: dict | None = None, lines=None):
+def build_trainer(
+    cfg: Config,
+    run_name: str,
+    loc: storage.Location,
+    callbacks=(),
+    stop_after_epoch: int = 0,
+    created_at: float | None = None,
+    data: dict | None = None,
+    lines=None,
+):
     """The Ray Train trainer for one run (also used by each Tune trial): Ray's `TorchTrainer`
     with its `TorchConfig`, Ray's default callbacks and controller settings.
 
@@ -51,25 +65,32 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage_path, storage_fs = storage.ray_storage(loc)
+    storage_path, storage_fs = storage_retry.ray_storage(loc)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.gpu:
         resources["GPU"] = 1
     workers = cfg.worker_range()
-    scaling = {"num_workers": workers if workers[0] != workers[1] else workers[1],
-               "use_gpu": cfg.scaling.gpu, "resources_per_worker": resources,
-               "placement_strategy": cfg.scaling.placement}
+    scaling = {
+        "num_workers": workers if workers[0] != workers[1] else workers[1],
+        "use_gpu": cfg.scaling.gpu,
+        "resources_per_worker": resources,
+        "placement_strategy": cfg.scaling.placement,
+    }
     if workers[0] != workers[1]:  # Ray: elastic (driver.check_elastic_supported)
         scaling["elastic_resize_monitor_interval_s"] = cfg.scaling.resize_interval_s
     return TorchTrainer(  # Ray: the data-parallel run
         train_func_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "stop_after_epoch": stop_after_epoch,
-                           "data": prepare_data(cfg) if data is None else data,
-                           # the storage endpoint for raypose's own uploads on the workers
-                           # (never credentials: those come from the node's environment)
-                           "storage_env": forwarded_env(), "lines": lines,
-                           "run_uri": loc.join(run_name).uri,
-                           "trainer_created_at": time.time() if created_at is None else created_at},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "stop_after_epoch": stop_after_epoch,
+            "data": prepare_data(cfg) if data is None else data,
+            # the storage endpoint for raypose's own uploads on the workers
+            # (never credentials: those come from the node's environment)
+            "storage_env": forwarded_env(),
+            "lines": lines,
+            "run_uri": loc.join(run_name).uri,
+            "trainer_created_at": time.time() if created_at is None else created_at,
+        },
         torch_config=TorchConfig(),
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(
@@ -79,9 +100,11 @@ def build_trainer(cfg: Config, run_name: str, loc: storage.Location, callbacks=(
             failure_config=FailureConfig(max_failures=cfg.storage.max_failures),
             # keep the best K by checkpoint_score (val_mpjpe with a regression head, see
             # NO_REGRESSION_HEAD_SCORE); Ray Train always keeps the latest as well, for resume
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.storage.keep_checkpoints,
-                                               checkpoint_score_attribute="checkpoint_score",
-                                               checkpoint_score_order="min"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.storage.keep_checkpoints,
+                checkpoint_score_attribute="checkpoint_score",
+                checkpoint_score_order="min",
+            ),
             callbacks=list(callbacks),
         ),
     )
@@ -105,21 +128,29 @@ def _run_locked(cfg: Config, loc: storage.Location, stop_after_epoch: int, addre
     def stopped() -> str:
         removed = remove_unrecorded(run)
         latest = latest_checkpoint(run)
-        kept = (f"its last recorded checkpoint is {posixpath.basename(latest.path)}"
-                if latest else "no checkpoint was recorded")
+        kept = (
+            f"its last recorded checkpoint is {posixpath.basename(latest.path)}"
+            if latest
+            else "no checkpoint was recorded"
+        )
         tidied = f"; removed the unrecorded {', '.join(removed)}" if removed else ""
-        return (f"run {cfg.storage.name} stopped: {kept}{tidied}; the same command (--name "
-                f"{cfg.storage.name} --storage {loc.uri}) resumes it")
+        return (
+            f"run {cfg.storage.name} stopped: {kept}{tidied}; the same command (--name "
+            f"{cfg.storage.name} --storage {loc.uri}) resumes it"
+        )
 
     with console.quiet(), console.LineRelay() as lines:
-        trainer = build_trainer(cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch,
-                                lines=lines.handle)
+        trainer = build_trainer(
+            cfg, cfg.storage.name, loc, stop_after_epoch=stop_after_epoch, lines=lines.handle
+        )
         result = run_interruptible(trainer.fit, stopped)
     metrics = result.metrics or {}
-    print(f"[raypose] run {cfg.storage.name}: {metrics.get('epoch', '?')} epochs, "
-          f"val_mpjpe {metrics.get('val_mpjpe', float('nan')):.1f} mm "
-          f"(mean pose {metrics.get('val_mean_pose_mpjpe', float('nan')):.1f} mm), "
-          f"{time.perf_counter() - start:.0f} s; checkpoints under {loc.join(cfg.storage.name).uri}")
+    print(
+        f"[raypose] run {cfg.storage.name}: {metrics.get('epoch', '?')} epochs, "
+        f"val_mpjpe {metrics.get('val_mpjpe', float('nan')):.1f} mm "
+        f"(mean pose {metrics.get('val_mean_pose_mpjpe', float('nan')):.1f} mm), "
+        f"{time.perf_counter() - start:.0f} s; checkpoints under {loc.join(cfg.storage.name).uri}"
+    )
     return result
 
 
@@ -128,25 +159,50 @@ def _run_locked(cfg: Config, loc: storage.Location, stop_after_epoch: int, addre
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", help="directory with train.h5 (and test.h5), or s3://bucket/prefix "
-                        "holding them and their manifest.json")
-    parser.add_argument("--storage", help="experiment storage: a path, file://... or s3://bucket/prefix")
+    parser.add_argument(
+        "--data",
+        help="directory with train.h5 (and test.h5), or s3://bucket/prefix "
+        "holding them and their manifest.json",
+    )
+    parser.add_argument(
+        "--storage", help="experiment storage: a path, file://... or s3://bucket/prefix"
+    )
     parser.add_argument("--name", help="run name under --storage; the same name resumes")
     parser.add_argument("--epochs", type=int)
-    parser.add_argument("--workers", help="Ray Train workers (data-parallel): N, or MIN:MAX for an "
-                        "elastic group that shrinks when nodes are lost and grows back")
+    parser.add_argument(
+        "--workers",
+        help="Ray Train workers (data-parallel): N, or MIN:MAX for an "
+        "elastic group that shrinks when nodes are lost and grows back",
+    )
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
     parser.add_argument("--schedule", choices=["joint", "pretrain"])
     parser.add_argument("--config", help="YAML file with config overrides")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set lrn_alpha=0.001 (repeatable)")
-    parser.add_argument("--stop-after-epoch", type=int, default=0, metavar="N",
-                        help="stop this invocation after epoch N; the same --name resumes later")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set lrn_alpha=0.001 (repeatable)",
+    )
+    parser.add_argument(
+        "--stop-after-epoch",
+        type=int,
+        default=0,
+        metavar="N",
+        help="stop this invocation after epoch N; the same --name resumes later",
+    )
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local instance)")
 
 
-FLAG_KEYS = (("data", "data.path"), ("storage", "storage.uri"), ("name", "storage.name"),
-             ("epochs", "schedule.epochs"), ("gpu", "scaling.gpu"), ("schedule", "schedule.kind"))
+FLAG_KEYS = (
+    ("data", "data.path"),
+    ("storage", "storage.uri"),
+    ("name", "storage.name"),
+    ("epochs", "schedule.epochs"),
+    ("gpu", "scaling.gpu"),
+    ("schedule", "schedule.kind"),
+)
 
 
 def config_from_args(args) -> Config:
@@ -168,8 +224,8 @@ def config_from_args(args) -> Config:
     if args.workers is not None:  # N or MIN:MAX (elastic)
         set_workers(cfg, args.workers, "--workers", sources)
     cfg.validate(sources)
-    validate.data_location(cfg.data.path, sources.get("data.path", "data.path"))
-    validate.storage_location(cfg.storage.uri, sources.get("storage.uri", "storage.uri"))
+    storage.data_location(cfg.data.path, sources.get("data.path", "data.path"))
+    storage.storage_location(cfg.storage.uri, sources.get("storage.uri", "storage.uri"))
     return cfg
 
 

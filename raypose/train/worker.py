@@ -10,13 +10,23 @@ import time
 
 import torch
 
-from raypose.storage import checkpoint
-from raypose.console import worker_say
 from raypose.config import ConfigError, config_from_dict
-from raypose.train.loop import (build_model, build_optimizer, epoch_batches, maybe_compile, open_splits,
-                          regression_epochs_done, stage_for_epoch, steps_in_epoch, train_epoch,
-                          validate)
+from raypose.console import worker_say
 from raypose.model.network import regression_from_pretrained
+from raypose.storage import checkpoint
+from raypose.storage import retry as storage_retry
+from raypose.train.loop import (
+    build_model,
+    build_optimizer,
+    epoch_batches,
+    maybe_compile,
+    open_splits,
+    regression_epochs_done,
+    stage_for_epoch,
+    steps_in_epoch,
+    train_epoch,
+    validate,
+)
 
 CHECKPOINT_PREFIX = "epoch_"
 # Checkpoints are ranked by `checkpoint_score` (lower is better): val_mpjpe once a regression head
@@ -34,7 +44,9 @@ def _wrap_ddp(model, device, world_size):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def train_loop(loop_config: dict) -> None:
@@ -57,19 +69,24 @@ def train_loop(loop_config: dict) -> None:
 
     folders, size = checkpoint.remove_orphaned_spool_dirs()
     if folders:
-        print(f"[raypose] removed {folders} checkpoint folder(s) ({size / 1e6:.0f} MB) from "
-              f"{checkpoint.spool_dir()}: workers that ended before their upload left them",
-              flush=True)  # on this node's worker log: every rank may find some
+        print(
+            f"[raypose] removed {folders} checkpoint folder(s) ({size / 1e6:.0f} MB) from "
+            f"{checkpoint.spool_dir()}: workers that ended before their upload left them",
+            flush=True,
+        )  # on this node's worker log: every rank may find some
     train_set, val_set = open_splits(cfg, info=data["info"])
     epoch_steps = steps_in_epoch(len(train_set), cfg, world_size)  # the same for every epoch
     if epoch_steps == 0:
         # the driver's preflight refuses this for the run's config; a sweep trial's own batch
         # size can still get here, and an epoch without a step would report a NaN loss
         samples = cfg.data.epoch_samples or len(train_set)
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} per worker with {world_size} "
-                          f"worker(s) needs {cfg.data.batch_size * world_size} samples per "
-                          f"epoch, but an epoch has {samples}, so it would take no training "
-                          "step; lower data.batch_size", key="data.batch_size")
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} per worker with {world_size} "
+            f"worker(s) needs {cfg.data.batch_size * world_size} samples per "
+            f"epoch, but an epoch has {samples}, so it would take no training "
+            "step; lower data.batch_size",
+            key="data.batch_size",
+        )
     # a model without a regression head predicts nothing better than the mean pose: its
     # val_mpjpe is reported as this baseline (and ASHA ignores those epochs, see raypose.search.sweep)
     baseline = data["baseline"]
@@ -88,8 +105,10 @@ def train_loop(loop_config: dict) -> None:
         optimizer = build_optimizer(cfg, model)
         optimizer.load_state_dict(loaded["optimizer"])
         if rank == 0:
-            worker_say(lines, f"[raypose] resumed from epoch {start_epoch} "
-                       f"({loaded['state']['stage']} stage)")
+            worker_say(
+                lines,
+                f"[raypose] resumed from epoch {start_epoch} ({loaded['state']['stage']} stage)",
+            )
     else:
         model = build_model(cfg, stage_for_epoch(cfg, 0)).to(device)
         optimizer = build_optimizer(cfg, model)
@@ -117,8 +136,17 @@ def train_loop(loop_config: dict) -> None:
             # wall clock from the trainer's creation (on the driver) to the first step
             startup_seconds = time.time() - loop_config["trainer_created_at"]
         epoch_start = time.perf_counter()
-        stats = train_epoch(train_model, optimizer, batches, cfg, stage, device, world_size=world_size,
-                            epoch=epoch, epoch_steps=epoch_steps)
+        stats = train_epoch(
+            train_model,
+            optimizer,
+            batches,
+            cfg,
+            stage,
+            device,
+            world_size=world_size,
+            epoch=epoch,
+            epoch_steps=epoch_steps,
+        )
         val = validate(model, val_set, cfg.data.batch_size, device, cfg, rank, world_size)
         epochs_done = epoch + 1
         metrics = {
@@ -141,7 +169,9 @@ def train_loop(loop_config: dict) -> None:
             "val_mean_pose_mpjpe": baseline,
             "startup_seconds": startup_seconds,
             **val,
-            "checkpoint_score": val["val_mpjpe"] if model.regression is not None else NO_REGRESSION_HEAD_SCORE,
+            "checkpoint_score": val["val_mpjpe"]
+            if model.regression is not None
+            else NO_REGRESSION_HEAD_SCORE,
         }
         metrics.setdefault("val_mpjpe", baseline)
         # every rank computes the same decision from all-reduced metrics; only epochs with a
@@ -151,32 +181,51 @@ def train_loop(loop_config: dict) -> None:
             best_val = metrics["val_mpjpe"]
         # the sweep's metric (raypose.search.sweep): the best so far with a head, the baseline before one
         metrics["best_val_mpjpe"] = best_val if best_val < float("inf") else baseline
-        save = (is_best or epochs_done % cfg.storage.checkpoint_every == 0
-                or epochs_done == cfg.schedule.epochs or epochs_done == stop_after)
-        state = {"epoch": epochs_done, "stage": stage, "metrics": metrics,
-                 "best_val_mpjpe_with_head": best_val if best_val < float("inf") else None,
-                 "heads": {"regression": model.regression is not None,
-                           "detection": model.detection is not None}}
+        save = (
+            is_best
+            or epochs_done % cfg.storage.checkpoint_every == 0
+            or epochs_done == cfg.schedule.epochs
+            or epochs_done == stop_after
+        )
+        state = {
+            "epoch": epochs_done,
+            "stage": stage,
+            "metrics": metrics,
+            "best_val_mpjpe_with_head": best_val if best_val < float("inf") else None,
+            "heads": {
+                "regression": model.regression is not None,
+                "detection": model.detection is not None,
+            },
+        }
         if rank == 0:
-            worker_say(lines, f"[raypose] epoch {epochs_done}/{cfg.schedule.epochs} {stage}: "
-                       f"loss {metrics['train_loss']:.4f}  val_mpjpe {metrics['val_mpjpe']:.1f} mm "
-                       f"(mean pose {baseline:.1f})  {metrics['samples_per_s']:.1f} samples/s")
+            worker_say(
+                lines,
+                f"[raypose] epoch {epochs_done}/{cfg.schedule.epochs} {stage}: "
+                f"loss {metrics['train_loss']:.4f}  val_mpjpe {metrics['val_mpjpe']:.1f} mm "
+                f"(mean pose {baseline:.1f})  {metrics['samples_per_s']:.1f} samples/s",
+            )
         if rank == 0 and save:
             # written here, uploaded by Ray in a background thread while the next epoch trains;
             # Ray deletes the local folder once it is uploaded (see checkpoint.SPOOL_DIR_NAME)
             tmp = checkpoint.new_spool_dir()
             checkpoint.save(tmp, model.state_dict(), optimizer.state_dict(), cfg.to_dict(), state)
             # Ray: one report per epoch; rank 0 carries the checkpoint
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=checkpoint_name(epochs_done),
-                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
-                             checkpoint_upload_fn=upload)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=checkpoint_name(epochs_done),
+                checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                checkpoint_upload_fn=upload,
+            )
         else:
             ray.train.report(metrics, checkpoint=None)  # Ray: every rank reports (a barrier)
         if stop_after and epochs_done >= stop_after and epochs_done < cfg.schedule.epochs:
             if rank == 0:
-                worker_say(lines, f"[raypose] stopping after epoch {epochs_done} as asked; the "
-                           "same --name resumes")
+                worker_say(
+                    lines,
+                    f"[raypose] stopping after epoch {epochs_done} as asked; the "
+                    "same --name resumes",
+                )
             return
 
 
@@ -192,16 +241,16 @@ def _upload_manifest_last(run_uri: str):
     goes on; only then does the upload fail, and Ray Train restarts the workers from the latest
     complete checkpoint (storage.max_failures). Until manifest.json is written last, the folder
     is not a checkpoint to raypose or to Ray Train's record."""
-    from raypose import storage
-
     import pyarrow.fs
+
+    from raypose import storage
 
     run = storage.parse(run_uri)
 
     def upload(local, dir_name: str):
         import ray.train
 
-        path, fs = storage.ray_storage(run.join(dir_name))
+        path, fs = storage_retry.ray_storage(run.join(dir_name))
         fs = fs or pyarrow.fs.LocalFileSystem()
         checkpoint.upload(local.path, path, fs)  # hard links on local storage, else copies
         return ray.train.Checkpoint(path=path, filesystem=fs)

@@ -92,8 +92,10 @@ def grouped_report(pred: np.ndarray, gt: np.ndarray, groups, joint_names) -> dic
     as the per-action tables of PAPER.md do.
     """
     groups = np.asarray(groups)
-    errors = {name: per_joint_error(pred, gt, a)
-              for name, a in (("mpjpe", "none"), ("p_mpjpe", "procrustes"), ("n_mpjpe", "scale"))}
+    errors = {
+        name: per_joint_error(pred, gt, a)
+        for name, a in (("mpjpe", "none"), ("p_mpjpe", "procrustes"), ("n_mpjpe", "scale"))
+    }
     per_group = {}
     for g in sorted(set(groups.tolist())):
         sel = groups == g
@@ -102,9 +104,12 @@ def grouped_report(pred: np.ndarray, gt: np.ndarray, groups, joint_names) -> dic
         per_group[str(g)]["count"] = int(sel.sum())
     return {
         "per_action": per_group,
-        "per_joint": {name: {j: float(e[:, k].mean()) for k, j in enumerate(joint_names)}
-                      for name, e in errors.items()},
-        "mean_over_actions": {name: float(np.mean([v[name] for v in per_group.values()]))
-                              for name in errors},
+        "per_joint": {
+            name: {j: float(e[:, k].mean()) for k, j in enumerate(joint_names)}
+            for name, e in errors.items()
+        },
+        "mean_over_actions": {
+            name: float(np.mean([v[name] for v in per_group.values()])) for name in errors
+        },
         "overall": {name: float(e.mean()) for name, e in errors.items()},
     }
