@@ -132,7 +132,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     # constant: lr throughout; cosine: the rate falls from lr to 0 along a half cosine over each
     # stage's epochs (the joint schedule's, or each stage of the pretrain schedule), set before
-    # every step. raypose/train/loop.py: lr_factor; measured in README, "Training".
+    # every step. raypose/train/loop.py: lr_factor; measured in docs/benchmarks/.
     lr_schedule: str = "constant"
 
 

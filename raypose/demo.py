@@ -6,7 +6,7 @@ schedule with pretrain_share, lr), the paper's settings first,  3. evaluation of
 checkpoint on the test split.  Prints the best trial, its test MPJPE against the mean-pose
 baseline and the paper-settings trial, and where the report is.
 
-The defaults are sized for a 2-core machine (README gives the measured time): 6,400 training
+The defaults are sized for a 2-core machine (docs/benchmarks/ has the measured time): 6,400 training
 samples rendered, 1,600 of them per epoch, so each of a trial's 4 epochs sees new ones.
 --samples, --epochs and --train make the sweep longer.
 """

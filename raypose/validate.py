@@ -34,7 +34,7 @@ NAME_RULE = (
     "a letter or digit, then up to 99 letters, digits, '.', '_' or '-' (ASCII), without '..'"
 )
 
-# timeouts (seconds) and their environment variables; README lists them
+# timeouts (seconds) and their environment variables; docs/errors-and-environment.md lists them
 RAY_CONNECT_TIMEOUT = ("RAYPOSE_RAY_CONNECT_TIMEOUT", 5.0)
 
 

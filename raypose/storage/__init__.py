@@ -5,7 +5,7 @@ endpoint and credentials come from the standard AWS variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE); they are never taken
 from flags, never passed around explicitly and never written to logs, configs or checkpoints.
 
-Every wait on an endpoint is bounded (seconds, from the environment; README lists them):
+Every wait on an endpoint is bounded (seconds, from the environment; docs/errors-and-environment.md lists them):
 RAYPOSE_S3_CONNECT_TIMEOUT (5) to open a connection, RAYPOSE_S3_READ_TIMEOUT (60) for an answer
 to arrive, RAYPOSE_S3_ATTEMPTS (2) tries per request, and RAYPOSE_S3_CHECK_TIMEOUT (10) for the
 one-try reachability check every command makes before it starts, so that an endpoint that

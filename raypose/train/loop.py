@@ -88,9 +88,8 @@ def build_model(cfg: Config, stage: str) -> LiChanNet:
 def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optim.name == "adam":
-        # fused: one kernel over all 21 M parameters instead of a loop over the parameter tensors;
-        # measured on the 2-core CPU machine (`train_epoch`, batch 16, one thread, 3 alternating
-        # rounds): 1.08x the training rate, median of medians (README, "Speed")
+        # fused: one kernel over all 21 M parameters instead of a loop over the parameter tensors
+        # (measured: docs/benchmarks/2026-12-05-earlier-cpu-speed.md)
         return torch.optim.Adam(
             params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True
         )
@@ -115,10 +114,8 @@ def cpu_has_bf16_instructions(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 def amp_active(device: torch.device, enabled: bool) -> bool:
     """Whether training steps run under bf16 autocast (cfg.scaling.amp): on GPUs with bf16, and on
-    CPUs with bf16 instructions. Measured on the 2-core CPU machine (AMD EPYC with avx512_bf16,
-    batch 16, one thread, channels_last): a training step 1.5x faster than float32; a plain loop
-    of 4 epochs of 1,600 samples, two runs side by side, 57.7 against 42.0 samples/s, with test
-    MPJPE 0.56x against 0.59x of the mean pose (README, "Speed")."""
+    CPUs with bf16 instructions (speed and accuracy measured against float32:
+    docs/benchmarks/2026-12-05-earlier-cpu-speed.md)."""
     if not enabled:
         return False
     if device.type == "cuda":
