@@ -2,7 +2,8 @@
 `.ci/oldest-ray` runs these (`-m smoke`) on the oldest Ray release raypose supports; the main
 suite runs them on the newest.
 
-- a 2-worker Ray Train run with its checkpoints in S3;
+- a 2-worker Ray Train run with its checkpoints in S3
+  (tests/test_train_ray.py::test_two_workers_checkpoints_in_s3, marked smoke there);
 - a 3-trial sweep (Ray Tune + Optuna, ASHA) on a Ray instance of one CPU, in which ASHA stops a
   trial: the next trial can only start once Ray has freed the stopped trial's Train run (its
   placement group holds the only CPU), so the sweep finishing shows that; then the evaluation of
@@ -24,23 +25,6 @@ STOPPABLE_SPACE = """
 parameters:
   lr: {distribution: categorical, choices: [0.0003, 1.0e-9]}
 """
-
-
-@pytest.mark.smoke
-def test_two_worker_train_run_on_s3(ray_local, tiny_data, s3_bucket):
-    import s3fs
-
-    from raypose.storage import checkpoint
-    from raypose.train.run import run_training
-
-    endpoint, bucket = s3_bucket
-    cfg = tiny_config(tiny_data, f"s3://{bucket}/exp", name="smoke")
-    result = run_training(cfg)
-    assert result.error is None and result.metrics["epoch"] == 2
-    assert result.metrics["workers"] == 2
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-    files = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/exp/smoke/epoch_0002"))
-    assert files == sorted(checkpoint.PAYLOAD_FILES + (checkpoint.MANIFEST_FILE,))
 
 
 @pytest.fixture

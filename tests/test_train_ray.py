@@ -51,6 +51,7 @@ def recorded(path):
     return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
 
 
+@pytest.mark.smoke
 def test_two_workers_checkpoints_in_s3(ray_local, tiny_data, s3_bucket):
     endpoint, bucket = s3_bucket
     cfg = tiny_config(tiny_data, f"s3://{bucket}/exp", name="s3run")
@@ -78,7 +79,7 @@ def _spool_folder_of_an_ended_process() -> str:
     """A spool folder with a file in it, left by a process that has exited (as a worker killed
     during its upload leaves one)."""
     code = (
-        "from raypose import checkpoint; d = checkpoint.new_spool_dir(); "
+        "from raypose.storage import checkpoint; d = checkpoint.new_spool_dir(); "
         "open(d + '/model.pt', 'wb').write(bytes(4096)); print(d)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
