@@ -26,7 +26,6 @@ rung), so the comparison is at the full number of epochs.
 """
 
 import hashlib
-import json
 import os
 import statistics
 import time
@@ -55,6 +54,14 @@ from raypose.search.searcher import (
 )
 from raypose.search.space import load_space
 from raypose.storage import runlock, seal
+from raypose.storage.experiment import (
+    SWEEP_RECORD,
+    experiment_exists,
+    read_sweep_record,
+    study_copy,
+    write_best,
+    write_sweep_record,
+)
 
 TRIAL_DRIVER_MEMORY = 768 * 1024**2  # bytes; see build_tuner
 # The paper's settings (PAPER.md), by config key; everything else keeps the base config's default
@@ -148,7 +155,7 @@ def default_study_url(loc: storage.Location, name: str) -> str:
     <storage>/<name>/optuna.db after each trial and seeded from that copy on resume."""
     exp = loc.join(name)
     if loc.scheme == "file":
-        return f"sqlite:///{Path(exp.path) / 'optuna.db'}"
+        return f"sqlite:///{Path(study_copy(exp).path)}"
     root = Path(os.environ.get("RAYPOSE_LOCAL_DIR") or Path.home() / ".raypose" / "experiments")
     key = hashlib.sha256(f"{storage.endpoint_url() or ''} {exp.uri}".encode()).hexdigest()[:12]
     folder = root / f"{key}-{name.replace('/', '_')}"
@@ -272,7 +279,7 @@ def build_tuner(
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     callbacks = [
         TBXLoggerCallback(),
-        make_copy_study_callback(study_url, loc.join(name, "optuna.db")),
+        make_copy_study_callback(study_url, study_copy(loc.join(name))),
         console.make_sweep_callback(samples, cfg.schedule.epochs, METRIC, judged, space.names),
     ]
     if resume:
@@ -314,13 +321,6 @@ def build_tuner(
             # come from console.make_sweep_callback
             verbose=1 if console.verbose() else 0,
         ),
-    )
-
-
-def experiment_exists(loc: storage.Location) -> bool:
-    fs = storage.filesystem(loc)
-    return fs.exists(loc.path) and any(
-        "experiment_state" in p for p in fs.ls(loc.path, detail=False)
     )
 
 
@@ -421,7 +421,6 @@ def checkpoint_uri(loc: storage.Location, path: str | None) -> str | None:
     return f"s3://{path}" if loc.scheme == "s3" else path
 
 
-SWEEP_RECORD = "sweep.json"
 DEFAULT_SAMPLES = 8
 # what a resumed sweep takes from this invocation (for trials that start or restart): where the
 # data is, storage settings of each trial's run, and the trial's workers; everything else stays
@@ -455,10 +454,7 @@ def resume_settings(
     asking for something a resume cannot apply (None means the flag was not given)."""
     from raypose.cluster.driver import flatten
 
-    try:
-        stored = json.loads(storage.read_text(exp.join(SWEEP_RECORD)))
-    except FileNotFoundError:
-        stored = None
+    stored = read_sweep_record(exp)
     given = {"--samples": samples, "--max-concurrent": max_concurrent, "--study-db": study_url}
     if stored is None:
         refused = [f"{flag} {value}" for flag, value in given.items() if value is not None]
@@ -497,7 +493,7 @@ def resume_settings(
 def seed_study(study_url: str, exp: storage.Location) -> None:
     """On resume: a SQLite study missing on this machine is restored from the experiment's copy."""
     db = sqlite_path(study_url)
-    copy = exp.join("optuna.db")
+    copy = study_copy(exp)
     if db is None or db.exists() or not storage.exists(copy):
         return
     try:
@@ -591,7 +587,7 @@ def run_sweep(
             # home, a fresh pod): this machine's cache, seeded from the copy in storage, holds it
             print(
                 f"[raypose] the sweep's Optuna study {study_url} cannot be created here; "
-                f"using {here}, restored from {exp.join('optuna.db').uri}",
+                f"using {here}, restored from {study_copy(exp).uri}",
                 flush=True,
             )
             study_url = here
@@ -664,10 +660,7 @@ def _run_sweep_locked(
             f"space {space_path}; Optuna study {study_url}",
             flush=True,
         )
-        storage.write_text(
-            exp.join(SWEEP_RECORD),
-            json.dumps(sweep_record(cfg, space_path, samples, max_concurrent, study_url), indent=1),
-        )
+        write_sweep_record(exp, sweep_record(cfg, space_path, samples, max_concurrent, study_url))
     paper_point, paper_missing = paper_defaults_point(space, cfg)
     start = time.perf_counter()
     # Optuna's and Tune's own lines go to the log file; Tune would copy AWS credentials from this
@@ -684,7 +677,7 @@ def _run_sweep_locked(
                 removed += len(remove_unrecorded(runs.join(path.rstrip("/").rsplit("/", 1)[-1])))
         db = sqlite_path(study_url)
         if loc.scheme != "file" and db is not None and db.exists():
-            copy_study(db, exp.join("optuna.db"))  # the study as the stop left it
+            copy_study(db, study_copy(exp))  # the study as the stop left it
         tidied = f"; removed {removed} unrecorded checkpoint folder(s)" if removed else ""
         return (
             f"sweep {name} stopped{tidied}; `raypose tune` with the same flags and --resume "
@@ -728,12 +721,12 @@ def _run_sweep_locked(
         },
         "epoch": best["best_epoch"],
         "checkpoint": checkpoint_uri(loc, best["checkpoint_path"]),
-        "study": {"url": study_url, "name": name, "copy": exp.join("optuna.db").uri},
+        "study": {"url": study_url, "name": name, "copy": study_copy(exp).uri},
         "trials": rows,
         "wall_seconds": wall,
         "share_in_epochs": share,
     }
-    storage.write_text(exp.join("best.json"), json.dumps(best_json, indent=1, default=str))
+    best_loc = write_best(exp, best_json)
     versus = ""
     if paper is not None and paper["best_val_mpjpe"]:
         versus += (
@@ -746,7 +739,7 @@ def _run_sweep_locked(
         )
     print(
         f"[raypose] best trial {best['trial_id']}: val_mpjpe {best['best_val_mpjpe']:.1f} mm at epoch "
-        f"{best['best_epoch']}{versus}; {exp.join('best.json').uri}",
+        f"{best['best_epoch']}{versus}; {best_loc.uri}",
         flush=True,
     )
     return best_json

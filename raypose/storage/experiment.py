@@ -1,7 +1,9 @@
-"""An experiment's files in storage, read by the evaluation and the sweep report: best.json (the
-sweep's result, which names the best checkpoint), the copy of the Optuna study (optuna.db), the
-trial rows and their states, and the folders evaluation outputs go to. raypose.search.sweep
-writes these files; this module is where their names and their reading live.
+"""A sweep's experiment in storage: the one owner of its files' names, of their reading and
+writing, and of trial states. raypose.search.sweep writes sweep.json (the settings it started
+with, which a resume keeps) and best.json (its result, naming the best checkpoint) through this
+module and keeps its Optuna study's copy at study_copy(); raypose.evaluation reads them here.
+
+  <storage>/<name>/sweep.json   <storage>/<name>/best.json   <storage>/<name>/optuna.db
 """
 
 import json
@@ -11,7 +13,35 @@ from raypose import storage, validate
 from raypose.storage import checkpoint
 
 BEST_FILE = "best.json"
+SWEEP_RECORD = "sweep.json"
 STUDY_COPY = "optuna.db"
+
+
+def experiment_exists(loc: storage.Location) -> bool:
+    """Whether loc holds a sweep that Ray Tune has started (its experiment state is there)."""
+    fs = storage.filesystem(loc)
+    return fs.exists(loc.path) and any(
+        "experiment_state" in p for p in fs.ls(loc.path, detail=False)
+    )
+
+
+def read_sweep_record(exp: storage.Location) -> dict | None:
+    """The settings the sweep started with; None for a sweep without sweep.json."""
+    try:
+        return json.loads(storage.read_text(exp.join(SWEEP_RECORD)))
+    except FileNotFoundError:
+        return None
+
+
+def write_sweep_record(exp: storage.Location, record: dict) -> None:
+    storage.write_text(exp.join(SWEEP_RECORD), json.dumps(record, indent=1))
+
+
+def write_best(exp: storage.Location, best: dict) -> storage.Location:
+    """Write the sweep's best.json; returns where."""
+    loc = exp.join(BEST_FILE)
+    storage.write_text(loc, json.dumps(best, indent=1, default=str))
+    return loc
 
 
 class EvaluationError(RuntimeError):
