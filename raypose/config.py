@@ -29,7 +29,7 @@ MAX_WIDTH = 65536
 MAX_LRN_WINDOW = 95  # a window wider than twice the 48 x 48 LRN map adds nothing
 
 # The network's fixed shapes (raypose.model.network, which needs torch; this module does not), for the
-# memory estimate below. tests/test_guards.py holds them against the model itself.
+# memory estimate below. tests/local_ray/test_guards.py holds them against the model itself.
 TRUNK_PARAMETERS = (3 * 9 * 9 + 1) * 32 + (32 * 5 * 5 + 1) * 64 + (64 * 5 * 5 + 1) * 64
 TRUNK_FEATURES = 64 * 10 * 10
 HEAD_OUTPUTS = {"regression": 17 * 3, "detection": 17 * 100}

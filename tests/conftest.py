@@ -1,12 +1,9 @@
 """Shared fixtures: token auth for Ray without touching ~/.ray, a moto S3 server on loopback, a local
 Ray instance that is always shut down, and a tiny synthetic dataset made once per session."""
 
-import contextlib
 import os
 import secrets
-import socket
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -53,47 +50,7 @@ if _OWNS_AUTH_DIR:
     os.environ["RAYPOSE_LOG_DIR"] = str(_AUTH_DIR / "logs")
 
 
-@contextlib.contextmanager
-def ray_cluster(head_args: dict, node_args=(), **init_kwargs):
-    """A real multi-node Ray cluster on this machine (ray.cluster_utils.Cluster) with this
-    process as its driver: a head started with head_args and one node per entry of node_args.
-    Yields (cluster, added nodes); always shut down, never `ray stop`."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args=head_args)
-    try:
-        added = [cluster.add_node(**args) for args in node_args]
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, **init_kwargs)
-        yield cluster, added
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def free_port() -> int:
-    """A free loopback port outside Ray's worker port range (a server there would collide with
-    a Ray worker started later)."""
-    from raypose.cluster.dev import RAY_WORKER_PORTS
-
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not RAY_WORKER_PORTS[0] <= port <= RAY_WORKER_PORTS[1]:
-            return port
-
-
-def wait_until(condition, timeout, what):
-    """condition()'s first true value, polled every 0.2 s; AssertionError after timeout seconds."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+from tests.support import free_port  # noqa: E402
 
 
 @pytest.fixture
@@ -137,7 +94,12 @@ def ray_local():
 
     # workers import test helpers (scripted Tune functions) from the tests folder
     tests_dir = Path(__file__).resolve().parent
-    pythonpath = os.pathsep.join([str(tests_dir.parent), str(tests_dir)])
+    folders = [
+        tests_dir.parent,
+        tests_dir,
+        *(tests_dir / g for g in ("unit", "local_ray", "multinode")),
+    ]
+    pythonpath = os.pathsep.join(str(f) for f in folders)
     ray.init(
         num_cpus=2,
         include_dashboard=True,
@@ -160,22 +122,6 @@ def tiny_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny_data")
     synthesize(str(d), 100, 40, seed=0, progress=False)
     return d
-
-
-def tiny_config(data_dir, storage_uri, name="run", **sets):
-    """A Config sized for tests: small batches, two CPU workers, quick epochs."""
-    from raypose.config import Config, set_value
-
-    cfg = Config()
-    cfg.data.path = str(data_dir)
-    cfg.data.batch_size = 8
-    cfg.storage.uri = str(storage_uri)
-    cfg.storage.name = name
-    cfg.scaling.workers = 2
-    cfg.schedule.epochs = 2
-    for key, value in sets.items():
-        set_value(cfg, key.replace("__", "."), value, "test")
-    return cfg.validate()
 
 
 # ----------------------------------------------------------------------------------------------

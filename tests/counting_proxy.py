@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 
-from tcp_proxy import close_listener
+from tests.tcp_proxy import close_listener
 
 BLOCK = 64 * 1024
 

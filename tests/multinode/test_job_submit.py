@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 
 from raypose.cluster import dev as cluster
-from tests.conftest import free_port
+from tests.support import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUCKET = "raypose-e2e"
 # Generous fail-safes; on 2 shared cores the sweep takes about 1-2 min, the evaluation under 1 min.
 TUNE_TIMEOUT_S = 420

@@ -17,9 +17,9 @@ import pytest
 
 from raypose.cli import main
 from raypose.cluster import dev as cluster
-from tests.conftest import free_port
+from tests.support import free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def running(record) -> bool:

@@ -6,9 +6,9 @@ import threading
 import time
 
 import pytest
-from tcp_proxy import TcpProxy
 
 from raypose.storage import retry as storage_retry
+from tests.tcp_proxy import TcpProxy
 
 
 @pytest.fixture

@@ -470,7 +470,7 @@ def test_training_crops_keep_every_joint_synthetic(tiny_data):
 
 def test_training_crops_keep_every_joint_h36m(tmp_path):
     from raypose.data.h36m import convert
-    from tests.test_h36m import CAM_A, CAM_B, write_sequence
+    from tests.unit.test_h36m import CAM_A, CAM_B, write_sequence
 
     root = tmp_path / "processed"
     shifts = [(0, 0), (-50, -30), (20, 15), (-10, 25), (35, -20), (5, 5)]

@@ -3,7 +3,7 @@ resources of a run whose controller died (an interrupted driver, a trial that AS
 single run on a cluster without it says so in one line, a sweep is refused. Real clusters: one
 head without its dashboard (ray.cluster_utils.Cluster), and the local instance with it."""
 
-from conftest import ray_cluster
+from tests.support import ray_cluster
 
 
 def test_a_single_run_warns_about_a_cluster_without_a_dashboard(capsys):

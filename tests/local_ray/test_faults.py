@@ -6,8 +6,9 @@ import json
 import time
 
 import pytest
-from conftest import tiny_config
-from tcp_proxy import TcpProxy
+
+from tests.support import tiny_config
+from tests.tcp_proxy import TcpProxy
 
 
 @pytest.mark.slow

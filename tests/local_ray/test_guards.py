@@ -9,7 +9,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
 from raypose import cli
 from raypose.config import (
@@ -24,6 +23,7 @@ from raypose.config import (
     saved_activation_floats,
     training_memory,
 )
+from tests.support import tiny_config
 
 GIB = 2**30
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from raypose.search.sweep import run_sweep
-from tests.conftest import tiny_config
+from tests.support import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
 
 
@@ -77,7 +77,8 @@ def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     # every trial was a Ray Train run with Ray's own cleanup: once the sweep is over, no
     # placement group holds a CPU
     import ray
-    from conftest import wait_until
+
+    from tests.support import wait_until
 
     wait_until(lambda: ray.available_resources().get("CPU") == 2.0, 60, "both CPUs free")
 

@@ -16,7 +16,7 @@ from raypose.cluster.driver import preflight
 from raypose.config import ConfigError
 from raypose.storage import checkpoint
 from raypose.train.run import build_trainer, run_training
-from tests.conftest import tiny_config
+from tests.support import tiny_config
 
 
 class EpochRecorder:

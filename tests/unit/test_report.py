@@ -411,7 +411,7 @@ def test_report_of_an_experiment_in_s3(s3_bucket, tmp_path, capsys):
 
 
 def test_report_with_study_copy_has_importances(tmp_path):
-    from tests.test_evaluate import make_study
+    from tests.local_ray.test_evaluate import make_study
 
     experiment = tmp_path / "exp"
     experiment.mkdir()

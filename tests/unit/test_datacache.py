@@ -1,6 +1,6 @@
 """--data s3://...: the manifest, the node-local cache, its lock and its checks, against a real
 moto S3 server over HTTP (through a byte-counting TCP proxy, tests/counting_proxy.py) and real
-HDF5 files. No Ray here; tests/test_nodes.py and test_train_data_uri below run it on Ray."""
+HDF5 files. No Ray here; tests/multinode/test_nodes.py and test_train_data_uri below run it on Ray."""
 
 import hashlib
 import json
@@ -18,7 +18,7 @@ from raypose.data import cache as datacache
 from raypose.data.cache import DataCacheError, local_data_dir
 from tests.counting_proxy import CountingProxy
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # A second run asks for manifest.json (about 400 bytes) plus S3's HTTP headers and nothing else;
 # one byte of train.h5 (several MB) would be far above this.
 NOTHING_DOWNLOADED = 32 * 1024
@@ -237,7 +237,7 @@ def test_missing_or_mismatching_files_are_one_line_naming_the_uri(
 
 
 def test_unreachable_endpoint_is_one_line(monkeypatch, cache):
-    from tests.conftest import free_port
+    from tests.support import free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody listens
     with pytest.raises(DataCacheError) as e:

@@ -21,9 +21,9 @@ from raypose.search.sweep import (
 from raypose.storage import checkpoint
 from raypose.storage import retry as storage_retry
 from raypose.train.run import build_trainer
-from tests.conftest import tiny_config
+from tests.support import tiny_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
 
 

@@ -1,6 +1,6 @@
 """The sweep's trust boundary (raypose.storage.seal): Tune's pickles are read back only when sealed with
 this machine's key; a pickle planted in storage never runs. A real resume that refuses a planted
-tuner.pkl: tests/test_interrupt.py::test_a_sweep_stops_resumes_and_never_loads_a_planted_pickle."""
+tuner.pkl: tests/local_ray/test_interrupt.py::test_a_sweep_stops_resumes_and_never_loads_a_planted_pickle."""
 
 import pickle
 from pathlib import Path

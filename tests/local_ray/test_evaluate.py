@@ -27,7 +27,7 @@ from raypose.evaluation import evaluate, history
 from raypose.evaluation.evaluate import EvaluationError
 from raypose.storage import checkpoint
 from raypose.storage import experiment as experiment_files
-from tests.conftest import free_port, tiny_config
+from tests.support import free_port, tiny_config
 
 BUCKET = "raypose-eval"
 RUN = f"{BUCKET}/exp/evalrun"  # the training run's folder (s3fs paths carry no scheme)

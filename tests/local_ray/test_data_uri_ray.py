@@ -9,10 +9,10 @@ import pytest
 from raypose.cli import main
 from raypose.data import cache as datacache
 from raypose.search.sweep import run_sweep
-from tests.conftest import tiny_config  # at import time: importing conftest resets AWS variables
-from tests.test_datacache import NOTHING_DOWNLOADED, cache, data_uri, proxy, sizes  # noqa: F401
+from tests.support import tiny_config  # at import time: importing conftest resets AWS variables
+from tests.unit.test_datacache import NOTHING_DOWNLOADED, cache, data_uri, proxy, sizes  # noqa: F401
 
-SMOKE = str(Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml")
+SMOKE = str(Path(__file__).resolve().parents[2] / "search_spaces" / "smoke.yaml")
 TINY = [
     "--epochs",
     "1",

@@ -10,7 +10,7 @@ import pytest
 from raypose.config import Config, apply_overrides
 from raypose.search.space import SearchSpaceError, load_space, parse_space
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "search_spaces" / "default.yaml"
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
 
@@ -546,7 +546,7 @@ def test_check_against_a_base_config(tmp_path):
 
 # --- hostile input: bounded YAML, bounded messages ----------------------------------------------
 
-from tests.test_config import BOMB  # noqa: E402  the billion-laughs document, 9**9 strings
+from tests.unit.test_config import BOMB  # noqa: E402  the billion-laughs document, 9**9 strings
 
 
 def test_billion_laughs_space_is_refused_fast_in_one_short_line(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "raypose"
+PACKAGE = Path(__file__).resolve().parents[2] / "raypose"
 ISOLATED = PACKAGE / "cluster" / "ray_internals.py"
 
 
@@ -99,7 +99,7 @@ def test_every_run_is_a_torch_trainer(tiny_data, tmp_path):
 
     from raypose.cluster.driver import preflight
     from raypose.train.run import build_trainer
-    from tests.conftest import tiny_config
+    from tests.support import tiny_config
 
     cfg = tiny_config(tiny_data, tmp_path / "exp")
     trainer = build_trainer(cfg, "run", preflight(cfg))
@@ -111,7 +111,7 @@ def test_elastic_groups_follow_the_ray_release(tiny_data, tmp_path, workers):
     """MIN:MAX workers run where Ray Train is elastic and are refused in one line elsewhere."""
     from raypose.cluster.driver import elastic_supported, preflight
     from raypose.config import ConfigError, set_workers
-    from tests.conftest import tiny_config
+    from tests.support import tiny_config
 
     cfg = tiny_config(tiny_data, tmp_path / "exp")
     set_workers(cfg, workers, "--workers", {})

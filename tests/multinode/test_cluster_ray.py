@@ -20,9 +20,9 @@ import pytest
 
 from raypose.cluster.driver import preflight
 from raypose.train.run import build_trainer
-from tests.conftest import free_port, ray_cluster, tiny_config, wait_until
+from tests.support import free_port, ray_cluster, tiny_config, wait_until
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from raypose import storage
 from raypose.cluster import nodes
-from tests.conftest import free_port, ray_cluster, tiny_config
+from tests.support import free_port, ray_cluster, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 suite runs them on the newest.
 
 - a 2-worker Ray Train run with its checkpoints in S3
-  (tests/test_train_ray.py::test_two_workers_checkpoints_in_s3, marked smoke there);
+  (tests/local_ray/test_train_ray.py::test_two_workers_checkpoints_in_s3, marked smoke there);
 - a 3-trial sweep (Ray Tune + Optuna, ASHA) on a Ray instance of one CPU, in which ASHA stops a
   trial: the next trial can only start once Ray has freed the stopped trial's Train run (its
   placement group holds the only CPU), so the sweep finishing shows that; then the evaluation of
@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.conftest import tiny_config
+from tests.support import tiny_config
 
 # lr 1e-9 leaves the network where it started, so such a trial is worse than the paper-settings
 # trial (lr 3e-4, the first trial) at the first rung and ASHA stops it there; the sampler's seed

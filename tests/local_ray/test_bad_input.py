@@ -22,12 +22,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from tcp_proxy import close_listener
 
 from raypose import cli
 from raypose.validate import NAME_PATTERN, InputError, check_name, ray_address
+from tests.tcp_proxy import close_listener
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMOKE_SPACE = REPO / "search_spaces" / "smoke.yaml"
 # The workspace fixture imports every command's modules first, so the time measured is the
 # command's own.  Every case then fails in checks that read a few small local files; the only

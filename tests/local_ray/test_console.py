@@ -13,7 +13,7 @@ import pytest
 from raypose import console
 from raypose.search.sweep import METRIC, judged
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Clock:
