@@ -87,7 +87,7 @@ def upload(local_dir: str, target: str, fs) -> int:
 
     On a local filesystem (the storage is a path) each file becomes a hard link to the local one
     when both are on one device: nothing is copied, where a copy of the default model's 242 MB
-    took about 0.5 s of CPU on this machine, every epoch, beside the training. Ray deletes the
+    would cost CPU time every epoch, beside the training. Ray deletes the
     local folder once this returns, which leaves the linked files in storage. Anywhere else
     (another device, object storage) each file is copied."""
     import posixpath
