@@ -184,7 +184,9 @@ class _SealedUpload(SpooledUpload):
             old = retry_outage(f"reading {stamp_path}", lambda: self._fs.cat_file(stamp_path))
         except FileNotFoundError:
             old = b""
-        if old:
+        if old.strip():
+            # the file's current line (the last one: a replacement cut earlier may have left two)
+            old = old.strip().splitlines()[-1] + b"\n"
             retry_outage(f"writing {stamp_path}", lambda: self._fs.pipe_file(stamp_path, old + new))
         super().close()
         retry_outage(f"writing {stamp_path}", lambda: self._fs.pipe_file(stamp_path, new))

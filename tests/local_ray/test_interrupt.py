@@ -153,11 +153,12 @@ def test_a_run_stops_mid_epoch_and_resumes_from_its_last_recorded_epoch(tiny_dat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_run_stops_during_start_up(tiny_data, tmp_path, sig, request):
+def test_a_run_stops_during_start_up(ray_local, tiny_data, tmp_path, sig, request):
     """Ctrl-C reaches the whole process group (the local Ray instance too) while Ray starts;
     SIGTERM (`kill`, Kubernetes) reaches the raypose process alone, once Ray is up and the run's
-    workers are starting. A `ray start` whose head died left its address file in Ray's temporary
-    folder: a run without --address starts its own instance all the same."""
+    workers are starting. Another Ray instance runs on the host (this test process's), and a
+    `ray start` whose head died left its address file in Ray's temporary folder: a run without
+    --address starts its own instance all the same, and joins neither."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="rp-", dir="/tmp"))  # Ray's socket paths stay short
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     (ray_tmp / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens there
@@ -170,6 +171,8 @@ def test_a_run_stops_during_start_up(tiny_data, tmp_path, sig, request):
     else:
         train.wait_for("node check", 120)
     ray_processes = train.descendants()
+    if sig == signal.SIGTERM:  # Ray is up: its own instance, not this process's
+        assert any("gcs_server" in " ".join(p.cmdline()) for p in ray_processes), train.out[-2000:]
     took = train.interrupt(sig, group=sig == signal.SIGINT)
     assert train.proc.returncode == 130, train.out[-3000:]
     assert took < STOP_WITHIN_S, (took, train.out[-2000:])
