@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "search_spaces" / "smoke.yaml")
 
 
-@pytest.mark.slow
+@pytest.mark.long  # out of .ci/run's time budget: `python -m pytest -m long`
 def test_sweep_on_s3(ray_local, tiny_data, s3_bucket, tmp_path, monkeypatch):
     import optuna
     import s3fs
@@ -94,7 +94,7 @@ def _experiment_state(exp_dir: Path):
     return {json.loads(t)["trial_id"]: json.loads(t)["status"] for t, _ in data["trial_data"]}
 
 
-@pytest.mark.slow
+@pytest.mark.long  # out of .ci/run's time budget: `python -m pytest -m long`
 def test_resume_after_driver_killed(ray_local, tiny_data, tmp_path):
     """The sweep's driver dies after a trial has finished; the same command again completes the
     sweep without running the finished trial again: with `--resume auto` (what the cluster files

@@ -112,7 +112,7 @@ def head_and_two_nodes():
 ELASTIC_EPOCHS = 30
 
 
-@pytest.mark.slow
+@pytest.mark.long  # out of .ci/run's time budget: `python -m pytest -m long`
 def test_elastic_group_shrinks_when_a_node_dies_and_grows_back(
     head_and_two_nodes, tiny_data, s3_bucket, tmp_path, capsys
 ):
@@ -204,7 +204,7 @@ def _trial_rows(exp_dir: Path):
     return rows
 
 
-@pytest.mark.slow
+@pytest.mark.long  # out of .ci/run's time budget: `python -m pytest -m long`
 def test_sweep_trial_lost_with_its_node_is_retried_from_its_checkpoint(
     tiny_data, tmp_path, monkeypatch
 ):

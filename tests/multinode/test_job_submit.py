@@ -519,7 +519,7 @@ def raypose_client_run(args: list, env: dict, timeout: float) -> str:
     return done.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.long  # out of .ci/run's time budget: `python -m pytest -m long`
 def test_train_tune_and_evaluate_through_ray_client(dev_cluster, tiny_data, tmp_path):
     """The dev cluster's head runs Ray Client's server; every command connects to it with
     ray://127.0.0.1:PORT, with storage in the cluster's S3 bucket."""

@@ -13,7 +13,7 @@ from raypose.train.loop import build_model, build_optimizer, open_splits, train_
 STEPS = 125  # x 32 samples: ~10 passes over the 400 training samples, ~1-2 min on 2 CPU cores
 
 
-@pytest.mark.slow
+@pytest.mark.long  # out of .ci/run's time budget: `python -m pytest -m long`
 def test_validation_mpjpe_falls_below_mean_pose(tmp_path):
     torch.manual_seed(0)
     torch.set_num_threads(2)
