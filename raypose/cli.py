@@ -128,6 +128,7 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
+    entry = argv is None  # the `raypose` command itself, not a call from Python
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
     args, unknown = parser.parse_known_args(argv)
@@ -151,8 +152,16 @@ def main(argv=None) -> int:
 
         stopped = shutdown_ray()
         print(f"{command}: interrupted", file=sys.stderr, flush=True)
-        if not stopped:  # Ray's shutdown hangs on processes the signal ended: end without it
+        # Everything raypose owns is settled by now (storage tidied, the run's lock released, the
+        # resume line printed). The interpreter's own exit can still wait without end: it joins the
+        # thread pools that Ray Train and Tune left mid-call to a Ray that is gone (a CI run saw it
+        # still running 60 s after its last line). A process started as the command ends here.
+        if not stopped or entry:
+            import logging
+
+            logging.shutdown()
             sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(130)
         return 130
     except Exception as e:
