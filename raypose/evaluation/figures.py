@@ -91,30 +91,91 @@ def skeleton_figure(
         ax_img.axis("off")
 
         ax = fig.add_subplot(grid[row, 1], projection="3d")
-        for pose, style in ((gt[row], "true"), (pred[row], "pred")):
-            x, depth, height = _upright(pose)
-            for child, parent in skeleton.bones():
-                idx = [parent, child]
-                if style == "true":
-                    ax.plot(x[idx], depth[idx], height[idx], color=TRUE_COLOUR, lw=1.2, ls="--")
-                else:
-                    ax.plot(
-                        x[idx], depth[idx], height[idx], color=_bone_colour(child, skeleton), lw=2
-                    )
-        ax.set_xlim(-half, half)
-        ax.set_ylim(-half, half)
-        ax.set_zlim(-half, half)
-        ax.set_box_aspect((1, 1, 1))
-        ax.view_init(elev=15, azim=-70)  # a little from above and to the side; z (height) up
-        ax.set_xlabel("x (mm)", fontsize=7)
-        ax.set_ylabel("z (mm)", fontsize=7)
-        ax.set_zlabel("-y (mm)", fontsize=7)
-        ax.tick_params(labelsize=6)
+        _draw_skeleton_3d(ax, gt[row], skeleton, true=True)
+        _draw_skeleton_3d(ax, pred[row], skeleton)
+        # a little from above and to the side; z (height) up
+        _frame_3d(ax, half, elev=15, azim=-70)
         if row == 0:
-            ax.plot([], [], color=TRUE_COLOUR, ls="--", label="true")
-            ax.plot([], [], color=LEFT, label="pred (left)")
-            ax.plot([], [], color=RIGHT, label="pred (right)")
-            ax.legend(loc="upper left", fontsize=7)
+            _legend_3d(ax, with_true=True)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def _draw_skeleton_3d(ax, pose: np.ndarray, skeleton: Skeleton, true: bool = False) -> None:
+    """One pose's bones on a 3D axis: a true pose black and dashed, a predicted one by side."""
+    x, depth, height = _upright(pose)
+    for child, parent in skeleton.bones():
+        idx = [parent, child]
+        if true:
+            ax.plot(x[idx], depth[idx], height[idx], color=TRUE_COLOUR, lw=1.2, ls="--")
+        else:
+            ax.plot(x[idx], depth[idx], height[idx], color=_bone_colour(child, skeleton), lw=2)
+
+
+def _frame_3d(ax, half: float, elev: float, azim: float) -> None:
+    """The same cube of +-half mm on every axis, seen from (elev, azim) degrees."""
+    ax.set_xlim(-half, half)
+    ax.set_ylim(-half, half)
+    ax.set_zlim(-half, half)
+    ax.set_box_aspect((1, 1, 1))
+    ax.view_init(elev=elev, azim=azim)
+    ax.set_xlabel("x (mm)", fontsize=7)
+    ax.set_ylabel("z (mm)", fontsize=7)
+    ax.set_zlabel("-y (mm)", fontsize=7)
+    ax.tick_params(labelsize=6)
+
+
+def _legend_3d(ax, with_true: bool) -> None:
+    if with_true:
+        ax.plot([], [], color=TRUE_COLOUR, ls="--", label="true")
+    ax.plot([], [], color=LEFT, label="pred (left)")
+    ax.plot([], [], color=RIGHT, label="pred (right)")
+    ax.legend(loc="upper left", fontsize=7)
+
+
+# the two views of prediction_figure: (title, elevation, azimuth) in degrees. Plot axes are
+# (x, depth z, height -y): azimuth -90 looks along +z, as the camera does; 0 looks from the side
+PREDICTION_VIEWS = (("camera view", 10, -90), ("side view", 10, 0))
+
+
+def prediction_figure(
+    image, pred, out_path, title: str = "", gt=None, skeleton: Skeleton = H36M_SKELETON
+) -> Path:
+    """One input of `raypose predict`: the crop the network saw beside the predicted skeleton
+    (root-relative, mm, coloured by side) from two views (PREDICTION_VIEWS), with the true
+    skeleton dashed when gt is given.
+
+    image: [H, W, 3] uint8; pred, gt: [K, 3] mm, camera coordinates."""
+    image = np.asarray(image)
+    pred = np.asarray(pred, dtype=np.float64)
+    k = skeleton.num_joints
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"image must be [H, W, 3] uint8, got shape {image.shape}")
+    if pred.shape != (k, 3):
+        raise ValueError(f"pred must be [{k}, 3], got {pred.shape}")
+    pred = pred - pred[:1]
+    if gt is not None:
+        gt = np.asarray(gt, dtype=np.float64)
+        if gt.shape != (k, 3):
+            raise ValueError(f"gt must be [{k}, 3], got {gt.shape}")
+        gt = gt - gt[:1]
+    half = 1.05 * max(np.abs(pred).max(), 0.0 if gt is None else np.abs(gt).max(), 1.0)
+
+    fig = _new_figure(10.0, 3.6)
+    grid = fig.add_gridspec(1, 3, width_ratios=(1.0, 1.3, 1.3))
+    ax_img = fig.add_subplot(grid[0, 0])
+    ax_img.imshow(image.astype(np.uint8))
+    ax_img.set_title(title, fontsize=9)
+    ax_img.axis("off")
+    for column, (view, elev, azim) in enumerate(PREDICTION_VIEWS, start=1):
+        ax = fig.add_subplot(grid[0, column], projection="3d")
+        if gt is not None:
+            _draw_skeleton_3d(ax, gt, skeleton, true=True)
+        _draw_skeleton_3d(ax, pred, skeleton)
+        _frame_3d(ax, half, elev=elev, azim=azim)
+        ax.set_title(view, fontsize=9)
+        if column == 1:
+            _legend_3d(ax, with_true=gt is not None)
     fig.tight_layout()
     return _save(fig, out_path)
 
