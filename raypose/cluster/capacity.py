@@ -11,6 +11,7 @@ Ray plugs in is marked `# Ray:`.  Nothing here runs on a worker of the run.
 
 import contextlib
 import dataclasses
+import math
 import re
 import time
 
@@ -26,16 +27,26 @@ class ClusterWaitError(RuntimeError):
 
 
 def worker_bundle(cfg: Config) -> dict:
-    """What one Ray Train worker asks for."""
+    """What one Ray Train worker asks for: its CPUs and, with a GPU, scaling.gpu_share of one
+    (1, or 1/k so that k workers share it)."""
     bundle = {"CPU": float(cfg.scaling.cpus_per_worker)}
     if cfg.scaling.gpu:
-        bundle["GPU"] = 1.0
+        bundle["GPU"] = float(cfg.scaling.gpu_share)
     return bundle
 
 
+# Ray counts resources in units of 0.0001 (ray_constants.MIN_RESOURCE_GRANULARITY)
+RESOURCE_UNITS = 10_000
+
+
 def fits(node: dict, bundle: dict) -> int:
-    """How many bundles fit on a node with these total resources."""
-    counts = [int(node.get(k, 0) // v) for k, v in bundle.items() if v > 0]
+    """How many bundles fit on a node with these total resources. Counted in Ray's own units,
+    so that 1 GPU holds exactly 8 shares of 0.125 (and 3 of 0.3333), as Ray places them."""
+    counts = [
+        round(node.get(k, 0) * RESOURCE_UNITS) // round(v * RESOURCE_UNITS)
+        for k, v in bundle.items()
+        if v > 0
+    ]
     return min(counts) if counts else 0
 
 
@@ -109,8 +120,9 @@ def _request_resources(bundles: list) -> None:
         request_resources,
     )  # a standing request to the autoscaler
 
-    # request_resources of Ray 2.55 and earlier takes only int amounts (2.60 takes floats too)
-    bundles = [{k: int(v) if float(v).is_integer() else v for k, v in b.items()} for b in bundles]
+    # request_resources of Ray 2.55 and earlier takes only int amounts (2.60 takes floats too);
+    # a GPU share asks for the whole GPU it sits on, which is what a new node brings anyway
+    bundles = [{k: math.ceil(v) for k, v in b.items()} for b in bundles]
     if not ray.util.client.ray.is_connected():
         request_resources(bundles=bundles)
         return
