@@ -23,6 +23,13 @@ Distributions and their fields:
                                                high - low; log: true needs low > 0 and step 1
     categorical  choices                       one of a non-empty list of distinct values
     fixed        value                         a constant (not searched, but still applied)
+    grid         values                        every value of the list, one trial each; several
+                                               grid parameters give every combination. On
+                                               data.actions, `values: actions` means each action
+                                               of train.h5 alone (one network per action)
+A space with a grid parameter is a grid sweep: every combination runs once, for every epoch (no
+Optuna sampling, no early stopping), and its other parameters must be fixed; a grid parameter
+takes no condition.
 Any parameter may also carry `condition: {other: value}` or `condition: {other: [v1, v2]}` (several
 entries must all hold): it exists only in trials where `other` took one of those values.  `other`
 must be defined earlier in the file and be categorical or fixed, and the values must be among its
@@ -66,7 +73,10 @@ FIELDS = {
     "int": (("low", "high"), ("step", "log")),
     "categorical": (("choices",), ()),
     "fixed": (("value",), ()),
+    "grid": (("values",), ()),
 }
+# `values: actions` on data.actions: one value per action of train.h5, each trial one action
+ACTIONS_OF_DATA = "actions"
 
 
 class SearchSpaceError(ValueError):
@@ -120,6 +130,12 @@ class Parameter:
             text += " log" if self.log else ""
         elif self.distribution == "categorical":
             text = "one of " + ", ".join(map(str, self.choices))
+        elif self.distribution == "grid":
+            text = "grid over " + (
+                "the actions of train.h5"
+                if self.value == ACTIONS_OF_DATA
+                else ", ".join(map(str, self.choices))
+            )
         else:
             text = f"fixed {self.value}"
         for other, allowed in self.condition:
@@ -138,6 +154,24 @@ class SearchSpace:
     @property
     def names(self) -> list:
         return [p.name for p in self.parameters]
+
+    @property
+    def is_grid(self) -> bool:
+        """A grid sweep: every combination of the grid parameters' values runs once."""
+        return any(p.distribution == "grid" for p in self.parameters)
+
+    def grid(self, actions=()) -> dict:
+        """{name: [values]} of the grid parameters, file order; actions: train.h5's action names,
+        for `values: actions`."""
+        return {
+            p.name: list(actions) if p.value == ACTIONS_OF_DATA else list(p.choices)
+            for p in self.parameters
+            if p.distribution == "grid"
+        }
+
+    def fixed(self) -> dict:
+        """{name: value} of the fixed parameters."""
+        return {p.name: p.value for p in self.parameters if p.distribution == "fixed"}
 
     def suggest(self, trial) -> dict:
         """Suggest every parameter whose condition holds, in file order: {name: value}.
@@ -199,7 +233,7 @@ class SearchSpace:
             raise SearchSpaceError(f"{self.path}: the base config is not valid: {e}") from None
         by_name = {p.name: p for p in self.parameters}
         for p in self.parameters:
-            if p.distribution == "categorical":
+            if p.distribution in ("categorical", "grid"):
                 extremes = [("choice", v) for v in p.choices]
             elif p.distribution == "fixed":
                 extremes = [("value", p.value)]
@@ -338,6 +372,14 @@ def parse_space(doc, source: str = "<search space>") -> SearchSpace:
             )
         keys[param.key] = name
         parsed.append(param)
+    if any(p.distribution == "grid" for p in parsed):
+        sampled = [p.name for p in parsed if p.distribution not in ("grid", "fixed")]
+        if sampled:
+            raise SearchSpaceError(
+                f"{source}: parameters.{sampled[0]}: a space with a grid parameter runs every "
+                "combination once, so its other parameters must be fixed (sampling and a grid "
+                "do not mix); make it fixed or a grid"
+            )
     return SearchSpace(path=source, metric=metric, parameters=tuple(parsed))
 
 
@@ -441,6 +483,34 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
                 raise fail(f"{label} {shown(choice)} appears twice")
             checked.append(choice)
         fields = dict(choices=tuple(checked))
+    elif kind == "grid":
+        values = spec["values"]
+        if values == ACTIONS_OF_DATA:
+            if key != "data.actions":
+                raise fail(
+                    f"values: {ACTIONS_OF_DATA} (each action of train.h5) is only for "
+                    "data.actions; list the values"
+                )
+            fields = dict(value=ACTIONS_OF_DATA)
+        else:
+            if not isinstance(values, list) or not values:
+                raise fail(
+                    f"grid needs values: a non-empty list (or `{ACTIONS_OF_DATA}` on "
+                    f"data.actions), got {shown(values)}"
+                )
+            checked = []
+            for i, value in enumerate(values):
+                label = f"values[{i}]"
+                if not isinstance(value, (bool, int, float, str)):
+                    raise fail(f"{label} must be a number, a string or a bool, got {shown(value)}")
+                value = _maybe_float(value) if is_float_key else value
+                _check_value(value, default, key, f"{where}: {label}", label, fail)
+                if any(_same(value, c) for c in checked):
+                    raise fail(f"{label} {shown(value)} appears twice")
+                checked.append(value)
+            fields = dict(choices=tuple(checked))
+        if spec.get("condition") is not None:
+            raise fail("a grid parameter takes no condition: every combination runs")
     else:  # fixed
         value = _maybe_float(spec["value"]) if is_float_key else spec["value"]
         _check_value(value, default, key, f"{where}: value", "value", fail)

@@ -4,8 +4,11 @@ with, which a resume keeps) and best.json (its result, naming the best checkpoin
 module and keeps its Optuna study's copy at study_copy(); raypose.evaluation reads them here.
 
   <storage>/<name>/sweep.json   <storage>/<name>/best.json   <storage>/<name>/optuna.db
+  <storage>/<name>/grid.json    a grid sweep's trials and their checkpoints (instead of best.json)
+  <storage>/<name>/test_reads.json   the test-split ledger: every evaluation on test, in order
 """
 
+import datetime
 import json
 from pathlib import Path
 
@@ -13,6 +16,8 @@ from raypose import storage, validate
 from raypose.storage import checkpoint
 
 BEST_FILE = "best.json"
+GRID_FILE = "grid.json"
+LEDGER_FILE = "test_reads.json"
 SWEEP_RECORD = "sweep.json"
 STUDY_COPY = "optuna.db"
 
@@ -44,6 +49,86 @@ def write_best(exp: storage.Location, best: dict) -> storage.Location:
     return loc
 
 
+def write_grid(exp: storage.Location, record: dict) -> storage.Location:
+    """Write a grid sweep's grid.json; returns where."""
+    loc = exp.join(GRID_FILE)
+    storage.write_text(loc, json.dumps(record, indent=1, default=str))
+    return loc
+
+
+def read_grid(exp: storage.Location) -> dict:
+    """A grid sweep's grid.json, every checkpoint it names checked to lie inside the experiment."""
+    loc = exp.join(GRID_FILE)
+    try:
+        record = json.loads(storage.read_text(loc))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EvaluationError(
+            f"{loc.uri} is not JSON; a grid sweep writes it when it finishes"
+        ) from None
+    if not isinstance(record, dict) or not isinstance(record.get("trials"), list):
+        raise EvaluationError(f"{loc.uri} is not a raypose grid.json (no 'trials' list)")
+    for i, trial in enumerate(record["trials"]):
+        if not isinstance(trial, dict) or not isinstance(trial.get("params"), dict):
+            raise EvaluationError(f"{loc.uri}: trials[{i}] has no 'params' mapping")
+        if trial.get("checkpoint") is not None:
+            inside(exp, trial["checkpoint"], f"{loc.uri}: trials[{i}]")
+    return record
+
+
+def inside(exp: storage.Location, ckpt_uri, where: str) -> storage.Location:
+    """The checkpoint's location when it lies under the experiment (same scheme and bucket, a path
+    below it); EvaluationError otherwise. An experiment's files may be edited by anyone with write
+    access to storage: an evaluation must not read or write anywhere they point."""
+    refused = (
+        f"{where}: checkpoint {validate.shown(ckpt_uri)} is not inside the experiment "
+        f"{exp.uri}; an experiment's files may only name checkpoints under it"
+    )
+    if not isinstance(ckpt_uri, str):
+        raise EvaluationError(refused)
+    try:
+        ckpt_loc = storage.parse(ckpt_uri)
+    except storage.StorageError as e:
+        raise EvaluationError(f"{refused} ({e})") from None
+    if ckpt_loc.scheme != exp.scheme or not ckpt_loc.path.startswith(exp.path.rstrip("/") + "/"):
+        raise EvaluationError(refused)
+    return ckpt_loc
+
+
+def ledger_location(checkpoint_loc: storage.Location, experiment: storage.Location | None):
+    """Where the test-split reads of a checkpoint are recorded: its experiment, or for a checkpoint
+    of a plain training run the run's folder (the checkpoint's parent)."""
+    if experiment is not None:
+        return experiment.join(LEDGER_FILE)
+    parent = checkpoint_loc.path.rstrip("/").rsplit("/", 1)[0]
+    return storage.Location(checkpoint_loc.scheme, parent).join(LEDGER_FILE)
+
+
+def read_ledger(ledger: storage.Location) -> list:
+    """The ledger's entries, oldest first ([] when there is none)."""
+    try:
+        entries = json.loads(storage.read_text(ledger))
+    except FileNotFoundError:
+        return []
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EvaluationError(
+            f"{ledger.uri} is not JSON; it is raypose's record of every evaluation on the test "
+            "split: restore it, or move it aside to start a new record"
+        ) from None
+    if not isinstance(entries, list):
+        raise EvaluationError(f"{ledger.uri} is not a raypose test-read ledger (not a list)")
+    return entries
+
+
+def record_test_read(ledger: storage.Location, entry: dict) -> int:
+    """Append one evaluation on the test split to the ledger; returns how many reads it holds.
+    entry: what was read and with what (checkpoint, data, samples); the time is added here."""
+    entries = read_ledger(ledger)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    entries.append({"time": stamp, **entry})
+    storage.write_text(ledger, json.dumps(entries, indent=1, default=str))
+    return len(entries)
+
+
 class EvaluationError(RuntimeError):
     """The URI names neither a finished experiment nor a checkpoint, or an output would
     overwrite an earlier one."""
@@ -65,6 +150,8 @@ def resolve(uri: str) -> dict:
     if fs.exists(loc.join(checkpoint.MANIFEST_FILE).path):
         return {"kind": "checkpoint", "checkpoint": loc, "best": None, "experiment": None}
     best_loc = loc.join(BEST_FILE)
+    if not fs.exists(best_loc.path) and fs.exists(loc.join(GRID_FILE).path):
+        return {"kind": "grid", "checkpoint": None, "best": None, "experiment": loc}
     if not fs.exists(best_loc.path):
         names = [Path(p).name for p in fs.ls(loc.path, detail=False)]
         if any(n.startswith("experiment_state") for n in names) or "train" in names:
@@ -94,18 +181,7 @@ def resolve(uri: str) -> dict:
         raise EvaluationError(f"{best_loc.uri} names no checkpoint")
     # the evaluation reads that checkpoint and writes its report next to it: a best.json edited
     # or copied to point elsewhere (/etc, another bucket, ../other) must not take it there
-    refused = (
-        f"{best_loc.uri}: checkpoint {validate.shown(ckpt_uri)} is not inside the "
-        f"experiment {loc.uri}; best.json may only name a checkpoint under it"
-    )
-    if not isinstance(ckpt_uri, str):
-        raise EvaluationError(refused)
-    try:
-        ckpt_loc = storage.parse(ckpt_uri)
-    except storage.StorageError as e:
-        raise EvaluationError(f"{refused} ({e})") from None
-    if ckpt_loc.scheme != loc.scheme or not ckpt_loc.path.startswith(loc.path.rstrip("/") + "/"):
-        raise EvaluationError(refused)
+    ckpt_loc = inside(loc, ckpt_uri, best_loc.uri)
     return {"kind": "experiment", "checkpoint": ckpt_loc, "best": best, "experiment": loc}
 
 

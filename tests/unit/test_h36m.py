@@ -3,6 +3,7 @@ two subjects in the splits and one outside them."""
 
 import hashlib
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -10,7 +11,15 @@ import pytest
 from PIL import Image
 
 from raypose import cli
-from raypose.data.h36m import H36M_17_OF_32, convert
+from raypose.data.h36m import (
+    CROP_CENTRED_ON,
+    H36M_17_OF_32,
+    RECIPE,
+    convert,
+    ordinal,
+    regular_step,
+    selection_attrs,
+)
 from raypose.data.schema import DataError, validate_file
 
 W, H = 200, 160  # frame size
@@ -34,8 +43,9 @@ def write_jpeg(path, grey, marker_at):
     Image.fromarray(image).save(path, quality=95)
 
 
-def write_sequence(root, subject, seq_name, rows):
-    """rows: list of (camera, frame, 2D shift, grey level)."""
+def write_sequence(root, subject, seq_name, rows, univ=None):
+    """rows: list of (camera, frame, 2D shift, grey level); univ: pose/3d-univ (N, 32, 3), the
+    poses h36m-fetch selects training frames on (left out when None, as in older trees)."""
     seq = root / subject / seq_name
     n = len(rows)
     pose_3d = np.zeros((n, 32, 3))
@@ -53,6 +63,8 @@ def write_sequence(root, subject, seq_name, rows):
         f["subject"] = np.full(n, int(subject[1:]))
         f["action"] = np.full(n, 15)
         f["subaction"] = np.full(n, 1)
+        if univ is not None:
+            f["pose/3d-univ"] = univ
     return pose_3d
 
 
@@ -135,7 +147,7 @@ def test_missing_root(tmp_path):
 
 def test_no_sequences(tmp_path):
     (tmp_path / "empty" / "S1" / "Walking-1").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"empty: no sequences found.*annot\.h5"):
+    with pytest.raises(DataError, match=r"empty: no sequences found.*annot\.h5.*docs/human36m"):
         convert(tmp_path / "empty", tmp_path / "out", progress=False)
 
 
@@ -166,3 +178,251 @@ def test_missing_jpeg_keeps_previous_files(tree, tmp_path):
     assert {name: (out / name).read_bytes() for name in before} == before
     # no temporary files; the manifest (size and sha256 of each split) still describes the files
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "test.h5", "train.h5"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Frame selection: h36m-fetch's tree holds every 64th test frame and motion-selected training
+# frames; the files and the converter say so, and --test-every chooses among the test frames
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def motion_poses(n_views, frames_per_view, step_mm):
+    """pose/3d-univ whose joint 0 moves step_mm between consecutive rows of each camera (the
+    other joints stay): what h36m-fetch's 40 mm rule leaves when step_mm >= 40."""
+    univ = np.zeros((n_views * frames_per_view, 32, 3))
+    univ[:, 0, 0] = np.tile(np.arange(frames_per_view) * step_mm, n_views)
+    return univ
+
+
+def fetch_layout(root, train_move_mm=45.0, test_frames=(1, 65, 129, 193), univ=True):
+    """A tree in h36m-fetch's exact layout: processed/S*/<Action>-<subaction>/annot.h5 and
+    imageSequence/<camera>/img_%06d.jpg. S1's two cameras hold frames 1, 4, 7, 11 (gaps as the
+    40 mm rule leaves them); S9 and S11 hold test_frames of each camera."""
+    train_rows = [(c, f, (0, 0), 180) for c in (CAM_A, CAM_B) for f in (1, 4, 7, 11)]
+    write_sequence(
+        root,
+        "S1",
+        "Walking-1",
+        train_rows,
+        univ=motion_poses(2, 4, train_move_mm) if univ else None,
+    )
+    write_sequence(
+        root,
+        "S9",
+        "Directions-2",
+        [(c, f, (0, 0), 120) for c in (CAM_A, CAM_B) for f in test_frames],
+    )
+    write_sequence(root, "S11", "Eating-1", [(CAM_A, f, (0, 0), 60) for f in test_frames[:2]])
+    return root
+
+
+def attrs_of(path) -> dict:
+    return selection_attrs(path)
+
+
+def test_fetch_tree_frame_selection_is_recorded(tmp_path, capsys):
+    root = fetch_layout(tmp_path / "processed")
+    out = tmp_path / "out"
+    assert cli.main(["data", "h36m", "--root", str(root), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    every_64th = "every 64th frame (frame numbers 1, 65, 129, ...)"
+    assert f"  test frames: {every_64th}" in printed
+    assert "  train frames: frames kept once some joint had moved at least 40 mm" in printed
+    assert f"crops centred on {CROP_CENTRED_ON}" in printed
+    test, train = attrs_of(out / "test.h5"), attrs_of(out / "train.h5")
+    assert test == {
+        "frame_selection": every_64th,
+        "test_every": 64,
+        "crop_centred_on": CROP_CENTRED_ON,
+    }
+    assert train["test_every"] == 64 and train["crop_centred_on"] == CROP_CENTRED_ON
+    assert train["frame_selection"].startswith(
+        "frames kept once some joint had moved at least 40 mm since the last kept frame"
+    )
+    with h5py.File(out / "test.h5") as f:  # every test row the tree holds; S11 sorts before S9
+        assert f["frame"][:].tolist() == [1, 65] + [1, 65, 129, 193] * 2
+    # the evaluation's report states it in its header
+    from raypose.evaluation import evaluate
+
+    line = evaluate.test_frames_line({"test_frames": test})
+    assert line == [f"Test frames: {every_64th}; crops centred on {CROP_CENTRED_ON}."]
+    assert evaluate.test_frames_line({"test_frames": {}}) == []
+
+
+def test_test_every_keeps_a_multiple_of_the_trees_step(tmp_path, capsys):
+    root = fetch_layout(tmp_path / "processed")
+    out = tmp_path / "out"
+    argv = ["data", "h36m", "--root", str(root), "--out", str(out), "--no-progress"]
+    assert cli.main([*argv, "--test-every", "128"]) == 0
+    chosen = (
+        "every 128th frame (frame numbers 1, 129, 257, ...), chosen with --test-every 128 from "
+        "a tree holding every 64th frame (frame numbers 1, 65, 129, ...)"
+    )
+    assert f"  test frames: {chosen}" in capsys.readouterr().out
+    with h5py.File(out / "test.h5") as f:
+        assert f["frame"][:].tolist() == [1, 1, 129, 1, 129]
+        assert f["subject"].asstr()[:].tolist() == ["S11"] + ["S9"] * 4
+        assert f.attrs["test_every"] == 128 and f.attrs["frame_selection"] == chosen
+    with h5py.File(out / "train.h5") as f:  # training rows are not touched by --test-every
+        assert f["frame"][:].tolist() == [1, 4, 7, 11] * 2 and f.attrs["test_every"] == 128
+
+
+def test_test_every_the_tree_cannot_give_is_one_line(tmp_path, capsys):
+    root = fetch_layout(tmp_path / "processed")
+    out = tmp_path / "out"
+    argv = ["data", "h36m", "--root", str(root), "--out", str(out), "--no-progress"]
+    assert cli.main([*argv, "--test-every", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raypose data h36m: error: --test-every 5: ")
+    assert f"S11/Eating-1 camera {CAM_A} has no frame 6" in err[0]  # S11 is checked first
+    assert "hold every 64th frame" in err[0] and "choose a multiple of 64" in err[0]
+    assert "docs/human36m.md" in err[0]
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+    for bad in ("0", "-64"):
+        assert cli.main([*argv, "--test-every", bad]) == 2
+        assert f"--test-every must be a whole number >= 1, got {bad}" in capsys.readouterr().err
+
+
+def test_test_every_on_a_tree_of_every_frame(tmp_path):
+    """A tree made with every test frame (h36m-fetch's select_frame_indices_to_include changed):
+    --test-every 5 keeps frames 1, 6, 11 of each test video; without it, every frame."""
+    root = fetch_layout(tmp_path / "processed", test_frames=tuple(range(1, 13)))
+    result = convert(root, tmp_path / "all", progress=False)
+    assert result["test_every"] == 1 and result["frame_selection"]["test"] == "every frame"
+    result = convert(root, tmp_path / "five", progress=False, test_every=5)
+    assert result["test_every"] == 5
+    with h5py.File(result["test"]) as f:
+        assert f["frame"][:].tolist() == [1] + [1, 6, 11] * 2  # S11 (frames 1, 2), then S9
+        assert f.attrs["frame_selection"].startswith(
+            "every 5th frame (frame numbers 1, 6, 11, ...)"
+        )
+
+
+@pytest.mark.parametrize(
+    "univ, move_mm", [(False, 45.0), (True, 25.0)], ids=["no pose/3d-univ", "moves under 40 mm"]
+)
+def test_training_frames_not_shown_to_follow_the_40_mm_rule(tmp_path, univ, move_mm):
+    """Irregular training frames are called h36m-fetch's motion selection only when pose/3d-univ
+    shows every kept frame at least 40 mm from the last; otherwise they are called irregular."""
+    root = fetch_layout(tmp_path / "processed", train_move_mm=move_mm, univ=univ)
+    result = convert(root, tmp_path / "out", progress=False)
+    text = "the frames the tree holds, with irregular gaps (no regular step)"
+    assert result["frame_selection"]["train"] == text
+    assert attrs_of(result["train"])["frame_selection"] == text
+
+
+def test_frame_selection_helpers():
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 64, 111, 112)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "64th", "111th", "112th",
+    ]  # fmt: skip
+    assert regular_step([np.array([1, 65, 129]), np.array([1, 65])]) == 64
+    assert regular_step([np.array([1, 65, 129]), np.array([1, 33])]) == 0  # two steps
+    assert regular_step([np.array([2, 66])]) == 0  # not from frame 1
+    assert regular_step([np.array([1, 4, 7, 11])]) == 0  # a gap
+    assert regular_step([np.array([1]), np.array([1])]) == 0  # no step to tell
+
+
+# ----------------------------------------------------------------------------------------------
+# Other layouts: one line each, naming the path and the recipe
+
+
+def run_cli(argv, capsys) -> tuple:
+    rc = cli.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    prefix = "raypose data h36m: error: "
+    assert err[0].startswith(prefix), err
+    return rc, err[0][len(prefix) :]
+
+
+def touch(path, data=b""):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_original_release_layout(tmp_path, capsys):
+    root = tmp_path / "h36m"
+    touch(root / "S1" / "MyPoseFeatures" / "D3_Positions" / "Walking.cdf")
+    touch(root / "S1" / "Videos" / "Walking.54138969.mp4")
+    rc, message = run_cli(
+        ["data", "h36m", "--root", str(root), "--out", str(tmp_path / "o")], capsys
+    )
+    assert rc == 2
+    assert message.startswith(
+        f"{root}: holds the original Human3.6M release (S1/MyPoseFeatures/D3_Positions/Walking.cdf"
+    )
+    assert "h36m-fetch" in message and "process_all.py" in message
+    assert "docs/human36m.md shows how" in message
+    assert not (tmp_path / "o").exists()
+    # h36m-fetch's own working folder before process_all.py: archives/ and extracted/
+    work = tmp_path / "h36m-fetch"
+    touch(work / "archives" / "Videos_S1.tgz")
+    touch(work / "extracted" / "S1" / "Poses_D3_Positions" / "Walking.cdf")
+    with pytest.raises(DataError, match=r"holds the original Human3\.6M release \(extracted/S1/"):
+        convert(work, tmp_path / "o", progress=False)
+    archives = tmp_path / "archives-only"
+    touch(archives / "archives" / "Videos_S1.tgz")
+    with pytest.raises(DataError, match=r"holds archives \(archives/Videos_S1\.tgz\).*extract_all"):
+        convert(archives, tmp_path / "o", progress=False)
+
+
+def test_image_less_pose_files(tmp_path, capsys):
+    """VideoPose3D's data_3d_h36m.npz (a pickled dict inside: its names are listed without
+    unpickling anything), given as --root or found inside it, and an HDF5 of poses only."""
+    npz = tmp_path / "data_3d_h36m.npz"
+    np.savez(npz, positions_3d=np.array({"S1": {"Walking": np.zeros((5, 32, 3))}}, dtype=object))
+    rc, message = run_cli(
+        ["data", "h36m", "--root", str(npz), "--out", str(tmp_path / "o")], capsys
+    )
+    assert rc == 2
+    assert message == (
+        f"{npz}: a pose file without images (arrays: positions_3d), like VideoPose3D's "
+        "data_3d_h36m.npz; raypose trains on image crops, so it needs h36m-fetch's processed tree "
+        "(<subject>/<action>-<subaction>/annot.h5 with imageSequence/<camera>/img_%06d.jpg) as "
+        "--root; see docs/human36m.md"
+    )
+    folder = tmp_path / "videopose"
+    inside = folder / "data" / "data_2d_h36m_gt.npz"
+    inside.parent.mkdir(parents=True)
+    np.savez(inside, positions_2d=np.zeros(3), metadata=np.zeros(1))
+    rc, message = run_cli(
+        ["data", "h36m", "--root", str(folder), "--out", str(tmp_path / "o")], capsys
+    )
+    assert rc == 2 and message.startswith(f"{inside}: a pose file without images (arrays: ")
+    poses = tmp_path / "poses.h5"
+    with h5py.File(poses, "w") as f:
+        f["poses_3d"] = np.zeros((4, 17, 3))
+        f["subject"] = np.array([b"S1"] * 4)
+    rc, message = run_cli(
+        ["data", "h36m", "--root", str(poses), "--out", str(tmp_path / "o")], capsys
+    )
+    assert rc == 2
+    assert message.startswith(f"{poses}: a pose file without images (arrays: poses_3d, subject);")
+    assert "VideoPose3D" not in message
+    assert not (tmp_path / "o").exists()
+
+
+def test_other_files_and_folders_say_what_to_pass(tree, tmp_path, capsys):
+    root, _ = tree
+    with pytest.warns(UserWarning):
+        convert(root, tmp_path / "data", progress=False)
+    split = tmp_path / "data" / "train.h5"
+    _, message = run_cli(
+        ["data", "h36m", "--root", str(split), "--out", str(tmp_path / "o")], capsys
+    )
+    assert message.startswith(f"{split}: is already raypose's HDF5 split file")
+    assert "--data" in message and str(tmp_path / "data") in message
+    annot = root / "S1" / "Walking-1" / "annot.h5"
+    _, message = run_cli(
+        ["data", "h36m", "--root", str(annot), "--out", str(tmp_path / "o")], capsys
+    )
+    assert message.startswith(f"{annot}: is one sequence's annotations; pass the processed/ folder")
+    # h36m-fetch's folder, which holds processed/: the path to pass
+    with pytest.raises(DataError, match=rf"pass its processed tree as --root: --root {root}$"):
+        convert(root.parent, tmp_path / "o", progress=False)
+    # one subject's folder
+    with pytest.raises(DataError, match=r"S1: holds sequences \(Walking-1/annot\.h5\)"):
+        convert(root / "S1", tmp_path / "o", progress=False)
+    assert (REPO / RECIPE).is_file()  # the recipe the messages point at
