@@ -43,9 +43,24 @@ COMMANDS = [
         "report what a sweep found: learning curves, joint vs pretrain, best settings",
     ),
     (
+        ("predict",),
+        "raypose.evaluation.predict",
+        "run a trained model (or an exported .onnx) on person crops: 3D joints and figures",
+    ),
+    (
+        ("export",),
+        "raypose.evaluation.export",
+        "export the regression network as ONNX or TorchScript, usable without raypose",
+    ),
+    (
         ("bench", "train"),
         "raypose.train.bench",
         "measure samples/s: host feed, device augmentation, plain PyTorch loop, Ray Train loop",
+    ),
+    (
+        ("bench", "sweep"),
+        "raypose.train.bench_sweep",
+        "measure a packed sweep: k trials at once on one device, resident data against the feed",
     ),
     (
         ("cluster",),
@@ -123,10 +138,6 @@ def _is_input_error(e: BaseException) -> bool:
     )
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv=None) -> int:
     entry = argv is None  # the `raypose` command itself, not a call from Python
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -144,7 +155,11 @@ def main(argv=None) -> int:
         os.environ["RAYPOSE_VERBOSE"] = "1"  # read by raypose.console, also in nested calls
     # SIGTERM (`ray job stop`, Kubernetes, `kill`) stops a command as Ctrl-C does: Ray is shut down
     # and the exit code is 130, instead of an end that leaves the local Ray instance running
-    signal.signal(signal.SIGTERM, _terminate)
+    from raypose.console import note_interrupt
+
+    signal.signal(signal.SIGTERM, note_interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, note_interrupt)  # Ctrl-C: remembered as well as raised
     try:
         return args._run(args) or 0
     except KeyboardInterrupt:

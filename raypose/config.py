@@ -74,6 +74,60 @@ def parse_workers(text, flag: str) -> tuple:
     return (numbers[0] if sep else 0, numbers[1])
 
 
+# The shares of one GPU a worker may ask for: a whole GPU, or 1/k of one for k workers on it.
+# Powers of two keep k x share exactly 1 in Ray's resource arithmetic (units of 0.0001).
+GPU_SHARES = (1.0, 0.5, 0.25, 0.125, 0.0625)
+GPU_SHARE_RULE = "must be 1 or a share 1/k of one GPU: 0.5, 0.25, 0.125 or 0.0625"
+# CPUs per worker under a GPU share when scaling.cpus_per_worker is not set: the step loop's
+# thread and the host feed's reader, so that k trials packed on one GPU keep k feeds going
+# (docs/training.md#fractional-gpus)
+CPUS_PER_SHARED_GPU_WORKER = 2
+MAX_READER_THREADS = 4
+
+
+def parse_gpus_per_worker(text, flag: str) -> float:
+    """`--gpus-per-worker G`: 0 (CPU workers), 1, or a share 1/k of one GPU written as a number
+    (0.25) or a fraction (1/4)."""
+    raw = str(text).strip()
+    try:
+        if "/" in raw:
+            top, bottom = raw.split("/", 1)
+            value = int(top) / int(bottom)
+        else:
+            value = float(raw)
+    except (ValueError, ZeroDivisionError):
+        value = None
+    if value is None or (value != 0.0 and value not in GPU_SHARES):
+        raise ConfigError(
+            f"{flag} must be 0 (CPU workers), 1 or a share 1/k of one GPU "
+            f"(0.5, 0.25, 0.125, 0.0625 or 1/2, 1/4, 1/8, 1/16), got {shown(raw)}"
+        )
+    return value
+
+
+def gpus_per_worker_arg(text) -> float:
+    """parse_gpus_per_worker as an argparse type: a bad value is argparse's one-line error
+    naming --gpus-per-worker (exit 2)."""
+    import argparse
+
+    try:
+        return parse_gpus_per_worker(text, "--gpus-per-worker")
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--gpus-per-worker ")) from None
+
+
+def set_gpus_per_worker(cfg, text, flag: str, sources: dict) -> None:
+    """`--gpus-per-worker` into scaling.gpu and scaling.gpu_share; under a share below 1,
+    scaling.cpus_per_worker becomes CPUS_PER_SHARED_GPU_WORKER unless a file or --set gave it."""
+    value = parse_gpus_per_worker(text, flag)
+    set_value(cfg, "scaling.gpu", value > 0, flag)
+    set_value(cfg, "scaling.gpu_share", value if value > 0 else 1.0, flag)
+    sources["scaling.gpu"] = sources["scaling.gpu_share"] = flag
+    if 0 < value < 1 and "scaling.cpus_per_worker" not in sources:
+        set_value(cfg, "scaling.cpus_per_worker", CPUS_PER_SHARED_GPU_WORKER, flag)
+        sources["scaling.cpus_per_worker"] = flag
+
+
 def set_workers(cfg, text, flag: str, sources: dict) -> None:
     """`--workers` / `--workers-per-trial` (N or MIN:MAX) into scaling.workers and
     scaling.min_workers; both keys are recorded in sources as coming from flag."""
@@ -102,9 +156,14 @@ class DataConfig:
     path: str = (
         "data/synth"  # directory holding train.h5 and test.h5, or s3://... (raypose.data.cache)
     )
-    val_subjects: list = field(
-        default_factory=lambda: ["S8"]
-    )  # held out of train.h5 for validation
+    # subjects of train.h5 held out for validation; [] trains on every subject (the paper's
+    # protocol: a fixed epoch budget, the last checkpoint is the one evaluated)
+    val_subjects: list = field(default_factory=lambda: ["S8"])
+    # > 0: every Nth sequence (one subject's one action) of the training subjects is held out for
+    # validation as well, so a run on every subject still has a score to search on
+    val_sequence_every: int = 0
+    # the actions trained on (and evaluated); [] = all of them. A per-action sweep sets one
+    actions: list = field(default_factory=list)
     batch_size: int = 64  # per worker
     augment: bool = True  # random 112 crop, PCA colour noise, left/right flip
     color_noise: float = 0.1  # std of the AlexNet PCA colour noise
@@ -115,6 +174,15 @@ class DataConfig:
     # of one shuffled pass, so a run of a few short epochs sees new samples in each
     # (raypose.data.dataset.epoch_positions)
     epoch_samples: int = 0
+    # where training batches come from. resident: the training split held on the training
+    # device as uint8 crops (about 49 KB a sample), with crops, flips and colour noise drawn
+    # there (raypose.data.resident; the same batches as the host feed for the same seed);
+    # host: read from the file by host threads; auto: resident on CUDA when it fits the
+    # worker's share of the GPU (raypose.train.packing.resident_decision), else host
+    feed: str = "auto"
+    # threads reading the host feed: 0 = auto, two on CUDA, where one reader is the limit of a
+    # fast loop, one on CPU, where the step is
+    reader_threads: int = 0
 
 
 @dataclass
@@ -155,6 +223,9 @@ class ScalingConfig:
     # how long to wait for the autoscaler to add nodes the run needs before giving up
     autoscaler_wait_s: float = 900.0
     gpu: bool = False
+    # with gpu: the share of one GPU each worker asks Ray for: 1, or 1/k (GPU_SHARES) so that k
+    # single-worker runs (the trials of a sweep) share one GPU
+    gpu_share: float = 1.0
     cpus_per_worker: int = 1
     channels_last: bool = True
     amp: bool = True  # bf16 autocast where it is native: GPUs with bf16, CPUs with avx512_bf16/AMX
@@ -207,6 +278,23 @@ class Config:
         checks += [
             (self.scaling.workers >= 1, "scaling.workers", "must be >= 1"),
             (self.scaling.cpus_per_worker >= 1, "scaling.cpus_per_worker", "must be >= 1"),
+            (self.scaling.gpu_share in GPU_SHARES, "scaling.gpu_share", GPU_SHARE_RULE),
+            (
+                self.scaling.gpu_share == 1.0 or self.worker_range() == (1, 1),
+                "scaling.workers",
+                "must be 1 with a GPU share below 1 (scaling.gpu_share): the ranks of one "
+                "data-parallel group cannot share a GPU (NCCL refuses two ranks on one device)",
+            ),
+            (
+                self.data.feed in ("auto", "resident", "host"),
+                "data.feed",
+                "must be auto, resident or host",
+            ),
+            (
+                0 <= self.data.reader_threads <= MAX_READER_THREADS,
+                "data.reader_threads",
+                f"must be 0 (auto) or 1 to {MAX_READER_THREADS}",
+            ),
             (
                 0 <= self.scaling.min_workers <= self.scaling.workers,
                 "scaling.min_workers",
@@ -237,10 +325,19 @@ class Config:
             (self.data.max_val_samples >= 0, "data.max_val_samples", "must be >= 0 (0 = all)"),
             (self.data.epoch_samples >= 0, "data.epoch_samples", "must be >= 0 (0 = all)"),
             (
-                len(self.data.val_subjects) >= 1
-                and all(isinstance(s, str) and s.strip() for s in self.data.val_subjects),
+                all(isinstance(s, str) and s.strip() for s in self.data.val_subjects),
                 "data.val_subjects",
-                "must list at least one subject, e.g. S8",
+                "must list subject names, e.g. [S8], or be [] to train on every subject",
+            ),
+            (
+                self.data.val_sequence_every >= 0,
+                "data.val_sequence_every",
+                "must be >= 0 (0 = no sequence held out)",
+            ),
+            (
+                all(isinstance(a, str) and a.strip() for a in self.data.actions),
+                "data.actions",
+                "must list action names, or be [] for all actions",
             ),
             (self.optim.name in ("adam", "sgd"), "optim.name", "must be adam or sgd"),
             (self.optim.lr > 0, "optim.lr", "must be > 0"),

@@ -19,6 +19,23 @@ import threading
 import time
 from pathlib import Path
 
+# Set by the first Ctrl-C or SIGTERM of the command (raypose.cli installs note_interrupt). A
+# KeyboardInterrupt raised inside Ray's calls can be lost there (a signal that lands while Ray
+# waits on its own tasks); the flag is not, and raypose.cluster.driver.run_interruptible checks it.
+_INTERRUPTED = threading.Event()
+
+
+def note_interrupt(signum=None, frame=None):
+    """A signal handler: remember the stop, then stop as Ctrl-C does."""
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether the command has been asked to stop (Ctrl-C or SIGTERM)."""
+    return _INTERRUPTED.is_set()
+
+
 VERBOSE_ENV = "RAYPOSE_VERBOSE"
 PREFIX = "[raypose]"
 
@@ -327,18 +344,21 @@ class SweepProgressState:
         judged = self.judged(result)
         if judged and value is not None and (self.best is None or value < self.best[0]):
             self.best = (value, trial_id)
-        val = (
-            f"val_mpjpe {value:.1f} mm"
-            if judged and value is not None
-            else "no regression head yet"
-        )
+        if judged and value is not None:
+            val = f"val_mpjpe {value:.1f} mm"
+        elif result.get("has_regression_head") and "best_val_mpjpe" not in result:
+            val = "no validation split"  # data.val_subjects=[]: the last epoch is the result
+        else:
+            val = "no regression head yet"
         base = result.get("val_mean_pose_mpjpe")
+        peak = result.get("gpu_memory_peak_bytes")  # a trial on a GPU (or a share of one)
         self._print(
             f"{PREFIX} trial {self.number(trial_id)}/{self.total} {trial_id} epoch "
             f"{epoch}/{result.get('epochs_planned', self.max_epochs)} {result.get('stage', '')}: "
             f"loss {result.get('train_loss', float('nan')):.4f}  {val}"
             + (f" (mean pose {base:.1f})" if base is not None else "")
             + f"  {result.get('samples_per_s', 0.0):.1f} samples/s"
+            + (f"  peak GPU memory {peak / 1e9:.2f} GB" if peak else "")
         )
 
     def ended(self, trial_id: str, how: str, best_value=None) -> None:

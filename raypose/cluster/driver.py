@@ -13,7 +13,7 @@ import re
 import sys
 import time
 
-from raypose import storage
+from raypose import console, storage
 from raypose.cluster import capacity
 from raypose.cluster.capacity import Capacity
 from raypose.config import Config, ConfigError
@@ -118,23 +118,34 @@ def prepare_data(cfg: Config) -> dict:
         train_file,
         *version,
         tuple(cfg.data.val_subjects),
+        cfg.data.val_sequence_every,
+        tuple(cfg.data.actions),
         cfg.data.max_train_samples,
         cfg.data.max_val_samples,
     )
 
 
 @functools.lru_cache(maxsize=4)
-def _prepare_data(train_file, mtime_ns, size, val_subjects, max_train, max_val) -> dict:
-    from raypose.data.dataset import PoseDataset
+def _prepare_data(
+    train_file, mtime_ns, size, val_subjects, val_sequence_every, actions, max_train, max_val
+) -> dict:
+    """baseline: None when the run holds nothing out for validation."""
+    from raypose.data.dataset import PoseDataset, has_validation
 
-    train = PoseDataset(train_file, exclude_subjects=list(val_subjects), max_samples=max_train)
-    val = PoseDataset(train_file, subjects=list(val_subjects), max_samples=max_val, info=train.info)
-    info = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in train.info.items()}
-    return {
-        "info": info,
-        "train_samples": len(train),
-        "baseline": mean_pose_baseline(train.root_relative_poses(), val.root_relative_poses()),
+    split = {
+        "val_subjects": list(val_subjects),
+        "val_sequence_every": val_sequence_every,
+        "actions": list(actions) or None,
     }
+    train = PoseDataset(train_file, split="train", max_samples=max_train, **split)
+    info = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in train.info.items()}
+    baseline = None
+    if has_validation(val_subjects, val_sequence_every):
+        val = PoseDataset(
+            train_file, split="validation", max_samples=max_val, info=train.info, **split
+        )
+        baseline = mean_pose_baseline(train.root_relative_poses(), val.root_relative_poses())
+    return {"info": info, "train_samples": len(train), "baseline": baseline}
 
 
 @contextlib.contextmanager
@@ -250,7 +261,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+    console.note_interrupt()
 
 
 def run_interruptible(work, stopped):
@@ -282,9 +293,13 @@ def run_interruptible(work, stopped):
     signal.signal(signal.SIGTERM, _interrupt)
     thread = threading.Thread(target=target, name="raypose-fit", daemon=True)
     try:
+        if console.interrupted():  # a stop that landed in Ray's start-up calls and was lost there
+            raise KeyboardInterrupt
         thread.start()
         while thread.is_alive():
             thread.join(0.2)
+            if console.interrupted():
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         began = time.monotonic()
         from raypose.console import say
@@ -317,6 +332,9 @@ IGNORED_ON_RESUME = (
     "scaling.compile",
     "schedule.epochs",
     "data.path",
+    # how the same batches reach the device (raypose.data.resident gives the host feed's batches)
+    "data.feed",
+    "data.reader_threads",
 )
 
 
@@ -333,7 +351,7 @@ def check_resume_config(cfg: Config, run: storage.Location) -> None:
             f"({latest.uri}); use another --name"
         ) from None
     ours = flatten(cfg.to_dict())
-    theirs = flatten(stored)
+    theirs = stored_settings(stored)
     diff = sorted(
         k
         for k in set(ours) | set(theirs)
@@ -345,6 +363,13 @@ def check_resume_config(cfg: Config, run: storage.Location) -> None:
             f"run {run.uri} exists with another config ({details}); "
             "resume with the same settings or use another --name"
         )
+
+
+def stored_settings(stored: dict) -> dict:
+    """A stored config (a checkpoint's or a sweep's), flattened, with the keys it predates at
+    their defaults: a setting added since behaves as the default did, so runs and sweeps from
+    before it still resume."""
+    return {**flatten(Config().to_dict()), **flatten(stored)}
 
 
 def flatten(d, prefix=""):

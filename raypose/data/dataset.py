@@ -21,6 +21,17 @@ Device (`augment_batch`, torch, on whatever device the batch is on), per sample:
      (Skeleton.flip_permutation).
 Without augmentation (validation, test): the centre crop at offset 8, no noise, no flip.
 
+Preparing a test sample (the one place that defines it; `raypose evaluate` and `raypose predict`
+both run this code):
+  1. the 128 x 128 box: a split file holds it already (raypose.data.h36m crops a square around
+     the person, pads it with black and resizes it with Pillow's bilinear filter); an image file
+     becomes one with `box_image`, which takes the square centred on the image with its longer
+     side and resizes it with the converter's own crop_image;
+  2. the centre 112 x 112 crop (offset 8 on both axes), no flip;
+  3. (x / 255 - IMAGE_MEAN) / IMAGE_STD per RGB channel, no colour noise, as float32
+     (B, 3, 112, 112) (`prepare_test_images`; augment_batch calls it for every sample read
+     without augmentation).
+
 The random numbers of a sample are a counter-based hash of (seed, epoch, position)
 (`augmentation_draws`), so a sample's augmentation depends only on those three, never on the
 batch, the rank or the thread it is read in.
@@ -51,7 +62,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from PIL import ImageOps
 
+from raypose.data.h36m import crop_image
 from raypose.data.schema import DataError, check_same_skeleton, read_skeleton, validate_file
 from raypose.data.skeleton import H36M_SKELETON, OFFSET_SCALE_MM, Skeleton
 
@@ -196,25 +209,22 @@ class Augmentation:
         return state
 
 
-def augment_batch(raw: dict, aug: Augmentation, channels_last: bool = False) -> dict:
-    """Training tensors (module docstring) from a host batch, on the host batch's device.
+def image_constants(device: torch.device) -> dict:
+    """The tensors crop_and_normalise reads (normalisation and crop steps), on device; a dataset's
+    Augmentation.constants holds the same ones, made once per device."""
+    values = {"mean": IMAGE_MEAN, "std": IMAGE_STD, "steps": np.arange(CROP_SIZE)}
+    return {k: torch.as_tensor(v).to(device) for k, v in values.items()}
 
-    raw: images uint8 (B, 128, 128, 3), joints_3d (B, 17, 3) and joints_2d (B, 17, 2) float32 of
-    the 128 box, draws (B, DRAWS_PER_SAMPLE) float32 (augmentation_draws), action, row int64."""
-    images = raw["images"]
-    assert images.ndim == 4 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3), images.shape
+
+def crop_and_normalise(
+    images, offsets, flips, noise, const: dict, channels_last: bool = False
+) -> torch.Tensor:
+    """The network's input: (B, 128, 128, 3) uint8 boxes -> (B, 3, 112, 112) float32.
+
+    Per sample the 112 crop at offsets (B, 2) int64 (ox, oy), its columns reversed where flips
+    (B,) bool, and (x / 255 + noise - IMAGE_MEAN) / IMAGE_STD per channel with noise (B, 3) on the
+    [0, 1] scale. const: image_constants (or Augmentation.constants) on the images' device."""
     device, b = images.device, images.shape[0]
-    joints_2d, joints_3d, draws = raw["joints_2d"], raw["joints_3d"], raw["draws"]
-    const = aug.constants(device)
-    if aug.augment:
-        offsets = crop_offsets(joints_2d, draws[:, 0:2])  # (B, 2)
-        flips = draws[:, 2] < 0.5 if aug.flip else torch.zeros(b, dtype=torch.bool, device=device)
-        alphas = standard_normals(draws[:, 3:7]) * aug.color_noise  # (B, 3)
-    else:
-        offsets = torch.full((b, 2), CENTRE_OFFSET, dtype=torch.int64, device=device)
-        flips = torch.zeros(b, dtype=torch.bool, device=device)
-        alphas = torch.zeros((b, 3), dtype=torch.float32, device=device)
-
     # crop and mirror in one gather of uint8 pixels: (B, 112, 112, 3)
     steps = const["steps"]  # 0..111
     rows = offsets[:, 1:2] + steps  # (B, 112)
@@ -230,7 +240,6 @@ def augment_batch(raw: dict, aug: Augmentation, channels_last: bool = False) -> 
     )
 
     # (x / 255 + noise - mean) / std as one fused multiply-add per pixel
-    noise = (alphas * const["eigval"]) @ const["eigvec"].T  # (B, 3): eigvec @ (alpha * eigval)
     shift = (noise - const["mean"]) / const["std"]  # (B, 3)
     scale = 1.0 / (255.0 * const["std"])  # (3,)
     image = torch.addcmul(
@@ -239,6 +248,60 @@ def augment_batch(raw: dict, aug: Augmentation, channels_last: bool = False) -> 
     image = image.permute(0, 3, 1, 2)  # (B, 3, 112, 112), channels_last strides
     if not channels_last:
         image = image.contiguous()
+    return image
+
+
+def prepare_test_images(images, channels_last: bool = False, const: dict | None = None):
+    """A test sample's input to the network (module docstring, "Preparing a test sample"): the
+    centre 112 crop of each uint8 128 x 128 box, no colour noise, no flip, normalised.
+    images: (B, 128, 128, 3) uint8 tensor -> (B, 3, 112, 112) float32 on its device."""
+    assert images.ndim == 4 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3), images.shape
+    device, b = images.device, images.shape[0]
+    const = image_constants(device) if const is None else const
+    offsets = torch.full((b, 2), CENTRE_OFFSET, dtype=torch.int64, device=device)
+    flips = torch.zeros(b, dtype=torch.bool, device=device)
+    noise = torch.zeros((b, 3), dtype=torch.float32, device=device)
+    return crop_and_normalise(images, offsets, flips, noise, const, channels_last)
+
+
+def centre_crop(boxes: np.ndarray) -> np.ndarray:
+    """The uint8 pixels a test sample's input holds, before normalisation (for figures):
+    (N, 128, 128, 3) -> (N, 112, 112, 3)"""
+    end = CENTRE_OFFSET + CROP_SIZE
+    return boxes[:, CENTRE_OFFSET:end, CENTRE_OFFSET:end]
+
+
+def box_image(image) -> np.ndarray:
+    """A person crop of any size (a PIL image) as the uint8 128 x 128 RGB box a split file holds:
+    turned upright by its EXIF orientation (a camera's photo), the square centred on it with its
+    longer side, black where it leaves the image, resized by raypose.data.h36m.crop_image, the
+    converter's own resize. (128, 128, 3) uint8"""
+    image = ImageOps.exif_transpose(image)
+    width, height = image.size
+    side = max(width, height)
+    return crop_image(image, ((width - side) // 2, (height - side) // 2, side), IMAGE_SIZE)
+
+
+def augment_batch(raw: dict, aug: Augmentation, channels_last: bool = False) -> dict:
+    """Training tensors (module docstring) from a host batch, on the host batch's device.
+
+    raw: images uint8 (B, 128, 128, 3), joints_3d (B, 17, 3) and joints_2d (B, 17, 2) float32 of
+    the 128 box, draws (B, DRAWS_PER_SAMPLE) float32 (augmentation_draws), action, row int64."""
+    images = raw["images"]
+    assert images.ndim == 4 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3), images.shape
+    device, b = images.device, images.shape[0]
+    joints_2d, joints_3d, draws = raw["joints_2d"], raw["joints_3d"], raw["draws"]
+    const = aug.constants(device)
+    if aug.augment:
+        offsets = crop_offsets(joints_2d, draws[:, 0:2])  # (B, 2)
+        flips = draws[:, 2] < 0.5 if aug.flip else torch.zeros(b, dtype=torch.bool, device=device)
+        alphas = standard_normals(draws[:, 3:7]) * aug.color_noise  # (B, 3)
+        noise = (alphas * const["eigval"]) @ const["eigvec"].T  # (B, 3): eigvec @ (alpha * eigval)
+        image = crop_and_normalise(images, offsets, flips, noise, const, channels_last)
+    else:  # validation and test: the preparation that `raypose predict` shares
+        offsets = torch.full((b, 2), CENTRE_OFFSET, dtype=torch.int64, device=device)
+        flips = torch.zeros(b, dtype=torch.bool, device=device)
+        image = prepare_test_images(images, channels_last, const)
 
     # joints follow the crop and the mirror; mirrored left joints become right joints and back
     joints_2d = joints_2d - offsets[:, None, :].to(joints_2d.dtype)  # (B, 17, 2) crop pixels
@@ -276,11 +339,33 @@ def _contiguous_runs(sorted_rows: np.ndarray):
     ]
 
 
+def validation_rows(subject_of_row, action_of_row, val_subjects=(), every: int = 0) -> np.ndarray:
+    """Which rows of train.h5 validation holds out: every row of val_subjects, and with every > 0
+    every `every`-th sequence (one subject's one action, in sorted order) of the other subjects.
+    The choice depends on the file alone, so the training and validation sides always agree.
+    [N] bool"""
+    subject_of_row = np.asarray(subject_of_row)
+    action_of_row = np.asarray(action_of_row)
+    held = np.isin(subject_of_row, list(val_subjects))
+    if every > 0:
+        sequence_of_row = np.char.add(np.char.add(subject_of_row.astype(str), "/"), action_of_row)
+        sequences = np.unique(sequence_of_row[~held])
+        picked = sequences[every - 1 :: every]  # the Nth, 2Nth, ...: none when fewer than N
+        held |= np.isin(sequence_of_row, picked)
+    return held
+
+
+def has_validation(val_subjects, val_sequence_every: int) -> bool:
+    """Whether a run validates at all: with neither it trains on every subject and sequence."""
+    return bool(val_subjects) or val_sequence_every > 0
+
+
 class PoseDataset:
     """The samples of one split file, filtered by subject and action.
 
-    subjects / exclude_subjects / actions: lists of names (None = no filter); the validation split
-    is the training file with exclude_subjects=[...] for training and subjects=[...] for validation.
+    subjects / exclude_subjects / actions: lists of names (None = no filter). split: "train" or
+    "validation" keeps that side of train.h5 (validation_rows: val_subjects and every
+    val_sequence_every-th sequence of the others are held out); None keeps both.
     max_samples > 0 keeps that many rows, evenly spaced over the selection (for smoke runs).
     info: validate_file's summary of this file when the caller has validated it already (the
     driver does, once, for every worker); None validates here.
@@ -311,6 +396,9 @@ class PoseDataset:
         seed=0,
         skeleton: Skeleton = H36M_SKELETON,
         info: dict | None = None,
+        split: str | None = None,
+        val_subjects=(),
+        val_sequence_every: int = 0,
     ):
         self.path = str(path)
         self.info = validate_file(self.path) if info is None else info
@@ -353,6 +441,13 @@ class PoseDataset:
         if actions is not None:
             keep &= np.isin(action_of_row, list(actions))
             filters.append(f"actions={list(actions)}")
+        if split is not None:
+            held = validation_rows(subject_of_row, action_of_row, val_subjects, val_sequence_every)
+            keep &= held if split == "validation" else ~held
+            filters.append(
+                f"the {split} split (val_subjects={list(val_subjects)}, "
+                f"val_sequence_every={val_sequence_every})"
+            )
         indices = np.flatnonzero(keep).astype(np.int64)
         if len(indices) == 0:
             raise DataError(
@@ -601,19 +696,32 @@ def host_batches(
 ):
     """Host batches (PoseDataset.host_batch) for each chunk of positions, reading the images of
     about `window` samples at a time: the distinct rows of a window are read as contiguous runs."""
-    i = 0
+    for group in read_windows(chunks, window):
+        yield from window_batches(dataset, group, epoch, pin_memory)
+
+
+def read_windows(chunks, window: int = READ_WINDOW) -> list:
+    """The chunks in consecutive groups of about `window` samples (at least one chunk each):
+    the images of a group are read together."""
+    groups, i = [], 0
     while i < len(chunks):
         j, size = i, 0
         while j < len(chunks) and (j == i or size + len(chunks[j]) <= window):
             size += len(chunks[j])
             j += 1
-        group = chunks[i:j]
-        images, where = dataset.read_images(np.concatenate(group))
-        at = 0
-        for chunk in group:
-            yield dataset.host_batch(chunk, epoch, pin_memory, images, where[at : at + len(chunk)])
-            at += len(chunk)
+        groups.append(chunks[i:j])
         i = j
+    return groups
+
+
+def window_batches(dataset: PoseDataset, group, epoch: int, pin_memory: bool = False):
+    """The host batches of one group of read_windows: one read of its images, then a batch per
+    chunk."""
+    images, where = dataset.read_images(np.concatenate(group))
+    at = 0
+    for chunk in group:
+        yield dataset.host_batch(chunk, epoch, pin_memory, images, where[at : at + len(chunk)])
+        at += len(chunk)
 
 
 def batch_chunks(positions: np.ndarray, batch_size: int, drop_last: bool = False) -> list:
@@ -631,14 +739,20 @@ def device_batches(
     device=None,
     channels_last: bool = False,
     prefetch: int = 2,
+    readers: int = 1,
 ):
     """Training tensors on device for each chunk of positions: the host half runs in a background
     thread, `prefetch` batches ahead (0: in this thread), into pinned memory on CUDA; each batch
-    is copied to the device once and augmented there."""
+    is copied to the device once and augmented there. readers > 1: that many reader threads
+    take the read windows in turn (_read_in_turns), and the batches come in the same order."""
     device = torch.device("cpu") if device is None else torch.device(device)
-    raws = host_batches(dataset, chunks, epoch, pin_memory=device.type == "cuda")
-    if prefetch > 0:
-        raws = _prefetched(raws, prefetch)
+    pin = device.type == "cuda"
+    if prefetch > 0 and readers > 1:
+        raws = _read_in_turns(dataset, read_windows(chunks), epoch, pin, readers, prefetch)
+    else:
+        raws = host_batches(dataset, chunks, epoch, pin_memory=pin)
+        if prefetch > 0:
+            raws = _prefetched(raws, prefetch)
     for raw in raws:
         yield augment_batch(to_device(raw, device), dataset.augmentation, channels_last)
 
@@ -656,17 +770,67 @@ def iterate_batches(
     device=None,
     channels_last: bool = False,
     epoch_samples: int = 0,
+    readers: int = 1,
 ):
     """Yields training tensors (device_batches) for this rank's shard of one epoch.
 
     Shards follow shard_positions (padding by wrapping unless drop_last, so every rank takes the
     same number of steps; epoch_samples as there). drop_last also drops this shard's last
-    incomplete batch."""
+    incomplete batch. readers: host reader threads (device_batches)."""
     shard = shard_positions(
         len(dataset), shuffle, seed, epoch, rank, world_size, drop_last, epoch_samples
     )
     chunks = batch_chunks(shard, batch_size, drop_last)
-    yield from device_batches(dataset, chunks, epoch, device, channels_last, prefetch)
+    yield from device_batches(dataset, chunks, epoch, device, channels_last, prefetch, readers)
+
+
+def _read_in_turns(dataset: PoseDataset, groups, epoch: int, pin: bool, readers: int, depth: int):
+    """The host batches of `groups` (read_windows) from `readers` daemon threads, in order:
+    thread t reads groups t, t + readers, ... into a queue of its own, `depth` batches ahead, and
+    this generator takes group g from queue g % readers. The batches are those of host_batches,
+    in the same order; only the reads overlap (h5py holds its lock during a read, the gathers
+    into pinned memory and the draws run beside it). Re-raises a reader's error here."""
+    queues = [queue.Queue(maxsize=depth) for _ in range(readers)]
+    stop = threading.Event()
+    end_of_group = object()
+
+    def reader(t: int):
+        q = queues[t]
+        try:
+            for g in range(t, len(groups), readers):
+                for raw in window_batches(dataset, groups[g], epoch, pin):
+                    if stop.is_set():
+                        return
+                    q.put(raw)
+                q.put(end_of_group)
+        except BaseException as exc:  # handed to the consumer
+            q.put(exc)
+
+    dataset._poses()  # the file handle and the pose cache, made once before the threads share them
+    threads = [
+        threading.Thread(target=reader, args=(t,), daemon=True, name=f"raypose-reader-{t}")
+        for t in range(readers)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        for g in range(len(groups)):
+            q = queues[g % readers]
+            while True:
+                item = q.get()
+                if item is end_of_group:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+    finally:
+        stop.set()
+        for thread, q in zip(threads, queues):
+            while thread.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
 
 
 def _prefetched(items, depth: int):

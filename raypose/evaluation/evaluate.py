@@ -29,11 +29,14 @@ import numpy as np
 import torch
 
 from raypose import storage, validate
-from raypose.config import ConfigError, config_from_checkpoint
+from raypose.config import Config, ConfigError, config_from_checkpoint, resolve_key
 from raypose.data import cache as datacache
-from raypose.data.dataset import PoseDataset
+from raypose.data.dataset import PoseDataset, centre_crop
+from raypose.data.h36m import selection_attrs
 from raypose.data.skeleton import H36M_SKELETON
+from raypose.evaluation import grid as grid_results
 from raypose.evaluation.history import sweep_history
+from raypose.model.baselines import image_baselines
 from raypose.model.metrics import body_size, grouped_report, mean_pose_baseline
 from raypose.storage import checkpoint
 from raypose.storage.experiment import (
@@ -41,6 +44,9 @@ from raypose.storage.experiment import (
     fetch_study_copy,
     free_local_dir,
     free_storage_dir,
+    ledger_location,
+    read_grid,
+    record_test_read,
     resolve,
     study_copy,
     upload_outputs,
@@ -97,6 +103,11 @@ OUTPUT_FILES = (
 
 
 STAGES = ("joint", "regression", "detection")
+# the image baselines of raypose.model.baselines: report key, name in the report
+IMAGE_BASELINES = (
+    ("nearest_neighbour_baseline", "nearest-neighbour baseline"),
+    ("ridge_baseline", "ridge baseline"),
+)
 
 
 def check_state(local_ckpt: Path, state: dict) -> dict:
@@ -205,11 +216,17 @@ def evaluate(
     batch_size: int = 64,
     force: bool = False,
     local_label: str | None = None,
+    experiment: storage.Location | None = None,
 ) -> dict:
     """local_label: what report.json names as the local output folder (default: --out's path;
-    an evaluation run as a Ray task names the caller's folder, not the node's temporary one)."""
+    an evaluation run as a Ray task names the caller's folder, not the node's temporary one).
+    experiment: the experiment whose test-split ledger records this read (default: the URI's own
+    experiment, or a checkpoint's run folder). A grid sweep's experiment evaluates every trial
+    (evaluate_grid)."""
     check_inputs(uri, data_dir, out_dir, use_gpu, batch_size, force)
     target = resolve(uri)
+    if target["kind"] == "grid":
+        return evaluate_grid(target["experiment"], data_dir, out_dir, use_gpu, batch_size, force)
     ckpt_loc = target["checkpoint"]
     device = torch.device("cuda" if use_gpu else "cpu")
     if use_gpu and not torch.cuda.is_available():
@@ -234,9 +251,15 @@ def evaluate(
             )
         # a local folder, or for s3://... this machine's verified copy (raypose.data.cache)
         data_dir = datacache.local_data_dir(data_dir or cfg.data.path)
-        test = PoseDataset(str(Path(data_dir) / "test.h5"), augment=False)
+        # a network trained on some actions (a per-action sweep's trial) is tested on those
+        actions = cfg.data.actions or None
+        test = PoseDataset(str(Path(data_dir) / "test.h5"), augment=False, actions=actions)
         train = PoseDataset(
-            str(Path(data_dir) / "train.h5"), exclude_subjects=cfg.data.val_subjects
+            str(Path(data_dir) / "train.h5"),
+            split="train",
+            val_subjects=cfg.data.val_subjects,
+            val_sequence_every=cfg.data.val_sequence_every,
+            actions=actions,
         )
         study_db = (
             fetch_study_copy(target["experiment"], Path(tmp)) if target["experiment"] else None
@@ -244,8 +267,21 @@ def evaluate(
         print(f"[raypose] evaluating {ckpt_loc.uri} on {len(test)} test samples", flush=True)
         with torch.no_grad():
             pred = predict(model, test, batch_size, device)
+        # the test split has been read: the ledger says so, whatever happens next
+        ledger = ledger_location(ckpt_loc, experiment or target["experiment"])
+        reads = record_test_read(
+            ledger,
+            {
+                "checkpoint": ckpt_loc.uri,
+                "data": str(Path(data_dir) / "test.h5"),
+                "test_sha256": storage.sha256_file(Path(data_dir) / "test.h5"),
+                "test_samples": len(test),
+                "actions": cfg.data.actions or "all",
+            },
+        )
         actions = np.array(test.action_names)[pred["actions"]]
         report = build_report(pred, actions, test, train, loaded, ckpt_loc, target)
+        report["test_reads"] = {"count": reads, "ledger": ledger.uri}
         subjects = np.array(test.subjects)[test.sample_subjects[pred["positions"]]]
         report["per_subject"] = per_subject(
             pred["pred_3d"], pred["gt_3d"], subjects, train.root_relative_poses()
@@ -273,9 +309,111 @@ def evaluate(
     return report
 
 
+GRID_OUTPUT_FILES = ("grid_report.md", "grid_report.json")
+
+
+def evaluate_grid(
+    exp: storage.Location,
+    data_dir: str | None,
+    out_dir: str | None,
+    use_gpu: bool,
+    batch_size: int,
+    force: bool,
+) -> dict:
+    """Every trial of a grid sweep on the test split (each into --out/<trial id>/, each read in
+    the experiment's ledger), then grid_report.md/.json: per trial, pooled over seeds, and for a
+    per-action grid one row per action from its own network, beside the paper's figures when the
+    data is Human3.6M."""
+    record = read_grid(exp)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = f"evaluation-grid-{stamp}"
+    out = Path(out_dir) if out_dir else free_local_dir(Path("runs") / "evaluation" / folder)
+    clash = [n for n in GRID_OUTPUT_FILES if (out / n).exists()]
+    if clash and not force:
+        raise EvaluationError(
+            f"{out / clash[0]} already exists: --out {out} holds an earlier evaluation; pass "
+            "another --out, or --force to replace it (nothing was written)"
+        )
+    trials = [t for t in record["trials"] if t.get("checkpoint")]
+    skipped = [t["trial_id"] for t in record["trials"] if not t.get("checkpoint")]
+    print(
+        f"[raypose] grid sweep {exp.uri}: evaluating {len(trials)} trial(s) on the test split"
+        + (f" (without a checkpoint, left out: {', '.join(skipped)})" if skipped else ""),
+        flush=True,
+    )
+    rows, source, data = [], None, None
+    for i, trial in enumerate(trials, 1):
+        shown = " ".join(f"{k}={v}" for k, v in trial["params"].items())
+        print(f"[raypose] grid trial {i}/{len(trials)} {trial['trial_id']}: {shown}", flush=True)
+        trial_out = out / str(trial["trial_id"])
+        report = evaluate(
+            trial["checkpoint"],
+            data_dir,
+            str(trial_out),
+            use_gpu,
+            batch_size,
+            force,
+            experiment=exp,
+        )
+        with np.load(trial_out / "predictions.npz") as npz:
+            errors = grid_results.sample_errors(npz["pred_3d"], npz["gt_3d"])
+        rows.append(grid_results.trial_row(trial, report, errors))
+        source, data = report.get("data_source"), report["config"]["data"]["path"]
+        reads = report["test_reads"]
+    action_param = next(
+        (n for n in record["grid"] if resolve_key(Config(), n, "grid.json") == "data.actions"),
+        None,
+    )
+    per_action = grid_results.per_action_rows(rows, action_param) if action_param else None
+    paper = None
+    if per_action and source == "h36m":
+        paper = {
+            method: {r["action"]: paper_value(row, r["action"]) for r in per_action}
+            for method, row in PAPER_RESULTS.items()
+        }
+    summary = {
+        "experiment": exp.uri,
+        "data": data_dir or data,
+        "data_source": source,
+        "grid": record["grid"],
+        "trials": rows,
+        "settings": grid_results.pooled_over_seeds(rows),
+        "per_action": per_action,
+        "paper": paper,
+        "test_reads": reads["count"],
+        "ledger": reads["ledger"],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grid_report.md").write_text(grid_results.markdown(summary))
+    (out / "grid_report.json").write_text(json.dumps(summary, indent=1, default=str))
+    remote = free_storage_dir(exp, folder)
+    upload_outputs(out, list(GRID_OUTPUT_FILES), remote)
+    for group in summary["settings"]:
+        setting = " ".join(f"{k}={v}" for k, v in group["params"].items()) or "the base config"
+        spread = (
+            "" if group["sd"] is None else f" +- {group['sd']:.1f} (sd over {group['runs']} seeds)"
+        )
+        print(
+            f"[raypose] {setting}: test MPJPE {group['mean']:.1f} mm{spread}, mean over actions; "
+            f"mean-pose baseline {group['mean_pose_baseline']:.1f} mm",
+            flush=True,
+        )
+    print(
+        f"[raypose] grid report: {(out / 'grid_report.md').resolve()} and {remote.uri}", flush=True
+    )
+    return summary
+
+
 def print_result(report: dict, out: Path) -> None:
     """The evaluation's last two lines: the result, and where the report is."""
     print(summary_line(report), flush=True)
+    reads = report.get("test_reads")
+    if reads:
+        print(
+            f"[raypose] the test split has been read {reads['count']} time(s) for this "
+            f"experiment, this one included ({reads['ledger']})",
+            flush=True,
+        )
     print(
         f"[raypose] report: {out.resolve() / 'report.md'} and {report['outputs']['storage']}",
         flush=True,
@@ -286,9 +424,15 @@ def summary_line(report: dict) -> str:
     """The one-line result: model and mean-pose baseline side by side, both as means over actions
     (each action weighted equally, as PAPER.md's tables are)."""
     mean = report["mean_over_actions"]
+    images = "".join(  # the image baselines, in reports that have them
+        f", {name} {report[key]['mean_over_actions']:.1f} mm"
+        for key, name in IMAGE_BASELINES
+        if report.get(key)
+    )
     return (
         f"[raypose] mean over actions: MPJPE {mean['mpjpe']:.1f} mm, P-MPJPE {mean['p_mpjpe']:.1f} mm; "
         f"mean-pose baseline MPJPE {report['mean_pose_baseline']['mean_over_actions']:.1f} mm"
+        + images
     )
 
 
@@ -298,7 +442,7 @@ def centre_crops(dataset: PoseDataset, positions: np.ndarray) -> np.ndarray:
 
     with h5py.File(dataset.path, "r") as f:
         images = np.stack([f["images"][int(dataset.indices[p])] for p in positions])
-    return images[:, 8:120, 8:120]
+    return centre_crop(images)
 
 
 def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
@@ -319,6 +463,16 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
     }
     # the same weighting as metrics' mean_over_actions: each action counts once
     baseline["mean_over_actions"] = float(np.mean(list(baseline["per_action"].values())))
+    # nearest neighbour and ridge on downsampled crops, fitted on the same training samples
+    images = image_baselines(
+        train,
+        train_poses,
+        np.array(train.subjects)[train.sample_subjects],
+        test,
+        pred["positions"],
+        pred["gt_3d"],
+        actions,
+    )
     report = {
         "checkpoint": ckpt_loc.uri,
         "experiment": target["experiment"].uri if target["experiment"] else None,
@@ -327,8 +481,13 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
         "stage": loaded["state"]["stage"],
         "config": loaded["config"],
         "test_samples": int(len(pred["gt_3d"])),
+        # the paper's Human3.6M figures are comparable only with Human3.6M test data
+        "data_source": test.info.get("source"),
         **metrics,
         "mean_pose_baseline": baseline,
+        **images,
+        # which frames the test split holds and how crops were centred (raypose.data.h36m)
+        "test_frames": selection_attrs(test.path),
         "detection": (
             detection_scores(pred["detection_logits"], pred["detection_targets"])
             if pred["detection_logits"] is not None
@@ -340,6 +499,41 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
         },
     }
     return report
+
+
+def paper_rows(source: str | None, actions) -> list:
+    """The paper's Human3.6M figures (rows under the results table, then its own table) for
+    Human3.6M test data only; for any other data, one line saying why there are none."""
+    if source != "h36m":
+        return [
+            "",
+            f"The paper's Human3.6M figures are not shown: this test split is not Human3.6M "
+            f"(source {source}), so they are not comparable with it.",
+        ]
+    lines = []
+    for method, row in PAPER_RESULTS.items():
+        values = [paper_value(row, a) for a in actions]
+        if any(v is not None for v in values):  # the paper's rows line up with our actions
+            lines.append(
+                f"| {method} | "
+                + " | ".join("-" if v is None else f"{v:.2f}" for v in values)
+                + " | - |"
+            )
+    paper_actions = sorted({a for row in PAPER_RESULTS.values() for a in row})
+    lines += [
+        "",
+        "For reference, the paper's Human3.6M numbers (MPJPE mm, S9/S11):",
+        "",
+        "| method | " + " | ".join(paper_actions) + " |",
+        "|---|" + "---|" * len(paper_actions),
+    ]
+    for method, row in PAPER_RESULTS.items():
+        lines.append(
+            f"| {method} | "
+            + " | ".join(f"{row[a]:.2f}" if a in row else "-" for a in paper_actions)
+            + " |"
+        )
+    return lines
 
 
 def per_subject(pred_3d, gt_3d, subjects, train_poses) -> dict:
@@ -364,6 +558,19 @@ def per_subject(pred_3d, gt_3d, subjects, train_poses) -> dict:
     return out
 
 
+def test_frames_line(report: dict) -> list:
+    """The header line on which frames the test split holds and where its crops are centred,
+    from the attributes raypose.data.h36m writes; none for data without them."""
+    frames = report.get("test_frames") or {}
+    if not frames.get("frame_selection"):
+        return []
+    centre = frames.get("crop_centred_on")
+    return [
+        f"Test frames: {frames['frame_selection']}"
+        + (f"; crops centred on {centre}." if centre else ".")
+    ]
+
+
 def markdown_report(report: dict) -> str:
     actions = sorted(report["per_action"])
     lines = [
@@ -371,6 +578,15 @@ def markdown_report(report: dict) -> str:
         "",
         f"Checkpoint: `{report['checkpoint']}` (epoch {report['epoch']}, {report['stage']} stage)",
         f"Test samples: {report['test_samples']}",
+        *test_frames_line(report),
+        *(
+            [
+                f"Test split reads recorded for this experiment: {report['test_reads']['count']} "
+                f"(this one included; ledger `{report['test_reads']['ledger']}`)"
+            ]
+            if report.get("test_reads")
+            else []
+        ),
         "",
         "MPJPE in mm (Protocol #1, root-aligned); std over samples in brackets.",
         "",
@@ -399,28 +615,15 @@ def markdown_report(report: dict) -> str:
         + " | ".join(f"{bl[a]:.2f}" for a in actions)
         + f" | {report['mean_pose_baseline']['mean_over_actions']:.2f} |"
     )
-    for method, row in PAPER_RESULTS.items():
-        values = [paper_value(row, a) for a in actions]
-        if any(v is not None for v in values):  # Human3.6M test data: the paper's rows line up
+    for key, name in IMAGE_BASELINES:
+        if report.get(key):
+            row = report[key]["per_action"]
             lines.append(
-                f"| {method} | "
-                + " | ".join("-" if v is None else f"{v:.2f}" for v in values)
-                + " | - |"
+                f"| {name} | "
+                + " | ".join(f"{row[a]:.2f}" for a in actions)
+                + f" | {report[key]['mean_over_actions']:.2f} |"
             )
-    paper_actions = sorted({a for row in PAPER_RESULTS.values() for a in row})
-    lines += [
-        "",
-        "For reference, the paper's Human3.6M numbers (MPJPE mm, S9/S11):",
-        "",
-        "| method | " + " | ".join(paper_actions) + " |",
-        "|---|" + "---|" * len(paper_actions),
-    ]
-    for method, row in PAPER_RESULTS.items():
-        lines.append(
-            f"| {method} | "
-            + " | ".join(f"{row[a]:.2f}" if a in row else "-" for a in paper_actions)
-            + " |"
-        )
+    lines += paper_rows(report.get("data_source"), actions)
     if report.get("per_subject"):
         lines += [
             "",
@@ -575,6 +778,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
+    if args.address and resolve(args.uri)["kind"] == "grid":
+        raise ConfigError(
+            "--address: a grid sweep's evaluation runs here (one evaluation per trial); drop "
+            "--address, or evaluate one trial's checkpoint on the cluster"
+        )
     if args.address:
         evaluate_on_cluster(
             args.uri, args.data, args.out, args.gpu, args.batch_size, args.force, args.address

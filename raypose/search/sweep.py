@@ -10,6 +10,9 @@ Where Ray plugs in is marked `# Ray:`.  Layout of an experiment in storage:
   <storage>/<name>/optuna.db            the Optuna study (SQLite): the study itself for local
                                         storage, a copy refreshed per trial for object storage
   <storage>/<name>/best.json            the best trial: id, params, config, metric, epoch, checkpoint URI
+  <storage>/<name>/grid.json            instead of best.json for a grid sweep (a space with a grid
+                                        parameter, e.g. one network per action or one setting over
+                                        several seeds): every trial with its checkpoint
 
 How trials are compared. Every trial reports, per epoch, `best_val_mpjpe`: the best validation
 MPJPE its regression head has reached so far. ASHA (on the `epoch` axis, so trials are compared at
@@ -23,9 +26,15 @@ Every sweep's first trial runs the paper's settings (lrn_alpha 0.0025, lrn_beta 
 joint schedule, the default optimiser) on the parameters the space searches, so every sweep says
 how far its best trial beats them. ASHA never stops that trial (its results still count at every
 rung), so the comparison is at the full number of epochs.
+
+A grid sweep (raypose.search.space: a `grid` parameter) runs every combination once, for every
+epoch, with neither Optuna nor ASHA: nothing is chosen among its trials. Each trial's checkpoint is
+its best on validation, or its last when the run holds nothing out (data.val_subjects=[], the
+paper's protocol); `raypose evaluate` on the experiment tests each one (raypose.evaluation.grid).
 """
 
 import hashlib
+import math
 import os
 import statistics
 import time
@@ -37,7 +46,9 @@ from raypose.config import (
     ConfigError,
     config_from_dict,
     get_value,
+    gpus_per_worker_arg,
     load_config,
+    set_gpus_per_worker,
     set_value,
     set_workers,
 )
@@ -60,6 +71,7 @@ from raypose.storage.experiment import (
     read_sweep_record,
     study_copy,
     write_best,
+    write_grid,
     write_sweep_record,
 )
 
@@ -120,6 +132,8 @@ def paper_defaults_point(space, cfg: Config) -> tuple:
     exactly the paper's."""
     point = {}
     searched = set()
+    if space.is_grid:  # nothing is compared among a grid's trials
+        return {}, []
     for p in space.parameters:
         if p.distribution == "fixed" or not p.active(point):
             continue
@@ -257,7 +271,9 @@ def build_tuner(
     study_url: str,
     resume: bool,
     paper_point: dict | None = None,
+    grid: dict | None = None,
 ):
+    """grid: {name: [values]} of a grid sweep (every combination once, no searcher or scheduler)."""
     from ray import tune
     from ray.tune.logger import TBXLoggerCallback
 
@@ -279,9 +295,10 @@ def build_tuner(
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     callbacks = [
         TBXLoggerCallback(),
-        make_copy_study_callback(study_url, study_copy(loc.join(name))),
         console.make_sweep_callback(samples, cfg.schedule.epochs, METRIC, judged, space.names),
     ]
+    if study_url:  # a grid sweep has no Optuna study
+        callbacks.insert(1, make_copy_study_callback(study_url, study_copy(loc.join(name))))
     if resume:
         # Ray: finished trials are kept; unfinished ones restart and their Ray Train run resumes
         # from its latest checkpoint (same trial id -> same Train run name)
@@ -291,6 +308,30 @@ def build_tuner(
             resume_unfinished=True,
             resume_errored=True,
             storage_filesystem=storage_fs,
+        )
+    run_config = tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        callbacks=callbacks,
+        # a trial lost with its node (the Tune function's process) is run again under the same
+        # trial id, so its Ray Train run resumes from the trial's own latest checkpoint
+        failure_config=tune.FailureConfig(max_failures=cfg.storage.max_failures),
+        # Tune's status tables go to the log file; the sweep's own lines come from
+        # console.make_sweep_callback
+        verbose=1 if console.verbose() else 0,
+    )
+    if grid:
+        # Ray: every combination of the grid once (num_samples=1 repeats the grid once), in
+        # file order, first in first out
+        return tune.Tuner(
+            trainable,
+            param_space={
+                **space.fixed(),
+                **{name: tune.grid_search(values) for name, values in grid.items()},
+            },
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=max_concurrent),
+            run_config=run_config,
         )
     return tune.Tuner(  # Ray: one trial = one Tune function = one Ray Train run
         trainable,
@@ -308,19 +349,7 @@ def build_tuner(
             num_samples=samples,
             max_concurrent_trials=max_concurrent,
         ),
-        run_config=tune.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            callbacks=callbacks,
-            # a trial lost with its node (the Tune function's process) is
-            # run again under the same trial id, so its Ray Train run resumes
-            # from the trial's own latest checkpoint
-            failure_config=tune.FailureConfig(max_failures=cfg.storage.max_failures),
-            # Tune's status tables go to the log file; the sweep's own lines
-            # come from console.make_sweep_callback
-            verbose=1 if console.verbose() else 0,
-        ),
+        run_config=run_config,
     )
 
 
@@ -359,6 +388,16 @@ def summarise(
                 "best_val_mpjpe": best["val_mpjpe"] if best else None,
                 "best_epoch": int(best["epoch"]) if best else None,
                 "checkpoint_path": best.get("checkpoint_path") if best else None,
+                # the newest checkpoint with a regression head: a grid trial's result when the run
+                # holds nothing out for validation
+                "last_checkpoint_path": next(
+                    (
+                        _plain(h.get("checkpoint_path"))
+                        for h in reversed(history)
+                        if h.get("has_regression_head") and _plain(h.get("checkpoint_path"))
+                    ),
+                    None,
+                ),
                 "stopped_early": bool(history)
                 and history[-1].get("epoch", 0) < history[-1].get("epochs_planned", 0),
                 "epoch_seconds": float(sum(h.get("epoch_seconds", 0.0) for h in history)),
@@ -429,10 +468,16 @@ APPLIED_ON_RESUME = ("data.path", "storage.", "scaling.")
 
 
 def sweep_record(
-    cfg: Config, space_path: str, samples: int, max_concurrent: int, study_url: str
+    cfg: Config,
+    space_path: str,
+    samples: int,
+    max_concurrent: int,
+    study_url: str | None,
+    grid: dict | None = None,
 ) -> dict:
     """The settings a sweep starts with, stored as <storage>/<name>/sweep.json."""
     return {
+        "grid": grid,
         "samples": samples,
         "max_concurrent": max_concurrent,
         "study_url": study_url,
@@ -452,7 +497,7 @@ def resume_settings(
 ) -> dict:
     """The stored settings a resumed sweep keeps. Raises one ConfigError that names every flag
     asking for something a resume cannot apply (None means the flag was not given)."""
-    from raypose.cluster.driver import flatten
+    from raypose.cluster.driver import flatten, stored_settings
 
     stored = read_sweep_record(exp)
     given = {"--samples": samples, "--max-concurrent": max_concurrent, "--study-db": study_url}
@@ -475,7 +520,7 @@ def resume_settings(
             f"--space {space_path} (differs from the space the sweep started with, "
             f"{stored['space']})"
         )
-    ours, theirs = flatten(cfg.to_dict()), flatten(stored["config"])
+    ours, theirs = flatten(cfg.to_dict()), stored_settings(stored["config"])
     refused += [
         f"{k} {ours.get(k)!r} (the sweep has {theirs.get(k)!r})"
         for k in sorted(set(ours) | set(theirs))
@@ -550,6 +595,15 @@ def run_sweep(
     cfg.storage.name = name
     # every trial's config must be valid: check the base and the space's extremes up front
     space.check_against(cfg)
+    if not space.is_grid and not (cfg.data.val_subjects or cfg.data.val_sequence_every > 0):
+        raise ConfigError(
+            f"{space_path} samples settings and ranks them on validation, but data.val_subjects "
+            "is [] and data.val_sequence_every 0, so nothing is held out to rank on; hold out "
+            "sequences (--set data.val_sequence_every=N) or subjects, or use a grid space "
+            "(search_spaces/per_action.yaml)"
+        )
+    if space.is_grid and study_url is not None:
+        raise ConfigError(f"--study-db: {space_path} is a grid sweep, which has no Optuna study")
     if study_url is not None:
         check_study_db(study_url)  # before Optuna adds its tables to someone else's database
     # a resume makes nothing: a refused one leaves storage as it was
@@ -576,7 +630,25 @@ def run_sweep(
             f"a sweep named {name!r} already exists under {loc.uri}; "
             "pass --resume to continue it or choose another --name"
         )
-    if resume:
+    grid = None
+    if space.is_grid:
+        from raypose.cluster.driver import prepare_data
+
+        grid = space.grid(prepare_data(cfg)["info"]["actions"])
+        combinations = math.prod(len(values) for values in grid.values())
+        if samples is not None and samples != combinations:
+            raise ConfigError(
+                f"--samples {samples}: {space_path} is a grid of {combinations} combinations, "
+                "each run once; drop --samples"
+            )
+        samples = None if resume else combinations
+    if resume and grid:
+        stored = resume_settings(exp, cfg, space_path, samples, max_concurrent, None)
+        samples, max_concurrent, study_url = stored["samples"], stored["max_concurrent"], None
+        seal.verify_experiment(
+            storage.filesystem(exp), exp.path, lambda p: f"s3://{p}" if loc.scheme == "s3" else p
+        )
+    elif resume:
         stored = resume_settings(exp, cfg, space_path, samples, max_concurrent, study_url)
         samples, max_concurrent = stored["samples"], stored["max_concurrent"]
         study_url = stored["study_url"] or study_url or default_study_url(loc, name)
@@ -598,7 +670,7 @@ def run_sweep(
             storage.filesystem(exp), exp.path, lambda p: f"s3://{p}" if loc.scheme == "s3" else p
         )
         os.environ[STUDY_URL_ENV] = study_url  # read by the restored searcher (make_searcher)
-    else:
+    elif not grid:
         samples = samples or DEFAULT_SAMPLES
         study_url = study_url or default_study_url(loc, name)
         check_no_stale_study(study_url, name)
@@ -618,23 +690,38 @@ def run_sweep(
             resume,
             study_url,
             address,
+            grid,
         )
     finally:
         lock.__exit__(None, None, None)
 
 
 def _run_sweep_locked(
-    cfg, space, space_path, name, loc, exp, samples, max_concurrent, resume, study_url, address
+    cfg,
+    space,
+    space_path,
+    name,
+    loc,
+    exp,
+    samples,
+    max_concurrent,
+    resume,
+    study_url,
+    address,
+    grid,
 ) -> dict:
     from raypose.cluster.driver import check_resources, check_state_api, init_ray, run_interruptible
 
     init_ray(address, command="tune")
     check_state_api(sweep=True)
-    capacity = check_resources(
-        cfg,
-        "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial",
-        what="one trial",
+    flags = (
+        "--workers-per-trial and --gpus-per-worker" if cfg.scaling.gpu else "--workers-per-trial"
     )
+    capacity = check_resources(cfg, flags, what="one trial")
+    from raypose.train.run import check_gpu_packing
+
+    # a GPU share below 1: k trials on one GPU must fit its memory, refused before any trial
+    check_gpu_packing(cfg, flags)
     from raypose.cluster import nodes
 
     nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
@@ -654,13 +741,22 @@ def _run_sweep_locked(
     else:
         if max_concurrent is None:
             max_concurrent = max(1, int(slots))
+        searched = (
+            "a grid over "
+            + "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in grid.items())
+            + " (every combination once, every epoch)"
+            if grid
+            else f"Optuna study {study_url}"
+        )
         print(
             f"[raypose] sweep {name}: {samples} trials of {cfg.schedule.epochs} epochs, "
             f"{cfg.scaling.workers} worker(s) each, {max_concurrent} at a time; "
-            f"space {space_path}; Optuna study {study_url}",
+            f"space {space_path}; {searched}",
             flush=True,
         )
-        write_sweep_record(exp, sweep_record(cfg, space_path, samples, max_concurrent, study_url))
+        write_sweep_record(
+            exp, sweep_record(cfg, space_path, samples, max_concurrent, study_url, grid)
+        )
     paper_point, paper_missing = paper_defaults_point(space, cfg)
     start = time.perf_counter()
     # Optuna's and Tune's own lines go to the log file; Tune would copy AWS credentials from this
@@ -675,7 +771,7 @@ def _run_sweep_locked(
         if fs.exists(runs.path):
             for path in fs.ls(runs.path, detail=False):
                 removed += len(remove_unrecorded(runs.join(path.rstrip("/").rsplit("/", 1)[-1])))
-        db = sqlite_path(study_url)
+        db = sqlite_path(study_url) if study_url else None
         if loc.scheme != "file" and db is not None and db.exists():
             copy_study(db, study_copy(exp))  # the study as the stop left it
         tidied = f"; removed {removed} unrecorded checkpoint folder(s)" if removed else ""
@@ -687,12 +783,14 @@ def _run_sweep_locked(
 
     with console.quiet(), storage.credentials_out_of_environment():
         tuner = build_tuner(
-            cfg, space, name, samples, max_concurrent, study_url, resume, paper_point
+            cfg, space, name, samples, max_concurrent, study_url, resume, paper_point, grid
         )
-        grid = run_interruptible(tuner.fit, stopped)
+        result_grid = run_interruptible(tuner.fit, stopped)
     wall = time.perf_counter() - start
-    rows, text, share = summarise(grid, wall, max_concurrent, space.names, paper_point)
+    rows, text, share = summarise(result_grid, wall, max_concurrent, space.names, paper_point)
     print(text, flush=True)
+    if grid is not None:
+        return finish_grid(cfg, space, exp, loc, rows, grid, wall)
     finished = [r for r in rows if r["best_val_mpjpe"] is not None]
     if not finished:
         raise RuntimeError(
@@ -745,6 +843,82 @@ def _run_sweep_locked(
     return best_json
 
 
+def validation_over_seeds(trials: list, seed_names=("seed",)) -> list:
+    """The grid's trials that differ only in their seed, pooled: mean and sample standard
+    deviation over seeds of each trial's best validation MPJPE (none without validation)."""
+    groups: dict = {}
+    for trial in trials:
+        if trial["best_val_mpjpe"] is None:
+            continue
+        params = {k: v for k, v in trial["params"].items() if k not in seed_names}
+        groups.setdefault(repr(sorted(params.items())), (params, []))[1].append(
+            trial["best_val_mpjpe"]
+        )
+    return [
+        {
+            "params": params,
+            "runs": len(values),
+            "mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else None,
+        }
+        for params, values in groups.values()
+    ]
+
+
+def finish_grid(cfg, space, exp, loc, rows, grid, wall) -> dict:
+    """A grid sweep's end: grid.json lists every trial with the checkpoint that stands for it
+    (its best on validation, or its last without validation); nothing is chosen among them."""
+    trials = []
+    for row in rows:
+        chosen = row["checkpoint_path"] or row["last_checkpoint_path"]
+        trials.append(
+            {
+                "trial_id": row["trial_id"],
+                "params": row["params"],
+                "state": row["state"],
+                "epochs": row["epochs"],
+                "best_val_mpjpe": row["best_val_mpjpe"],
+                "checkpoint": checkpoint_uri(loc, chosen),
+                "checkpoint_is": (
+                    "best on validation" if row["checkpoint_path"] else "the last epoch's"
+                ),
+                "error": row["error"],
+            }
+        )
+    with_checkpoint = [t for t in trials if t["checkpoint"]]
+    if not with_checkpoint:
+        raise RuntimeError(
+            f"grid sweep {exp.uri}: no trial left a checkpoint with a regression head; see the "
+            "trial errors above"
+        )
+    record = {
+        "experiment": exp.uri,
+        "kind": "grid",
+        "grid": grid,
+        "fixed": space.fixed(),
+        "config": cfg.to_dict(),
+        "trials": trials,
+        "wall_seconds": wall,
+    }
+    record["validation"] = validation_over_seeds(trials)
+    where = write_grid(exp, record)
+    for group in record["validation"]:
+        setting = " ".join(f"{k}={v}" for k, v in group["params"].items()) or "the base config"
+        spread = (
+            "" if group["sd"] is None else f" +- {group['sd']:.1f} (sd over {group['runs']} seeds)"
+        )
+        print(
+            f"[raypose] {setting}: best validation MPJPE {group['mean']:.1f} mm{spread}",
+            flush=True,
+        )
+    print(
+        f"[raypose] grid sweep: {len(with_checkpoint)} of {len(trials)} trials left a checkpoint; "
+        f"{where.uri} lists them; `raypose evaluate {exp.uri}` tests each",
+        flush=True,
+    )
+    return record
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line: raypose tune / jobs/tune.py
 
@@ -766,7 +940,14 @@ def add_arguments(parser) -> None:
         default=None,
         help="Ray Train workers per trial: N, or MIN:MAX for elastic trials",
     )
-    parser.add_argument("--gpus-per-worker", type=int, default=0, choices=[0, 1])
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=gpus_per_worker_arg,
+        default=None,
+        metavar="G",
+        help="GPUs per Ray Train worker: 0 (default), 1, or a share 1/k of one GPU (0.5, 0.25, "
+        "0.125, 0.0625) so that k trials of one worker each share a GPU",
+    )
     parser.add_argument(
         "--max-concurrent",
         type=int,
@@ -809,7 +990,10 @@ def run(args) -> int:
         sources["schedule.epochs"] = "--epochs"
     if args.workers_per_trial is not None:
         set_workers(cfg, args.workers_per_trial, "--workers-per-trial", sources)
-    set_value(cfg, "scaling.gpu", args.gpus_per_worker > 0, "--gpus-per-worker")
+    if args.gpus_per_worker is None:
+        set_value(cfg, "scaling.gpu", False, "--gpus-per-worker")
+    else:  # 0, 1 or a share 1/k (scaling.gpu_share; 2 CPUs per worker under a share)
+        set_gpus_per_worker(cfg, args.gpus_per_worker, "--gpus-per-worker", sources)
     cfg.validate(sources)
     storage.data_location(args.data, "--data")
     storage.storage_location(args.storage, "--storage")

@@ -15,9 +15,11 @@ from raypose.data.dataset import (
     PoseDataset,
     batch_chunks,
     device_batches,
+    has_validation,
     iterate_batches,
     shard_positions,
 )
+from raypose.data.resident import ResidentSplit, iterate_resident
 from raypose.data.skeleton import OFFSET_SCALE_MM, from_parent_relative
 from raypose.model.losses import multitask_loss
 from raypose.model.network import LiChanNet
@@ -334,31 +336,43 @@ def validate(
 
 
 def open_splits(cfg: Config, seed: int | None = None, info: dict | None = None):
-    """(train, validation) datasets from the data directory: validation holds out
-    cfg.data.val_subjects of train.h5; the test split is never touched here. info: train.h5's
-    validate_file summary when the caller has validated it (None validates it here)."""
+    """(train, validation) datasets from train.h5: validation holds out cfg.data.val_subjects and
+    every cfg.data.val_sequence_every-th sequence of the others (raypose.data.dataset.
+    validation_rows); it is None when neither holds anything out (training on every subject, as
+    the paper's protocol does). cfg.data.actions ([] = all) narrows both sides. The test split is
+    never touched here. info: train.h5's validate_file summary when the caller has validated it
+    (None validates it here)."""
     from raypose.data.cache import local_data_dir
 
     # a local folder as it is; for s3://... this node's verified copy (fetched once per node)
     path = str(local_data_dir(cfg.data.path, ("train.h5",)) / "train.h5")
     seed = cfg.seed if seed is None else seed
+    split = {
+        "val_subjects": cfg.data.val_subjects,
+        "val_sequence_every": cfg.data.val_sequence_every,
+        "actions": cfg.data.actions or None,
+    }
     train = PoseDataset(
         path,
-        exclude_subjects=cfg.data.val_subjects,
+        split="train",
         augment=cfg.data.augment,
         color_noise=cfg.data.color_noise,
         flip=cfg.data.flip,
         max_samples=cfg.data.max_train_samples,
         seed=seed,
         info=info,
+        **split,
     )
+    if not has_validation(cfg.data.val_subjects, cfg.data.val_sequence_every):
+        return train, None
     val = PoseDataset(
         path,
-        subjects=cfg.data.val_subjects,
+        split="validation",
         augment=False,
         max_samples=cfg.data.max_val_samples,
         seed=seed,
         info=info or train.info,
+        **split,
     )
     return train, val
 
@@ -370,18 +384,21 @@ def epoch_batches(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | None = None,
+    resident: ResidentSplit | None = None,
+    readers: int = 1,
 ):
-    """This rank's training batches of one epoch, on device, read ahead in a background thread."""
-    return iterate_batches(
-        dataset,
-        cfg.data.batch_size,
-        shuffle=True,
-        seed=cfg.seed,
-        epoch=epoch,
-        rank=rank,
-        world_size=world_size,
-        drop_last=True,
-        device=device,
-        channels_last=cfg.scaling.channels_last,
-        epoch_samples=cfg.data.epoch_samples,
-    )
+    """This rank's training batches of one epoch, on device: from the resident split when there
+    is one (raypose.data.resident, the same batches), else read ahead by `readers` host threads."""
+    order = {
+        "shuffle": True,
+        "seed": cfg.seed,
+        "epoch": epoch,
+        "rank": rank,
+        "world_size": world_size,
+        "drop_last": True,
+        "channels_last": cfg.scaling.channels_last,
+        "epoch_samples": cfg.data.epoch_samples,
+    }
+    if resident is not None:
+        return iterate_resident(resident, cfg.data.batch_size, **order)
+    return iterate_batches(dataset, cfg.data.batch_size, device=device, readers=readers, **order)

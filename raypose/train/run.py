@@ -25,7 +25,15 @@ from raypose.cluster.driver import (
     remove_unrecorded,
     run_interruptible,
 )
-from raypose.config import Config, ConfigError, load_config, set_workers
+from raypose.config import (
+    Config,
+    ConfigError,
+    gpus_per_worker_arg,
+    load_config,
+    parse_gpus_per_worker,
+    set_gpus_per_worker,
+    set_workers,
+)
 from raypose.storage import retry as storage_retry
 from raypose.storage import runlock
 
@@ -68,7 +76,8 @@ def build_trainer(
     storage_path, storage_fs = storage_retry.ray_storage(loc)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.gpu:
-        resources["GPU"] = 1
+        # Ray: a share below 1 packs 1 / share single-worker runs (a sweep's trials) on one GPU
+        resources["GPU"] = cfg.scaling.gpu_share
     workers = cfg.worker_range()
     scaling = {
         "num_workers": workers if workers[0] != workers[1] else workers[1],
@@ -91,7 +100,7 @@ def build_trainer(
             "run_uri": loc.join(run_name).uri,
             "trainer_created_at": time.time() if created_at is None else created_at,
         },
-        torch_config=TorchConfig(),
+        torch_config=TorchConfig(**_process_group(cfg)),
         scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(
             name=run_name,
@@ -110,6 +119,51 @@ def build_trainer(
     )
 
 
+def _process_group(cfg: Config) -> dict:
+    """TorchConfig's settings: Ray's default backend (NCCL with GPUs, gloo without), except for a
+    fixed group of one worker, which has nothing to all-reduce: gloo, so that a worker that Ray
+    gives a GPU share on a node without CUDA starts, and trains on the CPU
+    (raypose.train.packing.training_device), instead of failing to set up NCCL."""
+    return {"backend": "gloo"} if cfg.worker_range() == (1, 1) else {}
+
+
+def check_gpu_packing(cfg: Config, flags: str, data: dict | None = None) -> dict | None:
+    """Before any trial or run starts, for a GPU share below 1: one Ray task on a GPU share
+    measures a training step of the run's model at its batch size there
+    (raypose.train.packing.probe_training_step), and packing.check_packing refuses in one line a
+    packing that would not fit that GPU's memory. Skipped (None) without a share below 1, and
+    when the task finds no CUDA device (the workers then train on the CPU)."""
+    if not cfg.scaling.gpu or cfg.scaling.gpu_share >= 1.0:
+        return None
+    import ray
+
+    from raypose.train import packing
+
+    # Ray: one task on the share a worker gets, before any worker; its process ends with it
+    # (max_calls=1), so no idle worker keeps a CUDA context on the GPU the trials share
+    probe = ray.get(
+        ray.remote(num_cpus=0, num_gpus=cfg.scaling.gpu_share, max_retries=0, max_calls=1)(
+            packing.probe_training_step
+        ).remote(cfg.to_dict())
+    )
+    if probe is None:
+        print(
+            "[raypose] the GPU memory check of the packing was skipped: the probe on a GPU "
+            "share found no CUDA device (the workers will train on the CPU)",
+            flush=True,
+        )
+        return None
+    samples = (data or prepare_data(cfg))["train_samples"]
+    figures = packing.check_packing(cfg, probe, samples, flags)
+    print(
+        f"[raypose] {figures['trials_per_gpu']} per GPU fit: a training step at batch "
+        f"{probe['batch_size']} peaked at {probe['peak_reserved_bytes'] / 1e9:.2f} GB on the "
+        f"{probe['device_name']} ({probe['total_bytes'] / 1e9:.0f} GB)",
+        flush=True,
+    )
+    return figures
+
+
 def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = None):
     """Checks, then the trainer; returns Ray's Result."""
     loc = preflight(cfg)
@@ -120,7 +174,9 @@ def run_training(cfg: Config, stop_after_epoch: int = 0, address: str | None = N
 def _run_locked(cfg: Config, loc: storage.Location, stop_after_epoch: int, address: str | None):
     init_ray(address, command="train")
     check_state_api()
-    check_resources(cfg, "--workers and --gpu" if cfg.scaling.gpu else "--workers")
+    flags = "--workers and --gpu" if cfg.scaling.gpu else "--workers"
+    check_resources(cfg, flags)
+    check_gpu_packing(cfg, flags)
     nodes.check_nodes(cfg, loc)  # every node that can host a worker sees the data and the storage
     start = time.perf_counter()
     run = loc.join(cfg.storage.name)
@@ -145,10 +201,14 @@ def _run_locked(cfg: Config, loc: storage.Location, stop_after_epoch: int, addre
         )
         result = run_interruptible(trainer.fit, stopped)
     metrics = result.metrics or {}
-    print(
-        f"[raypose] run {cfg.storage.name}: {metrics.get('epoch', '?')} epochs, "
-        f"val_mpjpe {metrics.get('val_mpjpe', float('nan')):.1f} mm "
+    scored = (
+        f"val_mpjpe {metrics['val_mpjpe']:.1f} mm "
         f"(mean pose {metrics.get('val_mean_pose_mpjpe', float('nan')):.1f} mm), "
+        if "val_mpjpe" in metrics
+        else "no validation split (the last checkpoint is the run's result), "
+    )
+    print(
+        f"[raypose] run {cfg.storage.name}: {metrics.get('epoch', '?')} epochs, {scored}"
         f"{time.perf_counter() - start:.0f} s; checkpoints under {loc.join(cfg.storage.name).uri}"
     )
     return result
@@ -175,6 +235,14 @@ def add_arguments(parser) -> None:
         "elastic group that shrinks when nodes are lost and grows back",
     )
     parser.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=gpus_per_worker_arg,
+        default=None,
+        metavar="G",
+        help="0, 1, or a share 1/k of one GPU (0.5, 0.25, 0.125, 0.0625) so that k runs of one "
+        "worker each share a GPU (--gpu is 1)",
+    )
     parser.add_argument("--schedule", choices=["joint", "pretrain"])
     parser.add_argument("--config", help="YAML file with config overrides")
     parser.add_argument(
@@ -223,6 +291,10 @@ def config_from_args(args) -> Config:
             sources[key] = f"--{flag.replace('_', '-')}"
     if args.workers is not None:  # N or MIN:MAX (elastic)
         set_workers(cfg, args.workers, "--workers", sources)
+    if args.gpus_per_worker is not None:
+        if args.gpu and parse_gpus_per_worker(args.gpus_per_worker, "--gpus-per-worker") == 0:
+            raise ConfigError("--gpu asks for a GPU and --gpus-per-worker 0 for none; give one")
+        set_gpus_per_worker(cfg, args.gpus_per_worker, "--gpus-per-worker", sources)
     cfg.validate(sources)
     storage.data_location(cfg.data.path, sources.get("data.path", "data.path"))
     storage.storage_location(cfg.storage.uri, sources.get("storage.uri", "storage.uri"))

@@ -12,9 +12,11 @@ import torch
 
 from raypose.config import ConfigError, config_from_dict
 from raypose.console import worker_say
+from raypose.data.resident import ResidentSplit
 from raypose.model.network import regression_from_pretrained
 from raypose.storage import checkpoint
 from raypose.storage import retry as storage_retry
+from raypose.train import packing
 from raypose.train.loop import (
     build_model,
     build_optimizer,
@@ -62,7 +64,10 @@ def train_loop(loop_config: dict) -> None:
     data = loop_config["data"]  # validated on the driver: the file's summary and the baseline
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    # a GPU (or a share) that Ray assigned on a node where torch sees no CUDA: the CPU, said once
+    device, fallback = packing.training_device(ray.train.torch.get_device(), cfg.scaling.gpu)
+    if fallback and rank == 0:
+        worker_say(lines, fallback)
     if device.type == "cpu":
         torch.set_num_threads(cfg.scaling.cpus_per_worker)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -75,6 +80,13 @@ def train_loop(loop_config: dict) -> None:
             flush=True,
         )  # on this node's worker log: every rank may find some
     train_set, val_set = open_splits(cfg, info=data["info"])
+    keep_resident, why = packing.resident_decision(cfg, len(train_set), device)
+    # the training split on the device (the same batches as the host feed), else the host feed
+    resident = ResidentSplit(train_set, device) if keep_resident else None
+    readers = packing.reader_threads(cfg, device)
+    if rank == 0 and (resident is not None or device.type == "cuda"):
+        feed = "resident" if resident is not None else f"host feed, {readers} reader thread(s)"
+        worker_say(lines, f"[raypose] training data: {feed} ({why})")
     epoch_steps = steps_in_epoch(len(train_set), cfg, world_size)  # the same for every epoch
     if epoch_steps == 0:
         # the driver's preflight refuses this for the run's config; a sweep trial's own batch
@@ -131,7 +143,9 @@ def train_loop(loop_config: dict) -> None:
                 model = model.to(memory_format=torch.channels_last)
             optimizer = build_optimizer(cfg, model)
             train_model = maybe_compile(_wrap_ddp(model, device, world_size), cfg)
-        batches = epoch_batches(train_set, cfg, epoch, rank, world_size, device)
+        batches = epoch_batches(
+            train_set, cfg, epoch, rank, world_size, device, resident=resident, readers=readers
+        )
         if startup_seconds is None:
             # wall clock from the trainer's creation (on the driver) to the first step
             startup_seconds = time.time() - loop_config["trainer_created_at"]
@@ -147,7 +161,11 @@ def train_loop(loop_config: dict) -> None:
             epoch=epoch,
             epoch_steps=epoch_steps,
         )
-        val = validate(model, val_set, cfg.data.batch_size, device, cfg, rank, world_size)
+        val = (
+            {}  # nothing held out: the paper's protocol, a fixed epoch budget and the last epoch
+            if val_set is None
+            else validate(model, val_set, cfg.data.batch_size, device, cfg, rank, world_size)
+        )
         epochs_done = epoch + 1
         metrics = {
             "epoch": epochs_done,
@@ -166,21 +184,28 @@ def train_loop(loop_config: dict) -> None:
             "has_regression_head": model.regression is not None,
             **{k: v for k, v in stats.items() if k.startswith("train_")},
             "samples_per_s": world_size * stats["samples"] / max(stats["seconds"], 1e-9),
+            # where this rank trained ("cpu" also for a GPU share on a node without CUDA) and the
+            # most its tensors have held on its GPU since it started (CUDA only)
+            "device": device.type,
+            **gpu_memory_peak(device),
             "val_mean_pose_mpjpe": baseline,
             "startup_seconds": startup_seconds,
             **val,
-            "checkpoint_score": val["val_mpjpe"]
-            if model.regression is not None
-            else NO_REGRESSION_HEAD_SCORE,
+            "checkpoint_score": checkpoint_score(val, model.regression is not None, epoch + 1),
         }
-        metrics.setdefault("val_mpjpe", baseline)
+        if val_set is not None:
+            metrics.setdefault("val_mpjpe", baseline)
         # every rank computes the same decision from all-reduced metrics; only epochs with a
         # regression head count (a detection stage's val_mpjpe is the mean-pose baseline)
-        is_best = model.regression is not None and metrics["val_mpjpe"] < best_val
+        is_best = (
+            val_set is not None and model.regression is not None and metrics["val_mpjpe"] < best_val
+        )
         if is_best:
             best_val = metrics["val_mpjpe"]
-        # the sweep's metric (raypose.search.sweep): the best so far with a head, the baseline before one
-        metrics["best_val_mpjpe"] = best_val if best_val < float("inf") else baseline
+        if val_set is not None:
+            # the sweep's metric (raypose.search.sweep): the best so far with a head, the
+            # baseline before one
+            metrics["best_val_mpjpe"] = best_val if best_val < float("inf") else baseline
         save = (
             is_best
             or epochs_done % cfg.storage.checkpoint_every == 0
@@ -201,8 +226,8 @@ def train_loop(loop_config: dict) -> None:
             worker_say(
                 lines,
                 f"[raypose] epoch {epochs_done}/{cfg.schedule.epochs} {stage}: "
-                f"loss {metrics['train_loss']:.4f}  val_mpjpe {metrics['val_mpjpe']:.1f} mm "
-                f"(mean pose {baseline:.1f})  {metrics['samples_per_s']:.1f} samples/s",
+                f"loss {metrics['train_loss']:.4f}  {validation_text(metrics, baseline)}"
+                f"{metrics['samples_per_s']:.1f} samples/s{gpu_memory_text(metrics)}",
             )
         if rank == 0 and save:
             # written here, uploaded by Ray in a background thread while the next epoch trains;
@@ -227,6 +252,34 @@ def train_loop(loop_config: dict) -> None:
                     "same --name resumes",
                 )
             return
+
+
+def gpu_memory_peak(device) -> dict:
+    """{"gpu_memory_peak_bytes": torch.cuda.max_memory_allocated} on CUDA; {} elsewhere."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_memory_peak_bytes": torch.cuda.max_memory_allocated(device)}
+
+
+def gpu_memory_text(metrics: dict) -> str:
+    """The epoch line's peak GPU memory ('' off the GPU)."""
+    peak = metrics.get("gpu_memory_peak_bytes")
+    return "" if peak is None else f"  peak GPU memory {peak / 1e9:.2f} GB"
+
+
+def checkpoint_score(val: dict, has_regression_head: bool, epochs_done: int) -> float:
+    """Ray Train keeps the checkpoints with the lowest score: val_mpjpe once a regression head
+    exists; without validation the newest (the last checkpoint is the one evaluated)."""
+    if not has_regression_head:
+        return NO_REGRESSION_HEAD_SCORE
+    return val["val_mpjpe"] if "val_mpjpe" in val else -float(epochs_done)
+
+
+def validation_text(metrics: dict, baseline) -> str:
+    """The epoch line's validation part ('' when the run holds nothing out)."""
+    if "val_mpjpe" not in metrics:
+        return ""
+    return f"val_mpjpe {metrics['val_mpjpe']:.1f} mm (mean pose {baseline:.1f})  "
 
 
 def _upload_manifest_last(run_uri: str):

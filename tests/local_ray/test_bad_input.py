@@ -338,7 +338,14 @@ CASES = [
     ("train-momentum-one", [*TRAIN, "--set", "momentum=1"], "momentum", {}),
     ("train-colour-noise-negative", [*TRAIN, "--set", "color_noise=-0.1"], "color_noise", {}),
     ("train-seed-negative", [*TRAIN, "--set", "seed=-1"], "seed", {}),
-    ("train-no-val-subjects", [*TRAIN, "--set", "val_subjects="], "val_subjects", {}),
+    ("train-blank-val-subject", [*TRAIN, "--set", "val_subjects=[' ']"], "val_subjects", {}),
+    # no validation split: a sampled sweep has nothing to rank trials on
+    (
+        "tune-no-validation",
+        [*TUNE, "--set", "data.val_subjects=[]"],
+        "nothing is held out to rank on",
+        {},
+    ),
     ("train-epoch-samples-negative", [*TRAIN, "--set", "epoch_samples=-1"], "epoch_samples", {}),
     # more per epoch than the training split holds: named with the file, before Ray starts
     (

@@ -202,3 +202,21 @@ def test_worker_lines_reach_the_terminal_once_in_order(ray_local, capsys, monkey
         ray_local.get(task.remote(relay.handle, texts[:2]))
         ray_local.get(task.remote(relay.handle, texts[2:]))
     assert [line for line in capsys.readouterr().out.splitlines() if line in texts] == texts
+
+
+def test_sweep_lines_without_validation_and_with_gpu_memory():
+    """A trial that holds nothing out (data.val_subjects=[]) says so instead of a score, and a
+    trial on a GPU share shows its peak GPU memory."""
+    out, clock = io.StringIO(), Clock()
+    state = console.SweepProgressState(2, 1, METRIC, judged, out=out, clock=clock)
+    state.started("a", {"data.actions": "walk"})
+    no_validation = {
+        k: v for k, v in result(1, 0.0, planned=1).items() if k not in ("val_mpjpe", METRIC)
+    }
+    no_validation["val_mean_pose_mpjpe"] = None
+    state.result("a", {**no_validation, "gpu_memory_peak_bytes": 1.5e9})
+    line = out.getvalue().splitlines()[-1]
+    assert line == (
+        "[raypose] trial 1/2 a epoch 1/1 joint: loss 0.5000  no validation split  "
+        "20.0 samples/s  peak GPU memory 1.50 GB"
+    )

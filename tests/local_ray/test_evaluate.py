@@ -715,11 +715,14 @@ def test_experiment_with_study_copy(s3, trained, evaluated, tmp_path):
     # the same checkpoint's earlier evaluation and the experiment folder are untouched
     assert report["outputs"]["storage"] != f"s3://{earlier}"
     assert snapshot(s3, earlier) == earlier_files
-    # the experiment's own files are untouched; what is new is the evaluation's folder
+    # the experiment's own files are untouched; what is new is the evaluation's folder and the
+    # experiment's test-split ledger, which records this read of the test split
     after = snapshot(s3, experiment)
     assert {k: after.get(k) for k in experiment_files} == experiment_files
     remote = report["outputs"]["storage"][len("s3://") :]
-    assert all(k.startswith(remote + "/") for k in set(after) - set(experiment_files))
+    ledger = f"{experiment}/test_reads.json"
+    assert all(k.startswith(remote + "/") for k in set(after) - set(experiment_files) - {ledger})
+    assert report["test_reads"] == {"count": 1, "ledger": f"s3://{ledger}"}
     # the numbers do not depend on how the checkpoint was named
     for key in ("per_action", "per_joint", "mean_over_actions", "mean_pose_baseline", "detection"):
         assert_close_tree(report[key], evaluated[0][key], path=key)
@@ -870,11 +873,18 @@ def test_paper_rows_match_the_converters_action_names():
     assert evaluate.paper_value(multi_task, "Sitting") is None
 
     actions = {"TakingPhoto": 150.0, "Walking": 80.0, "WalkingDog": 120.0}
-    md = evaluate.markdown_report(_report_for_markdown(actions, dict(actions), 100.0))
+    report = _report_for_markdown(actions, dict(actions), 100.0)
+    report["data_source"] = "h36m"  # the paper's figures stand beside Human3.6M test data only
+    md = evaluate.markdown_report(report)
     header = next(line for line in md.splitlines() if line.startswith("| method | TakingPhoto"))
     assert header == "| method | TakingPhoto | Walking | WalkingDog | mean |"
     assert "| DconvMP-HML (multi-task, paper) | 189.08 | 77.60 | 146.59 | - |" in md
     assert "| DconvMP (detection-pretrained, paper) | 190.37 | 80.09 | - | - |" in md
+    # the same report on synthetic test data: no paper figure, and one line saying why
+    report["data_source"] = "synth"
+    md = evaluate.markdown_report(report)
+    assert "DconvMP" not in md and "LinKDE" not in md
+    assert "figures are not shown: this test split is not Human3.6M (source synth)" in md
 
 
 def test_summary_line_compares_means_over_actions():
