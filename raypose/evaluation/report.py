@@ -415,6 +415,11 @@ def markdown_section(summary: dict, level: int = 2) -> str:
         f"{c['pretrain']} pretrain): {c['COMPLETE']} complete, {c['PRUNED']} pruned, "
         f"{c['ERROR']} error.  Metric: {summary['metric']}, validation MPJPE in mm, lower is better.",
         f"Validation mean-pose baseline: {_mm(summary['val_mean_pose_mpjpe'])} mm.",
+        *(
+            [f"Test split reads recorded for this experiment: {summary['test_reads']}."]
+            if "test_reads" in summary
+            else []
+        ),
         "",
     ]
     if "learning_curves.png" in (summary.get("figures") or []):
@@ -611,6 +616,9 @@ def sweep_report(uri: str, out_dir: str | None = None, force: bool = False) -> d
         study_db = files.fetch_study_copy(experiment, Path(tmp))
         sweep = history.sweep_history(best, study_db, files.study_copy(experiment))
     summary = summarise(best, experiment.uri, sweep["importances"], sweep["note"])
+    # how often the test split has been read for this experiment (its ledger), so a reader of the
+    # validation figures knows whether test figures were seen while choosing
+    summary["test_reads"] = len(files.read_ledger(experiment.join(files.LEDGER_FILE)))
     from raypose.evaluation.figures import param_importance_figure
 
     # written beside --out and renamed into it at the end: a failure leaves --out as it was
@@ -633,6 +641,11 @@ def sweep_report(uri: str, out_dir: str | None = None, force: bool = False) -> d
         f"[raypose] best trial {bp['best']['trial_id']}: {_mm(bp['best']['value'])} mm; "
         f"best / paper defaults {_x(bp['ratio_best_to_paper'])}, best / mean-pose baseline "
         f"{_x(bp['ratio_best_to_baseline'])}",
+        flush=True,
+    )
+    print(
+        f"[raypose] the test split has been read {summary['test_reads']} time(s) for this "
+        "experiment",
         flush=True,
     )
     print(

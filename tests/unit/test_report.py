@@ -417,10 +417,23 @@ def test_report_with_study_copy_has_importances(tmp_path):
     experiment.mkdir()
     (experiment / "best.json").write_text(json.dumps(make_best(str(experiment))))
     make_study(experiment / "optuna.db", "hand")
+    # two reads of the test split recorded in the experiment's ledger (raypose evaluate writes it)
+    from raypose import storage
+    from raypose.storage.experiment import LEDGER_FILE, record_test_read
+
+    for checkpoint in ("a", "b"):
+        record_test_read(
+            storage.parse(str(experiment)).join(LEDGER_FILE), {"checkpoint": checkpoint}
+        )
     summary = report.sweep_report(str(experiment), str(tmp_path / "out"))
     assert set(summary["importances"]) == {"lrn_alpha", "lr", "schedule"}
     assert summary["importance_note"] is None
+    assert summary["test_reads"] == 2
     assert "| lr |" in (tmp_path / "out" / "sweep_report.md").read_text()
+    assert (
+        "Test split reads recorded for this experiment: 2."
+        in (tmp_path / "out" / "sweep_report.md").read_text()
+    )
     check_png(tmp_path / "out" / "param_importance.png")
     stored = [p for p in experiment.iterdir() if p.name.startswith("sweep-report-")]
     assert len(stored) == 1 and sorted(p.name for p in stored[0].iterdir()) == sorted(
