@@ -2,7 +2,8 @@
 key sealed them.
 
 Ray Tune keeps a sweep's state partly as pickles (tuner.pkl, the searcher wrapper's
-search_gen_state-*.json, the trials' fields inside experiment_state-*.json, error.pkl), and
+search_gen_state-*.json, a grid sweep's basic-variant-state-*.json, the trials' fields inside
+experiment_state-*.json, error.pkl), and
 `Tuner.restore` unpickles them: whoever can write to the experiment's storage could run code on
 the machine of whoever resumes the sweep. raypose therefore hands Tune a filesystem that
 
@@ -43,7 +44,11 @@ KEY_ENV = "RAYPOSE_SEAL_KEY"
 MIN_KEY_CHARS = 32
 SUFFIX = ".raypose-seal"
 # the files of a Tune experiment that Ray unpickles (or that embed pickles) when it reads them
-GUARDED = re.compile(r"(\.pkl|^experiment_state-.*\.json|^search_gen_state-.*\.json)$")
+GUARDED = re.compile(
+    r"(\.pkl|^experiment_state-.*\.json|^search_gen_state-.*\.json"
+    # the grid sweep's BasicVariantGenerator state: cloudpickle despite its name
+    r"|^basic-variant-state-.*\.json)$"
+)
 
 
 class SealError(ConfigError):

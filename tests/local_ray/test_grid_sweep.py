@@ -66,6 +66,9 @@ def test_one_network_per_action_on_every_subject_then_per_action_test_rows(tiny_
     )
     record = json.loads((tmp_path / "exp" / "per-action" / "grid.json").read_text())
     assert not (tmp_path / "exp" / "per-action" / "best.json").exists()  # nothing was chosen
+    # the grid's Tune state is a pickle Tune reads back on --resume: it is sealed as the others
+    states = list((tmp_path / "exp" / "per-action").glob("basic-variant-state-*.json"))
+    assert states and all(Path(f"{p}.raypose-seal").exists() for p in states)
     assert sorted(t["params"]["data.actions"] for t in record["trials"]) == actions
     assert all(
         t["checkpoint_is"] == "the last epoch's" and t["epochs"] == 1 for t in record["trials"]

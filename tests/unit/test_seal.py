@@ -127,3 +127,23 @@ def test_a_file_stopped_between_its_two_writes_still_reads(tune_fs, key):
     assert _read(fs, state) == b"new"
     _write(fs, state, b"newer")
     assert len(plain.cat_file(state + seal.SUFFIX).splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tuner.pkl",
+        "error.pkl",
+        "experiment_state-2026-12-06_10-00-00.json",
+        "search_gen_state-2026-12-06_10-00-00.json",
+        "basic-variant-state-2026-12-06_10-00-00.json",  # a grid sweep's: cloudpickle
+    ],
+)
+def test_every_file_tune_unpickles_is_guarded(name):
+    assert seal.guarded(f"bucket/exp/{name}")
+    assert not seal.guarded(f"bucket/exp/{name}{seal.SUFFIX}")
+
+
+def test_files_tune_reads_as_plain_data_are_not_guarded():
+    for name in ("result.json", "progress.csv", "params.json", "grid.json", "sweep.json"):
+        assert not seal.guarded(f"bucket/exp/{name}")
