@@ -472,17 +472,7 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise fail(f"categorical needs choices: a non-empty list, got {shown(choices)}")
-        checked = []
-        for i, choice in enumerate(choices):
-            label = f"choices[{i}]"
-            if not isinstance(choice, (bool, int, float, str)):
-                raise fail(f"{label} must be a number, a string or a bool, got {shown(choice)}")
-            choice = _maybe_float(choice) if is_float_key else choice
-            _check_value(choice, default, key, f"{where}: {label}", label, fail)
-            if any(_same(choice, c) for c in checked):
-                raise fail(f"{label} {shown(choice)} appears twice")
-            checked.append(choice)
-        fields = dict(choices=tuple(checked))
+        fields = dict(choices=_distinct_values(choices, "choices", default, key, where, fail))
     elif kind == "grid":
         values = spec["values"]
         if values == ACTIONS_OF_DATA:
@@ -498,17 +488,7 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
                     f"grid needs values: a non-empty list (or `{ACTIONS_OF_DATA}` on "
                     f"data.actions), got {shown(values)}"
                 )
-            checked = []
-            for i, value in enumerate(values):
-                label = f"values[{i}]"
-                if not isinstance(value, (bool, int, float, str)):
-                    raise fail(f"{label} must be a number, a string or a bool, got {shown(value)}")
-                value = _maybe_float(value) if is_float_key else value
-                _check_value(value, default, key, f"{where}: {label}", label, fail)
-                if any(_same(value, c) for c in checked):
-                    raise fail(f"{label} {shown(value)} appears twice")
-                checked.append(value)
-            fields = dict(choices=tuple(checked))
+            fields = dict(choices=_distinct_values(values, "values", default, key, where, fail))
         if spec.get("condition") is not None:
             raise fail("a grid parameter takes no condition: every combination runs")
     else:  # fixed
@@ -518,6 +498,22 @@ def _parse_parameter(name, spec, earlier: list, all_params: dict, source: str) -
 
     condition = _parse_condition(spec.get("condition"), earlier, all_params, fail)
     return Parameter(name=name, key=key, distribution=kind, condition=condition, **fields)
+
+
+def _distinct_values(values: list, field: str, default, key: str, where: str, fail) -> tuple:
+    """A categorical's choices or a grid's values: plain scalars, each valid for the config key
+    (as `--set` checks it), none twice."""
+    checked = []
+    for i, value in enumerate(values):
+        label = f"{field}[{i}]"
+        if not isinstance(value, (bool, int, float, str)):
+            raise fail(f"{label} must be a number, a string or a bool, got {shown(value)}")
+        value = _maybe_float(value) if isinstance(default, float) else value
+        _check_value(value, default, key, f"{where}: {label}", label, fail)
+        if any(_same(value, c) for c in checked):
+            raise fail(f"{label} {shown(value)} appears twice")
+        checked.append(value)
+    return tuple(checked)
 
 
 def _parse_condition(condition, earlier: list, all_params: dict, fail) -> tuple:
