@@ -336,6 +336,8 @@ def evaluate_grid(
         )
     trials = [t for t in record["trials"] if t.get("checkpoint")]
     skipped = [t["trial_id"] for t in record["trials"] if not t.get("checkpoint")]
+    if not trials:
+        raise EvaluationError(f"{exp.join('grid.json').uri} names no trial with a checkpoint")
     print(
         f"[raypose] grid sweep {exp.uri}: evaluating {len(trials)} trial(s) on the test split"
         + (f" (without a checkpoint, left out: {', '.join(skipped)})" if skipped else ""),

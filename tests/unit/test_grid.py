@@ -190,3 +190,14 @@ def test_a_grid_sweep_pools_validation_over_seeds():
     assert (
         constant["runs"] == 1 and constant["sd"] is None
     )  # the trial without validation is left out
+
+
+def test_a_grid_without_any_checkpoint_is_refused_in_one_line(tmp_path):
+    from raypose.evaluation.evaluate import evaluate_grid
+
+    exp = storage.parse(str(tmp_path / "exp"))
+    (tmp_path / "exp").mkdir()
+    write_grid(exp, {"grid": {"seed": [0]}, "trials": [{"trial_id": "t", "params": {}}]})
+    with pytest.raises(EvaluationError, match="grid.json names no trial with a checkpoint"):
+        evaluate_grid(exp, None, str(tmp_path / "out"), False, 8, False)
+    assert not (tmp_path / "out").exists()  # nothing was written
