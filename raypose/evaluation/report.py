@@ -65,6 +65,11 @@ def read_best(uri: str) -> tuple:
     if not present:
         # raypose.storage.experiment.resolve says what the URI is instead: missing, an unfinished sweep, a training run
         target = files.resolve(uri)
+        if target["kind"] == "grid":
+            raise SweepReportError(
+                f"{loc.uri} is a grid sweep (grid.json), which chooses no best trial; "
+                f"`raypose evaluate {loc.uri}` reports every trial"
+            )
         raise SweepReportError(
             f"{loc.uri} is a {target['kind']}, not an experiment (no best.json); "
             "pass the sweep's folder, the one holding best.json"

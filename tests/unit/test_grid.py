@@ -201,3 +201,13 @@ def test_a_grid_without_any_checkpoint_is_refused_in_one_line(tmp_path):
     with pytest.raises(EvaluationError, match="grid.json names no trial with a checkpoint"):
         evaluate_grid(exp, None, str(tmp_path / "out"), False, 8, False)
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+def test_the_sweep_report_of_a_grid_points_at_evaluate(tmp_path):
+    from raypose.evaluation.report import SweepReportError, read_best
+
+    exp = storage.parse(str(tmp_path / "exp"))
+    (tmp_path / "exp").mkdir()
+    write_grid(exp, {"grid": {"seed": [0]}, "trials": []})
+    with pytest.raises(SweepReportError, match="is a grid sweep .* `raypose evaluate"):
+        read_best(str(tmp_path / "exp"))
