@@ -743,16 +743,14 @@ def device_batches(
 ):
     """Training tensors on device for each chunk of positions: the host half runs in a background
     thread, `prefetch` batches ahead (0: in this thread), into pinned memory on CUDA; each batch
-    is copied to the device once and augmented there. readers > 1: that many reader threads
-    take the read windows in turn (_read_in_turns), and the batches come in the same order."""
+    is copied to the device once and augmented there. readers: that many reader threads take the
+    read windows in turn (_read_in_turns), and the batches come in the same order."""
     device = torch.device("cpu") if device is None else torch.device(device)
     pin = device.type == "cuda"
-    if prefetch > 0 and readers > 1:
-        raws = _read_in_turns(dataset, read_windows(chunks), epoch, pin, readers, prefetch)
+    if prefetch > 0:
+        raws = _read_in_turns(dataset, read_windows(chunks), epoch, pin, max(readers, 1), prefetch)
     else:
         raws = host_batches(dataset, chunks, epoch, pin_memory=pin)
-        if prefetch > 0:
-            raws = _prefetched(raws, prefetch)
     for raw in raws:
         yield augment_batch(to_device(raw, device), dataset.augmentation, channels_last)
 
@@ -831,38 +829,3 @@ def _read_in_turns(dataset: PoseDataset, groups, epoch: int, pin: bool, readers:
                     q.get_nowait()
                 except queue.Empty:
                     thread.join(timeout=0.05)
-
-
-def _prefetched(items, depth: int):
-    """Runs the iterator `items` in a daemon thread, depth items ahead; re-raises its errors here."""
-    q = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def reader():
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as exc:  # handed to the consumer
-            q.put(exc)
-
-    thread = threading.Thread(target=reader, daemon=True, name="raypose-prefetch")
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)

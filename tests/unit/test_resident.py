@@ -126,7 +126,9 @@ def test_reader_threads_give_the_same_host_batches_in_order(mirrored_data):
     assert [len(g) for g in groups] == [64, 64, 22]
     one = list(host_batches(train, chunks, 2))
     assert len(one) == 150
-    for readers in (2, 3):  # two: thread 0 takes windows 0 and 2; three: one window each
+    # one: the single background reader of every training run; two: thread 0 takes windows 0 and
+    # 2; three: one window each
+    for readers in (1, 2, 3):
         turns = list(_read_in_turns(train, groups, 2, False, readers, 2))
         assert len(turns) == len(one)
         for x, y in zip(one, turns):
