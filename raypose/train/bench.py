@@ -42,10 +42,14 @@ from raypose.train.loop import (
 
 
 def pick_device(name: str) -> torch.device:
+    from raypose import validate
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device here")
+        raise validate.InputError(
+            "--device cuda: torch sees no CUDA device here (try --device cpu)"
+        )
     return torch.device(name)
 
 

@@ -34,6 +34,7 @@ import torch
 from raypose import validate
 from raypose.config import GPU_SHARES, Config, apply_overrides, config_from_dict
 from raypose.train import packing
+from raypose.train.bench import pick_device
 from raypose.train.loop import (
     amp_active,
     build_model,
@@ -303,13 +304,7 @@ def run(args) -> int:
             "folder with both, or one without either for a rendered set"
         )
     out = validate.output_file(args.out, "--out", args.force, suffixes=(".json",))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise validate.InputError("--device cuda: torch sees no CUDA device here")
-    device = torch.device(
-        "cuda"
-        if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
+    device = pick_device(args.device)
     single_batch = args.single_batch_size or args.batch_size
     config = _config(args, args.batch_size)
     single = {

@@ -626,6 +626,12 @@ CASES = [
     ("bench-data-is-file", ["bench", "train", "--data", "{file}"], "--data", {}),
     ("bench-data-half-dataset", ["bench", "train", "--data", "{test_only}"], "--data", {}),
     ("bench-device-tpu", ["bench", "train", "--data", "{data}", "--device", "tpu"], "--device", {}),
+    (  # no GPU visible (the CPU build of torch sees none either)
+        "bench-device-cuda-without-one",
+        ["bench", "train", "--data", "{data}", "--device", "cuda"],
+        "--device cuda",
+        {"CUDA_VISIBLE_DEVICES": ""},
+    ),
     (
         "bench-batch-zero",
         ["bench", "train", "--data", "{data}", "--batch-size", "0"],
