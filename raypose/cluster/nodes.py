@@ -95,10 +95,12 @@ def check_this_node(
 
 
 def worker_nodes(cfg) -> list:
-    """Alive nodes whose resources can host one training worker (CPUs, and a GPU with --gpu)."""
+    """Alive nodes whose resources can host one training worker: its CPUs, and with a GPU the
+    worker's request (scaling.gpu_share: a whole GPU or a share of one)."""
     import ray
 
-    needed = {"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if cfg.scaling.gpu else {})}
+    gpu = {"GPU": cfg.scaling.gpu_share} if cfg.scaling.gpu else {}
+    needed = {"CPU": cfg.scaling.cpus_per_worker, **gpu}
     return [
         n
         for n in ray.nodes()
