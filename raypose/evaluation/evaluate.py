@@ -20,6 +20,7 @@ says which source was used and why.
 """
 
 import datetime
+import hashlib
 import json
 import posixpath
 import tempfile
@@ -217,12 +218,15 @@ def evaluate(
     force: bool = False,
     local_label: str | None = None,
     experiment: storage.Location | None = None,
+    memo: dict | None = None,
 ) -> dict:
     """local_label: what report.json names as the local output folder (default: --out's path;
     an evaluation run as a Ray task names the caller's folder, not the node's temporary one).
     experiment: the experiment whose test-split ledger records this read (default: the URI's own
     experiment, or a checkpoint's run folder). A grid sweep's experiment evaluates every trial
-    (evaluate_grid)."""
+    (evaluate_grid). memo: a dict that evaluations of the same data share (evaluate_grid's), so
+    that the test file's sha256 and the image baselines of the same samples are computed once."""
+    memo = {} if memo is None else memo
     check_inputs(uri, data_dir, out_dir, use_gpu, batch_size, force)
     target = resolve(uri)
     if target["kind"] == "grid":
@@ -274,13 +278,17 @@ def evaluate(
             {
                 "checkpoint": ckpt_loc.uri,
                 "data": str(Path(data_dir) / "test.h5"),
-                "test_sha256": storage.sha256_file(Path(data_dir) / "test.h5"),
+                "test_sha256": remembered(
+                    memo,
+                    ("sha256", str(Path(data_dir) / "test.h5")),
+                    lambda: storage.sha256_file(Path(data_dir) / "test.h5"),
+                ),
                 "test_samples": len(test),
                 "actions": cfg.data.actions or "all",
             },
         )
         actions = np.array(test.action_names)[pred["actions"]]
-        report = build_report(pred, actions, test, train, loaded, ckpt_loc, target)
+        report = build_report(pred, actions, test, train, loaded, ckpt_loc, target, memo)
         report["test_reads"] = {"count": reads, "ledger": ledger.uri}
         subjects = np.array(test.subjects)[test.sample_subjects[pred["positions"]]]
         report["per_subject"] = per_subject(
@@ -344,6 +352,7 @@ def evaluate_grid(
         flush=True,
     )
     rows, source, data = [], None, None
+    memo = {}  # a seeds grid's trials share the test file and the baselines' training samples
     for i, trial in enumerate(trials, 1):
         shown = " ".join(f"{k}={v}" for k, v in trial["params"].items())
         print(f"[raypose] grid trial {i}/{len(trials)} {trial['trial_id']}: {shown}", flush=True)
@@ -356,6 +365,7 @@ def evaluate_grid(
             batch_size,
             force,
             experiment=exp,
+            memo=memo,
         )
         with np.load(trial_out / "predictions.npz") as npz:
             errors = grid_results.sample_errors(npz["pred_3d"], npz["gt_3d"])
@@ -447,7 +457,20 @@ def centre_crops(dataset: PoseDataset, positions: np.ndarray) -> np.ndarray:
     return centre_crop(images)
 
 
-def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
+def remembered(memo: dict, key: tuple, compute):
+    """memo[key], computed by compute() the first time."""
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+def samples_key(dataset: PoseDataset, positions=None) -> tuple:
+    """Which samples of which file: the file, and a digest of the rows (at positions) it reads."""
+    rows = np.asarray(dataset.indices if positions is None else dataset.indices[positions])
+    return (dataset.path, hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64)).hexdigest())
+
+
+def build_report(pred, actions, test, train, loaded, ckpt_loc, target, memo=None) -> dict:
     if pred["pred_3d"] is None:
         raise checkpoint.CheckpointError(
             f"checkpoint {ckpt_loc.uri} has no regression head (a detection-stage checkpoint); "
@@ -465,15 +488,20 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target) -> dict:
     }
     # the same weighting as metrics' mean_over_actions: each action counts once
     baseline["mean_over_actions"] = float(np.mean(list(baseline["per_action"].values())))
-    # nearest neighbour and ridge on downsampled crops, fitted on the same training samples
-    images = image_baselines(
-        train,
-        train_poses,
-        np.array(train.subjects)[train.sample_subjects],
-        test,
-        pred["positions"],
-        pred["gt_3d"],
-        actions,
+    # nearest neighbour and ridge on downsampled crops, fitted on the same training samples;
+    # the same for every network tested on the same samples (a seeds grid's trials)
+    images = remembered(
+        {} if memo is None else memo,
+        ("image_baselines", samples_key(train), samples_key(test, pred["positions"])),
+        lambda: image_baselines(
+            train,
+            train_poses,
+            np.array(train.subjects)[train.sample_subjects],
+            test,
+            pred["positions"],
+            pred["gt_3d"],
+            actions,
+        ),
     )
     report = {
         "checkpoint": ckpt_loc.uri,

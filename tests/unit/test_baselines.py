@@ -314,3 +314,53 @@ def test_evaluation_reports_both_baselines(copied_test_data, tmp_path):
         in line
     )
     assert f"ridge baseline {report['ridge_baseline']['mean_over_actions']:.1f} mm" in line
+
+
+def test_a_grid_computes_the_baselines_once_for_the_same_samples(copied_test_data, tmp_path):
+    """Two networks evaluated with one memo (as evaluate_grid's trials are) on the same data: the
+    image baselines are computed once and both reports carry the same figures, while each network
+    keeps its own MPJPE; an evaluation without the memo computes them again, to the same figures."""
+    d, _ = copied_test_data
+    cfg = Config()
+    cfg.data.path = str(d)
+    cfg.model.fc1_width, cfg.model.fc2_width = 16, 16
+    state = {
+        "epoch": 1,
+        "stage": "joint",
+        "metrics": {"val_mpjpe": 100.0},
+        "heads": {"regression": True, "detection": True},
+    }
+    ckpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model(cfg, "joint")
+        ckpts.append(tmp_path / f"run{seed}" / "epoch_0001")
+        checkpoint.save(
+            ckpts[-1],
+            model.state_dict(),
+            build_optimizer(cfg, model).state_dict(),
+            cfg.to_dict(),
+            state,
+        )
+    calls = []
+    real = evaluate.image_baselines
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[4]))  # the test positions it scores
+        return real(*args, **kwargs)
+
+    memo = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluate, "image_baselines", counted)
+        first, second = (
+            evaluate.evaluate(str(c), out_dir=str(tmp_path / f"out{i}"), memo=memo)
+            for i, c in enumerate(ckpts)
+        )
+        assert len(calls) == 1
+        for key in ("nearest_neighbour_baseline", "ridge_baseline"):
+            assert second[key] == first[key]
+        # two different networks
+        assert second["mean_over_actions"]["mpjpe"] != first["mean_over_actions"]["mpjpe"]
+        # without the memo (a plain evaluation) the baselines are computed as before
+        alone = evaluate.evaluate(str(ckpts[1]), out_dir=str(tmp_path / "alone"))
+        assert len(calls) == 2 and alone["ridge_baseline"] == second["ridge_baseline"]
