@@ -44,10 +44,12 @@ from raypose import console, storage, validate
 from raypose.config import (
     Config,
     ConfigError,
+    apply_overrides,
     config_from_dict,
     get_value,
     gpus_per_worker_arg,
     load_config,
+    resolve_key,
     set_gpus_per_worker,
     set_value,
     set_workers,
@@ -971,17 +973,62 @@ def add_arguments(parser) -> None:
         "folder, or for S3 a local cache of this experiment; a resume keeps the sweep's own)",
     )
     parser.add_argument("--config", help="YAML file with base config overrides")
+    parser.add_argument(
+        "--settings-of",
+        metavar="EXPERIMENT",
+        default=None,
+        help="start every trial from the best trial's searched values in that finished sweep's "
+        "best.json (a path or s3://...), e.g. to retrain it with search_spaces/seeds.yaml; "
+        "--set still overrides them",
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local instance)")
 
 
-def run(args) -> int:
-    # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
-    validate.check_name(args.name, "--name")
-    validate.positive(args.samples, "--samples")
-    validate.positive(args.max_concurrent, "--max-concurrent")
+def best_settings(uri: str, flag: str = "--settings-of") -> dict:
+    """The searched values of a finished sweep's best trial: {'params', 'trial_id', 'best'}
+    where best is best.json's location. One ConfigError naming the flag when uri is no finished
+    sweep (a grid sweep, a checkpoint, a sweep still running) or its best.json holds no params."""
+    from raypose.storage.experiment import BEST_FILE, EvaluationError, resolve
+
+    where = f"{flag} {uri}"
+    try:
+        target = resolve(uri)
+    except EvaluationError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if target["kind"] != "experiment":
+        what = {"grid": "a grid sweep, which chooses no best trial", "checkpoint": "a checkpoint"}
+        raise ConfigError(
+            f"{where}: is {what[target['kind']]}; give the folder of a finished sampled sweep "
+            "(it holds best.json)"
+        )
+    best_loc = target["experiment"].join(BEST_FILE)
+    params = target["best"].get("params")  # resolve() has read best.json as a mapping
+    if not isinstance(params, dict) or not params:
+        raise ConfigError(f"{where}: {best_loc.uri} has no 'params' mapping of searched values")
+    return {"params": params, "trial_id": target["best"].get("trial_id"), "best": best_loc.uri}
+
+
+def sweep_config(args) -> tuple:
+    """The sweep's base config from its flags, validated: defaults <- --config <- --settings-of
+    <- --set <- --data, --storage, --epochs and the scaling flags. Returns (cfg, sources)."""
     sources = {}
-    cfg = load_config(args.config, args.overrides, sources=sources)
+    cfg = load_config(args.config, (), sources=sources)
+    if args.settings_of:
+        found = best_settings(args.settings_of)
+        for key, value in found["params"].items():
+            where = f"--settings-of {args.settings_of} ({found['best']}: {key})"
+            set_value(cfg, key, value, where)
+            sources[resolve_key(cfg, key, where)] = where
+        shown = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in found["params"].items()
+        )
+        print(
+            f"[raypose] settings of trial {found['trial_id']} ({found['best']}): {shown}",
+            flush=True,
+        )
+    apply_overrides(cfg, args.overrides, sources=sources)
     set_value(cfg, "data.path", args.data, "--data")
     set_value(cfg, "storage.uri", args.storage, "--storage")
     sources.update({"data.path": "--data", "storage.uri": "--storage"})
@@ -994,7 +1041,15 @@ def run(args) -> int:
         set_value(cfg, "scaling.gpu", False, "--gpus-per-worker")
     else:  # 0, 1 or a share 1/k (scaling.gpu_share; 2 CPUs per worker under a share)
         set_gpus_per_worker(cfg, args.gpus_per_worker, "--gpus-per-worker", sources)
-    cfg.validate(sources)
+    return cfg.validate(sources), sources
+
+
+def run(args) -> int:
+    # raypose's errors reach raypose.cli.main, which prints them as one line and exits 2
+    validate.check_name(args.name, "--name")
+    validate.positive(args.samples, "--samples")
+    validate.positive(args.max_concurrent, "--max-concurrent")
+    cfg, _ = sweep_config(args)
     storage.data_location(args.data, "--data")
     storage.storage_location(args.storage, "--storage")
     validate.ray_address_from(args.address)  # before any data is read or storage made
