@@ -578,6 +578,17 @@ def _coerce(value, default, path: str, source: str):
     raise bad()
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested mapping (Config.to_dict()) as {dotted key: value}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def set_value(obj, key: str, value, source: str):
     """Set one (possibly dotted) key with type checking; returns obj."""
     path = resolve_key(obj, key, source)

@@ -16,7 +16,7 @@ import time
 from raypose import console, storage
 from raypose.cluster import capacity
 from raypose.cluster.capacity import Capacity
-from raypose.config import Config, ConfigError
+from raypose.config import Config, ConfigError, flatten
 from raypose.data import cache as datacache
 from raypose.model.metrics import mean_pose_baseline
 from raypose.storage import checkpoint
@@ -370,16 +370,6 @@ def stored_settings(stored: dict) -> dict:
     their defaults: a setting added since behaves as the default did, so runs and sweeps from
     before it still resume."""
     return {**flatten(Config().to_dict()), **flatten(stored)}
-
-
-def flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ def evaluate_grid(
         + (f" (without a checkpoint, left out: {', '.join(skipped)})" if skipped else ""),
         flush=True,
     )
-    rows, source, data = [], None, None
+    rows, configs, source, data = [], [], None, None
     memo = {}  # a seeds grid's trials share the test file and the baselines' training samples
     for i, trial in enumerate(trials, 1):
         shown = " ".join(f"{k}={v}" for k, v in trial["params"].items())
@@ -370,6 +370,7 @@ def evaluate_grid(
         with np.load(trial_out / "predictions.npz") as npz:
             errors = grid_results.sample_errors(npz["pred_3d"], npz["gt_3d"])
         rows.append(grid_results.trial_row(trial, report, errors))
+        configs.append(report["config"])
         source, data = report.get("data_source"), report["config"]["data"]["path"]
         reads = report["test_reads"]
     action_param = next(
@@ -388,6 +389,7 @@ def evaluate_grid(
         "data": data_dir or data,
         "data_source": source,
         "grid": record["grid"],
+        "base_settings": grid_results.base_settings(configs),
         "trials": rows,
         "settings": grid_results.pooled_over_seeds(rows),
         "per_action": per_action,

@@ -7,10 +7,29 @@ import statistics
 
 import numpy as np
 
+from raypose.config import Config, flatten
 from raypose.model.metrics import per_joint_error
 
 SEED_NAMES = ("seed",)  # grid parameters that repeat a setting rather than change it
 ACTION_KEY = "data.actions"
+# where a run is and what it is called: not part of the setting a report names
+NOT_SETTINGS = ("data.path", "storage.")
+
+
+def base_settings(configs: list) -> dict:
+    """The settings every trial shares and that differ from raypose's defaults, as {dotted key:
+    value}, from the trials' checkpoint configs (Config.to_dict() form): what "the base config"
+    of a grid was, e.g. the setting a seeds grid retrains. Keys that differ between trials (the
+    grid's own parameters, the run names) are left out."""
+    flat = [flatten(c) for c in configs]
+    defaults = flatten(Config().to_dict())
+    return {
+        k: v
+        for k, v in sorted(flat[0].items())
+        if all(f.get(k) == v for f in flat[1:])
+        and defaults.get(k) != v
+        and not k.startswith(NOT_SETTINGS)
+    }
 
 
 def sample_errors(pred_3d: np.ndarray, gt_3d: np.ndarray) -> np.ndarray:
@@ -93,6 +112,10 @@ def markdown(summary: dict, paper_value=None) -> str:
         + f". Test split reads recorded for this experiment: {summary['test_reads']}.",
         "",
     ]
+    base = summary.get("base_settings")
+    if base is not None:
+        shown = ", ".join(f"`{k}={v}`" for k, v in base.items()) or "raypose's defaults"
+        lines += [f"Base config, where every trial differs from raypose's defaults: {shown}.", ""]
     actions = summary.get("per_action")
     if actions:
         paper = summary.get("paper") or {}

@@ -46,6 +46,7 @@ from raypose.config import (
     ConfigError,
     apply_overrides,
     config_from_dict,
+    flatten,
     get_value,
     gpus_per_worker_arg,
     load_config,
@@ -499,7 +500,7 @@ def resume_settings(
 ) -> dict:
     """The stored settings a resumed sweep keeps. Raises one ConfigError that names every flag
     asking for something a resume cannot apply (None means the flag was not given)."""
-    from raypose.cluster.driver import flatten, stored_settings
+    from raypose.cluster.driver import stored_settings
 
     stored = read_sweep_record(exp)
     given = {"--samples": samples, "--max-concurrent": max_concurrent, "--study-db": study_url}

@@ -139,6 +139,53 @@ def test_per_action_rows_and_paper_columns_only_for_human36m():
     assert "not shown" not in text
 
 
+def test_the_report_names_the_setting_a_seeds_grid_retrains():
+    """base_settings: what every trial shares and differs from the defaults, without the grid's
+    own parameter (the seed), the run names or the data's path; the report prints it."""
+    from raypose.config import Config, set_value
+
+    configs = []
+    for seed in (0, 1, 2):
+        cfg = Config()
+        for key, value in (
+            ("seed", seed),
+            ("optim.lr", 6.4e-4),
+            ("loss.detection_weight", 0.005),
+            ("optim.lr_schedule", "cosine"),
+            ("schedule.kind", "joint"),  # the default: not part of what the report names
+            ("data.path", f"/data/{seed}"),
+            ("storage.name", f"exp/train/trial_{seed}"),
+        ):
+            set_value(cfg, key, value, "test")
+        configs.append(cfg.to_dict())
+    base = grid.base_settings(configs)
+    assert base == {
+        "loss.detection_weight": 0.005,
+        "optim.lr": 6.4e-4,
+        "optim.lr_schedule": "cosine",
+    }
+    rows = [_row(str(s), {"seed": s}, 90.0 + s) for s in (0, 1, 2)]
+    summary = {
+        "experiment": "/e",
+        "data": "/d",
+        "data_source": "synth",
+        "grid": {"seed": [0, 1, 2]},
+        "base_settings": base,
+        "trials": rows,
+        "settings": grid.pooled_over_seeds(rows),
+        "per_action": None,
+        "paper": None,
+        "test_reads": 3,
+    }
+    text = grid.markdown(summary)
+    assert (
+        "Base config, where every trial differs from raypose's defaults: "
+        "`loss.detection_weight=0.005`, `optim.lr=0.00064`, `optim.lr_schedule=cosine`." in text
+    )
+    assert "| (base config) | 3 | 0, 1, 2 | 91.00 (1.00) |" in text
+    assert grid.base_settings([Config().to_dict()]) == {}
+
+
 def test_the_ledger_counts_every_read_in_order(tmp_path):
     exp = storage.parse(str(tmp_path / "exp"))
     ckpt = exp.join("train", "t1", "epoch_0002")

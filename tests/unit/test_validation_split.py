@@ -68,8 +68,8 @@ def test_bad_split_settings_name_their_key():
 def test_a_config_stored_before_a_setting_existed_resumes_as_the_default():
     """A checkpoint's or sweep's config from before data.val_sequence_every and data.actions
     existed compares equal to today's defaults, so `--name` still resumes it."""
-    from raypose.cluster.driver import flatten, stored_settings
-    from raypose.config import Config
+    from raypose.cluster.driver import stored_settings
+    from raypose.config import Config, flatten
 
     old = Config().to_dict()
     del old["data"]["val_sequence_every"], old["data"]["actions"]
