@@ -306,7 +306,8 @@ def run_interruptible(work, stopped):
 
         say("[raypose] interrupted: stopping the workers")
         shutdown_ray()
-        thread.join(5.0)  # the fit's last storage writes
+        if thread.ident is not None:  # started: the stop may have come before it was
+            thread.join(5.0)  # the fit's last storage writes
         line = stopped()
         say(f"[raypose] {line} (stopped in {time.monotonic() - began:.1f} s)")
         raise Interrupted(line) from None
