@@ -472,7 +472,8 @@ def samples_key(dataset: PoseDataset, positions=None) -> tuple:
     return (dataset.path, hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int64)).hexdigest())
 
 
-def build_report(pred, actions, test, train, loaded, ckpt_loc, target, memo=None) -> dict:
+def build_report(pred, actions, test, train, loaded, ckpt_loc, target, memo: dict) -> dict:
+    """report.json's content; memo: evaluate's (shared by a grid's trials)."""
     if pred["pred_3d"] is None:
         raise checkpoint.CheckpointError(
             f"checkpoint {ckpt_loc.uri} has no regression head (a detection-stage checkpoint); "
@@ -493,7 +494,7 @@ def build_report(pred, actions, test, train, loaded, ckpt_loc, target, memo=None
     # nearest neighbour and ridge on downsampled crops, fitted on the same training samples;
     # the same for every network tested on the same samples (a seeds grid's trials)
     images = remembered(
-        {} if memo is None else memo,
+        memo,
         ("image_baselines", samples_key(train), samples_key(test, pred["positions"])),
         lambda: image_baselines(
             train,
